@@ -1,0 +1,285 @@
+"""The typed configuration of scratchllm: one pydantic model, loaded from YAML profiles.
+
+A profile is a YAML file. It may be partial: it is deep-merged over `assets_config/default.yaml`.
+Unknown keys and invalid values are refused before any work starts, with the field named
+(e.g. `model.n_head: must divide model.n_embd`).
+
+Relative paths (`data_dir`, `corpus.sources`) are resolved against the project root, so a run
+behaves the same from the CLI, from `dagster dev` and from tests, whatever the working directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = PROJECT_ROOT / "assets_config"
+DEFAULT_PROFILE = CONFIG_DIR / "default.yaml"
+CONFIG_ENV_VAR = "SCRATCHLLM_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A profile that cannot be used; the message names the offending field(s)."""
+
+
+class Section(BaseModel):
+    # Refuse unknown keys: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _one_of(value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"must be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+class CorpusConfig(Section):
+    sources: list[str] = Field(
+        default_factory=lambda: ["data/tinyshakespeare.txt"],
+        description="Files, directories (recursive), globs or fsspec URIs (s3://, gs://, https://, memory://).",
+    )
+    extensions: list[str] = Field(
+        default_factory=lambda: [".txt", ".md", ".jsonl", ".parquet"],
+        description="File types read when a source is a directory or glob (compressed .gz/.zst variants included).",
+    )
+    txt_delimiter: str | None = Field(
+        default=None, description="Split .txt/.md files into documents on this string; null = one document per file."
+    )
+    max_document_bytes: int = Field(
+        default=16384,
+        ge=256,
+        description="Longer documents are cut at paragraph (blank line) boundaries into pieces of at most this size.",
+    )
+    jsonl_text_field: str = Field(default="text", description="Field holding the text in .jsonl records.")
+    parquet_text_column: str = Field(default="text", description="Column holding the text in .parquet files.")
+    shard_size_mb: float = Field(default=32.0, gt=0, description="Target size of one output shard (uncompressed text).")
+
+    @field_validator("sources")
+    @classmethod
+    def _non_empty_sources(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least one source (file, directory, glob or URI)")
+        return v
+
+    @field_validator("extensions")
+    @classmethod
+    def _known_extensions(cls, v: list[str]) -> list[str]:
+        for ext in v:
+            _one_of(ext, (".txt", ".md", ".jsonl", ".parquet"))
+        return v
+
+
+class CleaningConfig(Section):
+    """Normalization, PII scrubbing and Gopher/C4-style quality rules. A rule set to null is off."""
+
+    unicode_form: str = Field(default="NFC", description="Unicode normalization form.")
+    scrub_pii: bool = Field(default=True, description="Replace emails, IP addresses and phone numbers by placeholders.")
+    min_chars: int | None = Field(default=200, ge=0)
+    max_chars: int | None = Field(default=1_000_000, ge=1)
+    min_words: int | None = Field(default=30, ge=0)
+    min_mean_word_length: float | None = Field(default=3.0, ge=0)
+    max_mean_word_length: float | None = Field(default=10.0, ge=0)
+    max_symbol_word_ratio: float | None = Field(default=0.1, ge=0, description="(#, ..., …) per word.")
+    min_alpha_word_fraction: float | None = Field(
+        default=0.8, ge=0, le=1, description="Fraction of whitespace-separated words containing a letter."
+    )
+    max_duplicate_line_fraction: float | None = Field(default=0.3, ge=0, le=1)
+    max_duplicate_paragraph_fraction: float | None = Field(default=0.3, ge=0, le=1)
+    max_top_2gram_fraction: float | None = Field(
+        default=0.2, ge=0, le=1, description="Share of words covered by the most frequent word 2-gram."
+    )
+    max_duplicate_5gram_fraction: float | None = Field(
+        default=0.15, ge=0, le=1, description="Share of word 5-grams that repeat an earlier 5-gram of the document."
+    )
+    num_workers: int = Field(default=2, ge=1, description="Processes cleaning shards in parallel.")
+
+    @field_validator("unicode_form")
+    @classmethod
+    def _form(cls, v: str) -> str:
+        return _one_of(v, ("NFC", "NFKC", "NFD", "NFKD"))
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "CleaningConfig":
+        for low, high in (("min_chars", "max_chars"), ("min_mean_word_length", "max_mean_word_length")):
+            lo, hi = getattr(self, low), getattr(self, high)
+            if lo is not None and hi is not None and lo > hi:
+                raise ValueError(f"{low} ({lo}) is larger than {high} ({hi})")
+        return self
+
+
+class DedupConfig(Section):
+    exact: bool = Field(default=True, description="Drop documents whose normalized text was seen before.")
+    near: bool = Field(default=True, description="Drop near duplicates found with MinHash + LSH.")
+    shingle_words: int = Field(default=5, ge=1, le=32, description="Words per shingle.")
+    num_permutations: int = Field(default=128, ge=8, le=1024)
+    bands: int = Field(default=16, ge=1, description="LSH bands; num_permutations must be a multiple.")
+    threshold: float = Field(default=0.8, gt=0, le=1, description="Estimated Jaccard at or above which a doc is a near dup.")
+    seed: int = Field(default=1234)
+
+    @model_validator(mode="after")
+    def _bands_divide(self) -> "DedupConfig":
+        if self.num_permutations % self.bands:
+            raise ValueError(f"bands ({self.bands}) must divide num_permutations ({self.num_permutations})")
+        return self
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(default=2048, ge=260, le=1_000_000)
+    max_training_bytes_mb: float = Field(default=200.0, gt=0)
+    special_tokens: list[str] = Field(default_factory=lambda: ["<|endoftext|>", "<|pad|>"])
+
+
+class DatasetConfig(Section):
+    val_fraction: float = Field(default=0.1, gt=0, lt=1)
+    seed: int = Field(default=1337)
+
+
+class ModelConfig(Section):
+    n_layer: int = Field(default=4, ge=1)
+    n_head: int = Field(default=4, ge=1)
+    n_kv_head: int = Field(default=4, ge=1)
+    n_embd: int = Field(default=128, ge=8)
+    block_size: int = Field(default=64, ge=2)
+    tie_embeddings: bool = True
+    rope_theta: float = Field(default=10000.0, gt=0)
+    norm_eps: float = Field(default=1e-5, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads(self) -> "ModelConfig":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_head ({self.n_head}) must divide n_embd ({self.n_embd})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError("n_embd / n_head (the head size) must be even for RoPE")
+        return self
+
+
+class TrainingConfig(Section):
+    max_steps: int = Field(default=2000, ge=1)
+    batch_size: int = Field(default=12, ge=1)
+    grad_accum_steps: int = Field(default=1, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    warmup_steps: int = Field(default=100, ge=0)
+    grad_clip: float = Field(default=1.0, ge=0)
+    num_processes: int = Field(default=1, ge=1)
+    seed: int = 1337
+    mixed_precision: str = "no"
+    checkpoint_interval: int = Field(default=500, ge=1)
+    eval_interval: int = Field(default=250, ge=1)
+
+    @field_validator("mixed_precision")
+    @classmethod
+    def _precision(cls, v: str) -> str:
+        return _one_of(v, ("no", "bf16", "fp16"))
+
+
+class EvaluationConfig(Section):
+    prompts: list[str] = Field(default_factory=lambda: ["ROMEO:", "To be or not"])
+    max_new_tokens: int = Field(default=100, ge=1)
+    temperature: float = Field(default=0.8, ge=0)
+    seed: int = 0
+
+
+class RegistryConfig(Section):
+    model_name: str = Field(default="scratchllm", min_length=1)
+
+
+class AutomationConfig(Section):
+    retrain_cron: str = "0 3 * * 1"
+    retrain_schedule_enabled: bool = False
+    new_data_sensor_enabled: bool = False
+
+
+class ScratchConfig(Section):
+    data_dir: str = Field(default="data/run", description="Where every stage writes; relative to the project root.")
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    cleaning: CleaningConfig = Field(default_factory=CleaningConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    automation: AutomationConfig = Field(default_factory=AutomationConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return resolve_path(self.data_dir)
+
+    def section_hash(self, *sections: str) -> str:
+        """A short stable hash of some sections: part of cache keys and data versions."""
+        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_path(path: str) -> Path:
+    """Absolute local path for `path`; relative paths are taken from the project root."""
+    p = Path(os.path.expanduser(path))
+    return p if p.is_absolute() else PROJECT_ROOT / p
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """`override` merged into a copy of `base`: dicts merge key by key, anything else replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config profile not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a profile must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def validate_config(raw: dict[str, Any], origin: str = "config") -> ScratchConfig:
+    """Validate a full (already merged) config dict; errors name every bad field."""
+    try:
+        return ScratchConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(part) for part in err["loc"]) or "(top level)"
+            message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+            problems.append(f"  {field}: {message}")
+        raise ConfigError(f"invalid {origin}:\n" + "\n".join(problems)) from None
+
+
+def active_profile_path() -> Path | None:
+    """The profile chosen by SCRATCHLLM_CONFIG, or None for the default."""
+    value = os.environ.get(CONFIG_ENV_VAR)
+    return Path(value).expanduser().resolve() if value else None
+
+
+def load_config(profile: str | Path | None = None, overrides: dict | None = None) -> ScratchConfig:
+    """Load `default.yaml`, deep-merge a profile (argument, else $SCRATCHLLM_CONFIG) and overrides, validate."""
+    raw = _read_yaml(DEFAULT_PROFILE)
+    origin = str(DEFAULT_PROFILE)
+    path = Path(profile).expanduser().resolve() if profile else active_profile_path()
+    if path is not None and path != DEFAULT_PROFILE:
+        raw = deep_merge(raw, _read_yaml(path))
+        origin = str(path)
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    return validate_config(raw, origin)

@@ -1,0 +1,222 @@
+"""Read source files as a stream of documents, without holding a whole file in memory.
+
+Each reader yields `Doc` (a document) or `BadRecord` (a record it could not use, with the reason).
+A problem with the whole file (empty, binary, unreadable, no such column) raises `BadFile`. A
+compressed stream that breaks part-way keeps the documents read so far and quarantines the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+from typing import Iterator
+
+import pyarrow.parquet as pq
+import zstandard
+
+from llm_core.data.sources import SourceFile, open_binary
+
+READ_BLOCK = 1 << 18  # bytes read at a time from a text stream (also what a broken stream loses)
+BINARY_SNIFF = 8192  # a NUL byte in the first bytes marks a binary file
+
+
+@dataclasses.dataclass
+class Doc:
+    text: str
+    location: str  # where in the file: "piece 3", "line 17", "row 5"
+
+
+@dataclasses.dataclass
+class BadRecord:
+    reason: str
+    record: str | bytes
+    location: str
+
+
+class BadFile(Exception):
+    """The whole file is unusable; the message is the reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+    txt_delimiter: str | None
+    max_document_bytes: int
+    jsonl_text_field: str
+    parquet_text_column: str
+
+
+def _decompressed(raw, compression: str | None):
+    if compression == "gzip":
+        return gzip.GzipFile(fileobj=raw)
+    if compression == "zstd":
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return raw
+
+
+def _read_blocks(stream) -> Iterator[bytes]:
+    """Blocks of decompressed bytes; refuses empty and binary files before yielding anything."""
+    first = stream.read(READ_BLOCK)
+    if not first:
+        raise BadFile("empty file")
+    if b"\x00" in first[:BINARY_SNIFF]:
+        raise BadFile("binary file (NUL bytes in the first 8 KiB)")
+    yield first
+    while block := stream.read(READ_BLOCK):
+        yield block
+
+
+def cut_point(buffer: bytes, limit: int) -> int:
+    """Where to cut an oversized document: the last blank line, else the last newline, else a
+    UTF-8 character boundary, at or before `limit` bytes."""
+    for sep in (b"\n\n", b"\n"):
+        pos = buffer.rfind(sep, 0, limit)
+        if pos > limit // 4:
+            return pos + len(sep)
+    pos = limit
+    while pos > 0 and (buffer[pos] & 0xC0) == 0x80:  # never split a multi-byte character
+        pos -= 1
+    return pos or limit
+
+
+def split_pieces(buffer: bytes, delimiter: bytes | None, limit: int, final: bool) -> tuple[list[bytes], bytes]:
+    """Complete documents found in `buffer`, and the bytes left for the next block."""
+    pieces: list[bytes] = []
+    while True:
+        end = buffer.find(delimiter) if delimiter else -1
+        if 0 <= end <= limit:
+            pieces.append(buffer[:end])
+            buffer = buffer[end + len(delimiter):]
+        elif len(buffer) > limit:
+            cut = cut_point(buffer, limit)
+            pieces.append(buffer[:cut])
+            buffer = buffer[cut:]
+        else:
+            break
+    if final and buffer:
+        pieces.append(buffer)
+        buffer = b""
+    return pieces, buffer
+
+
+def _decode(piece: bytes, location: str) -> Doc | BadRecord | None:
+    if not piece.strip():
+        return None  # blank space between delimiters is not a document
+    try:
+        return Doc(piece.decode("utf-8"), location)
+    except UnicodeDecodeError as exc:
+        return BadRecord(f"invalid UTF-8 at byte {exc.start} of the record", piece, location)
+
+
+def read_txt(stream, opts: ReadOptions) -> Iterator[Doc | BadRecord]:
+    delimiter = opts.txt_delimiter.encode() if opts.txt_delimiter else None
+    buffer, index = b"", 0
+    try:
+        for block in _read_blocks(stream):
+            buffer += block
+            pieces, buffer = split_pieces(buffer, delimiter, opts.max_document_bytes, final=False)
+            for piece in pieces:
+                if item := _decode(piece, f"piece {index}"):
+                    yield item
+                index += 1
+    except (EOFError, OSError, zstandard.ZstdError) as exc:
+        if index == 0 and not buffer:
+            raise BadFile(f"unreadable or corrupt stream: {exc}") from exc
+        yield BadRecord(f"corrupt or truncated stream after {index} documents: {exc}", buffer, f"piece {index}")
+        return
+    pieces, _ = split_pieces(buffer, delimiter, opts.max_document_bytes, final=True)
+    for piece in pieces:
+        if item := _decode(piece, f"piece {index}"):
+            yield item
+        index += 1
+
+
+def _text_pieces(text: str, limit: int) -> list[str]:
+    """A long text field cut like an oversized .txt document."""
+    if len(text) <= limit // 4 or len(encoded := text.encode()) <= limit:
+        return [text]
+    return [p.decode() for p in split_pieces(encoded, None, limit, final=True)[0]]
+
+
+def read_jsonl(stream, opts: ReadOptions) -> Iterator[Doc | BadRecord]:
+    field = opts.jsonl_text_field
+    line_no = 0
+    pending = b""
+    try:
+        for block in _read_blocks(stream):
+            lines = (pending + block).split(b"\n")
+            pending = lines.pop()
+            for line in lines:
+                line_no += 1
+                yield from _jsonl_record(line, line_no, field, opts.max_document_bytes)
+    except (EOFError, OSError, zstandard.ZstdError) as exc:
+        if line_no == 0 and not pending:
+            raise BadFile(f"unreadable or corrupt stream: {exc}") from exc
+        yield BadRecord(f"corrupt or truncated stream after line {line_no}: {exc}", pending, f"line {line_no + 1}")
+        return
+    if pending:
+        yield from _jsonl_record(pending, line_no + 1, field, opts.max_document_bytes)
+
+
+def _jsonl_record(line: bytes, line_no: int, field: str, limit: int) -> Iterator[Doc | BadRecord]:
+    location = f"line {line_no}"
+    if not line.strip():
+        return
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError as exc:
+        yield BadRecord(f"invalid UTF-8 at byte {exc.start} of the line", line, location)
+        return
+    except json.JSONDecodeError as exc:
+        yield BadRecord(f"malformed JSON: {exc.msg} at column {exc.colno}", line, location)
+        return
+    if not isinstance(record, dict):
+        yield BadRecord(f"record is a JSON {type(record).__name__}, not an object", line, location)
+    elif field not in record:
+        yield BadRecord(f"missing field {field!r}", line, location)
+    elif not isinstance(record[field], str):
+        yield BadRecord(f"field {field!r} is {type(record[field]).__name__}, not a string", line, location)
+    else:
+        for k, piece in enumerate(_text_pieces(record[field], limit)):
+            yield Doc(piece, location if k == 0 else f"{location} piece {k}")
+
+
+def read_parquet(stream, opts: ReadOptions) -> Iterator[Doc | BadRecord]:
+    column = opts.parquet_text_column
+    try:
+        parquet = pq.ParquetFile(stream)
+    except Exception as exc:  # pyarrow raises several types for a non-parquet file
+        raise BadFile(f"not a readable parquet file: {exc}") from exc
+    names = parquet.schema_arrow.names
+    if column not in names:
+        raise BadFile(f"no column {column!r} (columns: {', '.join(names)})")
+    field_type = parquet.schema_arrow.field(column).type
+    if str(field_type) not in ("string", "large_string", "string_view"):
+        raise BadFile(f"column {column!r} is {field_type}, not a string column")
+    row = 0
+    for batch in parquet.iter_batches(columns=[column], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            if value is None:
+                yield BadRecord(f"null {column!r}", "", f"row {row}")
+            else:
+                for k, piece in enumerate(_text_pieces(value, opts.max_document_bytes)):
+                    yield Doc(piece, f"row {row}" if k == 0 else f"row {row} piece {k}")
+            row += 1
+    if row == 0:
+        raise BadFile("empty file (no rows)")
+
+
+READERS = {"txt": read_txt, "jsonl": read_jsonl, "parquet": read_parquet}
+
+
+def read_source(source: SourceFile, opts: ReadOptions) -> Iterator[Doc | BadRecord]:
+    """Stream the documents of one file. Raises BadFile when the file as a whole is unusable."""
+    if source.kind not in READERS:
+        raise BadFile("unsupported file type (expected .txt, .md, .jsonl, .parquet, optionally .gz/.zst)")
+    try:
+        raw = open_binary(source.uri)
+    except (OSError, PermissionError) as exc:
+        raise BadFile(f"cannot open: {exc}") from exc
+    with raw:
+        stream = raw if source.kind == "parquet" else _decompressed(raw, source.compression)
+        yield from READERS[source.kind](stream, opts)

@@ -1,0 +1,92 @@
+"""Parquet shards of documents: written incrementally in row groups, each part renamed into place
+only when complete, so memory stays bounded and a killed run leaves no half-written part."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from llm_core.data.files import TMP_MARK
+
+DOC_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.string())])
+ROW_GROUP_BYTES = 8 << 20
+
+
+class ShardWriter:
+    """Rows in, parquet parts `<prefix>-00000.parquet`, ... of about `target_bytes` of text out."""
+
+    def __init__(self, directory: Path, prefix: str, target_bytes: int, schema: pa.Schema = DOC_SCHEMA):
+        self.directory, self.prefix, self.target_bytes, self.schema = directory, prefix, target_bytes, schema
+        self.parts: list[str] = []
+        self._columns: dict[str, list] = {name: [] for name in schema.names}
+        self._buffered_bytes = 0
+        self._part_bytes = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._tmp: Path | None = None
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def add(self, row: dict) -> None:
+        for name, values in self._columns.items():
+            values.append(row[name])
+        size = len(row.get("text") or "")
+        self._buffered_bytes += size
+        self._part_bytes += size
+        if self._buffered_bytes >= ROW_GROUP_BYTES:
+            self._flush()
+        if self._part_bytes >= self.target_bytes:
+            self._finish_part()
+
+    def _flush(self) -> None:
+        if not self._columns[self.schema.names[0]]:
+            return
+        if self._writer is None:
+            name = f"{self.prefix}-{len(self.parts):05d}.parquet"
+            self._tmp = self.directory / f"{name}{TMP_MARK}{os.getpid()}"
+            self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        self._writer.write_table(pa.table(self._columns, schema=self.schema))
+        self._columns = {name: [] for name in self.schema.names}
+        self._buffered_bytes = 0
+
+    def _finish_part(self) -> None:
+        self._flush()
+        if self._writer is not None:
+            self._writer.close()
+            final = self._tmp.name.split(TMP_MARK)[0]
+            os.replace(self._tmp, self.directory / final)
+            self.parts.append(final)
+            self._writer, self._tmp = None, None
+        self._part_bytes = 0
+
+    def close(self) -> list[str]:
+        """Finish the last part; returns the part file names (none if no rows were added)."""
+        self._finish_part()
+        return self.parts
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._tmp.unlink(missing_ok=True)
+            self._writer = None
+
+
+def write_table(path: Path, table: pa.Table) -> None:
+    """Write a whole (small) table atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def iter_batches(path: Path, columns: list[str] | None = None, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+    yield from pq.ParquetFile(path).iter_batches(columns=columns, batch_size=batch_size)
+
+
+def count_rows(path: Path) -> int:
+    return pq.ParquetFile(path).metadata.num_rows

@@ -1,0 +1,117 @@
+"""Find the input files behind `corpus.sources`: files, directories (recursive), globs, fsspec URIs."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import fsspec
+
+from llm_core.config import PROJECT_ROOT
+
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
+GLOB_CHARS = set("*?[")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceFile:
+    uri: str  # what users see in `source` columns and messages
+    size: int
+    fingerprint: str  # changes when the file changes (size + mtime, or the store's ETag)
+    kind: str  # "txt" | "jsonl" | "parquet" | "unsupported"
+    compression: str | None  # "gzip" | "zstd" | None
+
+    def local_path(self) -> Path | None:
+        """The file on local disk, when it is one (for quarantine copies)."""
+        return Path(self.uri) if "://" not in self.uri else None
+
+
+@dataclasses.dataclass
+class Discovery:
+    files: list[SourceFile]
+    missing: list[tuple[str, str]]  # (source as configured, reason)
+    skipped: list[str]  # files under a directory/glob with an extension not in `extensions`
+
+
+def file_kind(name: str) -> tuple[str, str | None]:
+    """('txt'|'jsonl'|'parquet'|'unsupported', compression) from a file name."""
+    path = Path(name.lower())
+    compression = COMPRESSIONS.get(path.suffix)
+    if compression:
+        path = path.with_suffix("")
+    kind = {".txt": "txt", ".md": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}.get(path.suffix, "unsupported")
+    if kind == "parquet" and compression:
+        kind = "unsupported"  # parquet compresses internally; a .parquet.gz is not something we can stream
+    return kind, compression
+
+
+def _extension(name: str) -> str:
+    path = Path(name.lower())
+    if path.suffix in COMPRESSIONS:
+        path = path.with_suffix("")
+    return path.suffix
+
+
+def _resolve(source: str) -> str:
+    if "://" in source:
+        return source
+    path = Path(source).expanduser()
+    return str(path if path.is_absolute() else PROJECT_ROOT / path)
+
+
+def _describe(fs, path: str, uri: str, info: dict | None = None) -> SourceFile:
+    info = info or fs.info(path)
+    size = int(info.get("size") or 0)
+    stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or info.get("created")
+    kind, compression = file_kind(path)
+    return SourceFile(uri=uri, size=size, fingerprint=f"{size}:{stamp}", kind=kind, compression=compression)
+
+
+def discover(sources: list[str], extensions: list[str]) -> Discovery:
+    """Expand every configured source into files, in a stable order, without reading them."""
+    found: dict[str, SourceFile] = {}
+    missing: list[tuple[str, str]] = []
+    skipped: list[str] = []
+    for source in sources:
+        target = _resolve(source)
+        try:
+            fs, path = fsspec.core.url_to_fs(target)
+        except (ImportError, ValueError) as exc:
+            missing.append((source, f"cannot open source: {exc}"))
+            continue
+        protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+        to_uri = (lambda p: p) if protocol in ("file", "local") else (lambda p: fs.unstrip_protocol(p))
+        try:
+            if GLOB_CHARS & set(path):
+                matches = {p: None for p in sorted(fs.glob(path)) if fs.isfile(p)}
+                expanded = True
+            elif fs.isdir(path):
+                matches = dict(sorted(fs.find(path, detail=True).items()))
+                expanded = True
+            elif fs.exists(path):
+                matches, expanded = {path: None}, False
+            else:
+                missing.append((source, "path not found"))
+                continue
+        except PermissionError as exc:
+            missing.append((source, f"permission denied: {exc}"))
+            continue
+        if not matches:
+            missing.append((source, "no files matched"))
+        for path_i, info in matches.items():
+            uri = to_uri(path_i)
+            if uri in found:
+                continue
+            if expanded and _extension(path_i) not in extensions:
+                skipped.append(uri)
+                continue
+            try:
+                found[uri] = _describe(fs, path_i, uri, info)
+            except OSError as exc:
+                missing.append((uri, f"cannot stat file: {exc}"))
+    return Discovery(files=list(found.values()), missing=missing, skipped=skipped)
+
+
+def open_binary(uri: str):
+    """Open a source for reading raw (still compressed) bytes."""
+    return fsspec.open(uri, "rb").open()

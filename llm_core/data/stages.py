@@ -1,0 +1,530 @@
+"""The two data stages, incremental by shard: `build_raw_corpus` and `build_cleaned_shards`.
+
+raw_corpus: source files are grouped into shards (a new file joins a new shard; a file keeps its
+shard for life). A shard is rebuilt only when one of its files changes or disappears; its id is
+a hash of its files' fingerprints and the read options, so an unchanged shard is reused as is.
+
+cleaned_shards: every raw part is cleaned once per cleaning config (the expensive per-document
+work: normalization, PII, quality rules, MinHash) into a cache keyed by part + config. Dedup then
+runs over the whole corpus from the cached hashes and signatures (cheap), and an output shard is
+rewritten only when its set of kept documents changed.
+
+Layout under data_dir:
+  raw_corpus/manifest.json, raw_corpus/shards/<shard>-<part>.parquet
+  cleaned_shards/manifest.json, cleaned_shards/shards/<part>.parquet   (id, source, text)
+  cleaned_shards/removed/<part>.parquet   (id, source, reason, duplicate_of): every removed doc
+  cleaned_shards/cache/...                per-part cleaning results
+  quarantine/<stage>/*.jsonl (+ files/)   unusable files and records, each with its reason
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import xxhash
+
+from llm_core.config import CleaningConfig, DedupConfig, ScratchConfig
+from llm_core.data import clean, dedup
+from llm_core.data.files import Quarantine, read_json, remove_stale_files, write_json, TMP_MARK
+from llm_core.data.ingest import BadFile, BadRecord, ReadOptions, read_source
+from llm_core.data.shards import DOC_SCHEMA, ShardWriter, count_rows, iter_batches, write_table
+from llm_core.data.sources import SourceFile, discover
+
+Log = Callable[[str], None]
+RAW_DIR, CLEAN_DIR, QUARANTINE_DIR = "raw_corpus", "cleaned_shards", "quarantine"
+CACHE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.string()),
+                          ("status", pa.string()), ("content_hash", pa.uint64())])
+REMOVED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("reason", pa.string()),
+                            ("duplicate_of", pa.string())])
+KEPT = "kept"
+QUARANTINED = "quarantined"
+
+
+class EmptyCorpusError(RuntimeError):
+    """A stage produced no documents at all."""
+
+
+def _hash(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _Progress:
+    """Logs at most every few seconds: 'what: done/total, MB, MB/s'."""
+
+    def __init__(self, log: Log, what: str, total: int, every: float = 5.0):
+        self.log, self.what, self.total, self.every = log, what, total, every
+        self.start = self.last = time.monotonic()
+
+    def update(self, done: int, nbytes: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last >= self.every:
+            self.last = now
+            mb = nbytes / 1e6
+            self.log(f"{self.what}: {done}/{self.total}, {mb:.1f} MB, {mb / max(now - self.start, 1e-9):.1f} MB/s")
+
+
+# ----------------------------------------------------------------------------------------------
+# raw_corpus
+
+
+@dataclasses.dataclass
+class RawCorpusResult:
+    num_documents: int
+    num_bytes: int  # UTF-8 bytes of document text
+    num_source_bytes: int  # bytes of the input files as stored (maybe compressed)
+    num_quarantined: int  # records + whole files + missing sources
+    num_quarantined_records: int
+    num_quarantined_files: int
+    num_files: int
+    num_skipped_files: int
+    num_shards_built: int
+    num_shards_reused: int
+    quarantine_reasons: dict[str, int]
+    parts: list[Path]
+    data_version: str
+    quarantine_dir: Path
+
+
+def _read_options(cfg: ScratchConfig) -> ReadOptions:
+    c = cfg.corpus
+    return ReadOptions(c.txt_delimiter, c.max_document_bytes, c.jsonl_text_field, c.parquet_text_column)
+
+
+def _group_new_files(files: list[SourceFile], target_bytes: int) -> list[list[SourceFile]]:
+    groups: list[list[SourceFile]] = []
+    size = target_bytes
+    for f in files:
+        if size >= target_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(f)
+        size += f.size
+    return groups
+
+
+def _build_raw_shard(shard_id: str, files: list[SourceFile], opts: ReadOptions, out_dir: Path,
+                     quarantine_dir: Path, target_bytes: int) -> dict:
+    writer = ShardWriter(out_dir, shard_id, target_bytes)
+    quarantine = Quarantine(quarantine_dir, shard_id)
+    num_docs = num_bytes = bad_records = bad_files = 0
+    try:
+        for f in files:
+            file_key = xxhash.xxh3_64_hexdigest(f.uri.encode())[:12]
+            try:
+                for index, item in enumerate(read_source(f, opts)):
+                    if isinstance(item, BadRecord):
+                        quarantine.add_record(f.uri, item.reason, item.record, item.location)
+                        bad_records += 1
+                        continue
+                    writer.add({"id": f"{file_key}-{index:07d}", "source": f.uri, "text": item.text})
+                    num_docs += 1
+                    num_bytes += len(item.text.encode())
+            except BadFile as exc:
+                quarantine.add_file(f.uri, str(exc), f.local_path())
+                bad_files += 1
+        parts = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    quarantine.commit()
+    return {"id": shard_id, "files": [{"uri": f.uri, "fingerprint": f.fingerprint} for f in files],
+            "parts": parts, "num_documents": num_docs, "num_bytes": num_bytes,
+            "num_source_bytes": sum(f.size for f in files), "num_quarantined_records": bad_records,
+            "num_quarantined_files": bad_files, "quarantine_reasons": quarantine.reasons()}
+
+
+def build_raw_corpus(cfg: ScratchConfig, log: Log = print) -> RawCorpusResult:
+    root = cfg.data_path / RAW_DIR
+    shards_dir, manifest_path = root / "shards", root / "manifest.json"
+    quarantine_dir = cfg.data_path / QUARANTINE_DIR / RAW_DIR
+    opts = _read_options(cfg)
+    target_bytes = int(cfg.corpus.shard_size_mb * 1e6)
+
+    found = discover(cfg.corpus.sources, cfg.corpus.extensions)
+    log(f"found {len(found.files)} files ({sum(f.size for f in found.files) / 1e6:.1f} MB) in "
+        f"{len(cfg.corpus.sources)} sources; {len(found.missing)} missing, {len(found.skipped)} skipped by extension")
+    current = {f.uri: f for f in found.files}
+
+    # Keep the shard layout of the last run: each old shard keeps its surviving files.
+    old_shards = read_json(manifest_path).get("shards", [])
+    groups: list[list[SourceFile]] = []
+    assigned: set[str] = set()
+    for entry in old_shards:
+        files = [current[f["uri"]] for f in entry["files"] if f["uri"] in current and f["uri"] not in assigned]
+        if files:
+            groups.append(files)
+            assigned.update(f.uri for f in files)
+    groups += _group_new_files([f for f in found.files if f.uri not in assigned], target_bytes)
+
+    old_by_id = {entry["id"]: entry for entry in old_shards}
+    shards, built, reused = [], 0, 0
+    progress = _Progress(log, "raw_corpus shards", len(groups))
+    done_bytes = 0
+    for i, files in enumerate(groups):
+        shard_id = _hash({"files": [(f.uri, f.fingerprint) for f in files], "options": dataclasses.asdict(opts),
+                          "shard_bytes": target_bytes})
+        old = old_by_id.get(shard_id)
+        if old and all((shards_dir / p).exists() for p in old["parts"]) and \
+                (quarantine_dir / f"{shard_id}.jsonl").exists():
+            shards.append(old)
+            reused += 1
+        else:
+            shards.append(_build_raw_shard(shard_id, files, opts, shards_dir, quarantine_dir, target_bytes))
+            built += 1
+        done_bytes += sum(f.size for f in files)
+        progress.update(i + 1, done_bytes, force=i + 1 == len(groups))
+
+    # Problems with the configured sources themselves (missing paths) are quarantined per run.
+    source_problems = Quarantine(quarantine_dir, "sources")
+    for source, reason in found.missing:
+        source_problems.add_file(source, reason)
+    source_problems.commit()
+
+    write_json(manifest_path, {"shards": shards, "read_options": dataclasses.asdict(opts)})
+    remove_stale_files(shards_dir, {p for s in shards for p in s["parts"]})
+    remove_stale_files(quarantine_dir, {f"{s['id']}.jsonl" for s in shards} | {"sources.jsonl"})
+
+    reasons = Counter(source_problems.reasons())
+    for s in shards:
+        reasons.update(s["quarantine_reasons"])
+    bad_records = sum(s["num_quarantined_records"] for s in shards)
+    bad_files = sum(s["num_quarantined_files"] for s in shards) + len(found.missing)
+    result = RawCorpusResult(
+        num_documents=sum(s["num_documents"] for s in shards), num_bytes=sum(s["num_bytes"] for s in shards),
+        num_source_bytes=sum(s["num_source_bytes"] for s in shards),
+        num_quarantined=bad_records + bad_files, num_quarantined_records=bad_records,
+        num_quarantined_files=bad_files, num_files=len(found.files), num_skipped_files=len(found.skipped),
+        num_shards_built=built, num_shards_reused=reused, quarantine_reasons=dict(reasons),
+        parts=[shards_dir / p for s in shards for p in s["parts"]],
+        data_version=_hash([s["id"] for s in shards]), quarantine_dir=quarantine_dir,
+    )
+    log(f"raw_corpus: {result.num_documents} documents, {result.num_bytes / 1e6:.1f} MB, "
+        f"{result.num_quarantined} quarantined, shards built {built}, reused {reused}")
+    if result.num_documents == 0:
+        raise EmptyCorpusError(
+            f"the corpus is empty: no usable document in {cfg.corpus.sources} "
+            f"({result.num_quarantined} quarantined: {dict(reasons)}; see {quarantine_dir})")
+    return result
+
+
+def raw_parts(cfg: ScratchConfig) -> list[Path]:
+    """The raw_corpus parts of the last materialization, in corpus order."""
+    root = cfg.data_path / RAW_DIR
+    manifest = read_json(root / "manifest.json")
+    if not manifest:
+        raise FileNotFoundError(f"raw_corpus has not been materialized under {root}")
+    return [root / "shards" / p for s in manifest["shards"] for p in s["parts"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# cleaned_shards: per-part cleaning (in worker processes)
+
+
+def _cache_files(prefix: Path) -> dict[str, Path]:
+    return {"table": prefix.with_name(prefix.name + ".parquet"),
+            "signatures": prefix.with_name(prefix.name + ".sig.npy"),
+            "shingles": prefix.with_name(prefix.name + ".shingles.npy"),
+            "offsets": prefix.with_name(prefix.name + ".offsets.npy")}
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array)
+    os.replace(tmp, path)
+
+
+def clean_part(raw_path: str, cache_prefix: str, cleaning: dict, dedup_cfg: dict) -> dict:
+    """Clean one raw part into the cache: text + status per doc, and for kept docs the content hash,
+    MinHash signature and shingle set that the corpus-wide dedup needs. Runs in a worker process."""
+    ccfg, dcfg = CleaningConfig(**cleaning), DedupConfig(**dedup_cfg)
+    hasher = dedup.MinHasher(dcfg.num_permutations, dcfg.seed)
+    files = _cache_files(Path(cache_prefix))
+    columns: dict[str, list] = {name: [] for name in CACHE_SCHEMA.names}
+    signatures, shingle_sets = [], []
+    statuses: Counter = Counter()
+    pii: dict[str, int] = {}
+    quarantined: list[tuple[str, str, str]] = []
+    bytes_in = 0
+    for batch in iter_batches(Path(raw_path), ["id", "source", "text"]):
+        for doc_id, source, text in zip(*(batch.column(i).to_pylist() for i in range(3))):
+            bytes_in += len(text)
+            content = 0
+            try:
+                text = clean.normalize(text, ccfg.unicode_form)
+                if ccfg.scrub_pii:
+                    text = clean.scrub_pii(text, pii)
+                words = dedup.split_words(text)
+                hashes = dedup.word_hashes(words)
+                status = clean.quality_rule_failed(text, hashes, ccfg) or KEPT
+                if status == KEPT:
+                    content = dedup.content_hash(words)
+                    shingles = dedup.shingle_set(hashes, dcfg.shingle_words)
+                    signatures.append(hasher.signature(shingles))
+                    # 32-bit shingles are plenty to confirm a candidate's Jaccard similarity exactly.
+                    shingle_sets.append(np.unique((shingles >> np.uint64(32)).astype(np.uint32)))
+            except Exception as exc:  # one odd document must not stop the corpus; it is quarantined
+                status = QUARANTINED
+                quarantined.append((doc_id, source, f"cleaning failed: {type(exc).__name__}: {exc}"))
+            statuses[status] += 1
+            for name, value in zip(CACHE_SCHEMA.names, (doc_id, source, text, status, content)):
+                columns[name].append(value)
+    offsets = np.cumsum([0] + [len(s) for s in shingle_sets], dtype=np.int64)
+    _save_npy(files["signatures"], np.stack(signatures) if signatures else
+              np.empty((0, dcfg.num_permutations), dtype=np.uint64))
+    _save_npy(files["shingles"], np.concatenate(shingle_sets) if shingle_sets else np.empty(0, dtype=np.uint32))
+    _save_npy(files["offsets"], offsets)
+    write_table(files["table"], pa.table(columns, schema=CACHE_SCHEMA))  # last: marks the cache complete
+    return {"statuses": dict(statuses), "pii": pii, "quarantined": quarantined, "bytes_in": bytes_in}
+
+
+# ----------------------------------------------------------------------------------------------
+# cleaned_shards: corpus-wide dedup and outputs
+
+
+@dataclasses.dataclass
+class CleanedShardsResult:
+    num_documents_in: int
+    num_kept: int
+    num_filtered: int
+    num_exact_duplicates: int
+    num_near_duplicates: int
+    num_quarantined: int
+    filtered_by_rule: dict[str, int]
+    pii_replacements: dict[str, int]
+    num_bytes_in: int
+    num_bytes_out: int
+    num_parts_cleaned: int
+    num_parts_reused: int
+    num_shards_written: int
+    num_candidates_checked: int
+    parts: list[dict]  # per output shard: name, counts
+    shards_dir: Path
+    data_version: str
+    preview: list[dict]
+
+    def invariant_holds(self) -> bool:
+        return self.num_documents_in == (self.num_kept + self.num_filtered + self.num_exact_duplicates
+                                         + self.num_near_duplicates + self.num_quarantined)
+
+
+def _clean_missing_parts(jobs: list[tuple[str, str]], cfg: ScratchConfig, log: Log) -> dict[str, dict]:
+    """Run clean_part for (raw part, cache prefix) jobs, in parallel when asked; returns summaries."""
+    args = (cfg.cleaning.model_dump(), cfg.dedup.model_dump())
+    progress = _Progress(log, "cleaning parts", len(jobs))
+    summaries: dict[str, dict] = {}
+    done_bytes = 0
+    workers = min(cfg.cleaning.num_workers, len(jobs))
+    if workers <= 1:
+        for raw, prefix in jobs:
+            summaries[prefix] = clean_part(raw, prefix, *args)
+            done_bytes += summaries[prefix]["bytes_in"]
+            progress.update(len(summaries), done_bytes, force=True)
+        return summaries
+    # spawn, not fork: the caller (a Dagster step) may hold threads and locks.
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(clean_part, raw, prefix, *args): prefix for raw, prefix in jobs}
+        for future in concurrent.futures.as_completed(futures):
+            summaries[futures[future]] = future.result()
+            done_bytes += summaries[futures[future]]["bytes_in"]
+            progress.update(len(summaries), done_bytes, force=True)
+    return summaries
+
+
+def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsResult:
+    root = cfg.data_path / CLEAN_DIR
+    cache_dir, shards_dir, removed_dir = root / "cache", root / "shards", root / "removed"
+    manifest_path = root / "manifest.json"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    clean_key = _hash({"cleaning": cfg.cleaning.model_dump(exclude={"num_workers"}),
+                       "minhash": cfg.dedup.model_dump(include={"shingle_words", "num_permutations", "seed"})})
+    parts = raw_parts(cfg)
+    prefixes = [cache_dir / f"{p.stem}-{clean_key}" for p in parts]
+
+    # 1. Clean the parts that have no cache entry for this config (the expensive, parallel work).
+    jobs = [(str(p), str(prefix)) for p, prefix in zip(parts, prefixes)
+            if not all(f.exists() for f in _cache_files(prefix).values())]
+    log(f"cleaned_shards: {len(parts)} raw parts, {len(jobs)} to clean, {len(parts) - len(jobs)} cached")
+    summaries = _clean_missing_parts(jobs, cfg, log)
+    previous = {entry["cache"]: entry for entry in read_json(manifest_path).get("parts", [])}
+
+    # 2. Corpus-wide dedup in corpus order, from hashes and signatures only.
+    shingle_arrays = [np.load(_cache_files(p)["shingles"], mmap_mode="r") for p in prefixes]
+    offset_arrays = [np.load(_cache_files(p)["offsets"]) for p in prefixes]
+    doc_of_ref: list[tuple[int, int]] = []  # ref -> (part index, index among the part's kept docs)
+
+    def shingles_of(ref: int) -> np.ndarray:
+        part, k = doc_of_ref[ref]
+        return shingle_arrays[part][offset_arrays[part][k]: offset_arrays[part][k + 1]]
+
+    index = dedup.NearDupIndex(cfg.dedup, shingles_of) if cfg.dedup.near else None
+    first_with_hash: dict[int, str] = {}
+    id_of_ref: list[str] = []
+    entries, preview = [], []
+    written = 0
+    totals: Counter = Counter()
+    filtered_by_rule: Counter = Counter()
+    pii: Counter = Counter()
+    progress = _Progress(log, "dedup + write", len(parts))
+    for part_index, (raw, prefix) in enumerate(zip(parts, prefixes)):
+        files = _cache_files(prefix)
+        table = pq.read_table(files["table"], columns=["id", "source", "status", "content_hash"])
+        signatures = np.load(files["signatures"])
+        removed: dict[int, tuple[str, str | None]] = {}  # row -> (reason, duplicate_of)
+        kept_k = 0
+        ids = table.column("id").to_pylist()
+        for row, (doc_id, status, content) in enumerate(zip(
+                ids, table.column("status").to_pylist(), table.column("content_hash").to_pylist())):
+            if status != KEPT:
+                removed[row] = (status, None)
+                continue
+            k, kept_k = kept_k, kept_k + 1
+            if cfg.dedup.exact and content in first_with_hash:
+                removed[row] = ("exact_duplicate", first_with_hash[content])
+                continue
+            first_with_hash.setdefault(content, doc_id)
+            if index is not None:
+                ref = len(doc_of_ref)
+                doc_of_ref.append((part_index, k))
+                id_of_ref.append(doc_id)
+                match = index.find_or_add(ref, signatures[k], shingles_of(ref))
+                if match is not None:
+                    removed[row] = ("near_duplicate", id_of_ref[match])
+
+        counts = Counter(reason for reason, _ in removed.values())
+        entry = {"cache": prefix.name, "raw_part": raw.name, "name": f"{raw.stem}.parquet",
+                 "num_documents_in": table.num_rows, "num_kept": table.num_rows - len(removed),
+                 "num_exact_duplicates": counts.pop("exact_duplicate", 0),
+                 "num_near_duplicates": counts.pop("near_duplicate", 0),
+                 "num_quarantined": counts.pop(QUARANTINED, 0), "filtered_by_rule": dict(counts),
+                 "removed_key": _hash(sorted((r, reason, dup) for r, (reason, dup) in removed.items())),
+                 "pii": summaries.get(str(prefix), {}).get("pii")}
+        old = previous.get(prefix.name)
+        if entry["pii"] is None:  # cleaned in an earlier run: its PII counts were recorded then
+            entry["pii"] = old.get("pii", {}) if old else {}
+        up_to_date = old and old["removed_key"] == entry["removed_key"] and \
+            (shards_dir / entry["name"]).exists() and (removed_dir / entry["name"]).exists()
+        if up_to_date:
+            entry["num_bytes_out"] = old["num_bytes_out"]
+            entry["num_bytes_in"] = old["num_bytes_in"]
+        else:
+            entry["num_bytes_in"], entry["num_bytes_out"] = _write_outputs(
+                files["table"], removed, shards_dir / entry["name"], removed_dir / entry["name"])
+            written += 1
+        _quarantine_cleaning_failures(cfg, prefix.name, summaries.get(str(prefix)))
+        if len(preview) < 5:
+            preview += _preview(shards_dir / entry["name"], 5 - len(preview))
+        entries.append(entry)
+        for key in ("num_documents_in", "num_kept", "num_exact_duplicates", "num_near_duplicates",
+                    "num_quarantined", "num_bytes_in", "num_bytes_out"):
+            totals[key] += entry[key]
+        filtered_by_rule.update(entry["filtered_by_rule"])
+        pii.update(entry["pii"])
+        progress.update(part_index + 1, totals["num_bytes_in"], force=part_index + 1 == len(parts))
+
+    write_json(manifest_path, {"parts": entries, "clean_key": clean_key})
+    names = {e["name"] for e in entries}
+    remove_stale_files(shards_dir, names)
+    remove_stale_files(removed_dir, names)
+    keep_cache = {f.name for p in prefixes for f in _cache_files(p).values()}
+    remove_stale_files(cache_dir, keep_cache)
+
+    result = CleanedShardsResult(
+        num_documents_in=totals["num_documents_in"], num_kept=totals["num_kept"],
+        num_filtered=sum(filtered_by_rule.values()), num_exact_duplicates=totals["num_exact_duplicates"],
+        num_near_duplicates=totals["num_near_duplicates"], num_quarantined=totals["num_quarantined"],
+        filtered_by_rule=dict(filtered_by_rule), pii_replacements=dict(pii),
+        num_bytes_in=totals["num_bytes_in"], num_bytes_out=totals["num_bytes_out"],
+        num_parts_cleaned=len(jobs), num_parts_reused=len(parts) - len(jobs), num_shards_written=written,
+        num_candidates_checked=index.num_candidates_checked if index else 0,
+        parts=entries, shards_dir=shards_dir, data_version=_hash([e["removed_key"] + e["cache"] for e in entries]),
+        preview=preview,
+    )
+    log(f"cleaned_shards: {result.num_documents_in} in, {result.num_kept} kept, {result.num_filtered} filtered, "
+        f"{result.num_exact_duplicates} exact dups, {result.num_near_duplicates} near dups, "
+        f"{result.num_quarantined} quarantined; {written} shards written")
+    if result.num_kept == 0:
+        raise EmptyCorpusError(f"cleaning kept no document of {result.num_documents_in}: "
+                               f"filtered by rule {result.filtered_by_rule}; check the `cleaning` settings")
+    return result
+
+
+def _write_outputs(cache_table: Path, removed: dict[int, tuple[str, str | None]],
+                   shard_path: Path, removed_path: Path) -> tuple[int, int]:
+    """Write the kept docs of one part (streamed) and the ledger of its removed docs."""
+    writer = ShardWriter(shard_path.parent, shard_path.stem + "-writing", target_bytes=1 << 62)
+    ledger: dict[str, list] = {name: [] for name in REMOVED_SCHEMA.names}
+    bytes_in = bytes_out = row = 0
+    try:
+        for batch in iter_batches(cache_table, ["id", "source", "text"]):
+            for doc_id, source, text in zip(*(batch.column(i).to_pylist() for i in range(3))):
+                bytes_in += len(text.encode())
+                if row in removed:
+                    reason, duplicate_of = removed[row]
+                    for name, value in zip(REMOVED_SCHEMA.names, (doc_id, source, reason, duplicate_of)):
+                        ledger[name].append(value)
+                else:
+                    writer.add({"id": doc_id, "source": source, "text": text})
+                    bytes_out += len(text.encode())
+                row += 1
+        written = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    write_table(removed_path, pa.table(ledger, schema=REMOVED_SCHEMA))
+    if written:
+        os.replace(shard_path.parent / written[0], shard_path)
+    else:  # every document removed: an empty shard keeps the set of shards complete
+        write_table(shard_path, DOC_SCHEMA.empty_table())
+    return bytes_in, bytes_out
+
+
+def _quarantine_cleaning_failures(cfg: ScratchConfig, name: str, summary: dict | None) -> None:
+    if not summary or not summary["quarantined"]:
+        return
+    quarantine = Quarantine(cfg.data_path / QUARANTINE_DIR / CLEAN_DIR, name)
+    for doc_id, source, reason in summary["quarantined"]:
+        quarantine.add_record(source, reason, doc_id, "document id")
+    quarantine.commit()
+
+
+def _preview(shard: Path, n: int) -> list[dict]:
+    table = pq.ParquetFile(shard).read_row_group(0) if pq.ParquetFile(shard).num_row_groups else None
+    if table is None:
+        return []
+    return [{"id": r["id"], "source": r["source"], "text": r["text"]} for r in table.slice(0, n).to_pylist()]
+
+
+def verify_cleaned_shards(cfg: ScratchConfig) -> tuple[bool, str]:
+    """Re-count from the files on disk: every shard's rows equal its kept count, the invariant holds."""
+    manifest = read_json(cfg.data_path / CLEAN_DIR / "manifest.json")
+    problems = []
+    total_kept = 0
+    for e in manifest.get("parts", []):
+        rows = count_rows(cfg.data_path / CLEAN_DIR / "shards" / e["name"])
+        removed = count_rows(cfg.data_path / CLEAN_DIR / "removed" / e["name"])
+        accounted = e["num_kept"] + sum(e["filtered_by_rule"].values()) + e["num_exact_duplicates"] + \
+            e["num_near_duplicates"] + e["num_quarantined"]
+        if rows != e["num_kept"]:
+            problems.append(f"{e['name']}: {rows} rows on disk, manifest says {e['num_kept']} kept")
+        if accounted != e["num_documents_in"] or rows + removed != e["num_documents_in"]:
+            problems.append(f"{e['name']}: {e['num_documents_in']} in, but {accounted} accounted for "
+                            f"and {rows} + {removed} rows on disk")
+        total_kept += rows
+    if not manifest.get("parts"):
+        problems.append("no cleaned shards")
+    elif total_kept == 0:
+        problems.append("cleaned shards are empty")
+    return not problems, "; ".join(problems) or f"{total_kept} documents; invariant holds for every shard"

@@ -1,0 +1,1 @@
+"""The Dagster side of scratchllm: assets, checks, resources and the `scratchllm` command."""

@@ -1,0 +1,113 @@
+"""The `scratchllm` command: run the graph, check a profile, open the UI.
+
+    scratchllm run [--config P] [--select SEL]   materialize assets (default: all) with progress
+    scratchllm check-config [P]                  validate a profile and print the resolved values
+    scratchllm ui                                Dagster UI on http://127.0.0.1:3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import yaml
+
+from llm_core.config import CONFIG_ENV_VAR, PROJECT_ROOT, ConfigError, load_config
+
+DEFAULT_DAGSTER_HOME = PROJECT_ROOT / ".dagster_home"
+
+
+def prepare_environment(profile: str | None) -> None:
+    """Choose the profile and the Dagster instance before any Dagster code is imported."""
+    if profile:
+        os.environ[CONFIG_ENV_VAR] = str(Path(profile).expanduser().resolve())
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(DEFAULT_DAGSTER_HOME)))
+    home.mkdir(parents=True, exist_ok=True)
+    settings = home / "dagster.yaml"
+    if not settings.exists():  # no network at run time: no telemetry either
+        settings.write_text("telemetry:\n  enabled: false\n")
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.profile)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    print(f"# valid; data_dir resolves to {cfg.data_path}", file=sys.stderr)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    prepare_environment(args.config)
+    try:
+        cfg = load_config()  # refuse a bad profile before any work starts
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    import dagster as dg
+
+    from pipelines.definitions import defs
+
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+
+    try:
+        keys = dg.AssetSelection.from_string(args.select).resolve(defs.resolve_asset_graph())
+    except Exception as exc:  # dagster raises several kinds for a bad selection string
+        print(f"--select {args.select!r}: {exc}", file=sys.stderr)
+        return 2
+    print(f"scratchllm: materializing {', '.join(sorted(k.to_user_string() for k in keys))}\n"
+          f"  profile {os.environ.get(CONFIG_ENV_VAR, 'default')}, data in {cfg.data_path}, "
+          f"DAGSTER_HOME={os.environ['DAGSTER_HOME']}", file=sys.stderr)
+    job = defs.resolve_job_def("materialize_everything")
+    result = job.execute_in_process(
+        instance=dg.DagsterInstance.get(), asset_selection=list(keys), raise_on_error=False,
+        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+    )
+    for check in result.get_asset_check_evaluations():
+        print(f"  check {check.asset_check_key.to_user_string()}: {'passed' if check.passed else 'FAILED'}"
+              f" {check.metadata.get('details').value if 'details' in check.metadata else ''}", file=sys.stderr)
+    if not result.success:
+        failed = [e.step_key for e in result.all_events if e.is_step_failure]
+        print(f"scratchllm: run {result.run_id} FAILED at {', '.join(failed) or 'a check'}; "
+              f"see the log above or the Dagster UI (make ui)", file=sys.stderr)
+        return 1
+    print(f"scratchllm: run {result.run_id} succeeded. Outputs under {cfg.data_path}; "
+          f"browse them with `make ui` (http://127.0.0.1:3000).", file=sys.stderr)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    prepare_environment(args.config)
+    command = ["dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
+    print(f"Dagster UI: http://{args.host}:{args.port}  (Ctrl-C stops it)", file=sys.stderr)
+    os.chdir(PROJECT_ROOT)
+    os.execvp(command[0], command)  # replace this process: Ctrl-C and kill reach dagster directly
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", category=DeprecationWarning)  # library notices, not the user's business
+    parser = argparse.ArgumentParser(prog="scratchllm", description="An LLM foundry as a Dagster asset graph.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="materialize assets (default: the whole graph)")
+    run.add_argument("--config", help=f"YAML profile, deep-merged over default.yaml (else ${CONFIG_ENV_VAR})")
+    run.add_argument("--select", default="*", help="Dagster asset selection, e.g. 'cleaned_shards' or '+tokenizer'")
+    run.set_defaults(func=cmd_run)
+    check = sub.add_parser("check-config", help="validate a profile and print the resolved config")
+    check.add_argument("profile", nargs="?", help="YAML profile (default: $SCRATCHLLM_CONFIG or default.yaml)")
+    check.set_defaults(func=cmd_check_config)
+    ui = sub.add_parser("ui", help="start the Dagster UI")
+    ui.add_argument("--config", help="YAML profile the UI's runs default to")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(func=cmd_ui)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

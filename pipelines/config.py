@@ -1,0 +1,51 @@
+"""The llm_core config sections as Dagster run config, so the Dagster UI shows (and lets you edit,
+per run) exactly the values of the active profile. One source of truth: the classes are generated
+from the pydantic models in llm_core.config, with the profile's values as defaults; validation
+happens once, in llm_core, when an asset starts."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pydantic
+
+from llm_core.config import CONFIG_ENV_VAR, DEFAULT_PROFILE, ScratchConfig, active_profile_path, load_config
+
+# The profile the code location was loaded with ($SCRATCHLLM_CONFIG, else default.yaml).
+# An invalid profile stops the code location from loading, with the offending fields named.
+ACTIVE_PROFILE = active_profile_path() or DEFAULT_PROFILE
+ACTIVE_CONFIG = load_config(ACTIVE_PROFILE)
+
+
+def dagster_config_class(values: pydantic.BaseModel, name: str) -> type[dg.Config]:
+    """A dagster.Config class mirroring the pydantic model of `values`, defaulting to `values`."""
+    fields = {}
+    for field_name, info in type(values).model_fields.items():
+        value = getattr(values, field_name)
+        if isinstance(value, pydantic.BaseModel):
+            nested = dagster_config_class(value, name + field_name.title())
+            fields[field_name] = (nested, pydantic.Field(default_factory=nested, description=info.description))
+        else:
+            fields[field_name] = (info.annotation, pydantic.Field(default=value, description=info.description))
+    doc = (type(values).__doc__ or "").strip()
+    return pydantic.create_model(name, __base__=dg.Config, __doc__=doc or None, **fields)
+
+
+def run_config_class(name: str, *sections: str) -> type[dg.Config]:
+    """Run config of an asset: the named top-level sections of the profile."""
+    fields = {}
+    for section in sections:
+        section_class = dagster_config_class(getattr(ACTIVE_CONFIG, section), f"{name}{section.title()}")
+        fields[section] = (section_class, pydantic.Field(default_factory=section_class))
+    return pydantic.create_model(name, __base__=dg.Config, **fields)
+
+
+class ScratchllmResource(dg.ConfigurableResource):
+    """The active profile and data directory, shared by every asset of the code location."""
+
+    profile: str = pydantic.Field(default=str(ACTIVE_PROFILE), description=f"YAML profile (${CONFIG_ENV_VAR}).")
+    data_dir: str = pydantic.Field(default=ACTIVE_CONFIG.data_dir, description="Where every stage writes.")
+
+    def resolve(self, run_config: dg.Config) -> ScratchConfig:
+        """The profile with this run's section values and data_dir, validated (raises ConfigError)."""
+        overrides = {"data_dir": self.data_dir, **run_config.model_dump()}
+        return load_config(self.profile, overrides)

@@ -1,0 +1,24 @@
+"""The scratchllm code location: every asset, check and resource. `dagster dev -w workspace.yaml`."""
+
+import dagster as dg
+
+from pipelines.assets.corpus import data_assets, data_checks
+from pipelines.config import ScratchllmResource
+
+all_assets = [*data_assets]
+all_checks = [*data_checks]
+
+materialize_everything = dg.define_asset_job(
+    "materialize_everything", selection=dg.AssetSelection.all(),
+    description="The whole graph, from the source files to the latest model.",
+)
+
+defs = dg.Definitions(
+    assets=all_assets,
+    asset_checks=all_checks,
+    jobs=[materialize_everything],
+    resources={"scratchllm": ScratchllmResource()},
+    # One step at a time in one process: stages parallelize inside themselves, and a per-step
+    # subprocess costs seconds on a small machine.
+    executor=dg.in_process_executor,
+)

@@ -1,0 +1,207 @@
+"""End to end: the data assets materialized through Dagster in a temporary instance, the CLI,
+per-run config as the UI sends it, incremental re-materialization, and a killed run."""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from llm_core.config import PROJECT_ROOT, load_config
+from llm_core.data.ingest import read_source
+from llm_core.data.sources import discover
+from llm_core.data.stages import _read_options, build_raw_corpus
+
+SHAKESPEARE = (PROJECT_ROOT / "data" / "tinyshakespeare.txt").read_text()
+CLI = [sys.executable, "-m", "pipelines.cli"]
+
+
+def write_corpus(root: Path, n_files: int = 4, chars: int = 30_000) -> Path:
+    """A few real-text files plus one of each kind of broken input."""
+    corpus = root / "corpus"
+    corpus.mkdir(parents=True)
+    for i in range(n_files):
+        (corpus / f"play_{i}.txt").write_text(SHAKESPEARE[i * chars:(i + 1) * chars])
+    (corpus / "bad_utf8.txt").write_bytes(b"fine start " * 40 + b"\xff\xfe broken")
+    (corpus / "binary.txt").write_bytes(b"\x00\x01\x02" * 100)
+    (corpus / "empty.txt").write_bytes(b"")
+    packed = gzip.compress(SHAKESPEARE[:600_000].encode())
+    (corpus / "truncated.txt.gz").write_bytes(packed[: len(packed) * 2 // 3])
+    (corpus / "records.jsonl").write_text(
+        json.dumps({"text": SHAKESPEARE[200_000:203_000]}) + "\n{not json\n" + json.dumps({"body": "x"}) + "\n")
+    return corpus
+
+
+@pytest.fixture
+def instance(tmp_path, monkeypatch):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.get() as inst:
+        yield inst
+
+
+def run_config(data_dir: Path, corpus: Path, **sections) -> dict:
+    """Run config as the Dagster UI launchpad sends it."""
+    ops = {"raw_corpus": {"config": {"corpus": {"sources": [str(corpus)], "shard_size_mb": 0.05}}}}
+    for asset, section_values in sections.items():
+        ops.setdefault(asset, {"config": {}})["config"].update(section_values)
+    return {"resources": {"scratchllm": {"config": {"data_dir": str(data_dir)}}}, "ops": ops}
+
+
+def materialize(instance, config: dict):
+    from pipelines.definitions import defs
+
+    job = defs.resolve_job_def("materialize_everything")
+    return job.execute_in_process(instance=instance, run_config=config, raise_on_error=False)
+
+
+def latest_metadata(instance, key: str) -> dict:
+    event = instance.get_latest_materialization_event(dg.AssetKey(key))
+    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+
+def test_materialize_all_in_a_dagster_instance(instance, tmp_path):
+    corpus = write_corpus(tmp_path)
+    result = materialize(instance, run_config(tmp_path / "data", corpus))
+    assert result.success
+
+    raw = latest_metadata(instance, "raw_corpus")
+    clean = latest_metadata(instance, "cleaned_shards")
+    # Broken inputs: bad utf-8 record, truncated gzip tail, malformed + field-less jsonl lines, and
+    # the binary and empty files.
+    assert raw["num_quarantined_files"] == 2
+    assert raw["num_quarantined_records"] >= 4
+    assert raw["num_documents"] > 10
+    assert clean["num_documents_in"] == raw["num_documents"]
+    assert clean["num_documents_in"] == (clean["num_kept"] + clean["num_filtered"] + clean["num_exact_duplicates"]
+                                         + clean["num_near_duplicates"] + clean["num_quarantined"])
+    assert clean["num_kept"] > 0.8 * raw["num_documents"]
+    assert clean["dagster/uri"].startswith(str(tmp_path / "data"))
+    assert "min_chars" in clean["filters"] and "| id | source | text |" in clean["preview"]
+    checks = {c.asset_check_key.name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks == {"raw_corpus_counts": True, "cleaned_shards_invariant": True}
+
+    quarantine = (tmp_path / "data" / "quarantine" / "raw_corpus")
+    entries = [json.loads(line) for f in quarantine.glob("*.jsonl") for line in f.read_text().splitlines()]
+    reasons = " / ".join(e["reason"] for e in entries)
+    for expected in ("binary file", "empty file", "invalid UTF-8", "truncated", "malformed JSON", "missing field"):
+        assert expected in reasons
+    assert any((quarantine / "files").iterdir())  # whole bad files are copied, not just named
+
+
+def test_per_run_config_is_validated_and_applied(instance, tmp_path):
+    corpus = write_corpus(tmp_path, n_files=2)
+    bad = run_config(tmp_path / "data", corpus, cleaned_shards={"dedup": {"bands": 7}})
+    result = materialize(instance, bad)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "dedup" in str(failure.event_specific_data.error) and "bands" in str(failure.event_specific_data.error)
+
+    strict = run_config(tmp_path / "data", corpus, cleaned_shards={"cleaning": {"min_chars": 10_000_000,
+                                                                                 "max_chars": 20_000_000}})
+    result = materialize(instance, strict)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "cleaning kept no document" in str(failure.event_specific_data.error)
+
+
+def test_rematerialize_recomputes_only_what_changed(instance, tmp_path):
+    corpus = write_corpus(tmp_path)
+    config = run_config(tmp_path / "data", corpus)
+    assert materialize(instance, config).success
+    first = latest_metadata(instance, "raw_corpus")
+
+    assert materialize(instance, config).success
+    again = latest_metadata(instance, "raw_corpus")
+    assert again["num_shards_built"] == 0 and again["num_shards_reused"] == first["num_shards_built"]
+    assert latest_metadata(instance, "cleaned_shards")["num_parts_cleaned"] == 0
+
+    (corpus / "new_play.txt").write_text(SHAKESPEARE[500_000:530_000])
+    assert materialize(instance, config).success
+    grown = latest_metadata(instance, "raw_corpus")
+    clean = latest_metadata(instance, "cleaned_shards")
+    assert grown["num_shards_built"] == 1 and grown["num_shards_reused"] == first["num_shards_built"]
+    assert clean["num_parts_cleaned"] == grown["num_parts"] - first["num_parts"]
+    assert grown["num_documents"] > first["num_documents"]
+
+
+def test_definitions_show_the_active_profile_in_run_config():
+    """The UI's launchpad defaults are the profile's values (here the one pytest loaded)."""
+    from pipelines.config import ACTIVE_CONFIG
+    from pipelines.definitions import defs
+
+    job = defs.resolve_job_def("materialize_everything")
+    fields = job.run_config_schema.config_type.fields["ops"].config_type.fields
+    corpus = fields["raw_corpus"].config_type.fields["config"].config_type.fields["corpus"].config_type.fields
+    assert corpus["max_document_bytes"].default_value == ACTIVE_CONFIG.corpus.max_document_bytes
+    assert corpus["sources"].default_value == ACTIVE_CONFIG.corpus.sources
+
+
+def write_profile(tmp_path: Path, corpus: Path) -> Path:
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "corpus": {"sources": [str(corpus)]}}))
+    return profile
+
+
+@pytest.mark.slow
+def test_cli_run_succeeds_and_fails_with_a_clear_message(tmp_path):
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home")}
+    good = write_profile(tmp_path, write_corpus(tmp_path, n_files=2))
+    done = subprocess.run([*CLI, "run", "--config", str(good)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cleaned_shards_invariant: passed" in done.stderr and "succeeded" in done.stderr
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "empty.txt").write_bytes(b"")
+    (broken / "binary.txt").write_bytes(b"\x00" * 50)
+    bad_profile = tmp_path / "bad_profile.yaml"
+    bad_profile.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data2"), "corpus": {"sources": [str(broken)]}}))
+    failed = subprocess.run([*CLI, "run", "--config", str(bad_profile)], env=env, capture_output=True, text=True)
+    assert failed.returncode == 1
+    assert "the corpus is empty" in failed.stderr and "FAILED" in failed.stderr
+
+    invalid = tmp_path / "invalid.yaml"
+    invalid.write_text("corpus: {shard_size_mb: -1}\n")
+    refused = subprocess.run([*CLI, "run", "--config", str(invalid)], env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "corpus.shard_size_mb" in refused.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_no_half_written_shard(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"doc_{i}.txt").write_text(SHAKESPEARE * 2)  # ~2 MB each, 80 MB in all
+    profile = write_profile(tmp_path, corpus)
+    shards = tmp_path / "data" / "raw_corpus" / "shards"
+    code = ("import sys; from llm_core.config import load_config; from llm_core.data.stages import build_raw_corpus;"
+            f"build_raw_corpus(load_config({str(profile)!r}, {{'corpus': {{'shard_size_mb': 4}}}}))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (shards.exists() and any(p.suffix == ".parquet" for p in shards.iterdir())):
+        assert time.monotonic() < deadline and proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    for part in shards.glob("*.parquet"):  # every visible part is complete and readable
+        assert pq.ParquetFile(part).metadata.num_rows > 0
+    assert not (tmp_path / "data" / "raw_corpus" / "manifest.json").exists()
+
+    cfg = load_config(profile, {"corpus": {"shard_size_mb": 4}})
+    result = build_raw_corpus(cfg, log=lambda message: None)
+    one_file = discover([str(corpus / "doc_0.txt")], cfg.corpus.extensions).files[0]
+    assert result.num_documents == 40 * len(list(read_source(one_file, _read_options(cfg))))
+    assert sum(pq.ParquetFile(p).metadata.num_rows for p in result.parts) == result.num_documents
+    assert not [p for p in shards.iterdir() if ".tmp-" in p.name]  # leftovers of the killed run are gone

@@ -54,7 +54,7 @@ class CorpusConfig(Section):
         default=None, description="Split .txt/.md files into documents on this string; null = one document per file."
     )
     max_document_bytes: int = Field(
-        default=16384,
+        default=8192,
         ge=256,
         description="Longer documents are cut at paragraph (blank line) boundaries into pieces of at most this size.",
     )
@@ -120,7 +120,7 @@ class DedupConfig(Section):
     near: bool = Field(default=True, description="Drop near duplicates found with MinHash + LSH.")
     shingle_words: int = Field(default=5, ge=1, le=32, description="Words per shingle.")
     num_permutations: int = Field(default=128, ge=8, le=1024)
-    bands: int = Field(default=16, ge=1, description="LSH bands; num_permutations must be a multiple.")
+    bands: int = Field(default=32, ge=1, description="LSH bands; num_permutations must be a multiple.")
     threshold: float = Field(default=0.8, gt=0, le=1, description="Estimated Jaccard at or above which a doc is a near dup.")
     seed: int = Field(default=1234)
 
@@ -138,8 +138,15 @@ class TokenizerConfig(Section):
 
 
 class DatasetConfig(Section):
-    val_fraction: float = Field(default=0.1, gt=0, lt=1)
-    seed: int = Field(default=1337)
+    val_fraction: float = Field(default=0.1, gt=0, lt=1, description="Share of documents in the validation split.")
+    seed: int = Field(default=1337, description="Seed of the train/val split.")
+    packing: str = Field(default="random", description="Training windows start anywhere ('random') or at "
+                                                       "document starts ('document').")
+
+    @field_validator("packing")
+    @classmethod
+    def _packing(cls, v: str) -> str:
+        return _one_of(v, ("random", "document"))
 
 
 class ModelConfig(Section):

@@ -49,3 +49,7 @@ class ScratchllmResource(dg.ConfigurableResource):
         """The profile with this run's section values and data_dir, validated (raises ConfigError)."""
         overrides = {"data_dir": self.data_dir, **run_config.model_dump()}
         return load_config(self.profile, overrides)
+
+    def data_config(self) -> ScratchConfig:
+        """The profile with this run's data_dir: what asset checks need to find the outputs."""
+        return load_config(self.profile, {"data_dir": self.data_dir})

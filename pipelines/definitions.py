@@ -3,10 +3,11 @@
 import dagster as dg
 
 from pipelines.assets.corpus import data_assets, data_checks
+from pipelines.assets.tokenizer import tokenizer_assets, tokenizer_checks
 from pipelines.config import ScratchllmResource
 
-all_assets = [*data_assets]
-all_checks = [*data_checks]
+all_assets = [*data_assets, *tokenizer_assets]
+all_checks = [*data_checks, *tokenizer_checks]
 
 materialize_everything = dg.define_asset_job(
     "materialize_everything", selection=dg.AssetSelection.all(),

@@ -19,3 +19,7 @@ def markdown_table(header: list[str], rows: list[list], max_cell: int = 200) -> 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return dg.MetadataValue.md("\n".join(lines) if rows else "_(none)_")
+
+
+def check_result(passed: bool, details: str) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(passed=passed, metadata={"details": details}, severity=dg.AssetCheckSeverity.ERROR)

@@ -8,13 +8,13 @@ stale exactly when they should.
 
 import dagster as dg
 
-from llm_core.config import ScratchConfig
 from llm_core.data import checks, stages
 from pipelines.config import ScratchllmResource, run_config_class
-from pipelines.metadata import markdown_table, uri
+from pipelines.metadata import check_result, markdown_table, uri
 
 RawCorpusConfig = run_config_class("RawCorpusConfig", "corpus")
 CleanedShardsConfig = run_config_class("CleanedShardsConfig", "cleaning", "dedup")
+
 
 @dg.asset(group_name="data", kinds={"parquet"}, code_version="1")
 def raw_corpus(context: dg.AssetExecutionContext, config: RawCorpusConfig,
@@ -37,6 +37,7 @@ def raw_corpus(context: dg.AssetExecutionContext, config: RawCorpusConfig,
             "quarantine_reasons": markdown_table(["reason", "count"], [list(kv) for kv in reasons]),
         },
     )
+
 
 @dg.asset(group_name="data", kinds={"parquet"}, code_version="1", deps=[raw_corpus])
 def cleaned_shards(context: dg.AssetExecutionContext, config: CleanedShardsConfig,
@@ -65,25 +66,19 @@ def cleaned_shards(context: dg.AssetExecutionContext, config: CleanedShardsConfi
         },
     )
 
-def _check(ok_and_message: tuple[bool, str]) -> dg.AssetCheckResult:
-    ok, message = ok_and_message
-    return dg.AssetCheckResult(passed=ok, metadata={"details": message},
-                               severity=dg.AssetCheckSeverity.ERROR)
+
 
 @dg.asset_check(asset=raw_corpus, blocking=True)
 def raw_corpus_counts(scratchllm: ScratchllmResource) -> dg.AssetCheckResult:
     """The documents on disk are exactly the ones recorded, and there is at least one."""
-    return _check(checks.verify_raw_corpus(_data_only(scratchllm)))
+    return check_result(*checks.verify_raw_corpus(scratchllm.data_config()))
+
 
 @dg.asset_check(asset=cleaned_shards, blocking=True)
 def cleaned_shards_invariant(scratchllm: ScratchllmResource) -> dg.AssetCheckResult:
     """Non-empty, and per shard: in = kept + filtered + exact dups + near dups + quarantined."""
-    return _check(checks.verify_cleaned_shards(_data_only(scratchllm)))
+    return check_result(*checks.verify_cleaned_shards(scratchllm.data_config()))
 
-def _data_only(scratchllm: ScratchllmResource) -> ScratchConfig:
-    from llm_core.config import load_config
-
-    return load_config(scratchllm.profile, {"data_dir": scratchllm.data_dir})
 
 data_assets = [raw_corpus, cleaned_shards]
 data_checks = [raw_corpus_counts, cleaned_shards_invariant]

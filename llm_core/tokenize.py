@@ -1,0 +1,202 @@
+"""Encode the cleaned shards into Arrow IPC token files, train/val split by document.
+
+Layout under data_dir/tokenized_dataset/:
+  manifest.json                      per shard counts + the dtype, vocab size and EOT id
+  {train,val}/<shard>.tokens.arrow   one uint16 (or uint32) column `tokens`, uncompressed so the
+                                     loader can memory-map it; every document ends with <|endoftext|>
+  {train,val}/<shard>.docs.arrow     doc_id, start, length (tokens, EOT included), num_bytes
+
+A shard is re-encoded only when its cleaned content, the tokenizer or the split changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+from tokenizers import Tokenizer
+
+from llm_core.config import ScratchConfig
+from llm_core.data.files import atomic_path, read_json, remove_stale_files, write_json
+from llm_core.data.shards import iter_batches
+from llm_core.data.stages import CLEAN_DIR
+from llm_core.split import is_validation
+from llm_core.tokenizer import EOT
+
+DATASET_DIR = "tokenized_dataset"
+SPLITS = ("train", "val")
+DOCS_SCHEMA = pa.schema([("doc_id", pa.string()), ("start", pa.int64()), ("length", pa.int64()),
+                         ("num_bytes", pa.int64())])
+ENCODE_BATCH_DOCS = 512
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id."""
+    if vocab_size <= 2**16:
+        return np.dtype(np.uint16)
+    if vocab_size <= 2**32:
+        return np.dtype(np.uint32)
+    raise ValueError(f"tokenizer.vocab_size {vocab_size} does not fit in uint32")
+
+
+@dataclasses.dataclass
+class DatasetResult:
+    num_train_tokens: int
+    num_val_tokens: int
+    num_train_documents: int
+    num_val_documents: int
+    val_bytes: int
+    num_bytes: int
+    dtype: str
+    num_shards_encoded: int
+    num_shards_reused: int
+    encode_seconds: float
+    out_dir: Path
+    data_version: str
+
+
+def _write_ipc(path: Path, table: pa.Table) -> None:
+    with atomic_path(path) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+
+
+def encode_shard(tokenizer: Tokenizer, shard: Path, out_dir: Path, cfg: ScratchConfig, dtype: np.dtype) -> dict:
+    """Encode one cleaned shard into train and val token files; returns its counts."""
+    eot = tokenizer.token_to_id(EOT)
+    tokens: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    docs: dict[str, dict[str, list]] = {s: {name: [] for name in DOCS_SCHEMA.names} for s in SPLITS}
+    position = {s: 0 for s in SPLITS}
+    for batch in iter_batches(shard, ["id", "text"], batch_size=ENCODE_BATCH_DOCS):
+        ids, texts = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+        for doc_id, text, encoding in zip(ids, texts, tokenizer.encode_batch_fast(texts, add_special_tokens=False)):
+            split = "val" if is_validation(doc_id, cfg.dataset.val_fraction, cfg.dataset.seed) else "train"
+            array = np.empty(len(encoding.ids) + 1, dtype=dtype)
+            array[:-1] = encoding.ids
+            array[-1] = eot  # the document boundary
+            tokens[split].append(array)
+            for name, value in zip(DOCS_SCHEMA.names, (doc_id, position[split], len(array), len(text.encode()))):
+                docs[split][name].append(value)
+            position[split] += len(array)
+    counts = {}
+    for split in SPLITS:
+        flat = np.concatenate(tokens[split]) if tokens[split] else np.empty(0, dtype=dtype)
+        _write_ipc(out_dir / split / f"{shard.stem}.tokens.arrow", pa.table({"tokens": pa.array(flat)}))
+        _write_ipc(out_dir / split / f"{shard.stem}.docs.arrow", pa.table(docs[split], schema=DOCS_SCHEMA))
+        counts[split] = {"tokens": int(len(flat)), "documents": len(docs[split]["doc_id"]),
+                         "bytes": int(sum(docs[split]["num_bytes"])), "max_id": int(flat.max()) if len(flat) else -1}
+    return counts
+
+
+def tokenizer_hash(tokenizer_dir: Path) -> str:
+    return hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest()[:16]
+
+
+def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_dir: Path,
+                            log: Callable[[str], None] = print) -> DatasetResult:
+    vocab_size = tokenizer.get_vocab_size()
+    dtype = token_dtype(vocab_size)
+    tokenizer.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is text, not a boundary
+    out_dir = cfg.data_path / DATASET_DIR
+    cleaned = read_json(cfg.data_path / CLEAN_DIR / "manifest.json").get("parts")
+    if not cleaned:
+        raise FileNotFoundError(f"cleaned_shards has not been materialized under {cfg.data_path / CLEAN_DIR}")
+    tok_hash = tokenizer_hash(tokenizer_dir)
+    previous = {e["name"]: e for e in read_json(out_dir / "manifest.json").get("shards", [])}
+
+    entries, encoded, reused, seconds, done_bytes = [], 0, 0, 0.0, 0
+    for i, part in enumerate(cleaned):
+        shard = cfg.data_path / CLEAN_DIR / "shards" / part["name"]
+        key = hashlib.sha256(json.dumps([part["cache"], part["removed_key"], tok_hash, dtype.name,
+                                         cfg.dataset.val_fraction, cfg.dataset.seed]).encode()).hexdigest()[:16]
+        files = [out_dir / s / f"{shard.stem}.{kind}.arrow" for s in SPLITS for kind in ("tokens", "docs")]
+        old = previous.get(part["name"])
+        if old and old["key"] == key and all(f.exists() for f in files):
+            entries.append(old)
+            reused += 1
+            continue
+        start = time.perf_counter()
+        counts = encode_shard(tokenizer, shard, out_dir, cfg, dtype)
+        seconds += time.perf_counter() - start
+        done_bytes += part["num_bytes_out"]
+        entries.append({"name": part["name"], "key": key, **counts})
+        encoded += 1
+        log(f"tokenized shard {i + 1}/{len(cleaned)}: {counts['train']['tokens'] + counts['val']['tokens']} tokens, "
+            f"{done_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s")
+
+    total = {s: {k: sum(e[s][k] for e in entries) for k in ("tokens", "documents", "bytes")} for s in SPLITS}
+    write_json(out_dir / "manifest.json", {"shards": entries, "dtype": dtype.name, "vocab_size": vocab_size,
+                                           "eot_id": tokenizer.token_to_id(EOT), "tokenizer_hash": tok_hash})
+    for split in SPLITS:
+        remove_stale_files(out_dir / split, {f"{Path(e['name']).stem}.{kind}.arrow"
+                                             for e in entries for kind in ("tokens", "docs")})
+    if total["train"]["tokens"] == 0 or total["val"]["tokens"] == 0:
+        empty = "train" if total["train"]["tokens"] == 0 else "val"
+        raise ValueError(f"the {empty} split is empty ({total['train']['documents']} train / "
+                         f"{total['val']['documents']} val documents): change dataset.val_fraction or add documents")
+    return DatasetResult(
+        num_train_tokens=total["train"]["tokens"], num_val_tokens=total["val"]["tokens"],
+        num_train_documents=total["train"]["documents"], num_val_documents=total["val"]["documents"],
+        val_bytes=total["val"]["bytes"], num_bytes=total["train"]["bytes"] + total["val"]["bytes"],
+        dtype=dtype.name, num_shards_encoded=encoded, num_shards_reused=reused, encode_seconds=seconds,
+        out_dir=out_dir, data_version=hashlib.sha256("".join(e["key"] for e in entries).encode()).hexdigest()[:16],
+    )
+
+
+def _split_files(out_dir: Path, manifest: dict):
+    for entry in manifest["shards"]:
+        for split in SPLITS:
+            stem = Path(entry["name"]).stem
+            yield entry, split, out_dir / split / f"{stem}.tokens.arrow", out_dir / split / f"{stem}.docs.arrow"
+
+
+def verify_token_ids(cfg: ScratchConfig) -> tuple[bool, str]:
+    """Every id is below the vocabulary size, and the dtype holds the vocabulary."""
+    out_dir = cfg.data_path / DATASET_DIR
+    manifest = read_json(out_dir / "manifest.json")
+    vocab, dtype = manifest["vocab_size"], np.dtype(manifest["dtype"])
+    problems = [] if np.iinfo(dtype).max >= vocab - 1 else [f"dtype {dtype} cannot hold vocab {vocab}"]
+    largest = -1
+    for entry, split, tokens_path, _ in _split_files(out_dir, manifest):
+        tokens = pa.ipc.open_file(pa.memory_map(str(tokens_path))).read_all().column("tokens").to_numpy()
+        if tokens.dtype != dtype:
+            problems.append(f"{tokens_path.name} ({split}) is {tokens.dtype}, expected {dtype}")
+        if len(tokens):
+            largest = max(largest, int(tokens.max()))
+    if largest >= vocab:
+        problems.append(f"token id {largest} >= vocab size {vocab}")
+    return not problems, "; ".join(problems) or f"max id {largest} < vocab {vocab}; dtype {dtype}"
+
+
+def verify_token_accounting(cfg: ScratchConfig, tokenizer: Tokenizer, docs_per_shard: int = 20) -> tuple[bool, str]:
+    """Token files hold exactly the documents' tokens: lengths add up, and a sample of documents
+    re-encoded now gives the very ids stored (plus the EOT boundary)."""
+    out_dir = cfg.data_path / DATASET_DIR
+    manifest = read_json(out_dir / "manifest.json")
+    tokenizer.encode_special_tokens = True
+    problems, checked = [], 0
+    for entry, split, tokens_path, docs_path in _split_files(out_dir, manifest):
+        tokens = pa.ipc.open_file(pa.memory_map(str(tokens_path))).read_all().column("tokens").to_numpy()
+        docs = pa.ipc.open_file(pa.memory_map(str(docs_path))).read_all()
+        lengths = docs.column("length").to_numpy()
+        if int(lengths.sum()) != len(tokens) or len(tokens) != entry[split]["tokens"]:
+            problems.append(f"{tokens_path.name} ({split}): {len(tokens)} tokens, documents add up to "
+                            f"{int(lengths.sum())}, manifest says {entry[split]['tokens']}")
+            continue
+        sample = dict(zip(docs.column("doc_id").to_pylist()[:docs_per_shard],
+                          zip(docs.column("start").to_pylist(), lengths.tolist())))
+        for batch in iter_batches(cfg.data_path / CLEAN_DIR / "shards" / entry["name"], ["id", "text"]):
+            for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                if doc_id in sample:
+                    start, length = sample[doc_id]
+                    expected = tokenizer.encode(text, add_special_tokens=False).ids + [manifest["eot_id"]]
+                    if tokens[start:start + length].tolist() != expected:
+                        problems.append(f"document {doc_id}: stored tokens differ from the tokenizer's")
+                    checked += 1
+    return not problems, "; ".join(problems[:5]) or f"{checked} sampled documents re-encoded identically"

@@ -1,0 +1,141 @@
+"""Train a byte-level BPE tokenizer (HF `tokenizers`) from the cleaned shards, streaming.
+
+Byte-level means every string is representable and `decode(encode(x)) == x` exactly: no
+normalizer, no prefix space, a ByteLevel decoder. Held-out (validation) documents are never
+trained on; they measure bytes per token and the round trip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from llm_core.config import ScratchConfig
+from llm_core.data.files import atomic_path
+from llm_core.data.shards import iter_batches
+from llm_core.split import is_validation
+
+EOT, PAD = "<|endoftext|>", "<|pad|>"
+TOKENIZER_FILE = "tokenizer.json"
+# Strings a tokenizer must round-trip besides real documents: unicode, emoji, CJK, whitespace runs.
+TRICKY_TEXTS = [
+    "Hello, world!", "  two leading spaces", "trailing spaces   ", "tabs\t\tand\ttabs", "\n\n\nnewlines\n\n",
+    "emoji 😀👍🏽 family 👨‍👩‍👧", "漢字とかな、한국어", "Ünïcödé — “quotes” ‘’ …", "mixed\r\nline\rendings",
+    "<|endoftext|> as plain text", "null\x00byte and \x7f", "a" * 300, "",
+]
+
+
+@dataclasses.dataclass
+class TokenizerResult:
+    path: Path
+    vocab_size: int
+    bytes_per_token: float  # on held-out documents
+    num_training_bytes: int
+    num_training_documents: int
+    train_seconds: float
+    examples: list[tuple[str, list[str]]]
+    roundtrip_failures: list[str]
+
+
+def new_tokenizer() -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def iter_documents(shards: list[Path], columns=("id", "text")) -> Iterator[tuple[str, str]]:
+    """(id, text) of every document of the shards, streamed batch by batch."""
+    for shard in shards:
+        for batch in iter_batches(shard, list(columns)):
+            yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
+
+
+def _training_texts(shards: list[Path], cfg: ScratchConfig, counter: dict) -> Iterator[str]:
+    cap = int(cfg.tokenizer.max_training_bytes_mb * 1e6)
+    for doc_id, text in iter_documents(shards):
+        if is_validation(doc_id, cfg.dataset.val_fraction, cfg.dataset.seed):
+            continue
+        if counter["bytes"] >= cap:
+            return
+        counter["bytes"] += len(text.encode())
+        counter["documents"] += 1
+        yield text
+
+
+def held_out_texts(shards: list[Path], cfg: ScratchConfig, max_bytes: int = 2_000_000) -> list[str]:
+    """Validation documents (up to `max_bytes`): never seen by the tokenizer's training."""
+    texts, size = [], 0
+    for doc_id, text in iter_documents(shards):
+        if size < max_bytes and is_validation(doc_id, cfg.dataset.val_fraction, cfg.dataset.seed):
+            texts.append(text)
+            size += len(text.encode())
+    return texts
+
+
+def roundtrip_failures(tokenizer: Tokenizer, texts: list[str]) -> list[str]:
+    """The texts that do not come back byte for byte from decode(encode(text))."""
+    encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
+    return [t for t, e in zip(texts, encoded) if tokenizer.decode(e.ids, skip_special_tokens=False) != t]
+
+
+def bytes_per_token(tokenizer: Tokenizer, texts: list[str]) -> float:
+    n_tokens = sum(len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False))
+    return sum(len(t.encode()) for t in texts) / max(n_tokens, 1)
+
+
+def save(tokenizer: Tokenizer, out_dir: Path, model_max_length: int) -> Path:
+    """tokenizer.json plus what `transformers.AutoTokenizer.from_pretrained(out_dir)` needs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / TOKENIZER_FILE) as tmp:
+        tokenizer.save(str(tmp))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT, "unk_token": None,
+              "pad_token": PAD, "model_max_length": model_max_length, "clean_up_tokenization_spaces": False,
+              "add_prefix_space": False}
+    special = {"bos_token": EOT, "eos_token": EOT, "pad_token": PAD}
+    for name, payload in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
+        with atomic_path(out_dir / name) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2))
+    return out_dir / TOKENIZER_FILE
+
+
+def load(out_dir: Path) -> Tokenizer:
+    path = out_dir / TOKENIZER_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no tokenizer at {path}: materialize the `tokenizer` asset first")
+    return Tokenizer.from_file(str(path))
+
+
+def train_tokenizer(cfg: ScratchConfig, shards: list[Path], out_dir: Path,
+                    log: Callable[[str], None] = print) -> TokenizerResult:
+    special = list(dict.fromkeys([EOT, PAD, *cfg.tokenizer.special_tokens]))
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.tokenizer.vocab_size, special_tokens=special, min_frequency=2, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
+    )
+    tokenizer = new_tokenizer()
+    counter = {"bytes": 0, "documents": 0}
+    start = time.perf_counter()
+    tokenizer.train_from_iterator(_training_texts(shards, cfg, counter), trainer=trainer)
+    seconds = time.perf_counter() - start
+    if counter["documents"] == 0:
+        raise ValueError("no training documents for the tokenizer (is every document in the validation split?)")
+    log(f"tokenizer: trained on {counter['documents']} documents, {counter['bytes'] / 1e6:.1f} MB "
+        f"in {seconds:.1f} s ({counter['bytes'] / 1e6 / max(seconds, 1e-9):.1f} MB/s), "
+        f"vocab {tokenizer.get_vocab_size()}")
+    path = save(tokenizer, out_dir, cfg.model.block_size)
+
+    held_out = held_out_texts(shards, cfg)
+    failures = roundtrip_failures(tokenizer, held_out + TRICKY_TEXTS)
+    examples = [(text, [tokenizer.id_to_token(i) for i in tokenizer.encode(text).ids])
+                for text in ([held_out[0][:80]] if held_out else []) + TRICKY_TEXTS[:6]]
+    return TokenizerResult(
+        path=path, vocab_size=tokenizer.get_vocab_size(), bytes_per_token=bytes_per_token(tokenizer, held_out),
+        num_training_bytes=counter["bytes"], num_training_documents=counter["documents"], train_seconds=seconds,
+        examples=examples, roundtrip_failures=failures,
+    )

@@ -1,0 +1,82 @@
+"""The tokenizer stages: a byte-level BPE tokenizer, and the corpus encoded into token files."""
+
+import dagster as dg
+
+from llm_core import tokenize, tokenizer as bpe
+from pipelines.assets.corpus import cleaned_shards
+from pipelines.config import ScratchllmResource, run_config_class
+from pipelines.metadata import check_result, markdown_table, uri
+
+TokenizerConfig = run_config_class("TokenizerConfig", "tokenizer")
+TokenizedDatasetConfig = run_config_class("TokenizedDatasetConfig", "dataset")
+TOKENIZER_DIR = "tokenizer"
+
+
+@dg.asset(group_name="tokenizer", kinds={"huggingface"}, code_version="1", deps=[cleaned_shards])
+def tokenizer(context: dg.AssetExecutionContext, config: TokenizerConfig,
+              scratchllm: ScratchllmResource) -> dg.MaterializeResult:
+    """Byte-level BPE (HF `tokenizers`) trained on the training split of the cleaned shards;
+    loadable with `transformers.AutoTokenizer`. Validation documents are held out."""
+    cfg = scratchllm.resolve(config)
+    out_dir = cfg.data_path / TOKENIZER_DIR
+    shards = sorted((cfg.data_path / "cleaned_shards" / "shards").glob("*.parquet"))
+    r = bpe.train_tokenizer(cfg, shards, out_dir, log=context.log.info)
+    examples = [[text, " ".join(tokens)] for text, tokens in r.examples]
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(tokenize.tokenizer_hash(out_dir)),
+        metadata={
+            **uri(r.path), "vocab_size": r.vocab_size, "bytes_per_token": round(r.bytes_per_token, 4),
+            "train_seconds": round(r.train_seconds, 2), "num_training_bytes": r.num_training_bytes,
+            "num_training_documents": r.num_training_documents,
+            "num_roundtrip_failures": len(r.roundtrip_failures),
+            "examples": markdown_table(["text", "tokens (Ġ = space, Ċ = newline)"], examples),
+        },
+    )
+
+
+@dg.asset_check(asset=tokenizer, blocking=True)
+def tokenizer_roundtrip(scratchllm: ScratchllmResource) -> dg.AssetCheckResult:
+    """decode(encode(x)) == x, byte for byte, on held-out documents and on tricky unicode/whitespace."""
+    cfg = scratchllm.data_config()
+    tok = bpe.load(cfg.data_path / TOKENIZER_DIR)
+    texts = bpe.held_out_texts(sorted((cfg.data_path / "cleaned_shards" / "shards").glob("*.parquet")), cfg)
+    failures = bpe.roundtrip_failures(tok, texts + bpe.TRICKY_TEXTS)
+    return check_result(not failures, f"{len(texts) + len(bpe.TRICKY_TEXTS) - len(failures)} texts round-trip; "
+                                      f"failures: {[f[:60] for f in failures[:5]]}")
+
+
+@dg.asset(group_name="tokenizer", kinds={"arrow"}, code_version="1", deps=[tokenizer, cleaned_shards])
+def tokenized_dataset(context: dg.AssetExecutionContext, config: TokenizedDatasetConfig,
+                      scratchllm: ScratchllmResource) -> dg.MaterializeResult:
+    """The cleaned shards encoded into memory-mappable Arrow IPC token files (uint16 when the
+    vocabulary fits), split train/val by document, each document ended by <|endoftext|>."""
+    cfg = scratchllm.resolve(config)
+    tok_dir = cfg.data_path / TOKENIZER_DIR
+    r = tokenize.build_tokenized_dataset(cfg, bpe.load(tok_dir), tok_dir, log=context.log.info)
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(r.data_version),
+        metadata={
+            **uri(r.out_dir), "num_train_tokens": r.num_train_tokens, "num_val_tokens": r.num_val_tokens,
+            "val_bytes": r.val_bytes, "num_train_documents": r.num_train_documents,
+            "num_val_documents": r.num_val_documents, "dtype": r.dtype,
+            "num_shards_encoded": r.num_shards_encoded, "num_shards_reused": r.num_shards_reused,
+            "encode_mb_per_second": round(r.num_bytes / 1e6 / r.encode_seconds, 2) if r.encode_seconds else None,
+        },
+    )
+
+
+@dg.asset_check(asset=tokenized_dataset, blocking=True)
+def token_ids_fit(scratchllm: ScratchllmResource) -> dg.AssetCheckResult:
+    """Every token id is below the vocabulary size and fits the stored dtype."""
+    return check_result(*tokenize.verify_token_ids(scratchllm.data_config()))
+
+
+@dg.asset_check(asset=tokenized_dataset, blocking=True)
+def token_accounting(scratchllm: ScratchllmResource) -> dg.AssetCheckResult:
+    """Stored token counts add up, and re-encoding sampled documents gives the stored ids."""
+    cfg = scratchllm.data_config()
+    return check_result(*tokenize.verify_token_accounting(cfg, bpe.load(cfg.data_path / TOKENIZER_DIR)))
+
+
+tokenizer_assets = [tokenizer, tokenized_dataset]
+tokenizer_checks = [tokenizer_roundtrip, token_ids_fit, token_accounting]

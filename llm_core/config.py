@@ -172,23 +172,45 @@ class ModelConfig(Section):
 
 
 class TrainingConfig(Section):
-    max_steps: int = Field(default=2000, ge=1)
-    batch_size: int = Field(default=12, ge=1)
-    grad_accum_steps: int = Field(default=1, ge=1)
-    learning_rate: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.1, ge=0)
+    max_steps: int = Field(default=2000, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(default=12, ge=1, description="Sequences per process per micro-step.")
+    grad_accum_steps: int = Field(default=1, ge=1, description="Micro-steps per optimizer step.")
+    learning_rate: float = Field(default=1e-3, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Final learning rate / peak.")
+    lr_schedule: str = Field(default="cosine", description="'cosine' (warmup + cosine) or 'wsd' "
+                                                          "(warmup, stable, linear decay).")
+    wsd_decay_fraction: float = Field(default=0.2, gt=0, le=1, description="Share of steps that decay (wsd).")
     warmup_steps: int = Field(default=100, ge=0)
-    grad_clip: float = Field(default=1.0, ge=0)
-    num_processes: int = Field(default=1, ge=1)
+    weight_decay: float = Field(default=0.1, ge=0, description="AdamW decay of matrices (not norms).")
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    grad_clip: float = Field(default=1.0, ge=0, description="Max gradient norm; 0 = no clipping.")
+    num_processes: int = Field(default=1, ge=1, description="Training processes (ranks) on this machine.")
     seed: int = 1337
-    mixed_precision: str = "no"
-    checkpoint_interval: int = Field(default=500, ge=1)
-    eval_interval: int = Field(default=250, ge=1)
+    mixed_precision: str = Field(default="no", description="'no' (fp32), 'bf16' or 'fp16' (GPU).")
+    compile: bool = Field(default=False, description="torch.compile the model.")
+    checkpoint_interval: int = Field(default=500, ge=1, description="Save a resumable checkpoint every N steps.")
+    eval_interval: int = Field(default=250, ge=1, description="Validation loss every N steps.")
+    eval_batches: int = Field(default=20, ge=1, description="Validation batches per periodic evaluation.")
+    log_interval: int = Field(default=10, ge=1, description="Print and send metrics to MLflow every N steps.")
+    accelerate_config: str | None = Field(default=None, description="An accelerate config YAML "
+                                                                    "(assets_config/accelerate/*.yaml); null = CPU.")
 
     @field_validator("mixed_precision")
     @classmethod
     def _precision(cls, v: str) -> str:
         return _one_of(v, ("no", "bf16", "fp16"))
+
+    @field_validator("lr_schedule")
+    @classmethod
+    def _schedule(cls, v: str) -> str:
+        return _one_of(v, ("cosine", "wsd"))
+
+    @model_validator(mode="after")
+    def _warmup(self) -> "TrainingConfig":
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        return self
 
 
 class EvaluationConfig(Section):

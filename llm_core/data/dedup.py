@@ -21,13 +21,15 @@ import xxhash
 from llm_core.config import DedupConfig
 from llm_core.data.clean import ngram_hashes
 
-_CHUNK = 4096  # shingles hashed at a time: bounds the (chunk × permutations) temporary
+_CHUNK = 1024  # shingles hashed at a time: bounds the (chunk × permutations) buffer (1 MB at 128)
 _ROW_MIX = np.uint64(0xC2B2AE3D27D4EB4F)
 _ESTIMATE_SLACK = 0.15  # candidates whose estimated similarity is this far below the threshold are skipped
 
 
 def split_words(text: str) -> list[bytes]:
     """Lower-cased, whitespace-separated words as UTF-8 bytes (what the hashes below take)."""
+    if text.isascii():  # same result; bytes.lower() is a table lookup, str.lower() is not
+        return text.encode("ascii").lower().split()
     return text.lower().encode("utf-8").split()
 
 
@@ -46,7 +48,14 @@ def shingle_set(hashes: np.ndarray, shingle_words: int) -> np.ndarray:
     if len(hashes) == 0:
         return np.empty(0, dtype=np.uint64)
     n = min(shingle_words, len(hashes))
-    return np.unique(ngram_hashes(hashes, n))
+    return sorted_unique(ngram_hashes(hashes, n))
+
+
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """np.unique(values) for a 1-d array, without its overhead (which dominates for small arrays).
+    Sorts `values` in place."""
+    values.sort()
+    return values[np.concatenate(([True], values[1:] != values[:-1]))] if len(values) else values
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
@@ -62,13 +71,19 @@ class MinHasher:
         rng = np.random.default_rng(seed)
         self.a = rng.integers(1, 2**63, size=num_permutations, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
         self.b = rng.integers(0, 2**63, size=num_permutations, dtype=np.uint64)
+        # Reused for every document: fresh (chunk × permutations) temporaries cost page faults.
+        self._buffer = np.empty((_CHUNK, num_permutations), dtype=np.uint64)
+        self._chunk_min = np.empty(num_permutations, dtype=np.uint64)
 
     def signature(self, shingles: np.ndarray) -> np.ndarray:
         """(num_permutations,) uint64: the minimum of each hash function over the shingles."""
         sig = np.full(len(self.a), np.iinfo(np.uint64).max, dtype=np.uint64)
         for start in range(0, len(shingles), _CHUNK):
             chunk = shingles[start: start + _CHUNK, None]
-            np.minimum(sig, (chunk * self.a + self.b).min(axis=0), out=sig)
+            values = self._buffer[: len(chunk)]
+            np.multiply(chunk, self.a, out=values)
+            np.add(values, self.b, out=values)
+            np.minimum(sig, values.min(axis=0, out=self._chunk_min), out=sig)
         return sig
 
 

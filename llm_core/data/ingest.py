@@ -50,19 +50,45 @@ def _decompressed(raw, compression: str | None):
     if compression == "gzip":
         return gzip.GzipFile(fileobj=raw)
     if compression == "zstd":
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        return _ZstdStream(raw)
     return raw
+
+
+class _ZstdStream:
+    """Decompressed bytes of concatenated zstd frames. Unlike zstandard's stream_reader, which
+    returns b"" when the input ends inside a frame, raises EOFError for a truncated file."""
+
+    def __init__(self, raw):
+        self.raw, self.dctx = raw, zstandard.ZstdDecompressor()
+        self.dobj, self.in_frame = self.dctx.decompressobj(), False
+
+    def read(self, size: int = -1) -> bytes:
+        while chunk := self.raw.read(1 << 16):
+            out = []
+            while chunk:
+                out.append(self.dobj.decompress(chunk))
+                self.in_frame = not self.dobj.eof
+                chunk = self.dobj.unused_data if self.dobj.eof else b""
+                if self.dobj.eof:
+                    self.dobj = self.dctx.decompressobj()
+            if data := b"".join(out):
+                return data
+        if self.in_frame:
+            raise EOFError("zstd stream ends inside a frame (truncated file)")
+        return b""
 
 
 def _read_blocks(stream) -> Iterator[bytes]:
     """Blocks of decompressed bytes; refuses empty and binary files before yielding anything."""
-    first = stream.read(READ_BLOCK)
+    # read1: what a broken compressed stream decoded before the break is returned, not dropped
+    read = getattr(stream, "read1", stream.read)
+    first = read(READ_BLOCK)
     if not first:
         raise BadFile("empty file")
     if b"\x00" in first[:BINARY_SNIFF]:
         raise BadFile("binary file (NUL bytes in the first 8 KiB)")
     yield first
-    while block := stream.read(READ_BLOCK):
+    while block := read(READ_BLOCK):
         yield block
 
 
@@ -158,6 +184,14 @@ def read_jsonl(stream, opts: ReadOptions) -> Iterator[Doc | BadRecord]:
         yield from _jsonl_record(pending, line_no + 1, field, opts.max_document_bytes)
 
 
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
 def _jsonl_record(line: bytes, line_no: int, field: str, limit: int) -> Iterator[Doc | BadRecord]:
     location = f"line {line_no}"
     if not line.strip():
@@ -176,6 +210,8 @@ def _jsonl_record(line: bytes, line_no: int, field: str, limit: int) -> Iterator
         yield BadRecord(f"missing field {field!r}", line, location)
     elif not isinstance(record[field], str):
         yield BadRecord(f"field {field!r} is {type(record[field]).__name__}, not a string", line, location)
+    elif not record[field].isascii() and _has_surrogate(record[field]):
+        yield BadRecord(f"field {field!r} holds an unpaired UTF-16 surrogate (\\ud800-\\udfff escape)", line, location)
     else:
         for k, piece in enumerate(_text_pieces(record[field], limit)):
             yield Doc(piece, location if k == 0 else f"{location} piece {k}")

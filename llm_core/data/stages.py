@@ -194,7 +194,10 @@ def build_raw_corpus(cfg: ScratchConfig, log: Log = print) -> RawCorpusResult:
 
     write_json(manifest_path, {"shards": shards, "read_options": dataclasses.asdict(opts)})
     remove_stale_files(shards_dir, {p for s in shards for p in s["parts"]})
-    remove_stale_files(quarantine_dir, {f"{s['id']}.jsonl" for s in shards} | {"sources.jsonl"})
+    live = {s["id"] for s in shards} | {"sources"}
+    remove_stale_files(quarantine_dir, {f"{name}.jsonl" for name in live})
+    copies = quarantine_dir / "files"  # whole-file copies are named <shard id>-<n>-<file name>
+    remove_stale_files(copies, {p.name for p in copies.glob("*") if p.name.split("-")[0] in live})
 
     reasons = Counter(source_problems.reasons())
     for s in shards:

@@ -1,0 +1,57 @@
+"""Shared fixtures: a clean config environment, real English prose, temp-dir configs."""
+
+from __future__ import annotations
+
+import pytest
+
+from llm_core.config import CONFIG_ENV_VAR, load_config
+
+
+@pytest.fixture(autouse=True)
+def _no_profile_from_env(monkeypatch):
+    """Tests choose their profile explicitly; a SCRATCHLLM_CONFIG in the caller's shell must not leak in."""
+    monkeypatch.delenv(CONFIG_ENV_VAR, raising=False)
+
+
+@pytest.fixture(scope="session")
+def prose() -> list[str]:
+    """Distinct real English paragraphs (Python's bundled docs) that pass the default quality rules.
+
+    Any two share less than 10% of their word 5-grams, so they are neither exact nor near duplicates.
+    """
+    from pydoc_data.topics import topics
+
+    from llm_core.data import clean, dedup
+
+    rules = load_config().cleaning
+    seen: set[tuple[str, ...]] = set()
+    out: list[str] = []
+    for key in sorted(topics):
+        for para in topics[key].split("\n\n"):
+            text = " ".join(para.split())
+            if len(text) < 300 or para.startswith(" ") or ">>>" in text:
+                continue
+            words = text.lower().split()
+            grams = {tuple(words[i:i + 5]) for i in range(len(words) - 4)}
+            if not grams or len(grams & seen) > 0.1 * len(grams):
+                continue
+            if clean.quality_rule_failed(text, dedup.word_hashes(dedup.split_words(text)), rules):
+                continue
+            seen |= grams
+            out.append(text)
+    assert len(out) >= 80
+    return out
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    """`make_cfg(sources, corpus={...}, cleaning={...}, ...)`: the default profile with data_dir under tmp_path."""
+
+    def make(sources, **sections):
+        overrides = {"data_dir": str(tmp_path / "run"), "corpus": {"sources": [str(s) for s in sources]},
+                     "cleaning": {"num_workers": 1}}
+        for name, values in sections.items():
+            overrides[name] = {**overrides.get(name, {}), **values}
+        return load_config(overrides=overrides)
+
+    return make

@@ -4,9 +4,11 @@ import dagster as dg
 
 from pipelines.assets.corpus import data_assets, data_checks
 from pipelines.assets.tokenizer import tokenizer_assets, tokenizer_checks
+from pipelines.assets.training import training_assets
 from pipelines.config import ScratchllmResource
+from pipelines.resources import MLflowResource
 
-all_assets = [*data_assets, *tokenizer_assets]
+all_assets = [*data_assets, *tokenizer_assets, *training_assets]
 all_checks = [*data_checks, *tokenizer_checks]
 
 materialize_everything = dg.define_asset_job(
@@ -18,7 +20,8 @@ defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_checks,
     jobs=[materialize_everything],
-    resources={"scratchllm": ScratchllmResource()},
+    resources={"scratchllm": ScratchllmResource(), "mlflow": MLflowResource(),
+               "pipes_subprocess_client": dg.PipesSubprocessClient()},
     # One step at a time in one process: stages parallelize inside themselves, and a per-step
     # subprocess costs seconds on a small machine.
     executor=dg.in_process_executor,

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+from mlflow.tracking import MlflowClient
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -60,11 +61,18 @@ def run_config(data_dir: Path, corpus: Path, **sections) -> dict:
     return {"resources": {"scratchllm": {"config": {"data_dir": str(data_dir)}}}, "ops": ops}
 
 
-def materialize(instance, config: dict):
+DATA_ASSETS = ["raw_corpus", "cleaned_shards", "tokenizer", "tokenized_dataset"]
+TINY_TRAINING = {"model": {"n_layer": 1, "n_head": 2, "n_kv_head": 1, "n_embd": 32, "block_size": 32},
+                 "training": {"max_steps": 6, "warmup_steps": 2, "batch_size": 4, "eval_interval": 3,
+                              "checkpoint_interval": 3, "eval_batches": 2}}
+
+
+def materialize(instance, config: dict, assets: list[str] = DATA_ASSETS):
     from pipelines.definitions import defs
 
     job = defs.resolve_job_def("materialize_everything")
-    return job.execute_in_process(instance=instance, run_config=config, raise_on_error=False)
+    return job.execute_in_process(instance=instance, run_config=config, raise_on_error=False,
+                                  asset_selection=[dg.AssetKey(a) for a in assets])
 
 
 def latest_metadata(instance, key: str) -> dict:
@@ -72,10 +80,19 @@ def latest_metadata(instance, key: str) -> dict:
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
 
+@pytest.mark.slow
 def test_materialize_all_in_a_dagster_instance(instance, tmp_path):
     corpus = write_corpus(tmp_path)
-    result = materialize(instance, run_config(tmp_path / "data", corpus))
+    result = materialize(instance, run_config(tmp_path / "data", corpus, trained_model=TINY_TRAINING),
+                         assets=[*DATA_ASSETS, "trained_model"])
     assert result.success
+
+    model = latest_metadata(instance, "trained_model")
+    assert model["world_size"] == 1 and model["num_parameters"] > 0 and model["final_val_loss"] > 0
+    run = MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}").get_run(model["mlflow_run_id"])
+    assert run.data.params["model.n_embd"] == "32" and "val_loss" in run.data.metrics
+    assert len(MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}").get_metric_history(
+        model["mlflow_run_id"], "train_loss")) == 6  # every step
 
     raw = latest_metadata(instance, "raw_corpus")
     clean = latest_metadata(instance, "cleaned_shards")
@@ -90,7 +107,7 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path):
     assert clean["num_kept"] > 0.8 * raw["num_documents"]
     assert clean["dagster/uri"].startswith(str(tmp_path / "data"))
     assert "min_chars" in clean["filters"] and "| id | source | text |" in clean["preview"]
-    checks = {c.asset_check_key.name: c.passed for c in result.get_asset_check_evaluations()}
+    checks = {c.asset_check_key.name: c.passed for c in result.get_asset_check_evaluations()}  # all blocking
     assert checks == {"raw_corpus_counts": True, "cleaned_shards_invariant": True, "tokenizer_roundtrip": True,
                       "token_ids_fit": True, "token_accounting": True}
 
@@ -152,7 +169,8 @@ def test_definitions_show_the_active_profile_in_run_config():
 
 def write_profile(tmp_path: Path, corpus: Path) -> Path:
     profile = tmp_path / "profile.yaml"
-    profile.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "corpus": {"sources": [str(corpus)]}}))
+    profile.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "corpus": {"sources": [str(corpus)]},
+                                       "dataset": {"val_fraction": 0.3}, **TINY_TRAINING}))
     return profile
 
 

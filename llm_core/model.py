@@ -1,0 +1,200 @@
+"""A Llama-style decoder in one file.
+
+    tokens -> embed_tokens -> N x [ x + attn(RMSNorm(x)), x + mlp(RMSNorm(x)) ] -> RMSNorm -> lm_head
+
+- attention: rotary position embeddings (RoPE, the Llama "rotate half" layout), grouped-query
+  attention (n_kv_head key/value heads shared by n_head query heads), PyTorch SDPA kernels;
+- mlp: SwiGLU, down(silu(gate(x)) * up(x));
+- no biases; optionally the LM head shares the embedding matrix.
+
+Parameter names follow Hugging Face's LlamaForCausalLM (minus its `model.` prefix) so the export
+to transformers is a rename. Shapes in comments: B batch, T time, C n_embd, H heads, D head size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass
+class ModelArgs:
+    vocab_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4
+    n_embd: int = 128
+    block_size: int = 64
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    intermediate_size: int = 0  # 0: about 8/3 * n_embd, rounded up to a multiple of 64 (Llama's rule)
+
+    def __post_init__(self):
+        if self.intermediate_size == 0:
+            self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def rope_cache(args: ModelArgs, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (length, D) for positions 0..length-1."""
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim))
+    angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)  # (T, D/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, D), the "rotate half" layout
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos, sin: (T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = args.n_head, args.n_kv_head, args.head_dim
+        self.q_proj = nn.Linear(args.n_embd, args.n_head * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.n_embd, args.n_kv_head * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.n_embd, args.n_kv_head * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_head * args.head_dim, args.n_embd, bias=False)
+        self.dropout = args.dropout
+
+    def forward(self, x, cos, sin, cache: dict | None = None):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # generation: append to the keys/values of earlier positions
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        # A query at position i sees keys 0..i; with a cache, the T new queries are the last T positions.
+        causal = T > 1
+        if causal and k.shape[2] != T:
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=self.n_kv_head != self.n_head,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.n_embd, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.n_embd, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(args.n_embd, eps=args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = nn.RMSNorm(args.n_embd, eps=args.norm_eps)
+        self.mlp = MLP(args)
+        self.dropout = nn.Dropout(args.dropout)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.n_embd)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layer))
+        self.norm = nn.RMSNorm(args.n_embd, eps=args.norm_eps)
+        self.lm_head = nn.Linear(args.n_embd, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_cache(args, args.block_size)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # Residual projections scaled by 1/sqrt(2 * n_layer): the residual stream's variance stays
+        # flat with depth (GPT-2 / nanoGPT).
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward): 6 N + attention (PaLM, appendix B)."""
+        a = self.args
+        return 6 * self.num_parameters(non_embedding=True) + 12 * a.n_layer * a.n_embd * a.block_size
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, caches: list | None = None,
+                start_pos: int = 0):
+        """idx: (B, T) token ids. Returns logits (B, T, V) and, with targets, the mean cross-entropy
+        over targets != -100."""
+        B, T = idx.shape
+        if start_pos + T > self.args.block_size:
+            raise ValueError(f"sequence of {start_pos + T} tokens is longer than block_size {self.args.block_size}")
+        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        x = self.embed_tokens(idx)  # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if caches is None else caches[i])
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 seed: int | None = None, stop_token: int | None = None):
+        """Yield (B, 1) next tokens one at a time, with a KV cache; temperature 0 means greedy.
+        The context is cropped to the last block_size tokens when it grows longer."""
+        generator = torch.Generator(device=idx.device).manual_seed(seed) if seed is not None else None
+        block = self.args.block_size
+        caches, pos = None, 0
+        for _ in range(max_new_tokens):
+            if caches is None or pos + 1 > block:  # (re)fill the cache from the last block - 1 tokens
+                idx = idx[:, -(block - 1):] if idx.shape[1] >= block else idx
+                caches = [{} for _ in self.layers]
+                logits, _ = self(idx, caches=caches, start_pos=0)
+                pos = idx.shape[1]
+            else:
+                logits, _ = self(idx[:, -1:], caches=caches, start_pos=pos)
+                pos += 1
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat([idx, next_token], dim=1)
+            yield next_token
+            if stop_token is not None and bool((next_token == stop_token).all()):
+                return

@@ -1,0 +1,107 @@
+"""MLflow tracking: where runs live, the run of a training, metrics in batches, the loss curve.
+
+The tracking URI is absolute (MLflow's default depends on the working directory):
+$MLFLOW_TRACKING_URI, else sqlite:///<data_dir>/mlflow.db with artifacts in <data_dir>/mlartifacts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from llm_core.config import ScratchConfig
+
+EXPERIMENT = "scratchllm"
+
+
+def tracking_uri(cfg: ScratchConfig) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cfg.data_path / 'mlflow.db'}"
+
+
+def artifact_location(cfg: ScratchConfig) -> str:
+    return (cfg.data_path / "mlartifacts").as_uri()
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, str]:
+    """{"model": {"n_layer": 4}} -> {"model.n_layer": "4"}: the config as comparable MLflow params."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, artifacts: str, name: str = EXPERIMENT) -> str:
+    mlflow_client = client(uri)
+    existing = mlflow_client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    return mlflow_client.create_experiment(name, artifact_location=artifacts)
+
+
+def start_training_run(cfg: ScratchConfig, uri: str, tags: dict[str, str], run_name: str | None = None) -> str:
+    """Create the MLflow run of a training: params = the whole resolved config, flattened."""
+    from mlflow.entities import Param, RunTag
+
+    mlflow_client = client(uri)
+    run = mlflow_client.create_run(experiment_id(uri, artifact_location(cfg)), run_name=run_name,
+                                   tags={**tags, "mlflow.source.name": "scratchllm trained_model"})
+    params = [Param(k, v) for k, v in sorted(flatten(cfg.model_dump(mode="json")).items())]
+    for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
+        mlflow_client.log_batch(run.info.run_id, params=params[i:i + 100])
+    mlflow_client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    return run.info.run_id
+
+
+class MetricsLogger:
+    """Buffers per-step metrics and sends them to MLflow in batches (one sqlite write per flush)."""
+
+    def __init__(self, uri: str, run_id: str, flush_every: int = 50):
+        self.client, self.run_id, self.flush_every = client(uri), run_id, flush_every
+        self.buffer: list = []
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if len(self.buffer) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self.buffer), 1000):
+            self.client.log_batch(self.run_id, metrics=self.buffer[i:i + 1000])
+        self.buffer = []
+
+
+def plot_loss_curve(history: list[dict], path: Path) -> Path:
+    """train and val loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([h["step"] for h in history], [h["train_loss"] for h in history], label="train", linewidth=1)
+    val = [h for h in history if "val_loss" in h]
+    ax.plot([h["step"] for h in val], [h["val_loss"] for h in val], "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

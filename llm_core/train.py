@@ -1,0 +1,311 @@
+"""Train the model with `accelerate`: alone, or one process per rank.
+
+    python -m llm_core.train --config assets_config/ci.yaml
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
+        --dynamo_backend no -m llm_core.train --config assets_config/ci.yaml     # 2 CPU ranks (gloo)
+
+Everything a run needs to continue after a kill is in `out_dir/checkpoints/step_N`: weights
+(safetensors), optimizer, scheduler, RNG states and the loader position. A new run with the same
+out_dir resumes from the newest complete checkpoint and follows the same loss curve as a run that
+was never stopped: a batch is a pure function of (seed, step), see llm_core/loader.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from llm_core.config import ScratchConfig, load_config, validate_config
+from llm_core.data.files import atomic_path, read_json, write_json
+from llm_core.loader import TokenWindows, sequential_batches
+from llm_core.model import ModelArgs, Transformer
+from llm_core.tokenize import DATASET_DIR
+
+CHECKPOINTS = "checkpoints"
+WEIGHTS_FILE = "model.safetensors"
+MODEL_CONFIG_FILE = "model_config.json"
+SUMMARY_FILE = "training_summary.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces
+
+
+def model_args(cfg: ScratchConfig, vocab_size: int) -> ModelArgs:
+    m = cfg.model
+    return ModelArgs(vocab_size=vocab_size, n_layer=m.n_layer, n_head=m.n_head, n_kv_head=m.n_kv_head,
+                     n_embd=m.n_embd, block_size=m.block_size, tie_embeddings=m.tie_embeddings,
+                     rope_theta=m.rope_theta, norm_eps=m.norm_eps, dropout=m.dropout)
+
+
+def lr_at(step: int, cfg: ScratchConfig) -> float:
+    """Learning-rate multiplier at an optimizer step: linear warmup, then cosine or WSD decay."""
+    t = cfg.training
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.lr_schedule == "cosine":
+        progress = (step - t.warmup_steps) / max(t.max_steps - t.warmup_steps, 1)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    decay_start = t.max_steps - int(t.wsd_decay_fraction * t.max_steps)  # warmup-stable-decay
+    if step < decay_start:
+        return 1.0
+    return 1.0 - (1 - t.min_lr_ratio) * (step - decay_start) / max(t.max_steps - decay_start, 1)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: ScratchConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on norm gains), as in GPT-2/Llama training."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.training.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.training.learning_rate,
+                             betas=(cfg.training.beta1, cfg.training.beta2), fused=False)
+
+
+def measure_peak_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of a square GEMM in the training precision on this machine: the MFU denominator."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / sorted(times)[len(times) // 2]
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a killed save leaves only a `.tmp` directory)."""
+    root = out_dir / CHECKPOINTS
+    dirs = [d for d in root.glob("step_*") if d.is_dir() and not d.name.endswith(".tmp")] if root.exists() else []
+    return sorted(dirs, key=lambda d: int(d.name.split("_")[1]))
+
+
+class Stepper:
+    """The loader position and metric history, saved in every checkpoint with `register_for_checkpointing`."""
+
+    def __init__(self, loader: TokenWindows):
+        self.loader = loader
+        self.history: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {"loader": self.loader.state_dict(), "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self.history = list(state["history"])
+
+
+@dataclasses.dataclass
+class TrainResult:
+    num_parameters: int
+    final_train_loss: float
+    final_val_loss: float
+    tokens_per_second: float
+    train_seconds: float
+    world_size: int
+    mfu: float
+    steps: int
+    resumed_from_step: int
+    history: list[dict]
+    out_dir: Path
+
+
+def evaluate_loss(model, dataset_dir: Path, cfg: ScratchConfig, accelerator, max_batches: int | None) -> float:
+    """Mean loss per token over the validation split (or its first `max_batches` batches per rank),
+    each rank a slice, reduced across ranks."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)  # (sum of token losses, number of tokens)
+    batches = sequential_batches(dataset_dir, "val", cfg.model.block_size, cfg.training.batch_size,
+                                 accelerator.process_index, accelerator.num_processes)
+    with torch.no_grad(), accelerator.autocast():
+        for i, (x, y) in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            _, loss = model(x.to(accelerator.device), y.to(accelerator.device))
+            n = int((y != -100).sum())
+            total += torch.tensor([float(loss) * n, n], dtype=torch.float64)
+    total = accelerator.reduce(total.to(accelerator.device), reduction="sum").cpu()
+    model.train()
+    return float(total[0] / max(total[1], 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# the training loop
+
+
+def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
+          on_metrics: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Train (or resume) into out_dir. `on_metrics(step, metrics)` is called on the main rank."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    t = cfg.training
+    accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum_steps, mixed_precision=t.mixed_precision,
+                              step_scheduler_with_optimizer=False,
+                              cpu=not torch.cuda.is_available())  # several CPU ranks: gloo
+    if accelerator.num_processes != t.num_processes:
+        raise RuntimeError(f"started with {accelerator.num_processes} processes but training.num_processes is "
+                           f"{t.num_processes}: launch with `accelerate launch --num_processes {t.num_processes}`")
+    main = accelerator.is_main_process
+    if "OMP_NUM_THREADS" not in os.environ and accelerator.device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    out_dir = Path(out_dir)
+    dataset_dir = cfg.data_path / DATASET_DIR
+    manifest = read_json(dataset_dir / "manifest.json")
+    if not manifest:
+        raise FileNotFoundError(f"no tokenized dataset under {dataset_dir}: materialize `tokenized_dataset` first")
+
+    set_seed(t.seed)  # the same initial weights on every rank
+    args = model_args(cfg, manifest["vocab_size"])
+    model = Transformer(args)
+    num_params = model.num_parameters()
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg))
+    # Not prepared: accelerate would step a prepared scheduler once per process.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if t.compile:
+        model = torch.compile(model)
+    loader = TokenWindows(dataset_dir, "train", args.block_size, t.batch_size, t.seed,
+                          accelerator.process_index, accelerator.num_processes, cfg.dataset.packing)
+    stepper = Stepper(loader)
+    accelerator.register_for_checkpointing(scheduler, stepper)
+
+    start_step = 0
+    existing = checkpoint_dirs(out_dir)
+    if existing:
+        accelerator.load_state(str(existing[-1]))
+        start_step = int(existing[-1].name.split("_")[1])
+        log(f"resumed from {existing[-1]} (step {start_step})")
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision, torch.float32)
+    peak_flops = measure_peak_flops(dtype) if main else 1.0
+    flops_per_token = Transformer.flops_per_token(accelerator.unwrap_model(model))
+    tokens_per_step = t.batch_size * args.block_size * t.grad_accum_steps * accelerator.num_processes
+    if main:
+        log(f"training {num_params / 1e6:.2f}M parameters on {accelerator.num_processes} process(es), "
+            f"{tokens_per_step} tokens/step, steps {start_step}..{t.max_steps}, precision {t.mixed_precision}")
+
+    model.train()
+    train_seconds, window_start, window_tokens = 0.0, time.perf_counter(), 0
+    last_loss = float("nan")
+    val_loss = float("nan")
+    iterator = iter(loader)
+    for step in range(start_step, t.max_steps):
+        step_start = time.perf_counter()
+        step_loss = torch.zeros((), device=accelerator.device)
+        for _ in range(t.grad_accum_steps):
+            x, y = next(iterator)
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    _, loss = model(x.to(accelerator.device), y.to(accelerator.device))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach() / t.grad_accum_steps
+        scheduler.step()
+        last_loss = float(accelerator.reduce(step_loss, reduction="mean"))  # the global batch's loss
+        train_seconds += time.perf_counter() - step_start
+        window_tokens += tokens_per_step
+        done = step + 1
+        metrics = {"train_loss": last_loss, "lr": scheduler.get_last_lr()[0]}
+
+        if done % t.eval_interval == 0 or done == t.max_steps:
+            val_loss = evaluate_loss(model, dataset_dir, cfg, accelerator,
+                                     None if done == t.max_steps else t.eval_batches)
+            metrics["val_loss"] = val_loss
+        if done % t.log_interval == 0 or done == t.max_steps or "val_loss" in metrics:
+            elapsed = time.perf_counter() - window_start
+            metrics["tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
+            metrics["mfu"] = metrics["tokens_per_second"] * flops_per_token / peak_flops
+            window_start, window_tokens = time.perf_counter(), 0
+            if main:
+                log(f"step {done}/{t.max_steps} loss {last_loss:.4f} lr {metrics['lr']:.2e} "
+                    f"{metrics['tokens_per_second']:.0f} tok/s mfu {metrics['mfu']:.1%}"
+                    + (f" val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""))
+        stepper.history.append({"step": done, **metrics})
+        if main and on_metrics:
+            on_metrics(done, metrics)
+        if done % t.checkpoint_interval == 0 or done == t.max_steps:
+            save_checkpoint(accelerator, out_dir, done)
+
+    if start_step >= t.max_steps and stepper.history:  # nothing left to do: report the finished run
+        last_loss = stepper.history[-1]["train_loss"]
+        val_loss = next((h["val_loss"] for h in reversed(stepper.history) if "val_loss" in h), float("nan"))
+    accelerator.wait_for_everyone()
+    measured = [h["tokens_per_second"] for h in stepper.history if "tokens_per_second" in h]
+    result = TrainResult(
+        num_parameters=num_params, final_train_loss=last_loss, final_val_loss=val_loss,
+        tokens_per_second=sorted(measured)[len(measured) // 2] if measured else 0.0,
+        train_seconds=train_seconds, world_size=accelerator.num_processes,
+        mfu=next((h["mfu"] for h in reversed(stepper.history) if "mfu" in h), 0.0),
+        steps=t.max_steps, resumed_from_step=start_step, history=stepper.history, out_dir=out_dir)
+    if main:
+        save_final(accelerator.unwrap_model(model), args, cfg, result)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def save_checkpoint(accelerator, out_dir: Path, step: int, keep: int = 2) -> None:
+    """accelerate.save_state into step_N.tmp, renamed to step_N when every rank is done."""
+    final = out_dir / CHECKPOINTS / f"step_{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def save_final(model: Transformer, args: ModelArgs, cfg: ScratchConfig, result: TrainResult) -> None:
+    """The trained weights (safetensors), the model config, and a summary beside the checkpoints."""
+    from safetensors.torch import save_model
+
+    out_dir = result.out_dir
+    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
+        save_model(model, str(tmp))  # handles the tied embedding / lm_head weight
+    write_json(out_dir / MODEL_CONFIG_FILE, {"model": dataclasses.asdict(args), "config": cfg.model_dump(mode="json")})
+    summary = {k: v for k, v in dataclasses.asdict(result).items() if k not in ("history", "out_dir")}
+    write_json(out_dir / SUMMARY_FILE, {**summary, "history": result.history})
+
+
+def load_model(out_dir: Path, device: str = "cpu") -> Transformer:
+    """A trained model from its directory (model_config.json + model.safetensors)."""
+    from safetensors.torch import load_model as load_weights
+
+    args = ModelArgs(**read_json(Path(out_dir) / MODEL_CONFIG_FILE)["model"])
+    model = Transformer(args)
+    load_weights(model, str(Path(out_dir) / WEIGHTS_FILE), device=device)
+    return model.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML profile (deep-merged over default.yaml)")
+    parser.add_argument("--resolved-config", help="a full config as JSON (what the Dagster asset passes)")
+    parser.add_argument("--out-dir", help="default: <data_dir>/trained_model")
+    a = parser.parse_args(argv)
+    cfg = validate_config(json.loads(Path(a.resolved_config).read_text())) if a.resolved_config \
+        else load_config(a.config)
+    train(cfg, Path(a.out_dir) if a.out_dir else cfg.data_path / "trained_model")
+
+
+if __name__ == "__main__":
+    main()

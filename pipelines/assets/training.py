@@ -1,0 +1,75 @@
+"""trained_model: distributed training launched with `accelerate launch` through Dagster Pipes."""
+
+import hashlib
+import json
+
+import dagster as dg
+
+from llm_core import tracking, train
+from llm_core.data.files import atomic_path, read_json, write_json
+from pipelines.assets.tokenizer import tokenized_dataset
+from pipelines.config import ScratchllmResource, run_config_class
+from pipelines.metadata import uri
+from pipelines.resources import MLflowResource, accelerate_command, rank_environment
+
+TrainedModelConfig = run_config_class("TrainedModelConfig", "model", "training")
+MODEL_DIR = "trained_model"
+
+
+def training_key(cfg, dataset_version: str) -> str:
+    """A training's identity: what it trains (model, training, split) on which data. The same key
+    resumes from its checkpoints (a retry, a re-materialization after a kill); a new key trains anew."""
+    payload = {"config": cfg.model_dump(mode="json", include={"model", "training", "dataset"}),
+               "dataset": dataset_version}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dg.asset(group_name="training", kinds={"pytorch", "mlflow"}, code_version="1", deps=[tokenized_dataset],
+          pool="training", retry_policy=dg.RetryPolicy(max_retries=1))
+def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig, scratchllm: ScratchllmResource,
+                  mlflow: MLflowResource, pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
+    """A Llama-style decoder trained with accelerate (one process per rank), checkpointed and
+    resumable; every run is an MLflow run with the full config as params and per-step metrics."""
+    cfg = scratchllm.resolve(config)
+    dataset_manifest = read_json(cfg.data_path / "tokenized_dataset" / "manifest.json")
+    dataset_version = hashlib.sha256(json.dumps(dataset_manifest, sort_keys=True).encode()).hexdigest()[:16]
+    key = training_key(cfg, dataset_version)
+    out_dir = cfg.data_path / MODEL_DIR / "runs" / key
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    uri_ = mlflow.uri(cfg)
+    run_file = out_dir / "mlflow_run.json"
+    run_id = read_json(run_file).get("run_id")  # a resumed training keeps its MLflow run
+    if run_id is None:
+        run_id = tracking.start_training_run(cfg, uri_, run_name=f"train-{key}", tags={
+            "dagster.run_id": context.run_id, "scratchllm.training_key": key,
+            "scratchllm.dataset_version": dataset_version,
+            "scratchllm.config_hash": cfg.section_hash("model", "training", "dataset")})
+        write_json(run_file, {"run_id": run_id, "tracking_uri": uri_})
+    resolved = out_dir / "resolved_config.json"
+    with atomic_path(resolved) as tmp:
+        tmp.write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+    context.log.info(f"training {key} in {out_dir} (MLflow run {run_id})")
+
+    command = accelerate_command(cfg, "pipelines.train_entry", [
+        "--resolved-config", str(resolved), "--out-dir", str(out_dir),
+        "--mlflow-run-id", run_id, "--tracking-uri", uri_])
+    result = pipes_subprocess_client.run(context=context, command=command, env=rank_environment(cfg))
+    materialization = result.get_materialize_result()
+    write_json(cfg.data_path / MODEL_DIR / "latest.json", {"key": key, "path": str(out_dir), "mlflow_run_id": run_id})
+    return dg.MaterializeResult(
+        metadata={**materialization.metadata, **uri(out_dir), "mlflow_run_id": run_id, "training_key": key,
+                  "loss_curve_plot": dg.MetadataValue.md(f"![loss curve]({out_dir / 'loss_curve.png'})")},
+        data_version=dg.DataVersion(key),
+    )
+
+
+def latest_model_dir(cfg):
+    """The directory of the model the last trained_model materialization produced."""
+    latest = read_json(cfg.data_path / MODEL_DIR / "latest.json")
+    if not latest:
+        raise FileNotFoundError(f"no trained model under {cfg.data_path / MODEL_DIR}: materialize `trained_model`")
+    return latest
+
+
+training_assets = [trained_model]

@@ -1,0 +1,53 @@
+"""What `accelerate launch` runs for the trained_model asset: llm_core.train under Dagster Pipes.
+
+Only the main rank talks to Dagster (a second `open_dagster_pipes()` would report a second
+materialization) and to MLflow; the other ranks just train.
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from llm_core import tracking
+from llm_core.config import validate_config
+from llm_core.train import train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--resolved-config", required=True)
+    parser.add_argument("--out-dir", required=True)
+    parser.add_argument("--mlflow-run-id", required=True)
+    parser.add_argument("--tracking-uri", required=True)
+    args = parser.parse_args()
+    cfg = validate_config(json.loads(Path(args.resolved_config).read_text()))
+    out_dir = Path(args.out_dir)
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        train(cfg, out_dir, log=lambda message: None)
+        return
+
+    import mlflow
+    from dagster_pipes import open_dagster_pipes
+
+    mlflow.set_tracking_uri(args.tracking_uri)
+    with open_dagster_pipes() as pipes, \
+            mlflow.start_run(run_id=args.mlflow_run_id, log_system_metrics=True):
+        metrics = tracking.MetricsLogger(args.tracking_uri, args.mlflow_run_id)
+        result = train(cfg, out_dir, log=pipes.log.info, on_metrics=metrics)
+        metrics.flush()
+        curve = tracking.plot_loss_curve(result.history, out_dir / "loss_curve.png")
+        for artifact in (curve, out_dir / "model_config.json", out_dir / "training_summary.json"):
+            mlflow.log_artifact(str(artifact))
+        pipes.report_asset_materialization(metadata={
+            "num_parameters": result.num_parameters, "final_train_loss": result.final_train_loss,
+            "final_val_loss": result.final_val_loss, "tokens_per_second": round(result.tokens_per_second, 1),
+            "train_seconds": round(result.train_seconds, 2), "world_size": result.world_size,
+            "mfu": round(result.mfu, 4), "steps": result.steps, "resumed_from_step": result.resumed_from_step,
+            "loss_curve": {"raw_value": str(curve), "type": "path"},
+        })
+
+
+if __name__ == "__main__":
+    main()

@@ -186,7 +186,7 @@ class TrainingConfig(Section):
     beta2: float = Field(default=0.95, ge=0, lt=1)
     grad_clip: float = Field(default=1.0, ge=0, description="Max gradient norm; 0 = no clipping.")
     num_processes: int = Field(default=1, ge=1, description="Training processes (ranks) on this machine.")
-    seed: int = 1337
+    seed: int = Field(default=1337, ge=0)
     mixed_precision: str = Field(default="no", description="'no' (fp32), 'bf16' or 'fp16' (GPU).")
     compile: bool = Field(default=False, description="torch.compile the model.")
     checkpoint_interval: int = Field(default=500, ge=1, description="Save a resumable checkpoint every N steps.")

@@ -102,6 +102,7 @@ def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_
                             log: Callable[[str], None] = print) -> DatasetResult:
     vocab_size = tokenizer.get_vocab_size()
     dtype = token_dtype(vocab_size)
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: the caller's tokenizer stays as it was
     tokenizer.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is text, not a boundary
     out_dir = cfg.data_path / DATASET_DIR
     cleaned = read_json(cfg.data_path / CLEAN_DIR / "manifest.json").get("parts")
@@ -179,6 +180,7 @@ def verify_token_accounting(cfg: ScratchConfig, tokenizer: Tokenizer, docs_per_s
     re-encoded now gives the very ids stored (plus the EOT boundary)."""
     out_dir = cfg.data_path / DATASET_DIR
     manifest = read_json(out_dir / "manifest.json")
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())
     tokenizer.encode_special_tokens = True
     problems, checked = [], 0
     for entry, split, tokens_path, docs_path in _split_files(out_dir, manifest):

@@ -72,7 +72,9 @@ def held_out_texts(shards: list[Path], cfg: ScratchConfig, max_bytes: int = 2_00
     """Validation documents (up to `max_bytes`): never seen by the tokenizer's training."""
     texts, size = [], 0
     for doc_id, text in iter_documents(shards):
-        if size < max_bytes and is_validation(doc_id, cfg.dataset.val_fraction, cfg.dataset.seed):
+        if size >= max_bytes:
+            break
+        if is_validation(doc_id, cfg.dataset.val_fraction, cfg.dataset.seed):
             texts.append(text)
             size += len(text.encode())
     return texts

@@ -18,24 +18,22 @@ RAYON_NUM_THREADS is removed from the environment: `tokenizers` uses its default
 
 from __future__ import annotations
 
-import os
-import sys
-
-os.environ.pop("RAYON_NUM_THREADS", None)
-
 import argparse
 import json
+import os
 import random
 import re
 import resource
 import shutil
 import statistics
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
-PROJECT_ROOT = Path(_HERE).parent
+os.environ.pop("RAYON_NUM_THREADS", None)  # the tokenizers' default: one thread per core
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = PROJECT_ROOT / "data" / "tinyshakespeare.txt"
 WORD = re.compile(r"[A-Za-z]+")
 QUIET = lambda msg: None  # noqa: E731

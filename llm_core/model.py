@@ -147,9 +147,11 @@ class Transformer(nn.Module):
         return n
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token (forward + backward): 6 N + attention (PaLM, appendix B)."""
+        """Training FLOPs per token (forward + backward): 6 N + attention (PaLM, appendix B), where N
+        counts every matrix a token is multiplied by: the blocks and the LM head (tied or not)."""
         a = self.args
-        return 6 * self.num_parameters(non_embedding=True) + 12 * a.n_layer * a.n_embd * a.block_size
+        matmul_params = self.num_parameters(non_embedding=True) + (a.vocab_size * a.n_embd if a.tie_embeddings else 0)
+        return 6 * matmul_params + 12 * a.n_layer * a.n_embd * a.block_size
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, caches: list | None = None,
                 start_pos: int = 0):

@@ -109,6 +109,7 @@ class TrainResult:
     num_parameters: int
     final_train_loss: float
     final_val_loss: float
+    val_bpb: float  # bits per UTF-8 byte of validation text, from the final full evaluation
     tokens_per_second: float
     train_seconds: float
     world_size: int
@@ -119,9 +120,10 @@ class TrainResult:
     out_dir: Path
 
 
-def evaluate_loss(model, dataset_dir: Path, cfg: ScratchConfig, accelerator, max_batches: int | None) -> float:
-    """Mean loss per token over the validation split (or its first `max_batches` batches per rank),
-    each rank a slice, reduced across ranks."""
+def evaluate_loss(model, dataset_dir: Path, cfg: ScratchConfig, accelerator,
+                  max_batches: int | None) -> tuple[float, int]:
+    """(mean loss per token, tokens scored) over the validation split, or its first `max_batches`
+    batches per rank; each rank scores a slice, the sums are reduced across ranks."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)  # (sum of token losses, number of tokens)
     batches = sequential_batches(dataset_dir, "val", cfg.model.block_size, cfg.training.batch_size,
@@ -135,7 +137,7 @@ def evaluate_loss(model, dataset_dir: Path, cfg: ScratchConfig, accelerator, max
             total += torch.tensor([float(loss) * n, n], dtype=torch.float64)
     total = accelerator.reduce(total.to(accelerator.device), reduction="sum").cpu()
     model.train()
-    return float(total[0] / max(total[1], 1))
+    return float(total[0] / max(total[1], 1)), int(total[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +165,7 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     manifest = read_json(dataset_dir / "manifest.json")
     if not manifest:
         raise FileNotFoundError(f"no tokenized dataset under {dataset_dir}: materialize `tokenized_dataset` first")
+    val_bytes = sum(shard["val"]["bytes"] for shard in manifest["shards"])
 
     set_seed(t.seed)  # the same initial weights on every rank
     args = model_args(cfg, manifest["vocab_size"])
@@ -221,9 +224,11 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
         metrics = {"train_loss": last_loss, "lr": scheduler.get_last_lr()[0]}
 
         if done % t.eval_interval == 0 or done == t.max_steps:
-            val_loss = evaluate_loss(model, dataset_dir, cfg, accelerator,
-                                     None if done == t.max_steps else t.eval_batches)
+            full = done == t.max_steps
+            val_loss, scored = evaluate_loss(model, dataset_dir, cfg, accelerator, None if full else t.eval_batches)
             metrics["val_loss"] = val_loss
+            if full:  # nats over every scored token -> bits per byte of the val text
+                metrics["val_bpb"] = val_loss * scored / math.log(2) / val_bytes
         if done % t.log_interval == 0 or done == t.max_steps or "val_loss" in metrics:
             elapsed = time.perf_counter() - window_start
             metrics["tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
@@ -232,7 +237,8 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
             if main:
                 log(f"step {done}/{t.max_steps} loss {last_loss:.4f} lr {metrics['lr']:.2e} "
                     f"{metrics['tokens_per_second']:.0f} tok/s mfu {metrics['mfu']:.1%}"
-                    + (f" val {metrics['val_loss']:.4f}" if "val_loss" in metrics else ""))
+                    + (f" val {metrics['val_loss']:.4f}" if "val_loss" in metrics else "")
+                    + (f" val_bpb {metrics['val_bpb']:.3f}" if "val_bpb" in metrics else ""))
         stepper.history.append({"step": done, **metrics})
         if main and on_metrics:
             on_metrics(done, metrics)
@@ -246,6 +252,7 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     measured = [h["tokens_per_second"] for h in stepper.history if "tokens_per_second" in h]
     result = TrainResult(
         num_parameters=num_params, final_train_loss=last_loss, final_val_loss=val_loss,
+        val_bpb=next((h["val_bpb"] for h in reversed(stepper.history) if "val_bpb" in h), float("nan")),
         tokens_per_second=sorted(measured)[len(measured) // 2] if measured else 0.0,
         train_seconds=train_seconds, world_size=accelerator.num_processes,
         mfu=next((h["mfu"] for h in reversed(stepper.history) if "mfu" in h), 0.0),

@@ -42,7 +42,7 @@ def main() -> None:
             mlflow.log_artifact(str(artifact))
         pipes.report_asset_materialization(metadata={
             "num_parameters": result.num_parameters, "final_train_loss": result.final_train_loss,
-            "final_val_loss": result.final_val_loss, "tokens_per_second": round(result.tokens_per_second, 1),
+            "final_val_loss": result.final_val_loss, "val_bpb": result.val_bpb, "tokens_per_second": round(result.tokens_per_second, 1),
             "train_seconds": round(result.train_seconds, 2), "world_size": result.world_size,
             "mfu": round(result.mfu, 4), "steps": result.steps, "resumed_from_step": result.resumed_from_step,
             "loss_curve": {"raw_value": str(curve), "type": "path"},

@@ -1,0 +1,318 @@
+"""Training with accelerate on the tokenized tiny-Shakespeare dataset: the learning-rate schedule,
+reproducibility, 2-rank CPU DDP against 1 rank, kill -9 and resume, config refusals, and reloading
+the trained model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm_core import tokenizer as tok
+from llm_core.config import PROJECT_ROOT, ConfigError, ScratchConfig, load_config
+from llm_core.data.stages import build_cleaned_shards, build_raw_corpus
+from llm_core.loader import sequential_batches
+from llm_core.model import Transformer
+from llm_core.tokenize import DATASET_DIR, build_tokenized_dataset
+from llm_core.train import (
+    SUMMARY_FILE,
+    checkpoint_dirs,
+    load_model,
+    lr_at,
+    model_args,
+    train,
+)
+
+CI_PROFILE = PROJECT_ROOT / "assets_config" / "ci.yaml"
+QUIET = lambda msg: None  # noqa: E731
+SUBPROCESS_TIMEOUT = 300
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One thread per process: tiny matrices, 2 cores, and concurrent tests (oversubscription is
+    catastrophic, see PITFALLS). With OMP_NUM_THREADS set, train() leaves the thread count alone."""
+    before = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The ci profile's corpus, cleaned, a 512-token BPE, and the tokenized dataset: built once."""
+    root = tmp_path_factory.mktemp("train_data")
+    cfg = load_config(CI_PROFILE, {"data_dir": str(root)})
+    build_raw_corpus(cfg, QUIET)
+    build_cleaned_shards(cfg, QUIET)
+    shards = sorted((cfg.data_path / "cleaned_shards" / "shards").glob("*.parquet"))
+    tok.train_tokenizer(cfg, shards, cfg.data_path / "tokenizer", log=QUIET)
+    build_tokenized_dataset(cfg, tok.load(cfg.data_path / "tokenizer"), cfg.data_path / "tokenizer", log=QUIET)
+    assert (root / DATASET_DIR / "manifest.json").exists()
+    return root
+
+
+def config(data_dir: Path, **training) -> ScratchConfig:
+    base = {"max_steps": 20, "warmup_steps": 5, "batch_size": 4, "checkpoint_interval": 10,
+            "eval_interval": 10, "eval_batches": 5, "log_interval": 10}
+    return load_config(CI_PROFILE, {"data_dir": str(data_dir), "training": {**base, **training}})
+
+
+def summary(out_dir: Path) -> dict:
+    return json.loads((out_dir / SUMMARY_FILE).read_text())
+
+
+def losses(history: list[dict], key: str = "train_loss") -> list[float]:
+    return [h[key] for h in history if key in h]
+
+
+def subprocess_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "SCRATCHLLM_CONFIG"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    return env
+
+
+def train_command(cfg: ScratchConfig, out_dir: Path) -> list[str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = out_dir.parent / f"{out_dir.name}.config.json"
+    resolved.write_text(json.dumps(cfg.model_dump(mode="json")))
+    return ["-m", "llm_core.train", "--resolved-config", str(resolved), "--out-dir", str(out_dir)]
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run to completion in its own process group (ranks included); killed as a group on timeout."""
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd} timed out\n{out[-3000:]}\n{err[-3000:]}")
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode})\n{out[-3000:]}\n{err[-5000:]}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory):
+    """One in-process run of 20 steps, batch 4, world size 1: shared by several tests."""
+    cfg = config(data_dir)
+    out = tmp_path_factory.mktemp("reference") / "out"
+    result = train(cfg, out, log=QUIET)
+    return cfg, result
+
+
+# ---------------------------------------------------------------------------------------------
+# the learning-rate schedule
+
+
+def test_lr_cosine_warmup_then_decay_to_min_ratio():
+    cfg = load_config(CI_PROFILE, {"training": {"max_steps": 100, "warmup_steps": 10, "min_lr_ratio": 0.1,
+                                                "lr_schedule": "cosine"}})
+    warmup = [lr_at(s, cfg) for s in range(10)]
+    assert warmup == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear, reaching 1 at the last warmup step
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(55, cfg) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: the cosine's midpoint
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert lr_at(150, cfg) == pytest.approx(0.1)  # stays at the floor past max_steps
+    decay = [lr_at(s, cfg) for s in range(10, 101)]
+    assert all(a > b for a, b in zip(decay, decay[1:]))  # strictly decreasing after warmup
+    assert min(decay) == pytest.approx(0.1)
+    # cosine shape: symmetric around the midpoint
+    assert lr_at(10 + 20, cfg) - 0.55 == pytest.approx(0.55 - lr_at(100 - 20, cfg))
+
+
+def test_lr_wsd_flat_then_linear_decay():
+    cfg = load_config(CI_PROFILE, {"training": {"max_steps": 100, "warmup_steps": 10, "min_lr_ratio": 0.1,
+                                                "lr_schedule": "wsd", "wsd_decay_fraction": 0.2}})
+    assert [lr_at(s, cfg) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert all(lr_at(s, cfg) == 1.0 for s in range(10, 81))  # stable until the last 20% of steps
+    decay = [lr_at(s, cfg) for s in range(80, 101)]
+    steps = [a - b for a, b in zip(decay, decay[1:])]
+    assert steps == pytest.approx([0.9 / 20] * 20)  # linear
+    assert lr_at(90, cfg) == pytest.approx(0.55)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# training runs
+
+
+def test_training_writes_outputs_and_learns(reference_run):
+    cfg, result = reference_run
+    out = result.out_dir
+    assert [h["step"] for h in result.history] == list(range(1, 21))
+    assert (out / "model.safetensors").exists() and (out / "model_config.json").exists()
+    assert [d.name for d in checkpoint_dirs(out)] == ["step_10", "step_20"]
+    assert summary(out)["history"] == json.loads(json.dumps(result.history))
+    assert result.world_size == 1 and result.steps == 20 and result.resumed_from_step == 0
+    vocab = 512
+    assert result.history[0]["train_loss"] == pytest.approx(math.log(vocab), abs=0.5)
+    assert result.final_train_loss < result.history[0]["train_loss"] - 0.1
+    assert [h["step"] for h in result.history if "val_loss" in h] == [10, 20]
+    assert math.isfinite(result.final_val_loss) and result.final_val_loss < math.log(vocab)
+    assert result.history[-1]["lr"] == pytest.approx(cfg.training.learning_rate * cfg.training.min_lr_ratio)
+
+
+def test_same_seed_same_loss_curve(reference_run, tmp_path):
+    cfg, first = reference_run
+    second = train(cfg, tmp_path / "again", log=QUIET)
+    assert losses(second.history) == losses(first.history)  # exact
+    assert losses(second.history, "val_loss") == losses(first.history, "val_loss")
+    other = train(config(cfg.data_path, seed=7, max_steps=6, eval_interval=100), tmp_path / "other", log=QUIET)
+    assert losses(other.history) != losses(first.history)[:6]
+
+
+def test_process_count_mismatch_is_refused(data_dir, tmp_path):
+    cfg = config(data_dir, num_processes=2)
+    with pytest.raises(RuntimeError, match=r"started with 1 processes but training\.num_processes is 2") as info:
+        train(cfg, tmp_path / "out", log=QUIET)
+    assert "accelerate launch --num_processes 2" in str(info.value)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_two_cpu_ranks_match_one_rank_with_the_same_global_batch(data_dir, reference_run, tmp_path):
+    _, one_rank = reference_run
+    cfg = config(data_dir, num_processes=2, batch_size=2)
+    out = tmp_path / "ddp"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "0"]  # a free port: other runs may hold 29500
+    proc = run(launch + train_command(cfg, out))
+    assert "on 2 process(es)" in proc.stdout + proc.stderr
+    two = summary(out)
+    one = summary(one_rank.out_dir)
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert [h["step"] for h in two["history"]] == list(range(1, 21))
+    for a, b in zip(losses(two["history"]), losses(one["history"]), strict=True):
+        assert abs(a - b) < 1e-3, (losses(two["history"]), losses(one["history"]))
+    # evaluation: the ranks' interleaved slices cover the same windows as one rank
+    for a, b in zip(losses(two["history"], "val_loss"), losses(one["history"], "val_loss"), strict=True):
+        assert abs(a - b) < 1e-3
+    assert [h["lr"] for h in two["history"]] == pytest.approx([h["lr"] for h in one["history"]])
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(data_dir, tmp_path):
+    steps = 80
+    cfg = config(data_dir, max_steps=steps, checkpoint_interval=5, eval_interval=20)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, *train_command(cfg, out)]
+
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+    try:
+        while not any(int(d.name.split("_")[1]) >= 10 for d in checkpoint_dirs(out)):
+            if proc.poll() is not None:
+                pytest.fail(f"training ended before it could be killed ({proc.returncode}):\n{proc.stderr.read()}")
+            if time.monotonic() > deadline:
+                pytest.fail("no checkpoint step_10 in time")
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / SUMMARY_FILE).exists(), "the run finished before the kill: the test proved nothing"
+    survived = checkpoint_dirs(out)
+    last = int(survived[-1].name.split("_")[1])
+    assert 10 <= last < steps
+
+    # A killed save leaves `step_N.tmp`: never a checkpoint, even the newest.
+    junk = out / "checkpoints" / "step_999.tmp"
+    junk.mkdir()
+    (junk / "model.safetensors").write_bytes(b"half-written")
+    assert all(not d.name.endswith(".tmp") for d in checkpoint_dirs(out))
+    assert checkpoint_dirs(out)[-1].name == f"step_{last}"
+
+    resumed = run(cmd)
+    assert f"resumed from {out / 'checkpoints' / f'step_{last}'} (step {last})" in resumed.stdout
+    got = summary(out)
+    assert got["resumed_from_step"] == last
+    assert [h["step"] for h in got["history"]] == list(range(1, steps + 1))  # history carried in the checkpoint
+
+    reference = train(cfg, tmp_path / "uninterrupted", log=QUIET)
+    assert len(losses(reference.history)) == steps
+    for step, (a, b) in enumerate(zip(losses(got["history"]), losses(reference.history), strict=True), 1):
+        assert abs(a - b) <= 1e-6, f"step {step}: resumed {a} vs uninterrupted {b}"
+    for a, b in zip(losses(got["history"], "val_loss"), losses(reference.history, "val_loss"), strict=True):
+        assert abs(a - b) <= 1e-6
+    assert [h["lr"] for h in got["history"]] == pytest.approx([h["lr"] for h in reference.history], abs=1e-12)
+    assert got["final_val_loss"] == pytest.approx(reference.final_val_loss, abs=1e-6)
+    # the final weights agree too
+    a, b = load_model(out), load_model(reference.out_dir)
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"model": {"n_head": 3}}, ("model", "n_head (3) must divide n_embd (32)")),
+    ({"model": {"n_head": 4, "n_kv_head": 3}}, ("model", "n_kv_head (3) must divide n_head (4)")),
+    ({"model": {"n_embd": 36, "n_head": 4, "n_kv_head": 4}}, ("model", "head size")),
+    ({"training": {"mixed_precision": "fp8"}}, ("training.mixed_precision", "fp8")),
+    ({"training": {"warmup_steps": 30, "max_steps": 30}}, ("training", "warmup_steps (30) must be below max_steps")),
+    ({"model": {"n_layer": 0}}, ("model.n_layer", "greater than or equal to 1")),
+    ({"model": {"n_layers": 2}}, ("model.n_layers", "unknown field")),
+], ids=["n_head-divides-n_embd", "n_kv_head-divides-n_head", "odd-head-size", "fp8", "warmup>=max_steps",
+        "n_layer-0", "typo"])
+def test_invalid_configs_are_refused_with_the_field_named(overrides, field):
+    with pytest.raises(ConfigError) as info:
+        load_config(CI_PROFILE, overrides)
+    where, what = field
+    lines = [line.strip() for line in str(info.value).splitlines()]
+    assert any(line.startswith(f"{where}:") and what in line for line in lines), str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# reloading
+
+
+def val_loss(model: Transformer, cfg: ScratchConfig) -> float:
+    """evaluate_loss on one rank, without accelerate: mean loss per token over the val split."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in sequential_batches(cfg.data_path / DATASET_DIR, "val", cfg.model.block_size,
+                                       cfg.training.batch_size):
+            _, loss = model(x, y)
+            n = int((y != -100).sum())
+            total, count = total + float(loss) * n, count + n
+    return total / count
+
+
+def test_load_model_reproduces_the_trained_val_loss(reference_run):
+    cfg, result = reference_run
+    model = load_model(result.out_dir)
+    assert not model.training
+    assert model.args == model_args(cfg, 512)
+    assert model.lm_head.weight is model.embed_tokens.weight  # tying survives the reload
+    # the whole val split: exactly what training measured at its last step
+    assert val_loss(model, cfg) == pytest.approx(result.final_val_loss, rel=0, abs=1e-9)
+
+    # and one fixed val batch: the same logits as the weights of the last checkpoint
+    from safetensors.torch import load_model as load_weights
+
+    from_checkpoint = Transformer(model_args(cfg, 512)).eval()
+    load_weights(from_checkpoint, str(checkpoint_dirs(result.out_dir)[-1] / "model.safetensors"))
+    x, y = next(iter(sequential_batches(cfg.data_path / DATASET_DIR, "val", cfg.model.block_size, 4)))
+    with torch.no_grad():
+        logits_a, loss_a = model(x, y)
+        logits_b, loss_b = from_checkpoint(x, y)
+    assert torch.equal(logits_a, logits_b) and loss_a.item() == loss_b.item()
+    assert loss_a.item() < math.log(512)  # trained: better than uniform

@@ -18,6 +18,15 @@ import yaml
 from llm_core.config import CONFIG_ENV_VAR, PROJECT_ROOT, ConfigError, load_config
 
 DEFAULT_DAGSTER_HOME = PROJECT_ROOT / ".dagster_home"
+INSTANCE_SETTINGS = """\
+# Written by scratchllm on first use. No network at run time: no telemetry either.
+telemetry:
+  enabled: false
+# One training at a time: trained_model is in the pool "training" (and every pool defaults to 1).
+concurrency:
+  pools:
+    default_limit: 1
+"""
 
 
 def prepare_environment(profile: str | None) -> None:
@@ -27,8 +36,8 @@ def prepare_environment(profile: str | None) -> None:
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(DEFAULT_DAGSTER_HOME)))
     home.mkdir(parents=True, exist_ok=True)
     settings = home / "dagster.yaml"
-    if not settings.exists():  # no network at run time: no telemetry either
-        settings.write_text("telemetry:\n  enabled: false\n")
+    if not settings.exists():
+        settings.write_text(INSTANCE_SETTINGS)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

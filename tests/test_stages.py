@@ -9,13 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from llm_core.data import clean
-from llm_core.data.stages import (
-    EmptyCorpusError,
-    build_cleaned_shards,
-    build_raw_corpus,
-    raw_parts,
-    verify_cleaned_shards,
-)
+from llm_core.data.checks import verify_cleaned_shards
+from llm_core.data.stages import EmptyCorpusError, build_cleaned_shards, build_raw_corpus, raw_parts
 
 QUIET = lambda msg: None  # noqa: E731
 

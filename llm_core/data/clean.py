@@ -36,23 +36,26 @@ _WORD_WITH_LETTER = re.compile(r"(?<!\S)\S*?[^\W\d_]")
 # GB/s. So the regexes run only when a cheap test says they could match, and ASCII text (most of
 # it) skips the patterns that only match non-ASCII characters. Results are identical either way.
 _ASCII_CONTROL = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])  # _CONTROL ∩ ASCII
-# For _WORD_WITH_LETTER on ASCII text: whitespace (what `\s` matches) -> b" ", letters kept, the rest deleted;
-# then the words that had a letter are exactly the non-empty pieces left by bytes.split().
+# For counting words with a letter (see _count_words_with_letter).
+_ASCII = bytes(range(128))
 _ASCII_SPACE = b" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
 _LETTERS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_SPACE_TO_BLANK = bytes.maketrans(_ASCII_SPACE, b" " * len(_ASCII_SPACE))
+_LETTER_CLASSES = bytes.maketrans(_ASCII_SPACE + _LETTERS, b" " * len(_ASCII_SPACE) + b"a" * len(_LETTERS))
 _NOT_LETTER_OR_SPACE = bytes(c for c in range(256) if c not in _LETTERS + _ASCII_SPACE)
 # For the PII patterns, each UTF-8 byte becomes its class: an ASCII digit or any non-ASCII byte -> "d"
 # (a non-ASCII `\d` digit is 2-4 such bytes), "." -> "p", " " and "-" -> "s", anything else -> "x".
 _PII_CLASSES = bytes(ord("d") if chr(c).isdigit() or c >= 0x80 else ord("p") if c == ord(".") else
                      ord("s") if c in b" -" else ord("x") for c in range(256))
+_IPV4_CLASSES = re.compile(rb"dpd+pd+pd")  # what an IPv4 address (4 runs of digits joined by ".") becomes
 
 
 def normalize(text: str, form: str = "NFC") -> str:
     """Unicode normal form, no control characters, plain spaces, no trailing blanks, ≤ 1 blank line."""
     text = unicodedata.normalize(form, text.replace("\r\n", "\n").replace("\r", "\n"))
     if not text.isascii():
-        text = _SPACES.sub(" ", _CONTROL.sub("", text))
+        # Every character of _CONTROL and _SPACES is non-printable (Unicode "Other" or "Separator").
+        if not text.replace("\n", "").replace("\t", "").isprintable():
+            text = _SPACES.sub(" ", _CONTROL.sub("", text))
     elif len(raw := text.encode("ascii")) != len(raw.translate(None, _ASCII_CONTROL)):
         text = _CONTROL.sub("", text)  # ASCII text has no exotic spaces, but may have control characters
     text += "\n"
@@ -78,13 +81,13 @@ def scrub_pii(text: str, counts: dict[str, int]) -> str:
 def _possible_pii(text: str) -> set[str]:
     """The PII patterns that could match `text`, by a necessary condition that is cheap to test.
 
-    An email contains "@"; an IPv4 address a digit, ".", digit; a phone number ends with
+    An email contains "@"; an IPv4 address four dot-separated runs of digits; a phone number ends with
     `\\d{3,4}[ .-]\\d{4}`, so contains digit ×3, one of " .-", digit ×3. (Keep these in step with the
     patterns.) Placeholders contain no digit, "@" or separator, so scrubbing one pattern cannot
     create a match of the next one that this test on the original text would not have seen."""
     possible = {"email"} if "@" in text else set()
     classes = text.encode("utf-8", "surrogatepass").translate(_PII_CLASSES)
-    if b"dpd" in classes:
+    if _IPV4_CLASSES.search(classes):
         possible.add("ip_address")
     if b"dddsddd" in classes or b"dddpddd" in classes:
         possible.add("phone")
@@ -114,8 +117,10 @@ def _repetition(word_hashes: np.ndarray, n: int) -> tuple[float, float]:
         return 0.0, 0.0
     # np.unique(grams, return_counts=True) by hand: for these small arrays its overhead dominates.
     grams.sort()
-    starts = np.flatnonzero(np.concatenate(([True], grams[1:] != grams[:-1], [True])))
-    counts = np.diff(starts)
+    new = grams[1:] != grams[:-1]
+    if new.all():  # no n-gram repeats (the common case for 5-grams): every count is 1
+        return n / len(word_hashes), 0.0
+    counts = np.diff(np.flatnonzero(np.concatenate(([True], new, [True]))))
     return counts.max() * n / len(word_hashes), 1.0 - len(counts) / len(grams)
 
 
@@ -128,12 +133,24 @@ def _symbol_word_ratio(text: str, word_hashes: np.ndarray) -> float:
     return (text.count("#") + text.count("...") + text.count("\u2026")) / max(len(word_hashes), 1)
 
 
+def _count_words_with_letter(text: str) -> int:
+    """len(_WORD_WITH_LETTER.findall(text)), at bytes speed: whitespace becomes " ", letters "a", and
+    every other character is deleted; then each word with a letter leaves one " a" (after a leading
+    " ") and no other word leaves any."""
+    if not text.isascii():
+        # The distinct non-ASCII characters: usually a few (quotes, dashes, accented letters).
+        others = set(text.encode("utf-8", "surrogatepass").translate(None, _ASCII).decode("utf-8", "surrogatepass"))
+        letters = [c for c in others if c.isalnum() and not c.isdecimal()]  # what [^\W\d_] matches
+        if len(letters) > 8 or any(c.isspace() for c in others):  # another script, or Unicode spaces
+            return len(_WORD_WITH_LETTER.findall(text))
+        for letter in letters:
+            text = text.replace(letter, "a")
+    classes = (b" " + text.encode("utf-8", "surrogatepass")).translate(_LETTER_CLASSES, _NOT_LETTER_OR_SPACE)
+    return classes.count(b" a")
+
+
 def _alpha_word_fraction(text: str, word_hashes: np.ndarray) -> float:
-    if text.isascii():  # same count as the regex, at bytes speed (see _NOT_LETTER_OR_SPACE)
-        with_letter = len(text.encode("ascii").translate(_SPACE_TO_BLANK, _NOT_LETTER_OR_SPACE).split())
-    else:
-        with_letter = len(_WORD_WITH_LETTER.findall(text))
-    return with_letter / max(len(word_hashes), 1)
+    return _count_words_with_letter(text) / max(len(word_hashes), 1)
 
 
 # (rule = config field, statistic of (text, one hash per word), whether the rule is a lower bound)
@@ -155,11 +172,14 @@ RULE_NAMES = tuple(rule for rule, _, _ in QUALITY_RULES)
 
 def quality_rule_failed(text: str, word_hashes: np.ndarray, cfg: CleaningConfig) -> str | None:
     """The name of the first quality rule the document fails, or None when it passes them all."""
+    values: dict = {}  # a statistic shared by two rules (min and max mean word length) is computed once
     for rule, statistic, is_lower_bound in QUALITY_RULES:
         threshold = getattr(cfg, rule)
         if threshold is None:
             continue
-        value = statistic(text, word_hashes)
+        if statistic not in values:
+            values[statistic] = statistic(text, word_hashes)
+        value = values[statistic]
         if (value < threshold) if is_lower_bound else (value > threshold):
             return rule
     return None

@@ -23,6 +23,7 @@ from llm_core.data.clean import ngram_hashes
 
 _CHUNK = 1024  # shingles hashed at a time: bounds the (chunk × permutations) buffer (1 MB at 128)
 _ROW_MIX = np.uint64(0xC2B2AE3D27D4EB4F)
+_MAX = np.iinfo(np.uint64).max
 _ESTIMATE_SLACK = 0.15  # candidates whose estimated similarity is this far below the threshold are skipped
 
 
@@ -77,7 +78,7 @@ class MinHasher:
 
     def signature(self, shingles: np.ndarray) -> np.ndarray:
         """(num_permutations,) uint64: the minimum of each hash function over the shingles."""
-        sig = np.full(len(self.a), np.iinfo(np.uint64).max, dtype=np.uint64)
+        sig = np.full(len(self.a), _MAX, dtype=np.uint64)
         for start in range(0, len(shingles), _CHUNK):
             chunk = shingles[start: start + _CHUNK, None]
             values = self._buffer[: len(chunk)]
@@ -100,6 +101,7 @@ class NearDupIndex:
         rng = np.random.default_rng(cfg.seed + 1)
         self.row_weights = rng.integers(1, 2**63, size=self.rows, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
         self.band_salts = [int(s) for s in rng.integers(0, 2**63, size=self.bands, dtype=np.uint64)]
+        self._salts = np.array(self.band_salts, dtype=np.uint64)
         self.buckets: dict[int, int | list[int]] = {}
         self.signatures: dict[int, np.ndarray] = {}
         self.shingles_of = shingles_of
@@ -109,15 +111,17 @@ class NearDupIndex:
         per_band = (signature.reshape(self.bands, self.rows) * self.row_weights).sum(axis=1, dtype=np.uint64)
         per_band ^= per_band >> np.uint64(29)
         per_band *= _ROW_MIX
-        return [int(v) ^ salt for v, salt in zip(per_band, self.band_salts)]
+        per_band ^= self._salts
+        return per_band.tolist()  # Python ints; iterating numpy scalars is much slower
 
     def find_or_add(self, ref: int, signature: np.ndarray, shingles: np.ndarray) -> int | None:
         """The ref of an indexed near duplicate of this document, or None (and the doc is indexed)."""
         keys = self._band_keys(signature)
+        # Most documents share no band with any other: one pass of dict lookups settles that.
+        entries = [entry for entry in map(self.buckets.get, keys) if entry is not None]
         seen: set[int] = set()
-        for key in keys:
-            entry = self.buckets.get(key)
-            for other in (entry if isinstance(entry, list) else () if entry is None else (entry,)):
+        for entry in entries:
+            for other in entry if isinstance(entry, list) else (entry,):
                 if other in seen:
                     continue
                 seen.add(other)
@@ -127,13 +131,16 @@ class NearDupIndex:
                 self.num_candidates_checked += 1
                 if jaccard(shingles, self.shingles_of(other)) >= self.threshold:
                     return other
-        for key in keys:
-            entry = self.buckets.get(key)
-            if entry is None:
-                self.buckets[key] = ref
-            elif isinstance(entry, list):
-                entry.append(ref)
-            else:
-                self.buckets[key] = [entry, ref]
+        if not entries:  # all buckets new (the common case): insert them in one C-level call
+            self.buckets.update(dict.fromkeys(keys, ref))
+        else:
+            for key in keys:
+                entry = self.buckets.get(key)
+                if entry is None:
+                    self.buckets[key] = ref
+                elif isinstance(entry, list):
+                    entry.append(ref)
+                else:
+                    self.buckets[key] = [entry, ref]
         self.signatures[ref] = signature
         return None

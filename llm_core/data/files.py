@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -99,6 +100,6 @@ class Quarantine:
     def reasons(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for entry in self.entries:
-            key = entry["reason"].split(":")[0]
+            key = re.split(r"[:(]| at byte", entry["reason"])[0].strip()  # the kind, without details
             counts[key] = counts.get(key, 0) + 1
         return counts

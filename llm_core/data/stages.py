@@ -32,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
@@ -251,45 +252,57 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 def clean_part(raw_path: str, cache_prefix: str, cleaning: dict, dedup_cfg: dict) -> dict:
     """Clean one raw part into the cache: text + status per doc, and for kept docs the content hash,
-    MinHash signature and shingle set that the corpus-wide dedup needs. Runs in a worker process."""
+    MinHash signature and shingle set that the corpus-wide dedup needs. Runs in a worker process.
+    The cache table is written batch by batch (memory stays bounded by a batch, not the part)."""
     ccfg, dcfg = CleaningConfig(**cleaning), DedupConfig(**dedup_cfg)
     hasher = dedup.MinHasher(dcfg.num_permutations, dcfg.seed)
     files = _cache_files(Path(cache_prefix))
-    columns: dict[str, list] = {name: [] for name in CACHE_SCHEMA.names}
     signatures, shingle_sets = [], []
     statuses: Counter = Counter()
     pii: dict[str, int] = {}
     quarantined: list[tuple[str, str, str]] = []
     bytes_in = 0
-    for batch in iter_batches(Path(raw_path), ["id", "source", "text"]):
-        for doc_id, source, text in zip(*(batch.column(i).to_pylist() for i in range(3))):
-            bytes_in += len(text)
-            content = 0
-            try:
-                text = clean.normalize(text, ccfg.unicode_form)
-                if ccfg.scrub_pii:
-                    text = clean.scrub_pii(text, pii)
-                words = dedup.split_words(text)
-                hashes = dedup.word_hashes(words)
-                status = clean.quality_rule_failed(text, hashes, ccfg) or KEPT
-                if status == KEPT:
-                    content = dedup.content_hash(words)
-                    shingles = dedup.shingle_set(hashes, dcfg.shingle_words)
-                    signatures.append(hasher.signature(shingles))
-                    # 32-bit shingles are plenty to confirm a candidate's Jaccard similarity exactly.
-                    shingle_sets.append(np.unique((shingles >> np.uint64(32)).astype(np.uint32)))
-            except Exception as exc:  # one odd document must not stop the corpus; it is quarantined
-                status = QUARANTINED
-                quarantined.append((doc_id, source, f"cleaning failed: {type(exc).__name__}: {exc}"))
-            statuses[status] += 1
-            for name, value in zip(CACHE_SCHEMA.names, (doc_id, source, text, status, content)):
-                columns[name].append(value)
-    offsets = np.cumsum([0] + [len(s) for s in shingle_sets], dtype=np.int64)
-    _save_npy(files["signatures"], np.stack(signatures) if signatures else
-              np.empty((0, dcfg.num_permutations), dtype=np.uint64))
-    _save_npy(files["shingles"], np.concatenate(shingle_sets) if shingle_sets else np.empty(0, dtype=np.uint32))
-    _save_npy(files["offsets"], offsets)
-    write_table(files["table"], pa.table(columns, schema=CACHE_SCHEMA))  # last: marks the cache complete
+    tmp_table = files["table"].with_name(f"{files['table'].name}{TMP_MARK}{os.getpid()}")
+    writer = pq.ParquetWriter(tmp_table, CACHE_SCHEMA, compression="zstd")
+    try:
+        for batch in iter_batches(Path(raw_path), ["id", "source", "text"]):
+            columns: dict[str, list] = {name: [] for name in CACHE_SCHEMA.names}
+            for doc_id, source, text in zip(*(batch.column(i).to_pylist() for i in range(3))):
+                bytes_in += len(text)
+                content = 0
+                try:
+                    text = clean.normalize(text, ccfg.unicode_form)
+                    if ccfg.scrub_pii:
+                        text = clean.scrub_pii(text, pii)
+                    words = dedup.split_words(text)
+                    hashes = dedup.word_hashes(words)
+                    status = clean.quality_rule_failed(text, hashes, ccfg) or KEPT
+                    if status == KEPT:
+                        content = dedup.content_hash(words)
+                        shingles = dedup.shingle_set(hashes, dcfg.shingle_words)
+                        signatures.append(hasher.signature(shingles))
+                        # 32-bit shingles are plenty to confirm a candidate's Jaccard similarity exactly.
+                        # `shingles` is sorted, so its high halves are too: dropping repeats is np.unique.
+                        high = (shingles >> np.uint64(32)).astype(np.uint32)
+                        shingle_sets.append(high[np.concatenate(([True], high[1:] != high[:-1]))])
+                except Exception as exc:  # one odd document must not stop the corpus; it is quarantined
+                    status = QUARANTINED
+                    quarantined.append((doc_id, source, f"cleaning failed: {type(exc).__name__}: {exc}"))
+                statuses[status] += 1
+                for name, value in zip(CACHE_SCHEMA.names, (doc_id, source, text, status, content)):
+                    columns[name].append(value)
+            writer.write_table(pa.table(columns, schema=CACHE_SCHEMA))
+        writer.close()
+        offsets = np.cumsum([0] + [len(s) for s in shingle_sets], dtype=np.int64)
+        _save_npy(files["signatures"], np.stack(signatures) if signatures else
+                  np.empty((0, dcfg.num_permutations), dtype=np.uint64))
+        _save_npy(files["shingles"], np.concatenate(shingle_sets) if shingle_sets else
+                  np.empty(0, dtype=np.uint32))
+        _save_npy(files["offsets"], offsets)
+        os.replace(tmp_table, files["table"])  # last: marks the cache complete
+    finally:
+        writer.close()  # no-op when closed; after an error it releases the file, which is removed
+        tmp_table.unlink(missing_ok=True)
     return {"statuses": dict(statuses), "pii": pii, "quarantined": quarantined, "bytes_in": bytes_in}
 
 
@@ -466,32 +479,21 @@ def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsR
 
 def _write_outputs(cache_table: Path, removed: dict[int, tuple[str, str | None]],
                    shard_path: Path, removed_path: Path) -> tuple[int, int]:
-    """Write the kept docs of one part (streamed) and the ledger of its removed docs."""
-    writer = ShardWriter(shard_path.parent, shard_path.stem + "-writing", target_bytes=1 << 62)
-    ledger: dict[str, list] = {name: [] for name in REMOVED_SCHEMA.names}
-    bytes_in = bytes_out = row = 0
-    try:
-        for batch in iter_batches(cache_table, ["id", "source", "text"]):
-            for doc_id, source, text in zip(*(batch.column(i).to_pylist() for i in range(3))):
-                bytes_in += len(text.encode())
-                if row in removed:
-                    reason, duplicate_of = removed[row]
-                    for name, value in zip(REMOVED_SCHEMA.names, (doc_id, source, reason, duplicate_of)):
-                        ledger[name].append(value)
-                else:
-                    writer.add({"id": doc_id, "source": source, "text": text})
-                    bytes_out += len(text.encode())
-                row += 1
-        written = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    write_table(removed_path, pa.table(ledger, schema=REMOVED_SCHEMA))
-    if written:
-        os.replace(shard_path.parent / written[0], shard_path)
-    else:  # every document removed: an empty shard keeps the set of shards complete
-        write_table(shard_path, DOC_SCHEMA.empty_table())
-    return bytes_in, bytes_out
+    """Write the kept docs of one part and the ledger of its removed docs (Arrow filtering, no
+    per-row Python: a part is at most a shard, so one table fits comfortably in memory)."""
+    table = pq.read_table(cache_table, columns=["id", "source", "text"])
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[list(removed)] = False
+    kept = table.filter(pa.array(keep))
+    rows = pa.array(sorted(removed), type=pa.int64())
+    ledger = pa.table({"id": table.column("id").take(rows), "source": table.column("source").take(rows),
+                       "reason": [removed[r][0] for r in sorted(removed)],
+                       "duplicate_of": [removed[r][1] for r in sorted(removed)]},
+                      schema=REMOVED_SCHEMA)
+    write_table(removed_path, ledger)
+    write_table(shard_path, kept.cast(DOC_SCHEMA))
+    text_bytes = lambda t: int(pc.sum(pc.binary_length(t.column("text"))).as_py() or 0)  # noqa: E731
+    return text_bytes(table), text_bytes(kept)
 
 
 def _quarantine_cleaning_failures(cfg: ScratchConfig, name: str, summary: dict | None) -> None:
@@ -508,26 +510,3 @@ def _preview(shard: Path, n: int) -> list[dict]:
     if table is None:
         return []
     return [{"id": r["id"], "source": r["source"], "text": r["text"]} for r in table.slice(0, n).to_pylist()]
-
-
-def verify_cleaned_shards(cfg: ScratchConfig) -> tuple[bool, str]:
-    """Re-count from the files on disk: every shard's rows equal its kept count, the invariant holds."""
-    manifest = read_json(cfg.data_path / CLEAN_DIR / "manifest.json")
-    problems = []
-    total_kept = 0
-    for e in manifest.get("parts", []):
-        rows = count_rows(cfg.data_path / CLEAN_DIR / "shards" / e["name"])
-        removed = count_rows(cfg.data_path / CLEAN_DIR / "removed" / e["name"])
-        accounted = e["num_kept"] + sum(e["filtered_by_rule"].values()) + e["num_exact_duplicates"] + \
-            e["num_near_duplicates"] + e["num_quarantined"]
-        if rows != e["num_kept"]:
-            problems.append(f"{e['name']}: {rows} rows on disk, manifest says {e['num_kept']} kept")
-        if accounted != e["num_documents_in"] or rows + removed != e["num_documents_in"]:
-            problems.append(f"{e['name']}: {e['num_documents_in']} in, but {accounted} accounted for "
-                            f"and {rows} + {removed} rows on disk")
-        total_kept += rows
-    if not manifest.get("parts"):
-        problems.append("no cleaned shards")
-    elif total_kept == 0:
-        problems.append("cleaned shards are empty")
-    return not problems, "; ".join(problems) or f"{total_kept} documents; invariant holds for every shard"

@@ -255,7 +255,7 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
         val_bpb=next((h["val_bpb"] for h in reversed(stepper.history) if "val_bpb" in h), float("nan")),
         tokens_per_second=sorted(measured)[len(measured) // 2] if measured else 0.0,
         train_seconds=train_seconds, world_size=accelerator.num_processes,
-        mfu=next((h["mfu"] for h in reversed(stepper.history) if "mfu" in h), 0.0),
+        mfu=(sorted(measured)[len(measured) // 2] if measured else 0.0) * flops_per_token / peak_flops,
         steps=t.max_steps, resumed_from_step=start_step, history=stepper.history, out_dir=out_dir)
     if main:
         save_final(accelerator.unwrap_model(model), args, cfg, result)

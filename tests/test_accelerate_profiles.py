@@ -27,7 +27,7 @@ def test_profile_parses(path: Path):
 def test_launch_command_uses_the_named_profile_or_cpu_flags():
     cpu = load_config(overrides={"training": {"num_processes": 2}})
     command = accelerate_command(cpu, "pipelines.train_entry", ["--x"])
-    assert command[-3:] == ["-m", "pipelines.train_entry", "--x"]
+    assert command[-3:] == ["-m", "pipelines.train_entry", "--x"] and "pipelines.process_group" in command
     assert "--multi_gpu" in command and command[command.index("--num_processes") + 1] == "2"
 
     fsdp = load_config(overrides={"training": {"num_processes": 8,

@@ -221,6 +221,8 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(data_dir, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
+        for leftover in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+            leftover.kill()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -316,3 +318,37 @@ def test_load_model_reproduces_the_trained_val_loss(reference_run):
         logits_b, loss_b = from_checkpoint(x, y)
     assert torch.equal(logits_a, logits_b) and loss_a.item() == loss_b.item()
     assert loss_a.item() < math.log(512)  # trained: better than uniform
+
+
+@pytest.mark.parametrize("ranks_wanted", [1, 2])
+def test_cancelling_the_launch_stops_every_rank(data_dir, tmp_path, ranks_wanted):
+    """What Dagster Pipes does when a run is cancelled: SIGINT to the process it started (the
+    process-group wrapper around `accelerate launch`). No rank may keep training afterwards
+    (accelerate's single-process launcher alone would leave its child running)."""
+    import psutil
+
+    from pipelines.resources import accelerate_command
+
+    cfg = config(data_dir, num_processes=ranks_wanted, batch_size=2, max_steps=100_000,
+                 checkpoint_interval=100_000, eval_interval=100_000, log_interval=1)
+    command = accelerate_command(cfg, "llm_core.train", train_command(cfg, tmp_path / "cancel")[2:])
+    if os.environ.get("SCRATCHLLM_TEST_WITHOUT_PROCESS_GROUP"):  # to see this test fail without the wrapper
+        command = command[command.index("--") + 1:]
+    proc = subprocess.Popen(command, cwd=PROJECT_ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT
+        while "step 2/" not in (proc.stdout.readline() or "step 2/"):  # both ranks are past a step
+            assert time.monotonic() < deadline
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if "llm_core.train" in p.cmdline() and "accelerate.commands.launch" not in p.cmdline()]
+        assert len(ranks) == ranks_wanted
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        gone, alive = psutil.wait_procs(ranks, timeout=15)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        for leftover in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
+            leftover.kill()
+        if proc.poll() is None:
+            proc.kill()

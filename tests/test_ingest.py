@@ -529,3 +529,15 @@ def test_incremental_raw_corpus(tmp_path, prose, make_cfg):
                                      "max_document_bytes": 512})
     options_changed = build_raw_corpus(reread, quiet)  # new read options: everything is rebuilt
     assert options_changed.num_shards_reused == 0 and options_changed.num_shards_built == 3
+
+
+def test_document_ids_do_not_depend_on_where_the_project_is_checked_out(tmp_path):
+    from llm_core.config import PROJECT_ROOT
+    from llm_core.data.sources import SourceFile
+
+    inside = SourceFile(uri=str(PROJECT_ROOT / "data" / "tinyshakespeare.txt"), size=1, fingerprint="1:1",
+                        kind="txt", compression=None)
+    outside = SourceFile(uri=str(tmp_path / "a.txt"), size=1, fingerprint="1:1", kind="txt", compression=None)
+    remote = SourceFile(uri="s3://bucket/a.txt", size=1, fingerprint="1:e", kind="txt", compression=None)
+    assert inside.id_key == "data/tinyshakespeare.txt"  # the same in every clone: same ids, same split
+    assert outside.id_key == str(tmp_path / "a.txt") and remote.id_key == "s3://bucket/a.txt"

@@ -21,6 +21,15 @@ class SourceFile:
     kind: str  # "txt" | "jsonl" | "parquet" | "unsupported"
     compression: str | None  # "gzip" | "zstd" | None
 
+    @property
+    def id_key(self) -> str:
+        """What document ids are derived from: inside the project, the path relative to it, so ids
+        (and with them the train/val split) do not depend on where the project is checked out."""
+        path = self.local_path()
+        if path is not None and path.is_relative_to(PROJECT_ROOT):
+            return str(path.relative_to(PROJECT_ROOT))
+        return self.uri
+
     def local_path(self) -> Path | None:
         """The file on local disk, when it is one (for quarantine copies)."""
         return Path(self.uri) if "://" not in self.uri else None

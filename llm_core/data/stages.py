@@ -122,7 +122,7 @@ def _build_raw_shard(shard_id: str, files: list[SourceFile], opts: ReadOptions, 
     num_docs = num_bytes = bad_records = bad_files = 0
     try:
         for f in files:
-            file_key = xxhash.xxh3_64_hexdigest(f.uri.encode())[:12]
+            file_key = xxhash.xxh3_64_hexdigest(f.id_key.encode())[:12]
             try:
                 for index, item in enumerate(read_source(f, opts)):
                     if isinstance(item, BadRecord):

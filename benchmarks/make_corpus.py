@@ -584,7 +584,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--mb", type=float, required=True)
     s.add_argument("--dup-rate", type=float, default=0.1)
     s.add_argument("--seed", type=int, default=0)
-    q = sub.add_parser("pool", help="build the text pool and print its size")
+    sub.add_parser("pool", help="build the text pool and print its size")
     args = parser.parse_args(argv)
     start = time.monotonic()
     if args.command == "planted":

@@ -11,7 +11,6 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from llm_core.config import DEFAULT_PROFILE, load_config
 from llm_core.data.stages import build_cleaned_shards, build_raw_corpus
 from llm_core.loader import TokenWindows
 from llm_core.split import is_validation
@@ -23,28 +22,10 @@ from llm_core.tokenize import (
     verify_token_ids,
 )
 from llm_core.tokenizer import EOT, iter_documents, load, train_tokenizer
+from helpers import QUIET, build_shards, make_config, write_jsonl
 
-QUIET = lambda msg: None  # noqa: E731
 VOCAB = 300
 LITERAL = "<|endoftext|>"
-
-
-def make_config(data_dir: Path, sources: list[Path], **sections):
-    overrides = {"data_dir": str(data_dir), "corpus": {"sources": [str(s) for s in sources]},
-                 "cleaning": {"num_workers": 1}}
-    for name, values in sections.items():
-        overrides[name] = {**overrides.get(name, {}), **values}
-    return load_config(DEFAULT_PROFILE, overrides=overrides)
-
-
-def write_jsonl(path: Path, texts: list[str]) -> None:
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-
-
-def build_shards(cfg) -> list[Path]:
-    build_raw_corpus(cfg, QUIET)
-    result = build_cleaned_shards(cfg, QUIET)
-    return [result.shards_dir / p["name"] for p in result.parts]
 
 
 def read_ipc(path: Path) -> pa.Table:

@@ -5,40 +5,19 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
-from llm_core.config import DEFAULT_PROFILE, load_config
-from llm_core.data.stages import build_cleaned_shards, build_raw_corpus, raw_parts
+from llm_core.data.stages import build_raw_corpus, raw_parts
 from llm_core.split import is_validation
 from llm_core.tokenizer import EOT, PAD, TRICKY_TEXTS, held_out_texts, iter_documents, load, train_tokenizer
+from helpers import QUIET, build_shards, make_config, write_jsonl
 
-QUIET = lambda msg: None  # noqa: E731
 VOCAB = 512
 VAL_WORD = "zqxvjwk"  # planted in validation documents only
 TRAIN_WORD = VAL_WORD[::-1]  # "kwjvxqz": the control, planted as often in training documents
-
-
-def make_config(data_dir: Path, sources: list[Path], **sections):
-    """The default profile (explicitly, whatever the environment says) with test overrides."""
-    overrides = {"data_dir": str(data_dir), "corpus": {"sources": [str(s) for s in sources]},
-                 "cleaning": {"num_workers": 1}}
-    for name, values in sections.items():
-        overrides[name] = {**overrides.get(name, {}), **values}
-    return load_config(DEFAULT_PROFILE, overrides=overrides)
-
-
-def write_jsonl(path: Path, texts: list[str]) -> None:
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-
-
-def build_shards(cfg) -> list[Path]:
-    build_raw_corpus(cfg, QUIET)
-    result = build_cleaned_shards(cfg, QUIET)
-    return [result.shards_dir / p["name"] for p in result.parts]
 
 
 def interleave(text: str, word: str, every: int) -> tuple[str, int]:

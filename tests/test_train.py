@@ -221,8 +221,6 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(data_dir, tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
-        for leftover in psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []:
-            leftover.kill()
         if proc.poll() is None:
             proc.kill()
             proc.wait()

@@ -40,7 +40,7 @@ from llm_core.config import CleaningConfig, DedupConfig, ScratchConfig
 from llm_core.data import clean, dedup
 from llm_core.data.files import Quarantine, read_json, remove_stale_files, write_json, TMP_MARK
 from llm_core.data.ingest import BadFile, BadRecord, ReadOptions, read_source
-from llm_core.data.shards import DOC_SCHEMA, ShardWriter, count_rows, iter_batches, write_table
+from llm_core.data.shards import DOC_SCHEMA, ShardWriter, iter_batches, write_table
 from llm_core.data.sources import SourceFile, discover
 
 Log = Callable[[str], None]

@@ -5,7 +5,7 @@ import json
 
 import dagster as dg
 
-from llm_core import tracking, train
+from llm_core import tracking
 from llm_core.data.files import atomic_path, read_json, write_json
 from pipelines.assets.tokenizer import tokenized_dataset
 from pipelines.config import ScratchllmResource, run_config_class

@@ -83,8 +83,9 @@ def latest_metadata(instance, key: str) -> dict:
 @pytest.mark.slow
 def test_materialize_all_in_a_dagster_instance(instance, tmp_path):
     corpus = write_corpus(tmp_path)
-    result = materialize(instance, run_config(tmp_path / "data", corpus, trained_model=TINY_TRAINING),
-                         assets=[*DATA_ASSETS, "trained_model"])
+    result = materialize(instance, run_config(tmp_path / "data", corpus, trained_model=TINY_TRAINING,
+                                              model_evaluation={"evaluation": {"max_new_tokens": 8}}),
+                         assets=[*DATA_ASSETS, "trained_model", "model_evaluation"])
     assert result.success
 
     model = latest_metadata(instance, "trained_model")
@@ -93,6 +94,12 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path):
     assert run.data.params["model.n_embd"] == "32" and "val_loss" in run.data.metrics
     assert len(MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}").get_metric_history(
         model["mlflow_run_id"], "train_loss")) == 6  # every step
+
+    evaluation = latest_metadata(instance, "model_evaluation")
+    assert evaluation["val_bpb"] == pytest.approx(model["val_bpb"], rel=1e-6)  # same split, same model
+    assert evaluation["mlflow_run_id"] == model["mlflow_run_id"] and "| ROMEO: |" in evaluation["samples"]
+    assert MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}").get_run(
+        model["mlflow_run_id"]).data.metrics["eval_val_bpb"] == pytest.approx(evaluation["val_bpb"])
 
     raw = latest_metadata(instance, "raw_corpus")
     clean = latest_metadata(instance, "cleaned_shards")

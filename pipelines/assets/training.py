@@ -56,7 +56,8 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
         "--mlflow-run-id", run_id, "--tracking-uri", uri_])
     result = pipes_subprocess_client.run(context=context, command=command, env=rank_environment(cfg))
     materialization = result.get_materialize_result()
-    write_json(cfg.data_path / MODEL_DIR / "latest.json", {"key": key, "path": str(out_dir), "mlflow_run_id": run_id})
+    write_json(cfg.data_path / MODEL_DIR / "latest.json",
+               {"key": key, "path": str(out_dir), "mlflow_run_id": run_id, "tracking_uri": uri_})
     return dg.MaterializeResult(
         metadata={**materialization.metadata, **uri(out_dir), "mlflow_run_id": run_id, "training_key": key,
                   "loss_curve_plot": dg.MetadataValue.md(f"![loss curve]({out_dir / 'loss_curve.png'})")},

@@ -1,0 +1,62 @@
+"""Evaluate a trained model: validation loss, perplexity, bits per byte, and seeded samples."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+
+from llm_core.config import ScratchConfig
+from llm_core.data.files import read_json
+from llm_core.loader import sequential_batches
+from llm_core.model import Transformer
+from llm_core.tokenize import DATASET_DIR
+from llm_core.tokenizer import EOT
+from llm_core.tokenizer import load as load_tokenizer
+
+
+@dataclasses.dataclass
+class EvalResult:
+    val_loss: float  # mean nats per validation token
+    perplexity: float
+    val_bpb: float  # bits per UTF-8 byte of validation text
+    num_val_tokens: int
+    samples: list[dict]  # {"prompt", "completion"}
+
+
+@torch.no_grad()
+def validation_loss(model: Transformer, dataset_dir: Path, batch_size: int) -> tuple[float, int]:
+    """(mean loss per token, tokens scored) over the whole validation split, every token once."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in sequential_batches(dataset_dir, "val", model.args.block_size, batch_size):
+        _, loss = model(x, y)
+        n = int((y != -100).sum())
+        total += float(loss) * n
+        count += n
+    return total / max(count, 1), count
+
+
+def sample(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, temperature: float,
+           seed: int, top_k: int | None = None) -> str:
+    """The continuation of `prompt` (without it), stopping at <|endoftext|>."""
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [tokenizer.token_to_id(EOT)]
+    eot = tokenizer.token_to_id(EOT)
+    out = [int(t) for t in model.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature,
+                                          top_k=top_k, seed=seed, stop_token=eot)]
+    return tokenizer.decode([t for t in out if t != eot], skip_special_tokens=False)
+
+
+def evaluate(cfg: ScratchConfig, model: Transformer, tokenizer_dir: Path) -> EvalResult:
+    dataset_dir = cfg.data_path / DATASET_DIR
+    val_bytes = sum(shard["val"]["bytes"] for shard in read_json(dataset_dir / "manifest.json")["shards"])
+    loss, scored = validation_loss(model, dataset_dir, cfg.training.batch_size)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer.encode_special_tokens = True  # a prompt is text, even if it spells a special token
+    e = cfg.evaluation
+    samples = [{"prompt": p, "completion": sample(model, tokenizer, p, e.max_new_tokens, e.temperature, e.seed)}
+               for p in e.prompts]
+    return EvalResult(val_loss=loss, perplexity=math.exp(loss), val_bpb=loss * scored / math.log(2) / val_bytes,
+                      num_val_tokens=scored, samples=samples)

@@ -1,0 +1,51 @@
+"""model_evaluation: validation loss, perplexity, bits per byte and samples of the trained model,
+logged to the training's MLflow run."""
+
+import json
+
+import dagster as dg
+
+from llm_core import evaluate as ev
+from llm_core.data.files import write_json
+from llm_core.train import load_model
+from pipelines.assets.tokenizer import TOKENIZER_DIR
+from pipelines.assets.training import latest_model_dir, trained_model
+from pipelines.config import ScratchllmResource, run_config_class
+from pipelines.metadata import markdown_table, uri
+from pipelines.resources import MLflowResource
+
+ModelEvaluationConfig = run_config_class("ModelEvaluationConfig", "evaluation")
+
+
+@dg.asset(group_name="evaluation", kinds={"pytorch", "mlflow"}, code_version="1", deps=[trained_model])
+def model_evaluation(context: dg.AssetExecutionContext, config: ModelEvaluationConfig,
+                     scratchllm: ScratchllmResource, mlflow: MLflowResource) -> dg.MaterializeResult:
+    """Loss, perplexity and bits per byte on the whole validation split, and seeded sample
+    generations for `evaluation.prompts`."""
+    cfg = scratchllm.resolve(config)
+    latest = latest_model_dir(cfg)
+    r = ev.evaluate(cfg, load_model(latest["path"]), cfg.data_path / TOKENIZER_DIR)
+    out_dir = cfg.data_path / "model_evaluation" / latest["key"]
+    report = {"val_loss": r.val_loss, "perplexity": r.perplexity, "val_bpb": r.val_bpb,
+              "num_val_tokens": r.num_val_tokens, "samples": r.samples, "evaluation": cfg.evaluation.model_dump()}
+    write_json(out_dir / "report.json", report)
+
+    from mlflow.entities import Metric
+
+    from llm_core import tracking
+
+    client = tracking.client(latest.get("tracking_uri") or mlflow.uri(cfg))
+    run_id = latest["mlflow_run_id"]
+    client.log_batch(run_id, metrics=[Metric(f"eval_{k}", float(report[k]), 0, 0)
+                                      for k in ("val_loss", "perplexity", "val_bpb")])
+    client.log_text(run_id, json.dumps(r.samples, indent=1, ensure_ascii=False), "samples.json")
+    context.log.info(f"val loss {r.val_loss:.4f}, perplexity {r.perplexity:.1f}, {r.val_bpb:.3f} bits/byte")
+    return dg.MaterializeResult(
+        metadata={**uri(out_dir / "report.json"), "val_loss": r.val_loss, "val_bpb": r.val_bpb,
+                  "perplexity": r.perplexity, "num_val_tokens": r.num_val_tokens, "mlflow_run_id": run_id,
+                  "samples": markdown_table(["prompt", "completion"],
+                                            [[s["prompt"], s["completion"]] for s in r.samples], max_cell=400)},
+    )
+
+
+evaluation_assets = [model_evaluation]

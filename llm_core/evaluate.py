@@ -12,7 +12,7 @@ from llm_core.config import ScratchConfig
 from llm_core.data.files import read_json
 from llm_core.loader import sequential_batches
 from llm_core.model import Transformer
-from llm_core.tokenize import DATASET_DIR
+from llm_core.tokenize import DATASET_DIR, val_bytes
 from llm_core.tokenizer import EOT
 from llm_core.tokenizer import load as load_tokenizer
 
@@ -51,12 +51,12 @@ def sample(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, temp
 
 def evaluate(cfg: ScratchConfig, model: Transformer, tokenizer_dir: Path) -> EvalResult:
     dataset_dir = cfg.data_path / DATASET_DIR
-    val_bytes = sum(shard["val"]["bytes"] for shard in read_json(dataset_dir / "manifest.json")["shards"])
+    text_bytes = val_bytes(read_json(dataset_dir / "manifest.json"))
     loss, scored = validation_loss(model, dataset_dir, cfg.training.batch_size)
     tokenizer = load_tokenizer(tokenizer_dir)
     tokenizer.encode_special_tokens = True  # a prompt is text, even if it spells a special token
     e = cfg.evaluation
     samples = [{"prompt": p, "completion": sample(model, tokenizer, p, e.max_new_tokens, e.temperature, e.seed)}
                for p in e.prompts]
-    return EvalResult(val_loss=loss, perplexity=math.exp(loss), val_bpb=loss * scored / math.log(2) / val_bytes,
+    return EvalResult(val_loss=loss, perplexity=math.exp(loss), val_bpb=loss * scored / math.log(2) / text_bytes,
                       num_val_tokens=scored, samples=samples)

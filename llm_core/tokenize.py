@@ -94,6 +94,11 @@ def encode_shard(tokenizer: Tokenizer, shard: Path, out_dir: Path, cfg: ScratchC
     return counts
 
 
+def val_bytes(manifest: dict) -> int:
+    """UTF-8 bytes of the validation text: the denominator of bits per byte."""
+    return sum(shard["val"]["bytes"] for shard in manifest["shards"])
+
+
 def tokenizer_hash(tokenizer_dir: Path) -> str:
     return hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest()[:16]
 

@@ -28,7 +28,7 @@ from llm_core.config import ScratchConfig, load_config, validate_config
 from llm_core.data.files import atomic_path, read_json, write_json
 from llm_core.loader import TokenWindows, sequential_batches
 from llm_core.model import ModelArgs, Transformer
-from llm_core.tokenize import DATASET_DIR
+from llm_core.tokenize import DATASET_DIR, val_bytes
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS_FILE = "model.safetensors"
@@ -165,7 +165,7 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     manifest = read_json(dataset_dir / "manifest.json")
     if not manifest:
         raise FileNotFoundError(f"no tokenized dataset under {dataset_dir}: materialize `tokenized_dataset` first")
-    val_bytes = sum(shard["val"]["bytes"] for shard in manifest["shards"])
+    text_bytes = val_bytes(manifest)
 
     set_seed(t.seed)  # the same initial weights on every rank
     args = model_args(cfg, manifest["vocab_size"])
@@ -191,7 +191,7 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision, torch.float32)
     peak_flops = measure_peak_flops(dtype) if main else 1.0
-    flops_per_token = Transformer.flops_per_token(accelerator.unwrap_model(model))
+    flops_per_token = accelerator.unwrap_model(model).flops_per_token()
     tokens_per_step = t.batch_size * args.block_size * t.grad_accum_steps * accelerator.num_processes
     if main:
         log(f"training {num_params / 1e6:.2f}M parameters on {accelerator.num_processes} process(es), "
@@ -228,7 +228,7 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
             val_loss, scored = evaluate_loss(model, dataset_dir, cfg, accelerator, None if full else t.eval_batches)
             metrics["val_loss"] = val_loss
             if full:  # nats over every scored token -> bits per byte of the val text
-                metrics["val_bpb"] = val_loss * scored / math.log(2) / val_bytes
+                metrics["val_bpb"] = val_loss * scored / math.log(2) / text_bytes
         if done % t.log_interval == 0 or done == t.max_steps or "val_loss" in metrics:
             elapsed = time.perf_counter() - window_start
             metrics["tokens_per_second"] = window_tokens / max(elapsed, 1e-9)

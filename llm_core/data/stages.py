@@ -232,6 +232,15 @@ def raw_parts(cfg: ScratchConfig) -> list[Path]:
     return [root / "shards" / p for s in manifest["shards"] for p in s["parts"]]
 
 
+def cleaned_shard_paths(cfg: ScratchConfig) -> list[Path]:
+    """The cleaned_shards output files of the last materialization, in corpus order."""
+    root = cfg.data_path / CLEAN_DIR
+    parts = read_json(root / "manifest.json").get("parts")
+    if not parts:
+        raise FileNotFoundError(f"cleaned_shards has not been materialized under {root}")
+    return [root / "shards" / part["name"] for part in parts]
+
+
 # ----------------------------------------------------------------------------------------------
 # cleaned_shards: per-part cleaning (in worker processes)
 

@@ -9,7 +9,7 @@ from llm_core import evaluate as ev
 from llm_core.data.files import write_json
 from llm_core.train import load_model
 from pipelines.assets.tokenizer import TOKENIZER_DIR
-from pipelines.assets.training import latest_model_dir, trained_model
+from pipelines.assets.training import latest_model, trained_model
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.metadata import markdown_table, uri
 from pipelines.resources import MLflowResource
@@ -23,7 +23,7 @@ def model_evaluation(context: dg.AssetExecutionContext, config: ModelEvaluationC
     """Loss, perplexity and bits per byte on the whole validation split, and seeded sample
     generations for `evaluation.prompts`."""
     cfg = scratchllm.resolve(config)
-    latest = latest_model_dir(cfg)
+    latest = latest_model(cfg)
     r = ev.evaluate(cfg, load_model(latest["path"]), cfg.data_path / TOKENIZER_DIR)
     out_dir = cfg.data_path / "model_evaluation" / latest["key"]
     report = {"val_loss": r.val_loss, "perplexity": r.perplexity, "val_bpb": r.val_bpb,

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from llm_core import tokenize, tokenizer as bpe
+from llm_core.data.stages import cleaned_shard_paths
 from pipelines.assets.corpus import cleaned_shards
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.metadata import check_result, markdown_table, uri
@@ -19,8 +20,7 @@ def tokenizer(context: dg.AssetExecutionContext, config: TokenizerConfig,
     loadable with `transformers.AutoTokenizer`. Validation documents are held out."""
     cfg = scratchllm.resolve(config)
     out_dir = cfg.data_path / TOKENIZER_DIR
-    shards = sorted((cfg.data_path / "cleaned_shards" / "shards").glob("*.parquet"))
-    r = bpe.train_tokenizer(cfg, shards, out_dir, log=context.log.info)
+    r = bpe.train_tokenizer(cfg, cleaned_shard_paths(cfg), out_dir, log=context.log.info)
     examples = [[text, " ".join(tokens)] for text, tokens in r.examples]
     return dg.MaterializeResult(
         data_version=dg.DataVersion(tokenize.tokenizer_hash(out_dir)),
@@ -39,7 +39,7 @@ def tokenizer_roundtrip(scratchllm: ScratchllmResource) -> dg.AssetCheckResult:
     """decode(encode(x)) == x, byte for byte, on held-out documents and on tricky unicode/whitespace."""
     cfg = scratchllm.data_config()
     tok = bpe.load(cfg.data_path / TOKENIZER_DIR)
-    texts = bpe.held_out_texts(sorted((cfg.data_path / "cleaned_shards" / "shards").glob("*.parquet")), cfg)
+    texts = bpe.held_out_texts(cleaned_shard_paths(cfg), cfg)
     failures = bpe.roundtrip_failures(tok, texts + bpe.TRICKY_TEXTS)
     return check_result(not failures, f"{len(texts) + len(bpe.TRICKY_TEXTS) - len(failures)} texts round-trip; "
                                       f"failures: {[f[:60] for f in failures[:5]]}")

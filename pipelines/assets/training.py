@@ -7,6 +7,7 @@ import dagster as dg
 
 from llm_core import tracking
 from llm_core.data.files import atomic_path, read_json, write_json
+from llm_core.tokenize import DATASET_DIR
 from pipelines.assets.tokenizer import tokenized_dataset
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.metadata import uri
@@ -31,7 +32,7 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
     """A Llama-style decoder trained with accelerate (one process per rank), checkpointed and
     resumable; every run is an MLflow run with the full config as params and per-step metrics."""
     cfg = scratchllm.resolve(config)
-    dataset_manifest = read_json(cfg.data_path / "tokenized_dataset" / "manifest.json")
+    dataset_manifest = read_json(cfg.data_path / DATASET_DIR / "manifest.json")
     dataset_version = hashlib.sha256(json.dumps(dataset_manifest, sort_keys=True).encode()).hexdigest()[:16]
     key = training_key(cfg, dataset_version)
     out_dir = cfg.data_path / MODEL_DIR / "runs" / key
@@ -65,8 +66,8 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
     )
 
 
-def latest_model_dir(cfg):
-    """The directory of the model the last trained_model materialization produced."""
+def latest_model(cfg):
+    """The last trained_model materialization: its key, directory and MLflow run."""
     latest = read_json(cfg.data_path / MODEL_DIR / "latest.json")
     if not latest:
         raise FileNotFoundError(f"no trained model under {cfg.data_path / MODEL_DIR}: materialize `trained_model`")

@@ -121,7 +121,8 @@ class DedupConfig(Section):
     shingle_words: int = Field(default=5, ge=1, le=32, description="Words per shingle.")
     num_permutations: int = Field(default=128, ge=8, le=1024)
     bands: int = Field(default=32, ge=1, description="LSH bands; num_permutations must be a multiple.")
-    threshold: float = Field(default=0.8, gt=0, le=1, description="Estimated Jaccard at or above which a doc is a near dup.")
+    threshold: float = Field(default=0.8, gt=0, le=1,
+                             description="Estimated Jaccard at or above which a doc is a near dup.")
     seed: int = Field(default=1234)
 
     @model_validator(mode="after")

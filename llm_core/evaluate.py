@@ -11,9 +11,9 @@ import torch
 from llm_core.config import ScratchConfig
 from llm_core.data.files import read_json
 from llm_core.loader import sequential_batches
+from llm_core.generate import TextGenerator
 from llm_core.model import Transformer
 from llm_core.tokenize import DATASET_DIR, val_bytes
-from llm_core.tokenizer import EOT
 from llm_core.tokenizer import load as load_tokenizer
 
 
@@ -39,24 +39,14 @@ def validation_loss(model: Transformer, dataset_dir: Path, batch_size: int) -> t
     return total / max(count, 1), count
 
 
-def sample(model: Transformer, tokenizer, prompt: str, max_new_tokens: int, temperature: float,
-           seed: int, top_k: int | None = None) -> str:
-    """The continuation of `prompt` (without it), stopping at <|endoftext|>."""
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [tokenizer.token_to_id(EOT)]
-    eot = tokenizer.token_to_id(EOT)
-    out = [int(t) for t in model.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature,
-                                          top_k=top_k, seed=seed, stop_token=eot)]
-    return tokenizer.decode([t for t in out if t != eot], skip_special_tokens=False)
-
-
 def evaluate(cfg: ScratchConfig, model: Transformer, tokenizer_dir: Path) -> EvalResult:
     dataset_dir = cfg.data_path / DATASET_DIR
     text_bytes = val_bytes(read_json(dataset_dir / "manifest.json"))
     loss, scored = validation_loss(model, dataset_dir, cfg.training.batch_size)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    tokenizer.encode_special_tokens = True  # a prompt is text, even if it spells a special token
+    generator = TextGenerator(model, load_tokenizer(tokenizer_dir))
     e = cfg.evaluation
-    samples = [{"prompt": p, "completion": sample(model, tokenizer, p, e.max_new_tokens, e.temperature, e.seed)}
+    samples = [{"prompt": p, "completion": generator.complete(p, max_new_tokens=e.max_new_tokens,
+                                                               temperature=e.temperature, seed=e.seed)}
                for p in e.prompts]
     return EvalResult(val_loss=loss, perplexity=math.exp(loss), val_bpb=loss * scored / math.log(2) / text_bytes,
                       num_val_tokens=scored, samples=samples)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llm_core.config import CONFIG_ENV_VAR, load_config
+from llm_core.config import CONFIG_ENV_VAR, PROJECT_ROOT, load_config
 
 
 @pytest.fixture(autouse=True)
@@ -55,3 +55,24 @@ def make_cfg(tmp_path):
         return load_config(overrides=overrides)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """(cfg, TrainResult, model): a tiny model trained for 10 steps on the ci profile, with its
+    tokenizer at <data_dir>/tokenizer and tokenized dataset, shared by the tests that need one."""
+    from helpers import QUIET, build_shards
+
+    from llm_core.tokenize import build_tokenized_dataset
+    from llm_core.tokenizer import load, train_tokenizer
+    from llm_core.train import load_model, train
+
+    root = tmp_path_factory.mktemp("trained")
+    cfg = load_config(PROJECT_ROOT / "assets_config" / "ci.yaml", {
+        "data_dir": str(root), "training": {"max_steps": 10, "warmup_steps": 2, "eval_interval": 10},
+        "evaluation": {"prompts": ["ROMEO:", ""], "max_new_tokens": 12, "temperature": 0.8, "seed": 3}})
+    shards = build_shards(cfg)
+    train_tokenizer(cfg, shards, root / "tokenizer", log=QUIET)
+    build_tokenized_dataset(cfg, load(root / "tokenizer"), root / "tokenizer", log=QUIET)
+    result = train(cfg, root / "model", log=QUIET)
+    return cfg, result, load_model(root / "model")

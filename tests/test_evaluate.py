@@ -3,26 +3,10 @@
 import math
 
 import pytest
-from helpers import QUIET, build_shards
 
 from llm_core import evaluate as ev
-from llm_core.config import PROJECT_ROOT, load_config
-from llm_core.tokenize import build_tokenized_dataset
-from llm_core.tokenizer import load, train_tokenizer
-from llm_core.train import load_model, train
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaluate")
-    cfg = load_config(PROJECT_ROOT / "assets_config" / "ci.yaml", {
-        "data_dir": str(root), "training": {"max_steps": 10, "warmup_steps": 2, "eval_interval": 10},
-        "evaluation": {"prompts": ["ROMEO:", ""], "max_new_tokens": 12, "temperature": 0.8, "seed": 3}})
-    shards = build_shards(cfg)
-    train_tokenizer(cfg, shards, root / "tokenizer", log=QUIET)
-    build_tokenized_dataset(cfg, load(root / "tokenizer"), root / "tokenizer", log=QUIET)
-    result = train(cfg, root / "model", log=QUIET)
-    return cfg, result, load_model(root / "model")
+from llm_core.generate import TextGenerator, load_generator, package_model
+from llm_core.tokenizer import load
 
 
 def test_metrics_match_the_final_evaluation_of_training(trained):
@@ -36,8 +20,27 @@ def test_metrics_match_the_final_evaluation_of_training(trained):
 
 def test_samples_are_seeded_and_greedy_at_temperature_zero(trained):
     cfg, _, model = trained
-    tok = load(cfg.data_path / "tokenizer")
-    same = [ev.sample(model, tok, "ROMEO:", 12, 0.8, seed=5) for _ in range(2)]
+    generator = TextGenerator(model, load(cfg.data_path / "tokenizer"))
+    same = [generator.complete("ROMEO:", max_new_tokens=12, temperature=0.8, seed=5) for _ in range(2)]
     assert same[0] == same[1] and len(same[0]) > 0
-    assert ev.sample(model, tok, "ROMEO:", 12, 0.8, seed=6) != same[0]
-    assert ev.sample(model, tok, "ROMEO:", 12, 0.0, seed=1) == ev.sample(model, tok, "ROMEO:", 12, 0.0, seed=2)
+    assert generator.complete("ROMEO:", max_new_tokens=12, temperature=0.8, seed=6) != same[0]
+    greedy = [generator.complete("ROMEO:", max_new_tokens=12, temperature=0.0, seed=s) for s in (1, 2)]
+    assert greedy[0] == greedy[1]
+
+
+def test_streamed_pieces_add_up_to_the_completion(trained):
+    cfg, _, model = trained
+    generator = TextGenerator(model, load(cfg.data_path / "tokenizer"))
+    pieces = list(generator.stream("ROMEO:", max_new_tokens=30, temperature=1.0, seed=4))
+    assert len(pieces) > 1 and all(pieces)
+    assert "".join(pieces) == generator.complete("ROMEO:", max_new_tokens=30, temperature=1.0, seed=4)
+
+
+def test_a_packaged_model_generates_the_same_text(trained, tmp_path):
+    cfg, result, model = trained
+    package = package_model(result.out_dir, cfg.data_path / "tokenizer", tmp_path / "package")
+    assert sorted(p.name for p in package.iterdir()) == ["model.safetensors", "model_config.json", "tokenizer"]
+    expected = TextGenerator(model, load(cfg.data_path / "tokenizer")).complete("ROMEO:", seed=2)
+    assert load_generator(package).complete("ROMEO:", seed=2) == expected
+    with pytest.raises(FileNotFoundError, match="not a trained model directory"):
+        load_generator(tmp_path)

@@ -319,7 +319,8 @@ def test_binary_file(tmp_path, name):
 def test_missing_path(tmp_path):
     found = discover([str(tmp_path / "nope.txt"), str(tmp_path / "nodir")], EXTS)
     assert found.files == []
-    assert found.missing == [(str(tmp_path / "nope.txt"), "path not found"), (str(tmp_path / "nodir"), "path not found")]
+    assert found.missing == [(str(tmp_path / "nope.txt"), "path not found"),
+                             (str(tmp_path / "nodir"), "path not found")]
 
 
 def test_empty_directory_is_reported(tmp_path):

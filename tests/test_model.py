@@ -66,7 +66,8 @@ def test_grouped_query_attention_equals_mha_with_repeated_kv_heads():
     state = gqa.state_dict()
     D = 64 // 4
     for name, value in list(state.items()):
-        if name.endswith(("k_proj.weight", "v_proj.weight")):  # (Hkv*D, C) -> (H*D, C): kv head j serves q heads 2j, 2j+1
+        # (Hkv*D, C) -> (H*D, C): kv head j serves q heads 2j and 2j+1
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
             state[name] = value.view(2, D, 64).repeat_interleave(2, dim=0).reshape(4 * D, 64)
     mha.load_state_dict(state)
     x = tokens(2, 32)

@@ -1,0 +1,142 @@
+"""The MLflow model registry: log a trained model as a pyfunc, register a version, move the aliases.
+
+A registered version generates text:
+
+    model = mlflow.pyfunc.load_model("models:/scratchllm@champion")
+    model.predict(["ROMEO:"], params={"max_new_tokens": 50, "temperature": 0.8, "seed": 0})
+    # -> ["the continuation, without the prompt"]; temperature 0 is greedy
+
+Its artifact is a model directory (see llm_core/generate.py: weights as safetensors, model config,
+tokenizer) and its code is this package, so loading it needs no pickle and no network.
+
+Aliases: `champion` is the version with the best validation bits per byte so far; a new version
+takes it when it is at least as good, and otherwise becomes the `challenger`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import tempfile
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+
+from llm_core.generate import load_generator
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+BPB_TAG = "val_bpb"  # version tag that the champion comparison reads
+KEY_TAG = "scratchllm.training_key"  # one version per training: registering it again reuses it
+DEFAULT_PARAMS = {"max_new_tokens": 50, "temperature": 0.8, "seed": 0, "top_k": 0}
+# What the pyfunc imports; versions are pinned to this environment's (no slow inference at log time).
+REQUIREMENTS = ("torch", "tokenizers", "safetensors", "numpy", "pyarrow", "pydantic", "pyyaml", "xxhash", "mlflow")
+PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+
+
+class TextGenerationModel(mlflow.pyfunc.PythonModel):
+    """predict(list of prompts, params) -> list of continuations."""
+
+    def load_context(self, context):
+        self.generator = load_generator(Path(context.artifacts["model"]))
+
+    def predict(self, context, model_input, params: dict | None = None) -> list[str]:
+        prompts = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") else list(model_input)
+        p = {**DEFAULT_PARAMS, **(params or {})}
+        return [self.generator.complete(str(prompt), max_new_tokens=int(p["max_new_tokens"]),
+                                        temperature=float(p["temperature"]), top_k=int(p["top_k"]) or None,
+                                        seed=int(p["seed"]))
+                for prompt in prompts]
+
+
+@dataclasses.dataclass
+class Registration:
+    name: str
+    version: str
+    alias: str  # champion or challenger
+    val_bpb: float
+    previous_champion: str | None  # version that held `champion` before, if any
+    previous_champion_bpb: float | None
+    reused: bool  # this training was registered before; no new version was created
+
+    @property
+    def promoted(self) -> bool:
+        return self.alias == CHAMPION
+
+
+def pip_requirements() -> list[str]:
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]
+
+
+def champion(client, name: str) -> tuple[str, float] | None:
+    """(version, val bpb) of the current champion, or None before the first one."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no such model or no such alias yet
+        return None
+    return str(version.version), float(version.tags.get(BPB_TAG, "inf"))
+
+
+def log_pyfunc(model_dir: Path, tokenizer_dir: Path, run_id: str):
+    """Log the model directory as a pyfunc in the training's MLflow run; returns its ModelInfo.
+    Needs mlflow's tracking URI to be set."""
+    from mlflow.models import infer_signature
+
+    from llm_core.generate import package_model
+
+    signature = infer_signature(["a prompt"], ["a continuation"], params=DEFAULT_PARAMS)
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # notices about input examples and type hints
+        package = package_model(model_dir, tokenizer_dir, Path(tmp) / "model")
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=str(PYFUNC_ENTRY), artifacts={"model": str(package)},
+            code_paths=[str(Path(__file__).parent)], pip_requirements=pip_requirements(), signature=signature)
+
+
+def register(model_dir: Path, tokenizer_dir: Path, *, tracking_uri: str, run_id: str, name: str, val_bpb: float,
+             tags: dict[str, str]) -> Registration:
+    """Register the model of a training (tags[KEY_TAG] identifies it) and give it an alias:
+    `champion` if its val bpb is at least as good as the current champion's, else `challenger`."""
+    from llm_core import tracking
+
+    client = tracking.client(tracking_uri)
+    before = champion(client, name)
+    key = tags[KEY_TAG]
+    existing = [v for v in client.search_model_versions(f"name = '{name}'") if v.tags.get(KEY_TAG) == key]
+    if existing:
+        version = existing[0].version
+    else:
+        with fluent_tracking_uri(tracking_uri):  # mlflow.pyfunc.log_model only has the fluent API
+            info = log_pyfunc(model_dir, tokenizer_dir, run_id)
+            if not has_registered_model(client, name):
+                client.create_registered_model(name, description="Text generation models trained by scratchllm.")
+            version = client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
+                                                  tags={**tags, BPB_TAG: repr(float(val_bpb))}).version
+    alias = CHAMPION if before is None or val_bpb <= before[1] else CHALLENGER
+    client.set_registered_model_alias(name, alias, version)
+    previous, previous_bpb = before if before else (None, None)
+    return Registration(name=name, version=str(version), alias=alias, val_bpb=float(val_bpb),
+                        previous_champion=previous, previous_champion_bpb=previous_bpb, reused=bool(existing))
+
+
+@contextlib.contextmanager
+def fluent_tracking_uri(uri: str):
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def has_registered_model(client, name: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException:
+        return False

@@ -1,0 +1,68 @@
+"""The MLflow registry on a real sqlite store: versions, the champion/challenger rule, and the
+registered pyfunc loaded by alias generating the same text as the model it came from."""
+
+import mlflow
+import pytest
+
+from llm_core import registry, tracking
+from llm_core.generate import load_generator
+
+
+@pytest.fixture
+def store(trained, tmp_path):
+    """(register(key, val_bpb) -> Registration, tracking URI, model name) on a fresh store."""
+    cfg, result, _ = trained
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store_cfg = cfg.model_copy(update={"data_dir": str(tmp_path)})  # artifacts go under tmp_path
+
+    def register(key: str, val_bpb: float) -> registry.Registration:
+        run_id = tracking.start_training_run(store_cfg, uri, tags={registry.KEY_TAG: key})
+        return registry.register(result.out_dir, cfg.data_path / "tokenizer", tracking_uri=uri, run_id=run_id,
+                                 name="tiny", val_bpb=val_bpb, tags={registry.KEY_TAG: key, "lineage": "x"})
+
+    return register, uri
+
+
+def test_first_is_champion_worse_is_challenger_better_is_champion(store):
+    register, uri = store
+    first = register("a", 2.0)
+    assert (first.version, first.alias, first.previous_champion) == ("1", "champion", None)
+    worse = register("b", 2.5)
+    assert (worse.version, worse.alias, worse.previous_champion, worse.previous_champion_bpb) == \
+        ("2", "challenger", "1", 2.0)
+    better = register("c", 1.9)
+    assert (better.version, better.alias, better.previous_champion) == ("3", "champion", "1")
+    equal = register("d", 1.9)  # as good as the champion: takes the alias
+    assert equal.alias == "champion"
+
+    client = tracking.client(uri)
+    assert client.get_model_version_by_alias("tiny", "champion").version == 4
+    assert client.get_model_version_by_alias("tiny", "challenger").version == 2
+    v2 = client.get_model_version("tiny", "2")
+    assert v2.tags["val_bpb"] == "2.5" and v2.tags["lineage"] == "x" and v2.run_id
+
+
+def test_registering_the_same_training_again_reuses_its_version(store):
+    register, uri = store
+    assert register("a", 2.0).version == "1"
+    again = register("a", 2.0)
+    assert (again.version, again.alias, again.reused) == ("1", "champion", True)
+    assert len(tracking.client(uri).search_model_versions("name = 'tiny'")) == 1
+
+
+def test_pyfunc_loaded_by_alias_generates_like_the_model(store, trained):
+    register, uri = store
+    register("a", 2.0)
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pyfunc.load_model("models:/tiny@champion")
+    finally:
+        mlflow.set_tracking_uri(None)
+    cfg, result, _ = trained
+    generator = load_generator(result.out_dir, cfg.data_path / "tokenizer")
+
+    greedy = model.predict(["ROMEO:", "To be"], params={"max_new_tokens": 15, "temperature": 0})
+    assert greedy == [generator.complete(p, max_new_tokens=15, temperature=0) for p in ("ROMEO:", "To be")]
+    sampled = model.predict(["ROMEO:"], params={"max_new_tokens": 15, "temperature": 0.8, "seed": 7})
+    assert sampled == model.predict(["ROMEO:"], params={"max_new_tokens": 15, "temperature": 0.8, "seed": 7})
+    assert sampled[0] == generator.complete("ROMEO:", max_new_tokens=15, temperature=0.8, seed=7)

@@ -75,9 +75,19 @@ def load_generator(model_dir: Path, tokenizer_dir: Path | None = None) -> TextGe
 def package_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path) -> Path:
     """Copy what generation needs (weights, model config, tokenizer) into `out_dir`: a model
     directory without checkpoints or optimizer state, small enough to register or ship."""
-    files = [(Path(model_dir) / name, Path(out_dir) / name) for name in PACKAGE_FILES]
-    files += [(f, Path(out_dir) / TOKENIZER_SUBDIR / f.name) for f in Path(tokenizer_dir).iterdir() if f.is_file()]
-    for source, target in files:
-        with atomic_path(target) as tmp:
-            shutil.copyfile(source, tmp)
+    for name in PACKAGE_FILES:
+        copy_file(Path(model_dir) / name, Path(out_dir) / name)
+    copy_tokenizer(tokenizer_dir, out_dir)
     return Path(out_dir)
+
+
+def copy_tokenizer(tokenizer_dir: Path, model_dir: Path) -> None:
+    """Put the tokenizer a model was trained with beside it, so the model directory stands alone."""
+    for f in Path(tokenizer_dir).iterdir():
+        if f.is_file():
+            copy_file(f, Path(model_dir) / TOKENIZER_SUBDIR / f.name)
+
+
+def copy_file(source: Path, target: Path) -> None:
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import tempfile
 import warnings
 from importlib import metadata
@@ -124,12 +125,31 @@ def register(model_dir: Path, tokenizer_dir: Path, *, tracking_uri: str, run_id:
 
 @contextlib.contextmanager
 def fluent_tracking_uri(uri: str):
-    previous = mlflow.get_tracking_uri()
+    """Point mlflow's fluent API at `uri` for a while. mlflow.set_tracking_uri also sets
+    $MLFLOW_TRACKING_URI, which must not outlive this block (later runs would follow it)."""
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(previous_env)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def code_version() -> str:
+    """The git commit of this checkout (+ "-dirty" with uncommitted changes), else the package version."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], check=True,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               check=True, capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return f"scratchllm=={metadata.version('scratchllm')}"
 
 
 def has_registered_model(client, name: str) -> bool:

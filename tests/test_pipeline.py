@@ -85,7 +85,7 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path):
     corpus = write_corpus(tmp_path)
     result = materialize(instance, run_config(tmp_path / "data", corpus, trained_model=TINY_TRAINING,
                                               model_evaluation={"evaluation": {"max_new_tokens": 8}}),
-                         assets=[*DATA_ASSETS, "trained_model", "model_evaluation"])
+                         assets=[*DATA_ASSETS, "trained_model", "model_evaluation", "registered_model"])
     assert result.success
 
     model = latest_metadata(instance, "trained_model")
@@ -116,7 +116,24 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path):
     assert "min_chars" in clean["filters"] and "| id | source | text |" in clean["preview"]
     checks = {c.asset_check_key.name: c.passed for c in result.get_asset_check_evaluations()}  # all blocking
     assert checks == {"raw_corpus_counts": True, "cleaned_shards_invariant": True, "tokenizer_roundtrip": True,
-                      "token_ids_fit": True, "token_accounting": True}
+                      "token_ids_fit": True, "token_accounting": True, "beats_champion": True}
+
+    registered = latest_metadata(instance, "registered_model")
+    assert (registered["model_name"], registered["model_version"], registered["alias"]) == ("scratchllm", 1, "champion")
+    version = MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}").get_model_version("scratchllm", "1")
+    assert version.run_id == model["mlflow_run_id"] and version.tags["dagster.run_id"] == result.run_id
+    assert {"data_version.cleaned_shards", "data_version.tokenized_dataset", "config_hash", "code_version"} \
+        <= set(version.tags)
+
+    # A training that barely moves the weights is a worse model: the challenger; the champion stays.
+    worse = {**TINY_TRAINING, "training": {**TINY_TRAINING["training"], "learning_rate": 1e-7}}
+    again = materialize(instance, run_config(tmp_path / "data", corpus, trained_model=worse,
+                                             model_evaluation={"evaluation": {"max_new_tokens": 8}}),
+                        assets=["trained_model", "model_evaluation", "registered_model"])
+    assert again.success
+    registered = latest_metadata(instance, "registered_model")
+    assert (registered["model_version"], registered["alias"]) == (2, "challenger")
+    assert [c.passed for c in again.get_asset_check_evaluations()] == [False]
 
     quarantine = (tmp_path / "data" / "quarantine" / "raw_corpus")
     entries = [json.loads(line) for f in quarantine.glob("*.jsonl") for line in f.read_text().splitlines()]

@@ -53,11 +53,8 @@ def test_registering_the_same_training_again_reuses_its_version(store):
 def test_pyfunc_loaded_by_alias_generates_like_the_model(store, trained):
     register, uri = store
     register("a", 2.0)
-    mlflow.set_tracking_uri(uri)
-    try:
+    with registry.fluent_tracking_uri(uri):
         model = mlflow.pyfunc.load_model("models:/tiny@champion")
-    finally:
-        mlflow.set_tracking_uri(None)
     cfg, result, _ = trained
     generator = load_generator(result.out_dir, cfg.data_path / "tokenizer")
 

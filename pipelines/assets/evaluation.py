@@ -2,19 +2,21 @@
 logged to the training's MLflow run."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
 
 from llm_core import evaluate as ev
 from llm_core.data.files import write_json
+from llm_core.generate import TOKENIZER_SUBDIR
 from llm_core.train import load_model
-from pipelines.assets.tokenizer import TOKENIZER_DIR
 from pipelines.assets.training import latest_model, trained_model
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.metadata import markdown_table, uri
 from pipelines.resources import MLflowResource
 
 ModelEvaluationConfig = run_config_class("ModelEvaluationConfig", "evaluation")
+EVALUATION_DIR = "model_evaluation"
 
 
 @dg.asset(group_name="evaluation", kinds={"pytorch", "mlflow"}, code_version="1", deps=[trained_model])
@@ -24,8 +26,8 @@ def model_evaluation(context: dg.AssetExecutionContext, config: ModelEvaluationC
     generations for `evaluation.prompts`."""
     cfg = scratchllm.resolve(config)
     latest = latest_model(cfg)
-    r = ev.evaluate(cfg, load_model(latest["path"]), cfg.data_path / TOKENIZER_DIR)
-    out_dir = cfg.data_path / "model_evaluation" / latest["key"]
+    r = ev.evaluate(cfg, load_model(latest["path"]), Path(latest["path"]) / TOKENIZER_SUBDIR)
+    out_dir = cfg.data_path / EVALUATION_DIR / latest["key"]
     report = {"val_loss": r.val_loss, "perplexity": r.perplexity, "val_bpb": r.val_bpb,
               "num_val_tokens": r.num_val_tokens, "samples": r.samples, "evaluation": cfg.evaluation.model_dump()}
     write_json(out_dir / "report.json", report)

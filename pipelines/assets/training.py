@@ -7,8 +7,9 @@ import dagster as dg
 
 from llm_core import tracking
 from llm_core.data.files import atomic_path, read_json, write_json
+from llm_core.generate import copy_tokenizer
 from llm_core.tokenize import DATASET_DIR
-from pipelines.assets.tokenizer import tokenized_dataset
+from pipelines.assets.tokenizer import TOKENIZER_DIR, tokenized_dataset
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.metadata import uri
 from pipelines.resources import MLflowResource, accelerate_command, rank_environment
@@ -57,6 +58,7 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
         "--mlflow-run-id", run_id, "--tracking-uri", uri_])
     result = pipes_subprocess_client.run(context=context, command=command, env=rank_environment(cfg))
     materialization = result.get_materialize_result()
+    copy_tokenizer(cfg.data_path / TOKENIZER_DIR, out_dir)  # the run directory now stands alone
     write_json(cfg.data_path / MODEL_DIR / "latest.json",
                {"key": key, "path": str(out_dir), "mlflow_run_id": run_id, "tracking_uri": uri_})
     return dg.MaterializeResult(

@@ -21,6 +21,7 @@ from llm_core.data.shards import iter_batches
 from llm_core.split import is_validation
 
 EOT, PAD = "<|endoftext|>", "<|pad|>"
+TOKENIZER_DIR = "tokenizer"  # under data_dir
 TOKENIZER_FILE = "tokenizer.json"
 # Strings a tokenizer must round-trip besides real documents: unicode, emoji, CJK, whitespace runs.
 TRICKY_TEXTS = [

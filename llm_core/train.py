@@ -34,6 +34,8 @@ CHECKPOINTS = "checkpoints"
 WEIGHTS_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"
 SUMMARY_FILE = "training_summary.json"
+MODEL_DIR = "trained_model"  # under data_dir: runs/<key>/ and latest.json
+LATEST_FILE = "latest.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +260,8 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
         mfu=(sorted(measured)[len(measured) // 2] if measured else 0.0) * flops_per_token / peak_flops,
         steps=t.max_steps, resumed_from_step=start_step, history=stepper.history, out_dir=out_dir)
     if main:
-        save_final(accelerator.unwrap_model(model), args, cfg, result)
+        # keep_torch_compile=False: a compiled wrapper would save its weights as `_orig_mod.*`.
+        save_final(accelerator.unwrap_model(model, keep_torch_compile=False), cfg, result)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
@@ -281,14 +284,20 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, keep: int = 2) -> Non
     accelerator.wait_for_everyone()
 
 
-def save_final(model: Transformer, args: ModelArgs, cfg: ScratchConfig, result: TrainResult) -> None:
-    """The trained weights (safetensors), the model config, and a summary beside the checkpoints."""
+def save_model_files(model: Transformer, cfg: ScratchConfig, out_dir: Path) -> None:
+    """model.safetensors + model_config.json: what load_model (and the export) reads."""
     from safetensors.torch import save_model
 
-    out_dir = result.out_dir
     with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
         save_model(model, str(tmp))  # handles the tied embedding / lm_head weight
-    write_json(out_dir / MODEL_CONFIG_FILE, {"model": dataclasses.asdict(args), "config": cfg.model_dump(mode="json")})
+    write_json(out_dir / MODEL_CONFIG_FILE,
+               {"model": dataclasses.asdict(model.args), "config": cfg.model_dump(mode="json")})
+
+
+def save_final(model: Transformer, cfg: ScratchConfig, result: TrainResult) -> None:
+    """The trained weights (safetensors), the model config, and a summary beside the checkpoints."""
+    out_dir = result.out_dir
+    save_model_files(model, cfg, out_dir)
     summary = {k: v for k, v in dataclasses.asdict(result).items() if k not in ("history", "out_dir")}
     write_json(out_dir / SUMMARY_FILE, {**summary, "history": result.history})
 
@@ -303,6 +312,14 @@ def load_model(out_dir: Path, device: str = "cpu") -> Transformer:
     return model.eval()
 
 
+def latest_model(cfg: ScratchConfig) -> dict:
+    """The last trained_model materialization: {"key", "path", "mlflow_run_id", "tracking_uri"}."""
+    latest = read_json(cfg.data_path / MODEL_DIR / LATEST_FILE)
+    if not latest:
+        raise FileNotFoundError(f"no trained model under {cfg.data_path / MODEL_DIR}: materialize `trained_model`")
+    return latest
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML profile (deep-merged over default.yaml)")
@@ -311,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
     a = parser.parse_args(argv)
     cfg = validate_config(json.loads(Path(a.resolved_config).read_text())) if a.resolved_config \
         else load_config(a.config)
-    train(cfg, Path(a.out_dir) if a.out_dir else cfg.data_path / "trained_model")
+    train(cfg, Path(a.out_dir) if a.out_dir else cfg.data_path / MODEL_DIR)
 
 
 if __name__ == "__main__":

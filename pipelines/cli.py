@@ -1,8 +1,9 @@
-"""The `scratchllm` command: run the graph, check a profile, open the UI.
+"""The `scratchllm` command: run the graph, check a profile, open the UI, export a model.
 
     scratchllm run [--config P] [--select SEL]   materialize assets (default: all) with progress
     scratchllm check-config [P]                  validate a profile and print the resolved values
     scratchllm ui                                Dagster UI on http://127.0.0.1:3000
+    scratchllm export-hf --out DIR [--model M]   a trained model as a transformers LlamaForCausalLM
 """
 
 from __future__ import annotations
@@ -98,6 +99,33 @@ def cmd_ui(args: argparse.Namespace) -> int:
     os.execvp(command[0], command)  # replace this process: Ctrl-C and kill reach dagster directly
 
 
+def resolve_model_dir(spec: str | None, cfg) -> Path:
+    """The trained model directory `--model` names: a directory, or (no --model) the latest
+    trained_model of the profile's data_dir. Other kinds of spec (a registry alias) go here."""
+    from llm_core.train import latest_model
+
+    if spec is None:
+        return Path(latest_model(cfg)["path"])
+    return Path(spec).expanduser()
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from llm_core.export import export_hf
+    from llm_core.tokenizer import TOKENIZER_DIR
+
+    try:
+        cfg = load_config(args.config)
+        model_dir = resolve_model_dir(args.model, cfg)
+        tokenizer_dir = Path(args.tokenizer).expanduser() if args.tokenizer else cfg.data_path / TOKENIZER_DIR
+        out = export_hf(model_dir, tokenizer_dir, Path(args.out).expanduser(), overwrite=args.overwrite)
+    except (OSError, ValueError) as exc:  # missing/existing files, a bad profile (ConfigError), bad inputs
+        print(f"scratchllm export-hf: {exc}", file=sys.stderr)
+        return 2
+    print(f"scratchllm: exported {model_dir} to {out}; load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # library notices, not the user's business
     parser = argparse.ArgumentParser(prog="scratchllm", description="An LLM foundry as a Dagster asset graph.")
@@ -114,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(func=cmd_ui)
+    export = sub.add_parser("export-hf", help="export a trained model and its tokenizer for Hugging Face transformers")
+    export.add_argument("--model", help="a trained model directory (default: the latest trained_model)")
+    export.add_argument("--out", required=True, help="the directory to write (a transformers model directory)")
+    export.add_argument("--tokenizer", help="tokenizer directory (default: <data_dir>/tokenizer)")
+    export.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    export.add_argument("--config", help="YAML profile whose data_dir the defaults come from")
+    export.set_defaults(func=cmd_export_hf)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -4,13 +4,15 @@ import dagster as dg
 
 from pipelines.assets.corpus import data_assets, data_checks
 from pipelines.assets.evaluation import evaluation_assets
+from pipelines.assets.export import export_assets
 from pipelines.assets.registry import registry_assets
 from pipelines.assets.tokenizer import tokenizer_assets, tokenizer_checks
 from pipelines.assets.training import training_assets
 from pipelines.config import ScratchllmResource
 from pipelines.resources import MLflowResource
 
-all_assets = [*data_assets, *tokenizer_assets, *training_assets, *evaluation_assets, *registry_assets]
+all_assets = [*data_assets, *tokenizer_assets, *training_assets, *evaluation_assets, *registry_assets,
+              *export_assets]
 all_checks = [*data_checks, *tokenizer_checks]
 
 materialize_everything = dg.define_asset_job(

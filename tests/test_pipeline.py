@@ -14,12 +14,14 @@ import dagster as dg
 from mlflow.tracking import MlflowClient
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from llm_core.config import PROJECT_ROOT, load_config
 from llm_core.data.ingest import read_source
 from llm_core.data.sources import discover
 from llm_core.data.stages import _read_options, build_raw_corpus
+from llm_core.train import load_model
 
 SHAKESPEARE = (PROJECT_ROOT / "data" / "tinyshakespeare.txt").read_text()
 CLI = [sys.executable, "-m", "pipelines.cli"]
@@ -85,7 +87,8 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path):
     corpus = write_corpus(tmp_path)
     result = materialize(instance, run_config(tmp_path / "data", corpus, trained_model=TINY_TRAINING,
                                               model_evaluation={"evaluation": {"max_new_tokens": 8}}),
-                         assets=[*DATA_ASSETS, "trained_model", "model_evaluation", "registered_model"])
+                         assets=[*DATA_ASSETS, "trained_model", "model_evaluation", "registered_model",
+                                 "hf_export"])
     assert result.success
 
     model = latest_metadata(instance, "trained_model")
@@ -100,6 +103,17 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path):
     assert evaluation["mlflow_run_id"] == model["mlflow_run_id"] and "| ROMEO: |" in evaluation["samples"]
     assert MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}").get_run(
         model["mlflow_run_id"]).data.metrics["eval_val_bpb"] == pytest.approx(evaluation["val_bpb"])
+
+    exported = latest_metadata(instance, "hf_export")
+    assert exported["num_parameters"] == model["num_parameters"] and "tokenizer.json" in exported["files"]
+    # The trained model, loaded by transformers: our logits.
+    from transformers import AutoModelForCausalLM
+
+    x = torch.randint(0, 100, (2, 32))
+    with torch.no_grad():
+        diff = AutoModelForCausalLM.from_pretrained(exported["dagster/uri"])(x).logits - \
+            load_model(model["dagster/uri"])(x)[0]
+    assert diff.abs().max() <= 1e-4
 
     raw = latest_metadata(instance, "raw_corpus")
     clean = latest_metadata(instance, "cleaned_shards")

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 from llm_core.data.stages import build_raw_corpus, raw_parts
 from llm_core.split import is_validation
 from llm_core.tokenizer import EOT, PAD, TRICKY_TEXTS, held_out_texts, iter_documents, load, train_tokenizer
-from helpers import QUIET, build_shards, make_config, write_jsonl
+from helpers import MORE_TRICKY, QUIET, build_shards, make_config, random_unicode, write_jsonl
 
 VOCAB = 512
 VAL_WORD = "zqxvjwk"  # planted in validation documents only
@@ -80,29 +80,6 @@ def trained(tmp_path_factory, prose):
     assert 0 < sum(t.count(TRAIN_WORD) for t in train) <= sum(t.count(VAL_WORD) for t in val)
     result = train_tokenizer(cfg, shards, root / "tokenizer", log=QUIET)
     return cfg, shards, result, val, train
-
-
-def random_unicode(rng: random.Random, n: int) -> list[str]:
-    ranges = [(0x00, 0x7F), (0x80, 0x24F), (0x300, 0x36F), (0x370, 0x52F), (0x590, 0x6FF), (0x900, 0x97F),
-              (0x2000, 0x206F), (0x3000, 0x30FF), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3), (0xE000, 0xF8FF),
-              (0xFE00, 0xFE0F), (0xFEFF, 0xFFFD), (0x1F300, 0x1FAFF), (0x10000, 0x10FFFF)]
-    out = []
-    for _ in range(n):
-        chars = []
-        for _ in range(rng.randint(1, 40)):
-            lo, hi = rng.choice(ranges)
-            chars.append(chr(rng.randint(lo, hi)))
-        out.append("".join(chars))
-    return out
-
-
-MORE_TRICKY = [
-    "👩‍👩‍👧‍👦 👨🏿‍💻 🏳️‍🌈 🇫🇷🇯🇵 ❤️‍🔥", "\u200d\u200c\u200b zero widths \ufeff BOM", "e\u0301 vs \u00e9, Å vs A\u030a",
-    "中文字符，标点。日本語のテキスト", "Ελληνικά Русский עברית العربية हिन्दी", "\t\t\tindented\t", " " * 17, "\n" * 9,
-    "a\r\nb\r\n\r\nc\r", " \n \n\t\n ", "\u00a0non-breaking\u00a0\u3000ideographic space", "x" * 5000,
-    "<|pad|> and <|endoftext|><|endoftext|>", "\x01\x02\x1b[31mescape\x1b[0m", "\U0010ffff\U0001d400 math 𝔸𝕓𝖈",
-    "  leading and trailing  ", "'s 're 've 'll don't", "12345 67890 3.14159 1e-9", "\u2028line\u2029para",
-]
 
 
 def test_files_vocab_and_special_tokens(trained):

@@ -9,8 +9,8 @@ import dagster as dg
 from llm_core import evaluate as ev
 from llm_core.data.files import write_json
 from llm_core.generate import TOKENIZER_SUBDIR
-from llm_core.train import load_model
-from pipelines.assets.training import latest_model, trained_model
+from llm_core.train import latest_model, load_model
+from pipelines.assets.training import trained_model
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.metadata import markdown_table, uri
 from pipelines.resources import MLflowResource

@@ -9,7 +9,7 @@ from llm_core import registry
 from llm_core.data.files import read_json
 from llm_core.generate import TOKENIZER_SUBDIR
 from pipelines.assets.evaluation import EVALUATION_DIR, model_evaluation
-from pipelines.assets.training import latest_model
+from llm_core.train import latest_model
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.resources import MLflowResource
 

@@ -10,7 +10,7 @@ from pipelines.metadata import check_result, markdown_table, uri
 
 TokenizerConfig = run_config_class("TokenizerConfig", "tokenizer")
 TokenizedDatasetConfig = run_config_class("TokenizedDatasetConfig", "dataset")
-TOKENIZER_DIR = "tokenizer"
+TOKENIZER_DIR = bpe.TOKENIZER_DIR
 
 
 @dg.asset(group_name="tokenizer", kinds={"huggingface"}, code_version="1", deps=[cleaned_shards])

@@ -9,13 +9,13 @@ from llm_core import tracking
 from llm_core.data.files import atomic_path, read_json, write_json
 from llm_core.generate import copy_tokenizer
 from llm_core.tokenize import DATASET_DIR
+from llm_core.train import LATEST_FILE, MODEL_DIR
 from pipelines.assets.tokenizer import TOKENIZER_DIR, tokenized_dataset
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.metadata import uri
 from pipelines.resources import MLflowResource, accelerate_command, rank_environment
 
 TrainedModelConfig = run_config_class("TrainedModelConfig", "model", "training")
-MODEL_DIR = "trained_model"
 
 
 def training_key(cfg, dataset_version: str) -> str:
@@ -59,21 +59,13 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
     result = pipes_subprocess_client.run(context=context, command=command, env=rank_environment(cfg))
     materialization = result.get_materialize_result()
     copy_tokenizer(cfg.data_path / TOKENIZER_DIR, out_dir)  # the run directory now stands alone
-    write_json(cfg.data_path / MODEL_DIR / "latest.json",
+    write_json(cfg.data_path / MODEL_DIR / LATEST_FILE,
                {"key": key, "path": str(out_dir), "mlflow_run_id": run_id, "tracking_uri": uri_})
     return dg.MaterializeResult(
         metadata={**materialization.metadata, **uri(out_dir), "mlflow_run_id": run_id, "training_key": key,
                   "loss_curve_plot": dg.MetadataValue.md(f"![loss curve]({out_dir / 'loss_curve.png'})")},
         data_version=dg.DataVersion(key),
     )
-
-
-def latest_model(cfg):
-    """The last trained_model materialization: its key, directory and MLflow run."""
-    latest = read_json(cfg.data_path / MODEL_DIR / "latest.json")
-    if not latest:
-        raise FileNotFoundError(f"no trained model under {cfg.data_path / MODEL_DIR}: materialize `trained_model`")
-    return latest
 
 
 training_assets = [trained_model]

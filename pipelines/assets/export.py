@@ -1,0 +1,34 @@
+"""hf_export: the latest trained model as a Hugging Face transformers directory (LlamaForCausalLM)."""
+
+from pathlib import Path
+
+import dagster as dg
+
+from llm_core.export import export_hf, num_parameters
+from llm_core.generate import TOKENIZER_SUBDIR
+from llm_core.train import latest_model
+from pipelines.assets.training import trained_model
+from pipelines.config import ScratchllmResource
+from pipelines.metadata import uri
+
+EXPORT_DIR = "hf_export"
+
+
+@dg.asset(group_name="export", kinds={"huggingface", "safetensors"}, code_version="1", deps=[trained_model])
+def hf_export(context: dg.AssetExecutionContext, scratchllm: ScratchllmResource) -> dg.MaterializeResult:
+    """config.json, model.safetensors, generation_config.json and the tokenizer files of the latest
+    trained model: `transformers.AutoModelForCausalLM.from_pretrained(dir)` and `AutoTokenizer` load it."""
+    cfg = scratchllm.data_config()
+    latest = latest_model(cfg)
+    # overwrite: the same training key is the same model, exported again
+    out_dir = export_hf(latest["path"], Path(latest["path"]) / TOKENIZER_SUBDIR,
+                        cfg.data_path / EXPORT_DIR / latest["key"], overwrite=True)
+    context.log.info(f"exported {latest['path']} to {out_dir}")
+    return dg.MaterializeResult(
+        metadata={**uri(out_dir), "num_parameters": num_parameters(out_dir), "training_key": latest["key"],
+                  "files": sorted(p.name for p in out_dir.iterdir())},
+        data_version=dg.DataVersion(latest["key"]),
+    )
+
+
+export_assets = [hf_export]

@@ -226,9 +226,18 @@ class RegistryConfig(Section):
 
 
 class AutomationConfig(Section):
-    retrain_cron: str = "0 3 * * 1"
-    retrain_schedule_enabled: bool = False
-    new_data_sensor_enabled: bool = False
+    retrain_cron: str = Field(default="0 3 * * 1", description="When the retrain schedule runs (cron, UTC).")
+    retrain_schedule_enabled: bool = Field(default=False, description="Start the schedule with the code location.")
+    new_data_sensor_enabled: bool = Field(default=False, description="Retrain when corpus.sources change.")
+    new_data_interval_seconds: int = Field(default=300, ge=30, description="How often the sensor lists the sources.")
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        fields = v.split()
+        if len(fields) != 5 or not all(set(f) <= set("0123456789*/,-") for f in fields):
+            raise ValueError(f"must be a 5-field cron expression like '0 3 * * 1', got {v!r}")
+        return v
 
 
 class ScratchConfig(Section):

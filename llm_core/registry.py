@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import tempfile
 import warnings
 from importlib import metadata
@@ -25,30 +26,13 @@ from pathlib import Path
 
 import mlflow
 
-from llm_core.generate import load_generator
-
 CHAMPION, CHALLENGER = "champion", "challenger"
 BPB_TAG = "val_bpb"  # version tag that the champion comparison reads
 KEY_TAG = "scratchllm.training_key"  # one version per training: registering it again reuses it
 DEFAULT_PARAMS = {"max_new_tokens": 50, "temperature": 0.8, "seed": 0, "top_k": 0}
 # What the pyfunc imports; versions are pinned to this environment's (no slow inference at log time).
 REQUIREMENTS = ("torch", "tokenizers", "safetensors", "numpy", "pyarrow", "pydantic", "pyyaml", "xxhash", "mlflow")
-PYFUNC_ENTRY = Path(__file__).with_name("pyfunc_entry.py")
-
-
-class TextGenerationModel(mlflow.pyfunc.PythonModel):
-    """predict(list of prompts, params) -> list of continuations."""
-
-    def load_context(self, context):
-        self.generator = load_generator(Path(context.artifacts["model"]))
-
-    def predict(self, context, model_input, params: dict | None = None) -> list[str]:
-        prompts = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") else list(model_input)
-        p = {**DEFAULT_PARAMS, **(params or {})}
-        return [self.generator.complete(str(prompt), max_new_tokens=int(p["max_new_tokens"]),
-                                        temperature=float(p["temperature"]), top_k=int(p["top_k"]) or None,
-                                        seed=int(p["seed"]))
-                for prompt in prompts]
+PYFUNC_MODEL = Path(__file__).with_name("pyfunc_model.py")  # logged as "model from code": no pickle
 
 
 @dataclasses.dataclass
@@ -93,7 +77,7 @@ def log_pyfunc(model_dir: Path, tokenizer_dir: Path, run_id: str):
         warnings.simplefilter("ignore")  # notices about input examples and type hints
         package = package_model(model_dir, tokenizer_dir, Path(tmp) / "model")
         return mlflow.pyfunc.log_model(
-            name="model", python_model=str(PYFUNC_ENTRY), artifacts={"model": str(package)},
+            name="model", python_model=str(PYFUNC_MODEL), artifacts={"model": str(package)},
             code_paths=[str(Path(__file__).parent)], pip_requirements=pip_requirements(), signature=signature)
 
 
@@ -135,6 +119,31 @@ def fluent_tracking_uri(uri: str):
         mlflow.set_tracking_uri(previous_env)
         if previous_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def download(spec: str, tracking_uri: str, cache_dir: Path) -> Path:
+    """The model directory of a registered version, `NAME@ALIAS` or `NAME/VERSION`, downloaded
+    into cache_dir/<name>/<version> (once: a version never changes)."""
+    from mlflow.exceptions import MlflowException
+
+    from llm_core import tracking
+
+    client = tracking.client(tracking_uri)
+    name, alias = spec.split("@", 1) if "@" in spec else (spec.rsplit("/", 1)[0], None)
+    try:
+        version = client.get_model_version_by_alias(name, alias) if alias else \
+            client.get_model_version(name, spec.rsplit("/", 1)[1])
+    except MlflowException as exc:
+        raise FileNotFoundError(f"no registered model {spec!r} in {tracking_uri}: {exc.message}") from None
+    target = Path(cache_dir) / name / str(version.version)
+    if not (target / "artifacts" / "model").is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # complete, then renamed into place
+            local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=tmp,
+                                                        tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.move(local, target)
+    return target / "artifacts" / "model"
 
 
 def code_version() -> str:

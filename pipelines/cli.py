@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -100,23 +101,56 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def resolve_model_dir(spec: str | None, cfg) -> Path:
-    """The trained model directory `--model` names: a directory, or (no --model) the latest
-    trained_model of the profile's data_dir. Other kinds of spec (a registry alias) go here."""
+    """The model directory `--model` names: a directory, a registered model `NAME@ALIAS` or
+    `NAME/VERSION` (downloaded from the MLflow registry), or (no --model) the latest trained_model
+    of the profile's data_dir."""
     from llm_core.train import latest_model
 
     if spec is None:
         return Path(latest_model(cfg)["path"])
-    return Path(spec).expanduser()
+    path = Path(spec).expanduser()
+    if path.exists() or not ("@" in spec or re.fullmatch(r"[^/]+/\d+", spec)):
+        return path  # a directory (load_generator says so if it is not a model directory)
+    from llm_core import registry, tracking
+
+    return registry.download(spec, tracking.tracking_uri(cfg), cfg.data_path / "registry_cache")
 
 
-def cmd_export_hf(args: argparse.Namespace) -> int:
-    from llm_core.export import export_hf
+def tokenizer_dir_for(model_dir: Path, cfg) -> Path:
+    """The tokenizer a model directory carries, else the profile's (older runs did not carry one)."""
+    from llm_core.generate import TOKENIZER_SUBDIR
     from llm_core.tokenizer import TOKENIZER_DIR
+
+    carried = model_dir / TOKENIZER_SUBDIR
+    return carried if carried.is_dir() else cfg.data_path / TOKENIZER_DIR
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from llm_core.generate import load_generator
 
     try:
         cfg = load_config(args.config)
         model_dir = resolve_model_dir(args.model, cfg)
-        tokenizer_dir = Path(args.tokenizer).expanduser() if args.tokenizer else cfg.data_path / TOKENIZER_DIR
+        generator = load_generator(model_dir, tokenizer_dir_for(model_dir, cfg))
+    except (OSError, ValueError) as exc:  # no such directory or version, a bad profile (ConfigError)
+        print(f"scratchllm generate: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(args.prompt)
+    for piece in generator.stream(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k, seed=args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from llm_core.export import export_hf
+
+    try:
+        cfg = load_config(args.config)
+        model_dir = resolve_model_dir(args.model, cfg)
+        tokenizer_dir = Path(args.tokenizer).expanduser() if args.tokenizer else tokenizer_dir_for(model_dir, cfg)
         out = export_hf(model_dir, tokenizer_dir, Path(args.out).expanduser(), overwrite=args.overwrite)
     except (OSError, ValueError) as exc:  # missing/existing files, a bad profile (ConfigError), bad inputs
         print(f"scratchllm export-hf: {exc}", file=sys.stderr)
@@ -124,6 +158,10 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     print(f"scratchllm: exported {model_dir} to {out}; load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})", file=sys.stderr)
     return 0
+
+
+MODEL_HELP = ("a model directory, or a registered model NAME@ALIAS (e.g. scratchllm@champion) or NAME/VERSION; "
+              "default: the latest trained_model")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,12 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(func=cmd_ui)
     export = sub.add_parser("export-hf", help="export a trained model and its tokenizer for Hugging Face transformers")
-    export.add_argument("--model", help="a trained model directory (default: the latest trained_model)")
+    export.add_argument("--model", help=MODEL_HELP)
     export.add_argument("--out", required=True, help="the directory to write (a transformers model directory)")
-    export.add_argument("--tokenizer", help="tokenizer directory (default: <data_dir>/tokenizer)")
+    export.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else <data_dir>/tokenizer)")
     export.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     export.add_argument("--config", help="YAML profile whose data_dir the defaults come from")
     export.set_defaults(func=cmd_export_hf)
+    generate = sub.add_parser("generate", help="stream text from a trained or registered model")
+    generate.add_argument("--model", help=MODEL_HELP)
+    generate.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
+    generate.add_argument("--max-new-tokens", type=int, default=200)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    generate.add_argument("--top-k", type=int, default=None)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--config", help="YAML profile whose data_dir and MLflow store the defaults come from")
+    generate.set_defaults(func=cmd_generate)
     args = parser.parse_args(argv)
     return args.func(args)
 

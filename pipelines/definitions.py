@@ -8,6 +8,7 @@ from pipelines.assets.export import export_assets
 from pipelines.assets.registry import registry_assets
 from pipelines.assets.tokenizer import tokenizer_assets, tokenizer_checks
 from pipelines.assets.training import training_assets
+from pipelines.automation import retrain, schedules, sensors
 from pipelines.config import ScratchllmResource
 from pipelines.resources import MLflowResource
 
@@ -23,7 +24,9 @@ materialize_everything = dg.define_asset_job(
 defs = dg.Definitions(
     assets=all_assets,
     asset_checks=all_checks,
-    jobs=[materialize_everything],
+    jobs=[materialize_everything, retrain],
+    schedules=schedules,
+    sensors=sensors,
     resources={"scratchllm": ScratchllmResource(), "mlflow": MLflowResource(),
                "pipes_subprocess_client": dg.PipesSubprocessClient()},
     # One step at a time in one process: stages parallelize inside themselves, and a per-step

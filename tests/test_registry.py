@@ -63,3 +63,27 @@ def test_pyfunc_loaded_by_alias_generates_like_the_model(store, trained):
     sampled = model.predict(["ROMEO:"], params={"max_new_tokens": 15, "temperature": 0.8, "seed": 7})
     assert sampled == model.predict(["ROMEO:"], params={"max_new_tokens": 15, "temperature": 0.8, "seed": 7})
     assert sampled[0] == generator.complete("ROMEO:", max_new_tokens=15, temperature=0.8, seed=7)
+
+
+def test_cli_generate_streams_from_an_alias_a_version_and_a_directory(store, trained, tmp_path, monkeypatch, capsys):
+    from pipelines.cli import main
+
+    register, uri = store
+    register("a", 2.0)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(f"data_dir: {tmp_path / 'data'}\n")
+    cfg, result, _ = trained
+    expected = load_generator(result.out_dir, cfg.data_path / "tokenizer").complete(
+        "ROMEO:", max_new_tokens=10, temperature=0)
+    args = ["--prompt", "ROMEO:", "--max-new-tokens", "10", "--temperature", "0", "--config", str(profile)]
+
+    for model in ("tiny@champion", "tiny/1", str(tmp_path / "data" / "registry_cache" / "tiny" / "1" / "artifacts" /
+                                                "model")):
+        assert main(["generate", "--model", model, *args]) == 0
+        assert capsys.readouterr().out == "ROMEO:" + expected + "\n"
+
+    assert main(["generate", "--model", "tiny@nosuchalias", *args]) == 2
+    assert "no registered model 'tiny@nosuchalias'" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "missing"), *args]) == 2
+    assert "not a trained model directory" in capsys.readouterr().err

@@ -232,6 +232,33 @@ def raw_parts(cfg: ScratchConfig) -> list[Path]:
     return [root / "shards" / p for s in manifest["shards"] for p in s["parts"]]
 
 
+@dataclasses.dataclass
+class SourceChanges:
+    """How corpus.sources differ from what raw_corpus last ingested (file URIs)."""
+
+    new: list[str]
+    changed: list[str]
+    removed: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.new or self.changed or self.removed)
+
+    def summary(self) -> str:
+        return f"{len(self.new)} new, {len(self.changed)} changed, {len(self.removed)} removed files"
+
+
+def source_changes(cfg: ScratchConfig) -> tuple[SourceChanges, str]:
+    """(what changed since the last raw_corpus, a fingerprint of the sources as they are now).
+    Reads file listings only (size + mtime, or the store's ETag), never file contents."""
+    found = discover(cfg.corpus.sources, cfg.corpus.extensions)
+    now = {f.uri: f.fingerprint for f in found.files}
+    shards = read_json(cfg.data_path / RAW_DIR / "manifest.json").get("shards", [])
+    ingested = {f["uri"]: f["fingerprint"] for s in shards for f in s["files"]}
+    changes = SourceChanges(new=sorted(now.keys() - ingested.keys()), removed=sorted(ingested.keys() - now.keys()),
+                            changed=sorted(u for u in now.keys() & ingested.keys() if now[u] != ingested[u]))
+    return changes, _hash(sorted(now.items()))
+
+
 def cleaned_shard_paths(cfg: ScratchConfig) -> list[Path]:
     """The cleaned_shards output files of the last materialization, in corpus order."""
     root = cfg.data_path / CLEAN_DIR

@@ -1,0 +1,56 @@
+"""Automation: the `retrain` job, its schedule, and a sensor that retrains when the corpus changes.
+
+Both start runs of the whole graph. That refreshes only what a change affects: raw_corpus and
+cleaned_shards rebuild just the shards whose files changed (they are content-addressed), the
+tokenizer and dataset are re-encoded only when their input changed, and training resumes or
+starts by its training key. One training runs at a time (pool "training", limit 1).
+
+Both are off by default and turned on in the profile (`automation:`) or in the Dagster UI.
+"""
+
+import dagster as dg
+
+from llm_core.config import AutomationConfig
+from llm_core.data.stages import source_changes
+from pipelines.config import ACTIVE_CONFIG, ScratchllmResource
+
+retrain = dg.define_asset_job(
+    "retrain", selection=dg.AssetSelection.all(),
+    description="Refresh the corpus, tokenizer and dataset where their inputs changed, train, evaluate and "
+                "register the model (`champion` moves only if it is at least as good).",
+)
+
+
+def status(enabled: bool) -> dg.DefaultScheduleStatus:
+    return dg.DefaultScheduleStatus.RUNNING if enabled else dg.DefaultScheduleStatus.STOPPED
+
+
+def retrain_schedule(automation: AutomationConfig) -> dg.ScheduleDefinition:
+    """`retrain` on `automation.retrain_cron` (UTC), running from the start if the profile says so."""
+    return dg.ScheduleDefinition(
+        name="retrain_schedule", job=retrain, cron_schedule=automation.retrain_cron, execution_timezone="UTC",
+        default_status=status(automation.retrain_schedule_enabled),
+        description="Retrain the whole graph on a schedule (automation.retrain_cron).")
+
+
+def new_data_sensor(automation: AutomationConfig) -> dg.SensorDefinition:
+    """A sensor that compares corpus.sources with what raw_corpus last ingested and requests a
+    `retrain` run when files were added, changed or removed (once per state of the sources)."""
+
+    @dg.sensor(name="new_data_sensor", job=retrain, minimum_interval_seconds=automation.new_data_interval_seconds,
+               default_status=dg.DefaultSensorStatus(status(automation.new_data_sensor_enabled).value),
+               description="Retrain when files in corpus.sources are new or changed.")
+    def sensor(context: dg.SensorEvaluationContext, scratchllm: ScratchllmResource):
+        changes, sources_version = source_changes(scratchllm.data_config())
+        if not changes:
+            return dg.SkipReason("corpus.sources match what raw_corpus last ingested")
+        context.log.info(f"corpus.sources changed: {changes.summary()}")
+        # run_key: one run per state of the sources, however often the sensor looks.
+        return dg.RunRequest(run_key=sources_version, tags={"scratchllm/trigger": "new_data",
+                                                            "scratchllm/changes": changes.summary()})
+
+    return sensor
+
+
+schedules = [retrain_schedule(ACTIVE_CONFIG.automation)]
+sensors = [new_data_sensor(ACTIVE_CONFIG.automation)]

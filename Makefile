@@ -25,7 +25,7 @@ test: install  ## the whole test suite, slow end-to-end tests included
 test-fast: install
 	$(PY) -m pytest -m "not slow"
 
-ui: install  ## Dagster UI on http://127.0.0.1:3000
+ui: install  ## Dagster UI on http://127.0.0.1:3000 and MLflow UI on http://127.0.0.1:5000
 	$(VENV)/bin/scratchllm ui $(if $(CONFIG),--config $(CONFIG))
 
 bench: install

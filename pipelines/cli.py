@@ -2,7 +2,8 @@
 
     scratchllm run [--config P] [--select SEL]   materialize assets (default: all) with progress
     scratchllm check-config [P]                  validate a profile and print the resolved values
-    scratchllm ui                                Dagster UI on http://127.0.0.1:3000
+    scratchllm ui                                Dagster UI on http://127.0.0.1:3000, MLflow UI on :5000
+    scratchllm generate --model M --prompt TEXT  stream text from a model (directory, NAME@ALIAS, NAME/VERSION)
     scratchllm export-hf --out DIR [--model M]   a trained model as a transformers LlamaForCausalLM
 """
 
@@ -94,10 +95,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     prepare_environment(args.config)
-    command = ["dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"), "-h", args.host, "-p", str(args.port)]
-    print(f"Dagster UI: http://{args.host}:{args.port}  (Ctrl-C stops it)", file=sys.stderr)
-    os.chdir(PROJECT_ROOT)
-    os.execvp(command[0], command)  # replace this process: Ctrl-C and kill reach dagster directly
+    try:
+        cfg = load_config()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    from pipelines.ui import run_ui
+
+    return run_ui(cfg, args.host, args.port, args.mlflow_port)
 
 
 def resolve_model_dir(spec: str | None, cfg) -> Path:
@@ -175,10 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a profile and print the resolved config")
     check.add_argument("profile", nargs="?", help="YAML profile (default: $SCRATCHLLM_CONFIG or default.yaml)")
     check.set_defaults(func=cmd_check_config)
-    ui = sub.add_parser("ui", help="start the Dagster UI")
+    ui = sub.add_parser("ui", help="start the Dagster UI and the MLflow UI (Ctrl-C stops both)")
     ui.add_argument("--config", help="YAML profile the UI's runs default to")
     ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=3000)
+    ui.add_argument("--port", type=int, default=3000, help="Dagster UI port")
+    ui.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI port")
     ui.set_defaults(func=cmd_ui)
     export = sub.add_parser("export-hf", help="export a trained model and its tokenizer for Hugging Face transformers")
     export.add_argument("--model", help=MODEL_HELP)

@@ -3,6 +3,7 @@
     scratchllm run [--config P] [--select SEL]   materialize assets (default: all) with progress
     scratchllm check-config [P]                  validate a profile and print the resolved values
     scratchllm ui                                Dagster UI on http://127.0.0.1:3000
+    scratchllm plan [--config P] [--gpus N ...]  memory per GPU and time of a training, by strategy
 """
 
 from __future__ import annotations
@@ -100,6 +101,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # library notices, not the user's business
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:  # its own flags, see llm_core/plan.py
+        from llm_core import plan
+
+        return plan.main(argv[1:])
     parser = argparse.ArgumentParser(prog="scratchllm", description="An LLM foundry as a Dagster asset graph.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="materialize assets (default: the whole graph)")
@@ -114,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(func=cmd_ui)
+    sub.add_parser("plan", help="memory per GPU and time of a training, by sharding strategy (plan --help)")
     args = parser.parse_args(argv)
     return args.func(args)
 

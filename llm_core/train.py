@@ -297,8 +297,12 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
         mfu=(sorted(measured)[len(measured) // 2] if measured else 0.0) * flops_per_token / peak_flops,
         steps=t.max_steps, resumed_from_step=start_step, peak_memory_mb=memory.peak_mb(), peak_flops=peak_flops,
         history=stepper.history, out_dir=out_dir)
+    # The full weights: gathered from the shards under FSDP / ZeRO-3 (every rank takes part).
+    state = accelerator.get_state_dict(model)
     if main:
-        save_final(accelerator.unwrap_model(model), args, cfg, result)
+        final = Transformer(args)
+        final.load_state_dict(state)
+        save_final(final, args, cfg, result)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

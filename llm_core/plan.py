@@ -230,6 +230,16 @@ def planned_row(cfg, vocab_size: int | None = None, **overrides) -> Row:
         next(r for r in rows if r.strategy == "ZeRO-3 / FSDP FULL_SHARD")  # HYBRID_SHARD on one node
 
 
+def plan_vs_measured(cfg, run: dict, vocab_size: int, mfu: float = 0.4) -> dict[str, tuple[float, float]]:
+    """{quantity: (planned, measured)} for a finished training (`run`: its TrainResult as a dict).
+    Planned throughput is `mfu` of the peak FLOP/s train() measured on its own device."""
+    row = planned_row(cfg, vocab_size)
+    flops_per_token = count(setup_from_config(cfg, vocab_size)).flops_per_token
+    return {"peak memory per device (MB)": (row.total / 2**20, run["peak_memory_mb"]),
+            "tokens per second": (run["world_size"] * run["peak_flops"] * mfu / flops_per_token,
+                                  run["tokens_per_second"])}
+
+
 # ---------------------------------------------------------------------------------------------
 # printing
 

@@ -206,6 +206,15 @@ def test_cli_prints_the_table(capsys):
 # planned vs measured
 
 
+def test_plan_vs_measured_of_a_run(measured):
+    cfg, run = measured["parameters"]
+    compared = planner.plan_vs_measured(cfg, run, VOCAB)
+    planned, got = compared["peak memory per device (MB)"]
+    assert planned == planner.planned_row(cfg, VOCAB).total / 2**20 and got == run["peak_memory_mb"]
+    planned, got = compared["tokens per second"]
+    assert got == run["tokens_per_second"] and planned > 0
+
+
 @pytest.mark.parametrize("name", ["activations", "parameters", "activations, checkpointed"])
 def test_plan_matches_measured_peak_memory_within_25_percent(measured, name):
     cfg, _ = measured[name]

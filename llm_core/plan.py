@@ -171,7 +171,7 @@ def plan(setup: Setup) -> list[Row]:
         if s.offload:  # to host memory: the optimizer state, and the weight shards with ZeRO-3
             host, optimizer = optimizer + (weights if s.shard_weights else 0), 0.0
             weights = 0.0 if s.shard_weights else weights
-        if s.shard_weights and shards > 1:
+        if s.shard_weights and (shards > 1 or s.offload):
             weights += 2 * model.block_parameters * w  # gathered blocks: computing + prefetched
         for ckpt in (False, True):
             activations = setup.batch_size * setup.args.block_size * activation_bytes_per_token(

@@ -190,6 +190,9 @@ class TrainingConfig(Section):
     seed: int = Field(default=1337, ge=0)
     mixed_precision: str = Field(default="no", description="'no' (fp32), 'bf16' or 'fp16' (GPU).")
     compile: bool = Field(default=False, description="torch.compile the model.")
+    activation_checkpointing: bool = Field(
+        default=False, description="Recompute each transformer block's activations in backward instead of "
+                                   "storing them: less activation memory for ~1/3 more compute (`scratchllm plan`).")
     checkpoint_interval: int = Field(default=500, ge=1, description="Save a resumable checkpoint every N steps.")
     eval_interval: int = Field(default=250, ge=1, description="Validation loss every N steps.")
     eval_batches: int = Field(default=20, ge=1, description="Validation batches per periodic evaluation.")

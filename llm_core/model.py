@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclasses.dataclass
@@ -128,6 +129,8 @@ class Transformer(nn.Module):
         cos, sin = rope_cache(args, args.block_size)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # Recompute each block's activations in backward instead of storing them (set by train()).
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         # Residual projections scaled by 1/sqrt(2 * n_layer): the residual stream's variance stays
         # flat with depth (GPT-2 / nanoGPT).
@@ -163,7 +166,12 @@ class Transformer(nn.Module):
         cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
         x = self.embed_tokens(idx)  # (B, T, C)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if caches is None else caches[i])
+            if self.activation_checkpointing and self.training and caches is None:
+                # Only the block's input is kept; non-reentrant checkpointing also replays the RNG
+                # state, so dropout masks and the loss are the same as without it.
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, None if caches is None else caches[i])
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if targets is None:
             return logits, None

@@ -84,6 +84,41 @@ def measure_peak_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 5) -
     return 2 * size**3 / sorted(times)[len(times) // 2]
 
 
+class PeakMemory:
+    """This process's peak memory from now on, in MB: the CUDA allocator's peak on a GPU; on CPU the
+    peak resident set (VmHWM, which Linux resets through /proc/self/clear_refs) minus the resident set
+    at the start, i.e. what the model, its training state and its activations added."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            self.start = torch.cuda.memory_allocated(device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS to the current RSS
+        except OSError:  # not Linux: the lifetime peak is the best there is
+            pass
+        self.start = self._rss("VmRSS")
+
+    @staticmethod
+    def _rss(field: str) -> int:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        import resource  # no /proc: ru_maxrss is KB on Linux, bytes on macOS
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if os.uname().sysname == "Darwin" else peak * 1024
+
+    def peak_mb(self) -> float:
+        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else self._rss("VmHWM")
+        return (peak - self.start) / 2**20
+
+
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a killed save leaves only a `.tmp` directory)."""
     root = out_dir / CHECKPOINTS
@@ -118,6 +153,8 @@ class TrainResult:
     mfu: float
     steps: int
     resumed_from_step: int
+    peak_memory_mb: float  # of the main rank, see PeakMemory; `scratchllm plan` estimates it
+    peak_flops: float  # the MFU denominator: a GEMM measured on this machine in the training precision
     history: list[dict]
     out_dir: Path
 
@@ -169,9 +206,11 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
         raise FileNotFoundError(f"no tokenized dataset under {dataset_dir}: materialize `tokenized_dataset` first")
     text_bytes = val_bytes(manifest)
 
+    memory = PeakMemory(accelerator.device)
     set_seed(t.seed)  # the same initial weights on every rank
     args = model_args(cfg, manifest["vocab_size"])
     model = Transformer(args)
+    model.activation_checkpointing = t.activation_checkpointing
     num_params = model.num_parameters()
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg))
@@ -258,10 +297,15 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
         tokens_per_second=sorted(measured)[len(measured) // 2] if measured else 0.0,
         train_seconds=train_seconds, world_size=accelerator.num_processes,
         mfu=(sorted(measured)[len(measured) // 2] if measured else 0.0) * flops_per_token / peak_flops,
-        steps=t.max_steps, resumed_from_step=start_step, history=stepper.history, out_dir=out_dir)
+        steps=t.max_steps, resumed_from_step=start_step, peak_memory_mb=memory.peak_mb(), peak_flops=peak_flops,
+        history=stepper.history, out_dir=out_dir)
+    # The full weights: gathered from the shards under FSDP / ZeRO-3 (every rank takes part).
+    state = accelerator.get_state_dict(model)
     if main:
-        # keep_torch_compile=False: a compiled wrapper would save its weights as `_orig_mod.*`.
-        save_final(accelerator.unwrap_model(model, keep_torch_compile=False), cfg, result)
+        final = Transformer(args)
+        # A compiled model's state dict names its weights `_orig_mod.*`.
+        final.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()})
+        save_final(final, cfg, result)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

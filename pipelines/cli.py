@@ -5,6 +5,7 @@
     scratchllm ui                                Dagster UI on http://127.0.0.1:3000, MLflow UI on :5000
     scratchllm generate --model M --prompt TEXT  stream text from a model (directory, NAME@ALIAS, NAME/VERSION)
     scratchllm export-hf --out DIR [--model M]   a trained model as a transformers LlamaForCausalLM
+    scratchllm plan [--config P] [--gpus N ...]  memory per GPU and time of a training, by strategy
 """
 
 from __future__ import annotations
@@ -171,6 +172,11 @@ MODEL_HELP = ("a model directory, or a registered model NAME@ALIAS (e.g. scratch
 
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # library notices, not the user's business
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:  # its own flags, see llm_core/plan.py
+        from llm_core import plan
+
+        return plan.main(argv[1:])
     parser = argparse.ArgumentParser(prog="scratchllm", description="An LLM foundry as a Dagster asset graph.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="materialize assets (default: the whole graph)")
@@ -202,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--config", help="YAML profile whose data_dir and MLflow store the defaults come from")
     generate.set_defaults(func=cmd_generate)
+    sub.add_parser("plan", help="memory per GPU and time of a training, by sharding strategy (plan --help)")
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -5,12 +5,14 @@ materialization) and to MLflow; the other ranks just train.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 from llm_core import tracking
 from llm_core.config import validate_config
+from llm_core.plan import config_strategy, plan_vs_measured
 from llm_core.train import train
 
 
@@ -40,9 +42,19 @@ def main() -> None:
         curve = tracking.plot_loss_curve(result.history, out_dir / "loss_curve.png")
         for artifact in (curve, out_dir / "model_config.json", out_dir / "training_summary.json"):
             mlflow.log_artifact(str(artifact))
+        vocab_size = json.loads((out_dir / "model_config.json").read_text())["model"]["vocab_size"]
+        planned = plan_vs_measured(cfg, dataclasses.asdict(result), vocab_size)
+        table = "\n".join(["| | planned (`scratchllm plan`, MFU 40%) | measured |", "|---|---|---|",
+                           *(f"| {k} | {p:,.0f} | {m:,.0f} |" for k, (p, m) in planned.items())])
         pipes.report_asset_materialization(metadata={
+            "peak_memory_mb": round(result.peak_memory_mb, 1),
+            "planned_memory_mb": round(planned["peak memory per device (MB)"][0], 1),
+            "plan_vs_measured": {"raw_value": f"strategy: {config_strategy(cfg).name}"
+                                 f"{' + activation checkpointing' if cfg.training.activation_checkpointing else ''}"
+                                 f"\n\n{table}", "type": "md"},
             "num_parameters": result.num_parameters, "final_train_loss": result.final_train_loss,
-            "final_val_loss": result.final_val_loss, "val_bpb": result.val_bpb, "tokens_per_second": round(result.tokens_per_second, 1),
+            "final_val_loss": result.final_val_loss, "val_bpb": result.val_bpb,
+            "tokens_per_second": round(result.tokens_per_second, 1),
             "train_seconds": round(result.train_seconds, 2), "world_size": result.world_size,
             "mfu": round(result.mfu, 4), "steps": result.steps, "resumed_from_step": result.resumed_from_step,
             "loss_curve": {"raw_value": str(curve), "type": "path"},

@@ -93,6 +93,9 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path):
 
     model = latest_metadata(instance, "trained_model")
     assert model["world_size"] == 1 and model["num_parameters"] > 0 and model["final_val_loss"] > 0
+    assert model["peak_memory_mb"] > 0 and model["planned_memory_mb"] > 0  # scratchllm plan vs measured
+    assert "strategy: DDP" in model["plan_vs_measured"]
+    assert "| peak memory per device (MB) |" in model["plan_vs_measured"]
     run = MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}").get_run(model["mlflow_run_id"])
     assert run.data.params["model.n_embd"] == "32" and "val_loss" in run.data.metrics
     assert len(MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}").get_metric_history(

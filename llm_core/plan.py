@@ -1,0 +1,330 @@
+"""How much memory and time a training needs, before renting the GPUs: `scratchllm plan`.
+
+    scratchllm plan --config assets_config/default.yaml
+    scratchllm plan --layers 12 --width 768 --heads 12 --vocab 50304 --seq-len 1024 --batch 16 \\
+        --precision bf16 --gpu H100-80GB --gpus 8
+
+Memory per device is the sum of four terms (N parameters, G devices sharing the state):
+
+- weights, gradients, optimizer state, in bytes per parameter: fp32 training 4 + 4 + 8 (AdamW's two
+  moments); mixed precision 2 + 2 + 12 (half-precision weights and gradients, an fp32 master copy
+  and the two moments: the accounting of the ZeRO paper, Rajbhandari et al. 2020). torch autocast
+  under plain DDP keeps fp32 weights and gradients instead (4 + 4 + 8, plus 2 for the bf16 copies).
+- sharding: ZeRO-1 divides the optimizer state by G, ZeRO-2 (= FSDP SHARD_GRAD_OP) also the
+  gradients, ZeRO-3 (= FSDP FULL_SHARD) also the weights, plus two gathered blocks in flight (the
+  one computing and the prefetched next). HYBRID_SHARD is FULL_SHARD inside a node, replicated
+  across nodes. CPU offload moves the optimizer state (and with ZeRO-3 the weights) to host memory.
+- activations, not sharded (each rank has its own micro-batch), per token of a micro-batch. A
+  block saves for backward (counted on this model's autograd graph, tests/test_plan.py checks it):
+      s = 8 C + 2 Hkv D + 4 I + H + 2  elements
+  (C: the block input, RMSNorm's normalized input and output, q, the attention output and the same
+  three for the MLP's norm, k and v, the SwiGLU's gate, up, silu(gate) and product of width I, the
+  attention's log-sum-exp per head and two RMSNorm scales; SDPA's flash kernels keep no T x T
+  matrix; no dropout masks). On top of what is stored, backward needs a working set: at the loss
+  head the logits, log-softmax and their two gradients in fp32 (4 V floats) plus the final norm
+  (3 C), in a block the gradients through the MLP and the residual (3 I + 2 C). So
+      without checkpointing: L s + max(head, block gradients)
+      with checkpointing:    L C + max(head, s + block gradients)  (block inputs kept; one block
+                                                                     recomputed at a time)
+  with the activations in 4 bytes (fp32) or 2 (mixed precision; the head stays in fp32).
+- everything above is counted as live at once: true with gradient accumulation (gradients persist
+  while the next micro-batch runs forward); without it the peak is up to 4 N bytes lower.
+
+"Fits" means the total stays under 90% of the device memory (CUDA context, allocator fragmentation,
+communication buffers). Time is the compute-optimal run of ~20 tokens per parameter (Hoffmann et
+al. 2022) at 6 N + attention FLOPs per token (Transformer.flops_per_token), on G devices at the
+given MFU of their dense peak; activation checkpointing recomputes the forward (+1/3 compute).
+CPU offload also costs the optimizer step on the host, which this estimate does not include.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+import yaml
+
+from llm_core.model import ModelArgs, Transformer
+
+GiB = 2**30
+TOKENS_PER_PARAMETER = 20  # compute-optimal (Chinchilla)
+USABLE_MEMORY = 0.9
+RECOMPUTE = 4 / 3  # activation checkpointing: forward + backward (3 units) plus one more forward
+STATE_BYTES = {"fp32": (4, 4, 8), "mixed": (2, 2, 12)}  # weights, gradients, optimizer per parameter
+
+
+@dataclasses.dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_gib: float
+    peak_flops: dict[str, float]  # dense peak FLOP/s by precision (no sparsity, no TF32)
+
+
+GPUS = {g.name: g for g in [
+    GPU("L4-24GB", 24, {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12}),
+    GPU("A100-40GB", 40, {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
+    GPU("A100-80GB", 80, {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
+    GPU("H100-80GB", 80, {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),  # SXM
+]}
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    name: str
+    shard_weights: bool = False
+    shard_grads: bool = False
+    shard_optimizer: bool = False
+    offload: bool = False  # optimizer state (and sharded weights) in host memory
+    hybrid: bool = False  # shard inside a node only
+
+
+STRATEGIES = [
+    Strategy("DDP"),
+    Strategy("ZeRO-1", shard_optimizer=True),
+    Strategy("ZeRO-2 / FSDP SHARD_GRAD_OP", shard_grads=True, shard_optimizer=True),
+    Strategy("ZeRO-2 + CPU offload", shard_grads=True, shard_optimizer=True, offload=True),
+    Strategy("ZeRO-3 / FSDP FULL_SHARD", shard_weights=True, shard_grads=True, shard_optimizer=True),
+    Strategy("ZeRO-3 + CPU offload", shard_weights=True, shard_grads=True, shard_optimizer=True, offload=True),
+    Strategy("FSDP HYBRID_SHARD", shard_weights=True, shard_grads=True, shard_optimizer=True, hybrid=True),
+]
+
+
+@dataclasses.dataclass
+class Setup:
+    """What is planned: a model shape, a micro-batch per device, a precision and the devices."""
+
+    args: ModelArgs
+    batch_size: int = 1  # sequences per device per micro-step
+    precision: str = "bf16"  # fp32, bf16 or fp16
+    gpu: GPU = GPUS["A100-80GB"]
+    gpus: int = 1
+    gpus_per_node: int = 8
+    mfu: float = 0.4
+    num_parameters: int | None = None  # overrides the count of args' model (another architecture)
+
+
+@dataclasses.dataclass
+class Row:
+    strategy: str
+    checkpointing: bool
+    weights: float  # bytes per device
+    grads: float
+    optimizer: float
+    activations: float
+    host: float  # bytes per device offloaded to CPU memory
+    fits: bool
+    seconds: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations
+
+
+@dataclasses.dataclass
+class Model:
+    """The counts the estimate needs, taken from a Transformer built on the meta device (no memory)."""
+
+    num_parameters: int
+    non_embedding: int
+    block_parameters: int
+    flops_per_token: float
+
+
+def count(setup: Setup) -> Model:
+    with torch.device("meta"):
+        model = Transformer(setup.args)
+    n = model.num_parameters()
+    extra = (setup.num_parameters or n) - n  # --params: another architecture of about this shape
+    return Model(n + extra, model.num_parameters(non_embedding=True) + extra,
+                 sum(p.numel() for p in model.layers[0].parameters()), model.flops_per_token() + 6 * extra)
+
+
+def activation_bytes_per_token(args: ModelArgs, precision: str, checkpointing: bool) -> float:
+    """Peak activation memory per token of a micro-batch (see the module docstring)."""
+    a, b = args, 4 if precision == "fp32" else 2
+    C, F = a.n_embd, a.intermediate_size
+    saved = 8 * C + 2 * a.n_kv_head * a.head_dim + 4 * F + a.n_head + 2
+    block_grads = 3 * F + 2 * C
+    head = 4 * a.vocab_size * 4 + 3 * C * b  # the loss is computed in fp32
+    if checkpointing:
+        return a.n_layer * C * b + max(head, (saved + block_grads) * b)
+    return a.n_layer * saved * b + max(head, block_grads * b)
+
+
+def plan(setup: Setup) -> list[Row]:
+    """Memory per device and time of every strategy, without and with activation checkpointing."""
+    model = count(setup)
+    n = model.num_parameters
+    w, g, o = STATE_BYTES["fp32" if setup.precision == "fp32" else "mixed"]
+    run_seconds = TOKENS_PER_PARAMETER * n * model.flops_per_token / (
+        setup.gpus * setup.gpu.peak_flops[setup.precision] * setup.mfu)
+    rows = []
+    for s in STRATEGIES:
+        if s.hybrid and setup.gpus <= setup.gpus_per_node:
+            continue  # the same as FULL_SHARD on one node
+        shards = min(setup.gpus, setup.gpus_per_node) if s.hybrid else setup.gpus
+        weights = n * w / shards if s.shard_weights else n * w
+        optimizer = n * o / shards if s.shard_optimizer else n * o
+        host = 0.0
+        if s.offload:  # to host memory: the optimizer state, and the weight shards with ZeRO-3
+            host, optimizer = optimizer + (weights if s.shard_weights else 0), 0.0
+            weights = 0.0 if s.shard_weights else weights
+        if s.shard_weights and (shards > 1 or s.offload):
+            weights += 2 * model.block_parameters * w  # gathered blocks: computing + prefetched
+        for ckpt in (False, True):
+            activations = setup.batch_size * setup.args.block_size * activation_bytes_per_token(
+                setup.args, setup.precision, ckpt)
+            row = Row(s.name, ckpt, weights, n * g / shards if s.shard_grads else n * g, optimizer, activations,
+                      host, False, run_seconds * (RECOMPUTE if ckpt else 1))
+            row.fits = row.total <= USABLE_MEMORY * setup.gpu.memory_gib * GiB
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# from a scratchllm profile
+
+
+def config_strategy(cfg) -> Strategy:
+    """The strategy a training config runs with: its accelerate profile's FSDP or DeepSpeed settings."""
+    path = cfg.training.accelerate_config
+    profile = yaml.safe_load(Path(path).read_text()) if path else {}
+    kind = profile.get("distributed_type", "MULTI_CPU")
+    by_name = {s.name: s for s in STRATEGIES}
+    if kind == "FSDP":
+        fsdp = profile.get("fsdp_config", {})
+        sharding = str(fsdp.get("fsdp_sharding_strategy", "FULL_SHARD"))
+        if fsdp.get("fsdp_offload_params"):
+            return by_name["ZeRO-3 + CPU offload"]
+        return next(s for s in STRATEGIES if s.name.endswith(sharding)) if "HYBRID" not in sharding \
+            else by_name["FSDP HYBRID_SHARD"]
+    if kind == "DEEPSPEED":
+        ds = profile.get("deepspeed_config", {})
+        stage = int(ds.get("zero_stage", 0))
+        offload = ds.get("offload_optimizer_device", "none") not in ("none", None)
+        if stage == 0:
+            return by_name["DDP"]
+        return by_name[f"ZeRO-{stage} + CPU offload"] if offload and stage > 1 else \
+            next(s for s in STRATEGIES if s.name.startswith(f"ZeRO-{stage}"))
+    return by_name["DDP"]
+
+
+def setup_from_config(cfg, vocab_size: int | None = None, **overrides) -> Setup:
+    """A Setup for a scratchllm config: its model, batch, precision and number of processes."""
+    from llm_core.train import model_args
+
+    t = cfg.training
+    precision = {"no": "fp32"}.get(t.mixed_precision, t.mixed_precision)
+    return Setup(model_args(cfg, vocab_size or cfg.tokenizer.vocab_size), batch_size=t.batch_size,
+                 precision=precision, gpus=t.num_processes, **overrides)
+
+
+def planned_row(cfg, vocab_size: int | None = None, **overrides) -> Row:
+    """The row of the plan this config trains with (its strategy, its activation checkpointing)."""
+    name = config_strategy(cfg).name
+    rows = [r for r in plan(setup_from_config(cfg, vocab_size, **overrides))
+            if r.checkpointing == cfg.training.activation_checkpointing]
+    return next((r for r in rows if r.strategy == name), None) or \
+        next(r for r in rows if r.strategy == "ZeRO-3 / FSDP FULL_SHARD")  # HYBRID_SHARD on one node
+
+
+def plan_vs_measured(cfg, run: dict, vocab_size: int, mfu: float = 0.4) -> dict[str, tuple[float, float]]:
+    """{quantity: (planned, measured)} for a finished training (`run`: its TrainResult as a dict).
+    Planned throughput is `mfu` of the peak FLOP/s train() measured on its own device."""
+    row = planned_row(cfg, vocab_size)
+    flops_per_token = count(setup_from_config(cfg, vocab_size)).flops_per_token
+    return {"peak memory per device (MB)": (row.total / 2**20, run["peak_memory_mb"]),
+            "tokens per second": (run["world_size"] * run["peak_flops"] * mfu / flops_per_token,
+                                  run["tokens_per_second"])}
+
+
+# ---------------------------------------------------------------------------------------------
+# printing
+
+
+def human(x: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{suffix}{unit}"
+    return f"{x:.3g}{unit}"
+
+
+def duration(seconds: float) -> str:
+    for scale, suffix in ((86400, "d"), (3600, "h"), (60, "min")):
+        if seconds >= scale:
+            return f"{seconds / scale:.1f} {suffix}"
+    return f"{seconds:.0f} s"
+
+
+def format_plan(setup: Setup, rows: list[Row]) -> str:
+    a, model = setup.args, count(setup)
+    n, fpt = model.num_parameters, model.flops_per_token
+    peak = setup.gpu.peak_flops[setup.precision]
+    tokens = TOKENS_PER_PARAMETER * n
+    lines = [
+        (f"model       {human(n)} parameters ({human(model.non_embedding)} without the embedding), {a.n_layer} layers "
+        f"x {a.n_embd} wide, {a.n_head} heads ({a.n_kv_head} kv), MLP {a.intermediate_size}, vocab {a.vocab_size}"),
+        (f"compute     {human(fpt)}FLOP per token (6N + attention at seq {a.block_size}); compute-optimal run "
+        f"{human(tokens)} tokens ({TOKENS_PER_PARAMETER}/parameter) = {tokens * fpt:.2e} FLOP"),
+        (f"devices     {setup.gpus} x {setup.gpu.name} ({human(peak)}FLOP/s {setup.precision} peak) at MFU "
+        f"{setup.mfu:.0%}: {human(setup.gpus * peak * setup.mfu / fpt)} tokens/s"),
+        (f"per device  micro-batch {setup.batch_size} x {a.block_size} tokens, {setup.precision}"
+        f"{' mixed precision' if setup.precision != 'fp32' else ''}; fits = total <= "
+        f"{USABLE_MEMORY:.0%} of {setup.gpu.memory_gib:g} GiB"),
+        "",
+    ]
+    header = ["strategy", "act. ckpt", "weights", "grads", "optimizer", "activations", "total/GPU", "fits",
+              "CPU/GPU", "time"]
+    table = [[r.strategy, "yes" if r.checkpointing else "no",
+              *(f"{v / GiB:.2f}" for v in (r.weights, r.grads, r.optimizer, r.activations, r.total)),
+              "yes" if r.fits else "NO", f"{r.host / GiB:.2f}" if r.host else "-", duration(r.seconds)]
+             for r in rows]
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *table)]
+    def fmt(cells):
+        return "  ".join(c.ljust(wd) if i < 2 else c.rjust(wd) for i, (c, wd) in enumerate(zip(cells, widths)))
+
+    lines += [fmt(header) + "   (GiB)", fmt(["-" * wd for wd in widths])] + [fmt(row) for row in table]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scratchllm plan", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="a scratchllm profile: its model, batch, precision and processes")
+    for flag, kind, what in [
+        ("--params", float, "parameter count to plan for (overrides the count of the shape below)"),
+        ("--layers", int, "transformer blocks"), ("--width", int, "n_embd"), ("--heads", int, "attention heads"),
+        ("--kv-heads", int, "key/value heads (default: --heads)"), ("--vocab", int, "vocabulary size"),
+        ("--seq-len", int, "tokens per sequence"), ("--batch", int, "sequences per GPU per micro-step"),
+        ("--gpus", int, "data-parallel devices"), ("--gpu-memory-gb", float, "memory per device (GiB)")]:
+        parser.add_argument(flag, type=kind, help=what)
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--gpu", default="A100-80GB", choices=sorted(GPUS), help="peak FLOP/s and memory")
+    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization to assume")
+    a = parser.parse_args(argv)
+
+    if a.config:
+        from llm_core.config import load_config
+
+        setup = setup_from_config(load_config(a.config))
+    else:
+        setup = Setup(ModelArgs(vocab_size=50304, n_layer=12, n_head=12, n_kv_head=12, n_embd=768, block_size=1024))
+    m = setup.args
+    args = ModelArgs(vocab_size=a.vocab or m.vocab_size, n_layer=a.layers or m.n_layer, n_head=a.heads or m.n_head,
+                     n_kv_head=a.kv_heads or (a.heads if a.heads else m.n_kv_head), n_embd=a.width or m.n_embd,
+                     block_size=a.seq_len or m.block_size, tie_embeddings=m.tie_embeddings)
+    gpu = GPUS[a.gpu]
+    if a.gpu_memory_gb:
+        gpu = dataclasses.replace(gpu, name=f"{gpu.name} ({a.gpu_memory_gb:g} GiB)", memory_gib=a.gpu_memory_gb)
+    setup = dataclasses.replace(setup, args=args, gpu=gpu, mfu=a.mfu, batch_size=a.batch or setup.batch_size,
+                                precision=a.precision or setup.precision, gpus=a.gpus or setup.gpus,
+                                num_parameters=int(a.params) if a.params else None)
+    if args.n_embd % args.n_head or args.n_head % args.n_kv_head or not 0 < setup.mfu <= 1:
+        parser.error("--heads must divide --width, --kv-heads must divide --heads, 0 < --mfu <= 1")
+    print(format_plan(setup, plan(setup)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

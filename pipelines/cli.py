@@ -90,7 +90,14 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"see the log above or the Dagster UI (make ui)", file=sys.stderr)
         return 1
     print(f"scratchllm: run {result.run_id} succeeded. Outputs under {cfg.data_path}; "
-          f"browse them with `make ui` (http://127.0.0.1:3000).", file=sys.stderr)
+          f"browse them with `make ui` (Dagster http://127.0.0.1:3000, MLflow http://127.0.0.1:5000).",
+          file=sys.stderr)
+    for event in result.get_asset_materialization_events():
+        if event.asset_key == dg.AssetKey("registered_model"):
+            m = {k: v.value for k, v in event.step_materialization_data.materialization.metadata.items()}
+            print(f"scratchllm: registered {m['model_name']} version {m['model_version']} "
+                  f"({m['val_bpb']:.3f} bits/byte) as `{m['alias']}`; try: scratchllm generate --model "
+                  f"{m['model_name']}@{m['alias']} --prompt 'ROMEO:'", file=sys.stderr)
     return 0
 
 

@@ -43,6 +43,17 @@ def prose() -> list[str]:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread is fastest and does not fight concurrent tests for the 2 cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
     """`make_cfg(sources, corpus={...}, cleaning={...}, ...)`: the default profile with data_dir under tmp_path."""

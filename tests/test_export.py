@@ -22,6 +22,7 @@ from helpers import MORE_TRICKY, QUIET, build_shards, make_config, random_unicod
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 BLOCK = 48
 CONFIGS = {  # name: ModelArgs overrides; theta and eps vary so that a wrong mapping shows
     "MHA-tied": {"n_head": 4, "n_kv_head": 4, "tie_embeddings": True},
@@ -33,13 +34,6 @@ CONFIGS = {  # name: ModelArgs overrides; theta and eps vary so that a wrong map
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is fastest and does not fight concurrent tests for the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

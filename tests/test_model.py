@@ -11,16 +11,10 @@ import torch
 
 from llm_core.model import ModelArgs, Transformer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread is fastest and does not fight concurrent tests for the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_model(seed: int = 0, **kw) -> Transformer:

@@ -222,6 +222,7 @@ def test_cli_run_succeeds_and_fails_with_a_clear_message(tmp_path):
     done = subprocess.run([*CLI, "run", "--config", str(good)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "cleaned_shards_invariant: passed" in done.stderr and "succeeded" in done.stderr
+    assert "registered scratchllm version 1" in done.stderr and "as `champion`" in done.stderr
 
     broken = tmp_path / "broken"
     broken.mkdir()

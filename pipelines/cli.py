@@ -82,7 +82,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
     )
     for check in result.get_asset_check_evaluations():
-        print(f"  check {check.asset_check_key.to_user_string()}: {'passed' if check.passed else 'FAILED'}"
+        outcome = "passed" if check.passed else "FAILED" if check.severity == dg.AssetCheckSeverity.ERROR else "warning"
+        print(f"  check {check.asset_check_key.to_user_string()}: {outcome}"
               f" {check.metadata.get('details').value if 'details' in check.metadata else ''}", file=sys.stderr)
     if not result.success:
         failed = [e.step_key for e in result.all_events if e.is_step_failure]

@@ -284,7 +284,7 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
         if main and on_metrics:
             on_metrics(done, metrics)
         if done % t.checkpoint_interval == 0 or done == t.max_steps:
-            save_checkpoint(accelerator, out_dir, done)
+            save_checkpoint(accelerator, out_dir, done, model_config(args, cfg))
 
     if start_step >= t.max_steps and stepper.history:  # nothing left to do: report the finished run
         last_loss = stepper.history[-1]["train_loss"]
@@ -311,8 +311,9 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     return result
 
 
-def save_checkpoint(accelerator, out_dir: Path, step: int, keep: int = 2) -> None:
-    """accelerate.save_state into step_N.tmp, renamed to step_N when every rank is done."""
+def save_checkpoint(accelerator, out_dir: Path, step: int, model_config: dict, keep: int = 2) -> None:
+    """accelerate.save_state into step_N.tmp, renamed to step_N when every rank is done. With the
+    model config beside the weights, a checkpoint loads (and generates) like a finished model."""
     final = out_dir / CHECKPOINTS / f"step_{step}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
@@ -321,6 +322,7 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, keep: int = 2) -> Non
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_json(tmp / MODEL_CONFIG_FILE, model_config)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in checkpoint_dirs(out_dir)[:-keep]:
@@ -334,8 +336,12 @@ def save_model_files(model: Transformer, cfg: ScratchConfig, out_dir: Path) -> N
 
     with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
         save_model(model, str(tmp))  # handles the tied embedding / lm_head weight
-    write_json(out_dir / MODEL_CONFIG_FILE,
-               {"model": dataclasses.asdict(model.args), "config": cfg.model_dump(mode="json")})
+    write_json(out_dir / MODEL_CONFIG_FILE, model_config(model.args, cfg))
+
+
+def model_config(args: ModelArgs, cfg: ScratchConfig) -> dict:
+    """model_config.json: the model's dimensions, and the config it was trained with."""
+    return {"model": dataclasses.asdict(args), "config": cfg.model_dump(mode="json")}
 
 
 def save_final(model: Transformer, cfg: ScratchConfig, result: TrainResult) -> None:
@@ -346,13 +352,21 @@ def save_final(model: Transformer, cfg: ScratchConfig, result: TrainResult) -> N
     write_json(out_dir / SUMMARY_FILE, {**summary, "history": result.history})
 
 
-def load_model(out_dir: Path, device: str = "cpu") -> Transformer:
-    """A trained model from its directory (model_config.json + model.safetensors)."""
-    from safetensors.torch import load_model as load_weights
+def load_model(model_dir: Path, device: str = "cpu") -> Transformer:
+    """A trained model from its directory, or from one of its checkpoints/step_N: model_config.json
+    + model.safetensors (stored once if tied; `_orig_mod.` names of a compiled model accepted)."""
+    from safetensors.torch import load_file
 
-    args = ModelArgs(**read_json(Path(out_dir) / MODEL_CONFIG_FILE)["model"])
+    model_dir = Path(model_dir)
+    args = ModelArgs(**read_json(model_dir / MODEL_CONFIG_FILE)["model"])
     model = Transformer(args)
-    load_weights(model, str(Path(out_dir) / WEIGHTS_FILE), device=device)
+    state = {k.removeprefix("_orig_mod."): v for k, v in load_file(model_dir / WEIGHTS_FILE, device=device).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if args.tie_embeddings and len(missing) == 1 and missing[0] in ("lm_head.weight", "embed_tokens.weight"):
+        missing = []  # the tied matrix was saved under its other name
+    if missing or unexpected:
+        raise ValueError(f"{model_dir / WEIGHTS_FILE} does not fit its model_config.json: "
+                         f"missing {missing}, unexpected {unexpected}")
     return model.eval()
 
 

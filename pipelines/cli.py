@@ -131,11 +131,13 @@ def resolve_model_dir(spec: str | None, cfg) -> Path:
 
 
 def tokenizer_dir_for(model_dir: Path, cfg) -> Path:
-    """The tokenizer a model directory carries, else the profile's (older runs did not carry one)."""
+    """The tokenizer a model directory carries (a checkpoint: its run's), else the profile's."""
     from llm_core.generate import TOKENIZER_SUBDIR
     from llm_core.tokenizer import TOKENIZER_DIR
+    from llm_core.train import CHECKPOINTS
 
-    carried = model_dir / TOKENIZER_SUBDIR
+    run_dir = model_dir.parent.parent if model_dir.parent.name == CHECKPOINTS else model_dir
+    carried = run_dir / TOKENIZER_SUBDIR
     return carried if carried.is_dir() else cfg.data_path / TOKENIZER_DIR
 
 
@@ -174,8 +176,8 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
-MODEL_HELP = ("a model directory, or a registered model NAME@ALIAS (e.g. scratchllm@champion) or NAME/VERSION; "
-              "default: the latest trained_model")
+MODEL_HELP = ("a model directory (trained_model/runs/<key>, or one of its checkpoints/step_N), or a registered "
+              "model NAME@ALIAS (e.g. scratchllm@champion) or NAME/VERSION; default: the latest trained_model")
 
 
 def main(argv: list[str] | None = None) -> int:

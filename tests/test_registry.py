@@ -5,7 +5,7 @@ import mlflow
 import pytest
 
 from llm_core import registry, tracking
-from llm_core.generate import load_generator
+from llm_core.generate import copy_tokenizer, load_generator
 
 
 @pytest.fixture
@@ -78,8 +78,10 @@ def test_cli_generate_streams_from_an_alias_a_version_and_a_directory(store, tra
         "ROMEO:", max_new_tokens=10, temperature=0)
     args = ["--prompt", "ROMEO:", "--max-new-tokens", "10", "--temperature", "0", "--config", str(profile)]
 
-    for model in ("tiny@champion", "tiny/1", str(tmp_path / "data" / "registry_cache" / "tiny" / "1" / "artifacts" /
-                                                "model")):
+    copy_tokenizer(cfg.data_path / "tokenizer", result.out_dir)  # as the trained_model asset does
+    cached = tmp_path / "data" / "registry_cache" / "tiny" / "1" / "artifacts" / "model"
+    checkpoint = result.out_dir / "checkpoints" / "step_10"  # the last step: the final weights
+    for model in ("tiny@champion", "tiny/1", str(cached), str(result.out_dir), str(checkpoint)):
         assert main(["generate", "--model", model, *args]) == 0
         assert capsys.readouterr().out == "ROMEO:" + expected + "\n"
 

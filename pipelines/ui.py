@@ -91,8 +91,10 @@ def run_ui(cfg: ScratchConfig, host: str, dagster_port: int, mlflow_port: int) -
             up = wait_until_up(urls[name] + health) if processes[name].poll() is None else False
             print(f"{'Dagster' if name == 'dagster' else 'MLflow'} UI: {urls[name]}"
                   + ("" if up else "  (did not answer yet; see its log above)"), file=sys.stderr, flush=True)
-        print(f"MLflow training runs: {urls['mlflow']}/#/experiments  ·  Ctrl-C stops both", file=sys.stderr,
-              flush=True)
+        # The MLflow UI opens on its GenAI pages; the training runs are one link away.
+        experiment = tracking.experiment_id(tracking.tracking_uri(cfg), tracking.artifact_location(cfg))
+        print(f"MLflow training runs: {urls['mlflow']}/#/experiments/{experiment}/runs  ·  "
+              f"models: {urls['mlflow']}/#/models  ·  Ctrl-C stops both", file=sys.stderr, flush=True)
         while all(p.poll() is None for p in processes.values()):
             time.sleep(0.5)
         exited = next(name for name, p in processes.items() if p.poll() is not None)

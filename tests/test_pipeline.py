@@ -97,6 +97,7 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path):
     assert "strategy: DDP" in model["plan_vs_measured"]
     assert "| peak memory per device (MB) |" in model["plan_vs_measured"]
     run = MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}").get_run(model["mlflow_run_id"])
+    assert {f"data_version.{a}" for a in DATA_ASSETS} <= set(run.data.tags)  # runs compare by data too
     assert run.data.params["model.n_embd"] == "32" and "val_loss" in run.data.metrics
     assert len(MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}").get_metric_history(
         model["mlflow_run_id"], "train_loss")) == 6  # every step

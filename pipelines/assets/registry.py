@@ -8,23 +8,13 @@ import dagster as dg
 from llm_core import registry
 from llm_core.data.files import read_json
 from llm_core.generate import TOKENIZER_SUBDIR
-from pipelines.assets.evaluation import EVALUATION_DIR, model_evaluation
 from llm_core.train import latest_model
+from pipelines.assets.evaluation import EVALUATION_DIR, model_evaluation
 from pipelines.config import ScratchllmResource, run_config_class
+from pipelines.lineage import data_versions
 from pipelines.resources import MLflowResource
 
 RegisteredModelConfig = run_config_class("RegisteredModelConfig", "registry")
-LINEAGE_ASSETS = ("raw_corpus", "cleaned_shards", "tokenizer", "tokenized_dataset", "trained_model")
-
-
-def data_versions(instance: dg.DagsterInstance) -> dict[str, str]:
-    """The data version of each upstream asset's latest materialization: what this model came from."""
-    versions = {}
-    for name in LINEAGE_ASSETS:
-        event = instance.get_latest_materialization_event(dg.AssetKey(name))
-        if event is not None and event.asset_materialization is not None:
-            versions[f"data_version.{name}"] = event.asset_materialization.tags.get("dagster/data_version", "")
-    return versions
 
 
 @dg.asset(group_name="evaluation", kinds={"mlflow"}, code_version="1", deps=[model_evaluation],

@@ -12,6 +12,7 @@ from llm_core.tokenize import DATASET_DIR
 from llm_core.train import LATEST_FILE, MODEL_DIR
 from pipelines.assets.tokenizer import TOKENIZER_DIR, tokenized_dataset
 from pipelines.config import ScratchllmResource, run_config_class
+from pipelines.lineage import UPSTREAM_OF_TRAINING, data_versions
 from pipelines.metadata import uri
 from pipelines.resources import MLflowResource, accelerate_command, rank_environment
 
@@ -46,7 +47,8 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
         run_id = tracking.start_training_run(cfg, uri_, run_name=f"train-{key}", tags={
             "dagster.run_id": context.run_id, "scratchllm.training_key": key,
             "scratchllm.dataset_version": dataset_version,
-            "scratchllm.config_hash": cfg.section_hash("model", "training", "dataset")})
+            "scratchllm.config_hash": cfg.section_hash("model", "training", "dataset"),
+            **data_versions(context.instance, UPSTREAM_OF_TRAINING)})
         write_json(run_file, {"run_id": run_id, "tracking_uri": uri_})
     resolved = out_dir / "resolved_config.json"
     with atomic_path(resolved) as tmp:

@@ -1,10 +1,15 @@
 """The MLflow registry on a real sqlite store: versions, the champion/challenger rule, and the
 registered pyfunc loaded by alias generating the same text as the model it came from."""
 
+import os
+import subprocess
+import sys
+
 import mlflow
 import pytest
 
 from llm_core import registry, tracking
+from llm_core.config import PROJECT_ROOT
 from llm_core.generate import copy_tokenizer, load_generator
 
 
@@ -89,3 +94,27 @@ def test_cli_generate_streams_from_an_alias_a_version_and_a_directory(store, tra
     assert "no registered model 'tiny@nosuchalias'" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "missing"), *args]) == 2
     assert "not a trained model directory" in capsys.readouterr().err
+
+
+def test_the_registered_model_loads_where_scratchllm_is_not_installed(store, tmp_path):
+    """The pyfunc carries its code (code_paths): a process that cannot import llm_core loads and runs it."""
+    register, uri = store
+    register("a", 2.0)
+    script = f"""
+import sys
+sys.meta_path = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path = [p for p in sys.path if p not in ("", {str(PROJECT_ROOT)!r})]
+try:
+    import llm_core
+    sys.exit("llm_core is importable: the test proves nothing")
+except ImportError:
+    pass
+import mlflow
+mlflow.set_tracking_uri({uri!r})
+model = mlflow.pyfunc.load_model("models:/tiny@champion")
+print(model.predict(["ROMEO:"], params={{"max_new_tokens": 5, "temperature": 0}})[0] is not None)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("True")

@@ -181,13 +181,20 @@ def test_process_count_mismatch_is_refused(data_dir, tmp_path):
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-def test_two_cpu_ranks_match_one_rank_with_the_same_global_batch(data_dir, reference_run, tmp_path):
+LAUNCH_FLAGS = {  # "--main_process_port 0": a free port, other runs may hold 29500
+    "cli-flags": ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                  "--dynamo_backend", "no", "--main_process_port", "0"],
+    "cpu_2proc-profile": ["--config_file", str(PROJECT_ROOT / "assets_config" / "accelerate" / "cpu_2proc.yaml"),
+                          "--main_process_port", "0"],
+}
+
+
+@pytest.mark.parametrize("launch_flags", LAUNCH_FLAGS.values(), ids=LAUNCH_FLAGS.keys())
+def test_two_cpu_ranks_match_one_rank_with_the_same_global_batch(data_dir, reference_run, tmp_path, launch_flags):
     _, one_rank = reference_run
     cfg = config(data_dir, num_processes=2, batch_size=2)
     out = tmp_path / "ddp"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", "0"]  # a free port: other runs may hold 29500
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *launch_flags]
     proc = run(launch + train_command(cfg, out))
     assert "on 2 process(es)" in proc.stdout + proc.stderr
     two = summary(out)

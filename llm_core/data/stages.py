@@ -14,21 +14,26 @@ Layout under data_dir:
   cleaned_shards/manifest.json, cleaned_shards/shards/<part>.parquet   (id, source, text)
   cleaned_shards/removed/<part>.parquet   (id, source, reason, duplicate_of): every removed doc
   cleaned_shards/cache/...                per-part cleaning results
+  cleaned_shards/dedup.tmp-*/             hashes spilled to disk during dedup (removed after)
   quarantine/<stage>/*.jsonl (+ files/)   unusable files and records, each with its reason
 """
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing
 import os
+import shutil
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +42,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from llm_core.config import CleaningConfig, DedupConfig, ScratchConfig
-from llm_core.data import clean, dedup
+from llm_core.data import clean, dedup, repeats
 from llm_core.data.files import Quarantine, read_json, remove_stale_files, write_json, TMP_MARK
 from llm_core.data.ingest import BadFile, BadRecord, ReadOptions, read_source
 from llm_core.data.shards import DOC_SCHEMA, ShardWriter, iter_batches, write_table
@@ -395,6 +400,114 @@ def _clean_missing_parts(jobs: list[tuple[str, str]], cfg: ScratchConfig, log: L
     return summaries
 
 
+class _CorpusDedup:
+    """Which documents of the cleaned parts are exact or near duplicates, part by part in corpus order.
+
+    The decisions are those of a single pass remembering every content hash and every LSH band key:
+    the first document of each content hash is kept, and NearDupIndex keeps the first of each group
+    of near duplicates among the rest. But only a hash or a key that another document shares can ever
+    make a duplicate, so two cheap passes first find those (spilled to disk: repeats.RepeatedValues)
+    and the deciding pass remembers nothing else. Memory grows with the number of duplicates and
+    LSH candidates, not with the corpus.
+      pass 1 (if exact): the content hashes that repeat;
+      pass 2: the exact duplicates, and the band keys that repeat among the other kept documents;
+      pass 3 (`removals`): near duplicates, indexing only the documents that have a repeated key.
+    A kept document's ref is its index among all kept documents in corpus order (a signature row).
+    """
+
+    def __init__(self, cfg: DedupConfig, parts: list[dict[str, Path]], work_dir: Path):
+        self.cfg, self.parts = cfg, parts
+        num_kept = [len(np.load(files["offsets"], mmap_mode="r")) - 1 for files in parts]
+        self.first_ref = np.cumsum([0] + num_kept).tolist()
+        self._arrays = functools.lru_cache(maxsize=8)(self._map)  # a few parts memory-mapped at a time
+        self.index = dedup.NearDupIndex(cfg, self._shingles_of, self._signature_of) if cfg.near else None
+        self.exact: list[dict[int, tuple[str, str]]] = []  # per part: row -> ("exact_duplicate", id of the first)
+        self.repeated_keys = repeats.EMPTY
+        for leftover in work_dir.glob(f"dedup{TMP_MARK}*"):  # of a killed run
+            shutil.rmtree(leftover, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix=f"dedup{TMP_MARK}", dir=work_dir) as tmp:
+            self._find_exact_and_repeated_keys(Path(tmp), sum(num_kept))
+
+    def _read(self, part: int, with_ids: bool = False) -> tuple[pa.Table, np.ndarray]:
+        """The part's cache table (status, content_hash and maybe id) and the rows of its kept documents
+        (the k-th of which is row k of the part's signature and shingle arrays)."""
+        table = pq.read_table(self.parts[part]["table"], columns=["status", "content_hash"] + ["id"] * with_ids)
+        return table, np.flatnonzero(pc.equal(table.column("status"), KEPT).to_numpy())
+
+    def _offered(self, part: int, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(k of the kept documents that are not exact duplicates, the part's signatures, their band keys)."""
+        offered = np.flatnonzero(~np.isin(kept, list(self.exact[part])))
+        signatures = np.load(self.parts[part]["signatures"])
+        return offered, signatures, self.index.band_keys(signatures[offered])
+
+    def _find_exact_and_repeated_keys(self, tmp: Path, num_kept: int) -> None:
+        repeated_hashes = repeats.EMPTY
+        if self.cfg.exact:
+            hashes = repeats.RepeatedValues(tmp / "hashes", num_kept)
+            for part in range(len(self.parts)):
+                table, kept = self._read(part)
+                hashes.add(table.column("content_hash").to_numpy()[kept])
+            repeated_hashes = hashes.repeated()
+        keys = repeats.RepeatedValues(tmp / "keys", num_kept * self.cfg.bands)
+        first_with_hash: dict[int, str] = {}  # repeated hashes only
+        for part in range(len(self.parts)):
+            table, kept = self._read(part, with_ids=self.cfg.exact)
+            content = table.column("content_hash").to_numpy()[kept]
+            exact = {}
+            for k in np.flatnonzero(repeats.isin_sorted(content, repeated_hashes)).tolist():
+                row, content_hash = int(kept[k]), int(content[k])
+                if content_hash in first_with_hash:
+                    exact[row] = ("exact_duplicate", first_with_hash[content_hash])
+                else:
+                    first_with_hash[content_hash] = table.column("id")[row].as_py()
+            self.exact.append(exact)
+            if self.index is not None:
+                keys.add(self._offered(part, kept)[2])
+        self.repeated_keys = keys.repeated()
+
+    def removals(self) -> Iterator[tuple[int, dict[int, tuple[str, str | None]]]]:
+        """For each part in corpus order: (its number of documents, its removed rows -> (reason, id of
+        the document it duplicates, or None when the cleaning removed it))."""
+        id_of_ref: dict[int, str] = {}  # indexed documents only
+        for part in range(len(self.parts)):
+            table, kept = self._read(part, with_ids=self.index is not None)
+            dropped = np.ones(table.num_rows, dtype=bool)
+            dropped[kept] = False
+            rows = np.flatnonzero(dropped)
+            statuses = table.column("status").take(rows).to_pylist()
+            removed: dict[int, tuple[str, str | None]] = dict(zip(rows.tolist(), ((s, None) for s in statuses)))
+            if self.index is not None:
+                offered, signatures, keys = self._offered(part, kept)
+                shared = repeats.isin_sorted(keys, self.repeated_keys)
+                for j in np.flatnonzero(shared.any(axis=1)).tolist():  # the others cannot match or be matched
+                    k = int(offered[j])
+                    ref, row = self.first_ref[part] + k, int(kept[k])
+                    match = self.index.find_or_add(ref, signatures[k], self._shingles_of(ref),
+                                                   keys=keys[j][shared[j]].tolist())
+                    if match is None:
+                        id_of_ref[ref] = table.column("id")[row].as_py()
+                    else:
+                        removed[row] = ("near_duplicate", id_of_ref[match])
+            removed.update(self.exact[part])
+            self.exact[part] = {}
+            yield table.num_rows, dict(sorted(removed.items()))
+
+    def _map(self, part: int) -> tuple[np.ndarray, ...]:
+        return tuple(np.load(self.parts[part][name], mmap_mode="r") for name in ("signatures", "shingles", "offsets"))
+
+    def _locate(self, ref: int) -> tuple[tuple[np.ndarray, ...], int]:
+        part = bisect.bisect_right(self.first_ref, ref) - 1
+        return self._arrays(part), ref - self.first_ref[part]
+
+    def _signature_of(self, ref: int) -> np.ndarray:
+        (signatures, _, _), k = self._locate(ref)
+        return signatures[k]
+
+    def _shingles_of(self, ref: int) -> np.ndarray:
+        (_, shingles, offsets), k = self._locate(ref)
+        return shingles[offsets[k]: offsets[k + 1]]
+
+
 def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsResult:
     root = cfg.data_path / CLEAN_DIR
     cache_dir, shards_dir, removed_dir = root / "cache", root / "shards", root / "removed"
@@ -413,51 +526,18 @@ def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsR
     previous = {entry["cache"]: entry for entry in read_json(manifest_path).get("parts", [])}
 
     # 2. Corpus-wide dedup in corpus order, from hashes and signatures only.
-    shingle_arrays = [np.load(_cache_files(p)["shingles"], mmap_mode="r") for p in prefixes]
-    offset_arrays = [np.load(_cache_files(p)["offsets"]) for p in prefixes]
-    doc_of_ref: list[tuple[int, int]] = []  # ref -> (part index, index among the part's kept docs)
-
-    def shingles_of(ref: int) -> np.ndarray:
-        part, k = doc_of_ref[ref]
-        return shingle_arrays[part][offset_arrays[part][k]: offset_arrays[part][k + 1]]
-
-    index = dedup.NearDupIndex(cfg.dedup, shingles_of) if cfg.dedup.near else None
-    first_with_hash: dict[int, str] = {}
-    id_of_ref: list[str] = []
+    duplicates = _CorpusDedup(cfg.dedup, [_cache_files(p) for p in prefixes], root)
     entries, preview = [], []
     written = 0
     totals: Counter = Counter()
     filtered_by_rule: Counter = Counter()
     pii: Counter = Counter()
     progress = _Progress(log, "dedup + write", len(parts))
-    for part_index, (raw, prefix) in enumerate(zip(parts, prefixes)):
+    for part_index, (raw, prefix, (num_rows, removed)) in enumerate(zip(parts, prefixes, duplicates.removals())):
         files = _cache_files(prefix)
-        table = pq.read_table(files["table"], columns=["id", "source", "status", "content_hash"])
-        signatures = np.load(files["signatures"])
-        removed: dict[int, tuple[str, str | None]] = {}  # row -> (reason, duplicate_of)
-        kept_k = 0
-        ids = table.column("id").to_pylist()
-        for row, (doc_id, status, content) in enumerate(zip(
-                ids, table.column("status").to_pylist(), table.column("content_hash").to_pylist())):
-            if status != KEPT:
-                removed[row] = (status, None)
-                continue
-            k, kept_k = kept_k, kept_k + 1
-            if cfg.dedup.exact and content in first_with_hash:
-                removed[row] = ("exact_duplicate", first_with_hash[content])
-                continue
-            first_with_hash.setdefault(content, doc_id)
-            if index is not None:
-                ref = len(doc_of_ref)
-                doc_of_ref.append((part_index, k))
-                id_of_ref.append(doc_id)
-                match = index.find_or_add(ref, signatures[k], shingles_of(ref))
-                if match is not None:
-                    removed[row] = ("near_duplicate", id_of_ref[match])
-
         counts = Counter(reason for reason, _ in removed.values())
         entry = {"cache": prefix.name, "raw_part": raw.name, "name": f"{raw.stem}.parquet",
-                 "num_documents_in": table.num_rows, "num_kept": table.num_rows - len(removed),
+                 "num_documents_in": num_rows, "num_kept": num_rows - len(removed),
                  "num_exact_duplicates": counts.pop("exact_duplicate", 0),
                  "num_near_duplicates": counts.pop("near_duplicate", 0),
                  "num_quarantined": counts.pop(QUARANTINED, 0), "filtered_by_rule": dict(counts),
@@ -500,7 +580,7 @@ def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsR
         filtered_by_rule=dict(filtered_by_rule), pii_replacements=dict(pii),
         num_bytes_in=totals["num_bytes_in"], num_bytes_out=totals["num_bytes_out"],
         num_parts_cleaned=len(jobs), num_parts_reused=len(parts) - len(jobs), num_shards_written=written,
-        num_candidates_checked=index.num_candidates_checked if index else 0,
+        num_candidates_checked=duplicates.index.num_candidates_checked if duplicates.index else 0,
         parts=entries, shards_dir=shards_dir, data_version=_hash([e["removed_key"] + e["cache"] for e in entries]),
         preview=preview,
     )

@@ -43,7 +43,7 @@ import xxhash
 
 from llm_core.config import CleaningConfig, DedupConfig, ScratchConfig
 from llm_core.data import clean, dedup, repeats
-from llm_core.data.files import Quarantine, read_json, remove_stale_files, write_json, TMP_MARK
+from llm_core.data.files import Quarantine, atomic_path, read_json, remove_stale_files, write_json, TMP_MARK
 from llm_core.data.ingest import BadFile, BadRecord, ReadOptions, read_source
 from llm_core.data.shards import DOC_SCHEMA, ShardWriter, iter_batches, write_table
 from llm_core.data.sources import SourceFile, discover
@@ -419,7 +419,7 @@ class _CorpusDedup:
         self.cfg, self.parts = cfg, parts
         num_kept = [len(np.load(files["offsets"], mmap_mode="r")) - 1 for files in parts]
         self.first_ref = np.cumsum([0] + num_kept).tolist()
-        self._arrays = functools.lru_cache(maxsize=8)(self._map)  # a few parts memory-mapped at a time
+        self._arrays = functools.lru_cache(maxsize=32)(self._open)  # open files of the parts last read
         self.index = dedup.NearDupIndex(cfg, self._shingles_of, self._signature_of) if cfg.near else None
         self.exact: list[dict[int, tuple[str, str]]] = []  # per part: row -> ("exact_duplicate", id of the first)
         self.repeated_keys = repeats.EMPTY
@@ -492,20 +492,39 @@ class _CorpusDedup:
             self.exact[part] = {}
             yield table.num_rows, dict(sorted(removed.items()))
 
-    def _map(self, part: int) -> tuple[np.ndarray, ...]:
-        return tuple(np.load(self.parts[part][name], mmap_mode="r") for name in ("signatures", "shingles", "offsets"))
-
-    def _locate(self, ref: int) -> tuple[tuple[np.ndarray, ...], int]:
+    def _locate(self, ref: int) -> tuple[dict[str, _NpyRows], int]:
         part = bisect.bisect_right(self.first_ref, ref) - 1
         return self._arrays(part), ref - self.first_ref[part]
 
+    def _open(self, part: int) -> dict[str, _NpyRows]:
+        return {name: _NpyRows(self.parts[part][name]) for name in ("signatures", "shingles", "offsets")}
+
     def _signature_of(self, ref: int) -> np.ndarray:
-        (signatures, _, _), k = self._locate(ref)
-        return signatures[k]
+        arrays, k = self._locate(ref)
+        return arrays["signatures"].rows(k, k + 1)[0]
 
     def _shingles_of(self, ref: int) -> np.ndarray:
-        (_, shingles, offsets), k = self._locate(ref)
-        return shingles[offsets[k]: offsets[k + 1]]
+        arrays, k = self._locate(ref)
+        start, end = arrays["offsets"].rows(k, k + 2).tolist()
+        return arrays["shingles"].rows(start, end)
+
+
+class _NpyRows:
+    """Rows of a .npy file read on demand with pread. Not a memory map: the pages of a map stay in the
+    process's RSS until it is unmapped, and dedup reads scattered rows of every part."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "rb")
+        version = np.lib.format.read_magic(self._file)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, self.dtype = read_header(self._file)
+        self._shape = shape[1:]
+        self._row_bytes = self.dtype.itemsize * int(np.prod(self._shape))
+        self._start = self._file.tell()
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        data = os.pread(self._file.fileno(), (stop - start) * self._row_bytes, self._start + start * self._row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape(-1, *self._shape)
 
 
 def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsResult:
@@ -595,21 +614,27 @@ def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsR
 
 def _write_outputs(cache_table: Path, removed: dict[int, tuple[str, str | None]],
                    shard_path: Path, removed_path: Path) -> tuple[int, int]:
-    """Write the kept docs of one part and the ledger of its removed docs (Arrow filtering, no
-    per-row Python: a part is at most a shard, so one table fits comfortably in memory)."""
-    table = pq.read_table(cache_table, columns=["id", "source", "text"])
-    keep = np.ones(table.num_rows, dtype=bool)
-    keep[list(removed)] = False
-    kept = table.filter(pa.array(keep))
-    rows = pa.array(sorted(removed), type=pa.int64())
-    ledger = pa.table({"id": table.column("id").take(rows), "source": table.column("source").take(rows),
-                       "reason": [removed[r][0] for r in sorted(removed)],
-                       "duplicate_of": [removed[r][1] for r in sorted(removed)]},
-                      schema=REMOVED_SCHEMA)
-    write_table(removed_path, ledger)
-    write_table(shard_path, kept.cast(DOC_SCHEMA))
-    text_bytes = lambda t: int(pc.sum(pc.binary_length(t.column("text"))).as_py() or 0)  # noqa: E731
-    return text_bytes(table), text_bytes(kept)
+    """Write the kept docs of one part and the ledger of its removed docs; returns the text bytes in and
+    out. Batch by batch with Arrow filtering (no per-row Python; memory bounded by a batch, not the part)."""
+    removed_rows = np.array(sorted(removed), dtype=np.int64)
+    ledger: dict[str, list] = {"id": [], "source": []}
+    bytes_in = bytes_out = start = 0
+    text_bytes = lambda batch: int(pc.sum(pc.binary_length(batch.column("text"))).as_py() or 0)  # noqa: E731
+    with atomic_path(shard_path) as tmp, pq.ParquetWriter(tmp, DOC_SCHEMA, compression="zstd") as writer:
+        for batch in iter_batches(cache_table, ["id", "source", "text"]):
+            rows = removed_rows[(removed_rows >= start) & (removed_rows < start + batch.num_rows)] - start
+            keep = np.ones(batch.num_rows, dtype=bool)
+            keep[rows] = False
+            kept = batch.filter(pa.array(keep))
+            writer.write_table(pa.Table.from_batches([kept]).cast(DOC_SCHEMA))
+            for name in ledger:
+                ledger[name] += batch.column(name).take(pa.array(rows)).to_pylist()
+            bytes_in, bytes_out = bytes_in + text_bytes(batch), bytes_out + text_bytes(kept)
+            start += batch.num_rows
+    reasons, duplicate_of = zip(*(removed[r] for r in removed_rows.tolist())) if len(removed) else ((), ())
+    write_table(removed_path, pa.table({**ledger, "reason": reasons, "duplicate_of": duplicate_of},
+                                       schema=REMOVED_SCHEMA))
+    return bytes_in, bytes_out
 
 
 def _quarantine_cleaning_failures(cfg: ScratchConfig, name: str, summary: dict | None) -> None:

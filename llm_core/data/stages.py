@@ -417,7 +417,7 @@ class _CorpusDedup:
 
     def __init__(self, cfg: DedupConfig, parts: list[dict[str, Path]], work_dir: Path):
         self.cfg, self.parts = cfg, parts
-        num_kept = [len(np.load(files["offsets"], mmap_mode="r")) - 1 for files in parts]
+        num_kept = [len(_NpyRows(files["offsets"])) - 1 for files in parts]
         self.first_ref = np.cumsum([0] + num_kept).tolist()
         self._arrays = functools.lru_cache(maxsize=32)(self._open)  # open files of the parts last read
         self.index = dedup.NearDupIndex(cfg, self._shingles_of, self._signature_of) if cfg.near else None
@@ -491,6 +491,7 @@ class _CorpusDedup:
             removed.update(self.exact[part])
             self.exact[part] = {}
             yield table.num_rows, dict(sorted(removed.items()))
+        self._arrays.cache_clear()  # closes the files
 
     def _locate(self, ref: int) -> tuple[dict[str, _NpyRows], int]:
         part = bisect.bisect_right(self.first_ref, ref) - 1
@@ -518,9 +519,12 @@ class _NpyRows:
         version = np.lib.format.read_magic(self._file)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, self.dtype = read_header(self._file)
-        self._shape = shape[1:]
+        self._len, self._shape = shape[0], shape[1:]
         self._row_bytes = self.dtype.itemsize * int(np.prod(self._shape))
         self._start = self._file.tell()
+
+    def __len__(self) -> int:
+        return self._len
 
     def rows(self, start: int, stop: int) -> np.ndarray:
         data = os.pread(self._file.fileno(), (stop - start) * self._row_bytes, self._start + start * self._row_bytes)

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import random
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from llm_core.data import clean
+from llm_core.data import clean, dedup
 from llm_core.data.checks import verify_cleaned_shards
-from llm_core.data.stages import EmptyCorpusError, build_cleaned_shards, build_raw_corpus, raw_parts
+from llm_core.data.stages import EmptyCorpusError, _cache_files, build_cleaned_shards, build_raw_corpus, raw_parts
 
 QUIET = lambda msg: None  # noqa: E731
 
@@ -202,3 +205,75 @@ def test_cleaning_that_keeps_nothing_raises(corpus, cfg_for):
 def test_cleaned_shards_before_raw_corpus_is_a_clear_error(corpus, cfg_for):
     with pytest.raises(FileNotFoundError, match="raw_corpus has not been materialized"):
         build_cleaned_shards(cfg_for(corpus[0]), QUIET)
+
+
+def single_pass_removals(cfg) -> tuple[dict[str, tuple[str, str | None]], int]:
+    """{id: (reason, duplicate_of)} of every removed document and the number of candidates checked, as
+    the original single pass decided them: every content hash in a dict, every document's band keys and
+    signature in the NearDupIndex. The reference for the stage's three-pass dedup."""
+    root = cfg.data_path / "cleaned_shards"
+    entries = json.loads((root / "manifest.json").read_text())["parts"]
+    shingles: list[np.ndarray] = []  # per ref
+    index = dedup.NearDupIndex(cfg.dedup, lambda ref: shingles[ref])
+    first_with_hash: dict[int, str] = {}
+    id_of_ref: list[str] = []
+    removed: dict[str, tuple[str, str | None]] = {}
+    for entry in entries:
+        files = _cache_files(root / "cache" / entry["cache"])
+        signatures, all_shingles, offsets = (np.load(files[name]) for name in ("signatures", "shingles", "offsets"))
+        k = -1  # index among the part's kept documents
+        for row in pq.read_table(files["table"]).to_pylist():
+            if row["status"] != "kept":
+                removed[row["id"]] = (row["status"], None)
+                continue
+            k += 1
+            if cfg.dedup.exact and row["content_hash"] in first_with_hash:
+                removed[row["id"]] = ("exact_duplicate", first_with_hash[row["content_hash"]])
+                continue
+            first_with_hash.setdefault(row["content_hash"], row["id"])
+            if cfg.dedup.near:
+                shingles.append(all_shingles[offsets[k]: offsets[k + 1]])
+                id_of_ref.append(row["id"])
+                match = index.find_or_add(len(shingles) - 1, signatures[k], shingles[-1])
+                if match is not None:
+                    removed[row["id"]] = ("near_duplicate", id_of_ref[match])
+    return removed, index.num_candidates_checked
+
+
+def test_dedup_decides_exactly_as_the_single_in_memory_pass(tmp_path, make_cfg):
+    """The stage remembers only repeated hashes and band keys; it must remove the same documents for the
+    same reasons, on a corpus with duplicates across parts and chains of near duplicates."""
+    from benchmarks.make_corpus import exact_variant, make_sized_corpus, near_variant
+
+    make_sized_corpus(tmp_path / "gen", 3, dup_rate=0.3, seed=5)
+    src = tmp_path / "gen" / "corpus"
+    # Chains: v1 near base, v2 near v1 (maybe not near base), an exact copy of v1 (removed as a near dup
+    # itself: its hash still counts), v4 near v2.
+    rng = random.Random(5)
+    vocab = sorted({w.lower() for p in sorted(src.glob("txt/*/*.txt"))[:50] for w in p.read_text().split()
+                    if w.isalpha()})
+    chains = []
+    for base in sorted(src.glob("txt/*/*.txt"))[:40]:
+        v1 = near_variant(base.read_text(), vocab, rng, 0.8, 0.9)
+        v2 = v1 and near_variant(v1[0], vocab, rng, 0.8, 0.9)
+        v4 = v2 and near_variant(v2[0], vocab, rng, 0.8, 0.9)
+        if v4:
+            chains += [v1[0], v2[0], exact_variant(v1[0], "uppercase"), v4[0]]
+    write_jsonl(src / "zz-chains.jsonl", chains)
+
+    base = make_cfg([src], corpus={"shard_size_mb": 0.25})
+    raw = build_raw_corpus(base, QUIET)
+    assert len(raw.parts) >= 10
+    reasons = Counter()
+    for dedup_cfg in ({}, {"threshold": 0.5, "bands": 64}, {"exact": False}, {"near": False}):
+        cfg = make_cfg([src], corpus={"shard_size_mb": 0.25}, dedup=dedup_cfg)
+        result = build_cleaned_shards(cfg, QUIET)
+        ledger = {r["id"]: (r["reason"], r["duplicate_of"]) for r in rows(result.shards_dir.parent / "removed")}
+        expected, candidates = single_pass_removals(cfg)
+        assert ledger == expected, dedup_cfg
+        assert result.num_candidates_checked == candidates
+        reasons.update(reason for reason, _ in ledger.values())
+        # the subtle case is there: the content hash of a doc removed as a near dup still counts
+        reasons["exact of near"] += sum(r == "exact_duplicate" and ledger.get(of, ("",))[0] == "near_duplicate"
+                                        for r, of in ledger.values())
+    assert reasons["exact_duplicate"] > 100 and reasons["near_duplicate"] > 100 and reasons["exact of near"] >= 20

@@ -7,8 +7,10 @@ exact Jaccard similarity of the two shingle sets. Confirming exactly keeps recal
 the threshold itself (a 128-permutation estimate alone misses about half of the pairs whose true
 similarity sits right at the threshold) and never removes a pair below it.
 
-Memory per document: the signature, the LSH bucket entries, and nothing that grows with length
-(shingle sets are kept on disk and memory-mapped when a candidate needs confirming).
+Memory per indexed document: its LSH bucket entries and (unless `signature_of` reads them from disk)
+its signature, nothing that grows with length (shingle sets stay on disk, read when a
+candidate needs confirming). Given only the band keys that some other document shares, the index
+holds just the documents that can ever be candidates (see stages._CorpusDedup).
 """
 
 from __future__ import annotations
@@ -91,10 +93,12 @@ class MinHasher:
 class NearDupIndex:
     """Keeps the first of every group of near duplicates, in the order documents are offered.
 
-    `shingles_of(ref)` returns the shingle set of an already indexed document, for confirmation.
+    `shingles_of(ref)` returns the shingle set of an already indexed document, for confirmation;
+    `signature_of(ref)` its signature, if they are to be read from elsewhere rather than kept here.
     """
 
-    def __init__(self, cfg: DedupConfig, shingles_of: Callable[[int], np.ndarray]):
+    def __init__(self, cfg: DedupConfig, shingles_of: Callable[[int], np.ndarray],
+                 signature_of: Callable[[int], np.ndarray] | None = None):
         self.threshold = cfg.threshold
         self.bands = cfg.bands
         self.rows = cfg.num_permutations // cfg.bands
@@ -103,20 +107,31 @@ class NearDupIndex:
         self.band_salts = [int(s) for s in rng.integers(0, 2**63, size=self.bands, dtype=np.uint64)]
         self._salts = np.array(self.band_salts, dtype=np.uint64)
         self.buckets: dict[int, int | list[int]] = {}
-        self.signatures: dict[int, np.ndarray] = {}
+        self.signatures: dict[int, np.ndarray] = {}  # only filled without `signature_of`
         self.shingles_of = shingles_of
+        self.signature_of = signature_of or self.signatures.__getitem__
+        self._keep_signatures = signature_of is None
         self.num_candidates_checked = 0
 
-    def _band_keys(self, signature: np.ndarray) -> list[int]:
-        per_band = (signature.reshape(self.bands, self.rows) * self.row_weights).sum(axis=1, dtype=np.uint64)
+    def band_keys(self, signatures: np.ndarray) -> np.ndarray:
+        """(n, bands) uint64: the LSH bucket key of each band of each of n signatures (n, num_permutations)."""
+        per_band = (signatures.reshape(len(signatures), self.bands, self.rows) * self.row_weights).sum(
+            axis=2, dtype=np.uint64)
         per_band ^= per_band >> np.uint64(29)
         per_band *= _ROW_MIX
         per_band ^= self._salts
-        return per_band.tolist()  # Python ints; iterating numpy scalars is much slower
+        return per_band
 
-    def find_or_add(self, ref: int, signature: np.ndarray, shingles: np.ndarray) -> int | None:
-        """The ref of an indexed near duplicate of this document, or None (and the doc is indexed)."""
-        keys = self._band_keys(signature)
+    def find_or_add(self, ref: int, signature: np.ndarray, shingles: np.ndarray,
+                    keys: list[int] | None = None) -> int | None:
+        """The ref of an indexed near duplicate of this document, or None (and the doc is indexed).
+
+        `keys`: the document's band keys if already computed (`band_keys(...).tolist()`), or only those
+        that another document offered in this run has too: a key no other document has never makes a
+        candidate, so leaving it out gives the same answers, with less memory.
+        """
+        if keys is None:
+            keys = self.band_keys(signature[None])[0].tolist()  # Python ints: iterating numpy scalars is slower
         # Most documents share no band with any other: one pass of dict lookups settles that.
         entries = [entry for entry in map(self.buckets.get, keys) if entry is not None]
         seen: set[int] = set()
@@ -125,7 +140,7 @@ class NearDupIndex:
                 if other in seen:
                     continue
                 seen.add(other)
-                estimate = float(np.mean(self.signatures[other] == signature))
+                estimate = float(np.mean(self.signature_of(other) == signature))
                 if estimate < self.threshold - _ESTIMATE_SLACK:
                     continue
                 self.num_candidates_checked += 1
@@ -142,5 +157,6 @@ class NearDupIndex:
                     entry.append(ref)
                 else:
                     self.buckets[key] = [entry, ref]
-        self.signatures[ref] = signature
+        if self._keep_signatures:
+            self.signatures[ref] = signature
         return None

@@ -14,21 +14,26 @@ Layout under data_dir:
   cleaned_shards/manifest.json, cleaned_shards/shards/<part>.parquet   (id, source, text)
   cleaned_shards/removed/<part>.parquet   (id, source, reason, duplicate_of): every removed doc
   cleaned_shards/cache/...                per-part cleaning results
+  cleaned_shards/dedup.tmp-*/             hashes spilled to disk during dedup (removed after)
   quarantine/<stage>/*.jsonl (+ files/)   unusable files and records, each with its reason
 """
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing
 import os
+import shutil
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -37,8 +42,8 @@ import pyarrow.parquet as pq
 import xxhash
 
 from llm_core.config import CleaningConfig, DedupConfig, ScratchConfig
-from llm_core.data import clean, dedup
-from llm_core.data.files import Quarantine, read_json, remove_stale_files, write_json, TMP_MARK
+from llm_core.data import clean, dedup, repeats
+from llm_core.data.files import Quarantine, atomic_path, read_json, remove_stale_files, write_json, TMP_MARK
 from llm_core.data.ingest import BadFile, BadRecord, ReadOptions, read_source
 from llm_core.data.shards import DOC_SCHEMA, ShardWriter, iter_batches, write_table
 from llm_core.data.sources import SourceFile, discover
@@ -395,6 +400,137 @@ def _clean_missing_parts(jobs: list[tuple[str, str]], cfg: ScratchConfig, log: L
     return summaries
 
 
+class _CorpusDedup:
+    """Which documents of the cleaned parts are exact or near duplicates, part by part in corpus order.
+
+    The decisions are those of a single pass remembering every content hash and every LSH band key:
+    the first document of each content hash is kept, and NearDupIndex keeps the first of each group
+    of near duplicates among the rest. But only a hash or a key that another document shares can ever
+    make a duplicate, so two cheap passes first find those (spilled to disk: repeats.RepeatedValues)
+    and the deciding pass remembers nothing else. Memory grows with the number of duplicates and
+    LSH candidates, not with the corpus.
+      pass 1 (if exact): the content hashes that repeat;
+      pass 2: the exact duplicates, and the band keys that repeat among the other kept documents;
+      pass 3 (`removals`): near duplicates, indexing only the documents that have a repeated key.
+    A kept document's ref is its index among all kept documents in corpus order (a signature row).
+    """
+
+    def __init__(self, cfg: DedupConfig, parts: list[dict[str, Path]], work_dir: Path):
+        self.cfg, self.parts = cfg, parts
+        num_kept = [len(_NpyRows(files["offsets"])) - 1 for files in parts]
+        self.first_ref = np.cumsum([0] + num_kept).tolist()
+        self._arrays = functools.lru_cache(maxsize=32)(self._open)  # open files of the parts last read
+        self.index = dedup.NearDupIndex(cfg, self._shingles_of, self._signature_of) if cfg.near else None
+        self.exact: list[dict[int, tuple[str, str]]] = []  # per part: row -> ("exact_duplicate", id of the first)
+        self.repeated_keys = repeats.EMPTY
+        for leftover in work_dir.glob(f"dedup{TMP_MARK}*"):  # of a killed run
+            shutil.rmtree(leftover, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix=f"dedup{TMP_MARK}", dir=work_dir) as tmp:
+            self._find_exact_and_repeated_keys(Path(tmp), sum(num_kept))
+
+    def _read(self, part: int, with_ids: bool = False) -> tuple[pa.Table, np.ndarray]:
+        """The part's cache table (status, content_hash and maybe id) and the rows of its kept documents
+        (the k-th of which is row k of the part's signature and shingle arrays)."""
+        table = pq.read_table(self.parts[part]["table"], columns=["status", "content_hash"] + ["id"] * with_ids)
+        return table, np.flatnonzero(pc.equal(table.column("status"), KEPT).to_numpy())
+
+    def _offered(self, part: int, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(k of the kept documents that are not exact duplicates, the part's signatures, their band keys)."""
+        offered = np.flatnonzero(~np.isin(kept, list(self.exact[part])))
+        signatures = np.load(self.parts[part]["signatures"])
+        return offered, signatures, self.index.band_keys(signatures[offered])
+
+    def _find_exact_and_repeated_keys(self, tmp: Path, num_kept: int) -> None:
+        repeated_hashes = repeats.EMPTY
+        if self.cfg.exact:
+            hashes = repeats.RepeatedValues(tmp / "hashes", num_kept)
+            for part in range(len(self.parts)):
+                table, kept = self._read(part)
+                hashes.add(table.column("content_hash").to_numpy()[kept])
+            repeated_hashes = hashes.repeated()
+        keys = repeats.RepeatedValues(tmp / "keys", num_kept * self.cfg.bands)
+        first_with_hash: dict[int, str] = {}  # repeated hashes only
+        for part in range(len(self.parts)):
+            table, kept = self._read(part, with_ids=self.cfg.exact)
+            content = table.column("content_hash").to_numpy()[kept]
+            exact = {}
+            for k in np.flatnonzero(repeats.isin_sorted(content, repeated_hashes)).tolist():
+                row, content_hash = int(kept[k]), int(content[k])
+                if content_hash in first_with_hash:
+                    exact[row] = ("exact_duplicate", first_with_hash[content_hash])
+                else:
+                    first_with_hash[content_hash] = table.column("id")[row].as_py()
+            self.exact.append(exact)
+            if self.index is not None:
+                keys.add(self._offered(part, kept)[2])
+        self.repeated_keys = keys.repeated()
+
+    def removals(self) -> Iterator[tuple[int, dict[int, tuple[str, str | None]]]]:
+        """For each part in corpus order: (its number of documents, its removed rows -> (reason, id of
+        the document it duplicates, or None when the cleaning removed it))."""
+        id_of_ref: dict[int, str] = {}  # indexed documents only
+        for part in range(len(self.parts)):
+            table, kept = self._read(part, with_ids=self.index is not None)
+            dropped = np.ones(table.num_rows, dtype=bool)
+            dropped[kept] = False
+            rows = np.flatnonzero(dropped)
+            statuses = table.column("status").take(rows).to_pylist()
+            removed: dict[int, tuple[str, str | None]] = dict(zip(rows.tolist(), ((s, None) for s in statuses)))
+            if self.index is not None:
+                offered, signatures, keys = self._offered(part, kept)
+                shared = repeats.isin_sorted(keys, self.repeated_keys)
+                for j in np.flatnonzero(shared.any(axis=1)).tolist():  # the others cannot match or be matched
+                    k = int(offered[j])
+                    ref, row = self.first_ref[part] + k, int(kept[k])
+                    match = self.index.find_or_add(ref, signatures[k], self._shingles_of(ref),
+                                                   keys=keys[j][shared[j]].tolist())
+                    if match is None:
+                        id_of_ref[ref] = table.column("id")[row].as_py()
+                    else:
+                        removed[row] = ("near_duplicate", id_of_ref[match])
+            removed.update(self.exact[part])
+            self.exact[part] = {}
+            yield table.num_rows, dict(sorted(removed.items()))
+        self._arrays.cache_clear()  # closes the files
+
+    def _locate(self, ref: int) -> tuple[dict[str, _NpyRows], int]:
+        part = bisect.bisect_right(self.first_ref, ref) - 1
+        return self._arrays(part), ref - self.first_ref[part]
+
+    def _open(self, part: int) -> dict[str, _NpyRows]:
+        return {name: _NpyRows(self.parts[part][name]) for name in ("signatures", "shingles", "offsets")}
+
+    def _signature_of(self, ref: int) -> np.ndarray:
+        arrays, k = self._locate(ref)
+        return arrays["signatures"].rows(k, k + 1)[0]
+
+    def _shingles_of(self, ref: int) -> np.ndarray:
+        arrays, k = self._locate(ref)
+        start, end = arrays["offsets"].rows(k, k + 2).tolist()
+        return arrays["shingles"].rows(start, end)
+
+
+class _NpyRows:
+    """Rows of a .npy file read on demand with pread. Not a memory map: the pages of a map stay in the
+    process's RSS until it is unmapped, and dedup reads scattered rows of every part."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "rb")
+        version = np.lib.format.read_magic(self._file)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, self.dtype = read_header(self._file)
+        self._len, self._shape = shape[0], shape[1:]
+        self._row_bytes = self.dtype.itemsize * int(np.prod(self._shape))
+        self._start = self._file.tell()
+
+    def __len__(self) -> int:
+        return self._len
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        data = os.pread(self._file.fileno(), (stop - start) * self._row_bytes, self._start + start * self._row_bytes)
+        return np.frombuffer(data, dtype=self.dtype).reshape(-1, *self._shape)
+
+
 def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsResult:
     root = cfg.data_path / CLEAN_DIR
     cache_dir, shards_dir, removed_dir = root / "cache", root / "shards", root / "removed"
@@ -413,51 +549,18 @@ def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsR
     previous = {entry["cache"]: entry for entry in read_json(manifest_path).get("parts", [])}
 
     # 2. Corpus-wide dedup in corpus order, from hashes and signatures only.
-    shingle_arrays = [np.load(_cache_files(p)["shingles"], mmap_mode="r") for p in prefixes]
-    offset_arrays = [np.load(_cache_files(p)["offsets"]) for p in prefixes]
-    doc_of_ref: list[tuple[int, int]] = []  # ref -> (part index, index among the part's kept docs)
-
-    def shingles_of(ref: int) -> np.ndarray:
-        part, k = doc_of_ref[ref]
-        return shingle_arrays[part][offset_arrays[part][k]: offset_arrays[part][k + 1]]
-
-    index = dedup.NearDupIndex(cfg.dedup, shingles_of) if cfg.dedup.near else None
-    first_with_hash: dict[int, str] = {}
-    id_of_ref: list[str] = []
+    duplicates = _CorpusDedup(cfg.dedup, [_cache_files(p) for p in prefixes], root)
     entries, preview = [], []
     written = 0
     totals: Counter = Counter()
     filtered_by_rule: Counter = Counter()
     pii: Counter = Counter()
     progress = _Progress(log, "dedup + write", len(parts))
-    for part_index, (raw, prefix) in enumerate(zip(parts, prefixes)):
+    for part_index, (raw, prefix, (num_rows, removed)) in enumerate(zip(parts, prefixes, duplicates.removals())):
         files = _cache_files(prefix)
-        table = pq.read_table(files["table"], columns=["id", "source", "status", "content_hash"])
-        signatures = np.load(files["signatures"])
-        removed: dict[int, tuple[str, str | None]] = {}  # row -> (reason, duplicate_of)
-        kept_k = 0
-        ids = table.column("id").to_pylist()
-        for row, (doc_id, status, content) in enumerate(zip(
-                ids, table.column("status").to_pylist(), table.column("content_hash").to_pylist())):
-            if status != KEPT:
-                removed[row] = (status, None)
-                continue
-            k, kept_k = kept_k, kept_k + 1
-            if cfg.dedup.exact and content in first_with_hash:
-                removed[row] = ("exact_duplicate", first_with_hash[content])
-                continue
-            first_with_hash.setdefault(content, doc_id)
-            if index is not None:
-                ref = len(doc_of_ref)
-                doc_of_ref.append((part_index, k))
-                id_of_ref.append(doc_id)
-                match = index.find_or_add(ref, signatures[k], shingles_of(ref))
-                if match is not None:
-                    removed[row] = ("near_duplicate", id_of_ref[match])
-
         counts = Counter(reason for reason, _ in removed.values())
         entry = {"cache": prefix.name, "raw_part": raw.name, "name": f"{raw.stem}.parquet",
-                 "num_documents_in": table.num_rows, "num_kept": table.num_rows - len(removed),
+                 "num_documents_in": num_rows, "num_kept": num_rows - len(removed),
                  "num_exact_duplicates": counts.pop("exact_duplicate", 0),
                  "num_near_duplicates": counts.pop("near_duplicate", 0),
                  "num_quarantined": counts.pop(QUARANTINED, 0), "filtered_by_rule": dict(counts),
@@ -500,7 +603,7 @@ def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsR
         filtered_by_rule=dict(filtered_by_rule), pii_replacements=dict(pii),
         num_bytes_in=totals["num_bytes_in"], num_bytes_out=totals["num_bytes_out"],
         num_parts_cleaned=len(jobs), num_parts_reused=len(parts) - len(jobs), num_shards_written=written,
-        num_candidates_checked=index.num_candidates_checked if index else 0,
+        num_candidates_checked=duplicates.index.num_candidates_checked if duplicates.index else 0,
         parts=entries, shards_dir=shards_dir, data_version=_hash([e["removed_key"] + e["cache"] for e in entries]),
         preview=preview,
     )
@@ -515,21 +618,27 @@ def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsR
 
 def _write_outputs(cache_table: Path, removed: dict[int, tuple[str, str | None]],
                    shard_path: Path, removed_path: Path) -> tuple[int, int]:
-    """Write the kept docs of one part and the ledger of its removed docs (Arrow filtering, no
-    per-row Python: a part is at most a shard, so one table fits comfortably in memory)."""
-    table = pq.read_table(cache_table, columns=["id", "source", "text"])
-    keep = np.ones(table.num_rows, dtype=bool)
-    keep[list(removed)] = False
-    kept = table.filter(pa.array(keep))
-    rows = pa.array(sorted(removed), type=pa.int64())
-    ledger = pa.table({"id": table.column("id").take(rows), "source": table.column("source").take(rows),
-                       "reason": [removed[r][0] for r in sorted(removed)],
-                       "duplicate_of": [removed[r][1] for r in sorted(removed)]},
-                      schema=REMOVED_SCHEMA)
-    write_table(removed_path, ledger)
-    write_table(shard_path, kept.cast(DOC_SCHEMA))
-    text_bytes = lambda t: int(pc.sum(pc.binary_length(t.column("text"))).as_py() or 0)  # noqa: E731
-    return text_bytes(table), text_bytes(kept)
+    """Write the kept docs of one part and the ledger of its removed docs; returns the text bytes in and
+    out. Batch by batch with Arrow filtering (no per-row Python; memory bounded by a batch, not the part)."""
+    removed_rows = np.array(sorted(removed), dtype=np.int64)
+    ledger: dict[str, list] = {"id": [], "source": []}
+    bytes_in = bytes_out = start = 0
+    text_bytes = lambda batch: int(pc.sum(pc.binary_length(batch.column("text"))).as_py() or 0)  # noqa: E731
+    with atomic_path(shard_path) as tmp, pq.ParquetWriter(tmp, DOC_SCHEMA, compression="zstd") as writer:
+        for batch in iter_batches(cache_table, ["id", "source", "text"]):
+            rows = removed_rows[(removed_rows >= start) & (removed_rows < start + batch.num_rows)] - start
+            keep = np.ones(batch.num_rows, dtype=bool)
+            keep[rows] = False
+            kept = batch.filter(pa.array(keep))
+            writer.write_table(pa.Table.from_batches([kept]).cast(DOC_SCHEMA))
+            for name in ledger:
+                ledger[name] += batch.column(name).take(pa.array(rows)).to_pylist()
+            bytes_in, bytes_out = bytes_in + text_bytes(batch), bytes_out + text_bytes(kept)
+            start += batch.num_rows
+    reasons, duplicate_of = zip(*(removed[r] for r in removed_rows.tolist())) if len(removed) else ((), ())
+    write_table(removed_path, pa.table({**ledger, "reason": reasons, "duplicate_of": duplicate_of},
+                                       schema=REMOVED_SCHEMA))
+    return bytes_in, bytes_out
 
 
 def _quarantine_cleaning_failures(cfg: ScratchConfig, name: str, summary: dict | None) -> None:

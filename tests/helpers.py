@@ -2,6 +2,7 @@
 
 import json
 import random
+import socket
 from pathlib import Path
 
 from llm_core.config import DEFAULT_PROFILE, load_config
@@ -51,3 +52,10 @@ MORE_TRICKY = [
     "<|pad|> and <|endoftext|><|endoftext|>", "\x01\x02\x1b[31mescape\x1b[0m", "\U0010ffff\U0001d400 math 𝔸𝕓𝖈",
     "  leading and trailing  ", "'s 're 've 'll don't", "12345 67890 3.14159 1e-9", "\u2028line\u2029para",
 ]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for the servers and process groups tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

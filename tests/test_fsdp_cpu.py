@@ -11,12 +11,12 @@ shards, trains like one process with the same global batch, and resumes from sha
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 
 from llm_core.model import ModelArgs, Transformer
 
@@ -80,9 +80,7 @@ def worker(rank: int, port: int, checkpoint: str, out: str, resume: bool) -> Non
 
 
 def launch(tmp_path, resume: bool) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / f"{'resume' if resume else 'first'}.json"
     mp.spawn(worker, args=(port, str(tmp_path / "checkpoint"), str(out), resume), nprocs=2, join=True)
     return json.loads(out.read_text())

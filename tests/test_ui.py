@@ -6,7 +6,6 @@ registered version with alias `champion`; Ctrl-C stops every server process."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,17 +14,13 @@ import urllib.request
 import psutil
 import pytest
 import yaml
+from helpers import free_port
 
 from llm_core.config import PROJECT_ROOT
+from pipelines.ui import wait_until_up
 
 pytestmark = pytest.mark.slow
 RUN_TIMEOUT_SECONDS = 420
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get_json(url: str, payload: dict | None = None) -> dict:
@@ -39,17 +34,6 @@ def graphql(port: int, query: str, variables: dict | None = None) -> dict:
     body = get_json(f"http://127.0.0.1:{port}/graphql", {"query": query, "variables": variables or {}})
     assert "errors" not in body, body
     return body["data"]
-
-
-def wait_for(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 LAUNCH = """
@@ -75,8 +59,8 @@ def test_ui_launches_the_whole_graph_through_graphql_and_mlflow_shows_the_champi
                            "--port", str(dagster_port), "--mlflow-port", str(mlflow_port)],
                           cwd=PROJECT_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(f"http://127.0.0.1:{mlflow_port}/health")
-        wait_for(f"http://127.0.0.1:{dagster_port}/server_info")
+        assert wait_until_up(f"http://127.0.0.1:{mlflow_port}/health")
+        assert wait_until_up(f"http://127.0.0.1:{dagster_port}/server_info")
         servers = psutil.Process(ui.pid).children(recursive=True)
         assert len(servers) >= 3  # dagster dev (webserver, daemon, code server) and mlflow
 

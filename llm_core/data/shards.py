@@ -14,6 +14,7 @@ from llm_core.data.files import TMP_MARK
 
 DOC_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.string())])
 ROW_GROUP_BYTES = 8 << 20
+COMPRESSION = "zstd"  # of every parquet file the stages write
 
 
 class ShardWriter:
@@ -46,7 +47,7 @@ class ShardWriter:
         if self._writer is None:
             name = f"{self.prefix}-{len(self.parts):05d}.parquet"
             self._tmp = self.directory / f"{name}{TMP_MARK}{os.getpid()}"
-            self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+            self._writer = pq.ParquetWriter(self._tmp, self.schema, compression=COMPRESSION)
         self._writer.write_table(pa.table(self._columns, schema=self.schema))
         self._columns = {name: [] for name in self.schema.names}
         self._buffered_bytes = 0
@@ -78,7 +79,7 @@ def write_table(path: Path, table: pa.Table) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression=COMPRESSION)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

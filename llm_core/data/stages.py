@@ -45,7 +45,7 @@ from llm_core.config import CleaningConfig, DedupConfig, ScratchConfig
 from llm_core.data import clean, dedup, repeats
 from llm_core.data.files import Quarantine, atomic_path, read_json, remove_stale_files, write_json, TMP_MARK
 from llm_core.data.ingest import BadFile, BadRecord, ReadOptions, read_source
-from llm_core.data.shards import DOC_SCHEMA, ShardWriter, iter_batches, write_table
+from llm_core.data.shards import COMPRESSION, DOC_SCHEMA, ShardWriter, iter_batches, write_table
 from llm_core.data.sources import SourceFile, discover
 
 Log = Callable[[str], None]
@@ -304,7 +304,7 @@ def clean_part(raw_path: str, cache_prefix: str, cleaning: dict, dedup_cfg: dict
     quarantined: list[tuple[str, str, str]] = []
     bytes_in = 0
     tmp_table = files["table"].with_name(f"{files['table'].name}{TMP_MARK}{os.getpid()}")
-    writer = pq.ParquetWriter(tmp_table, CACHE_SCHEMA, compression="zstd")
+    writer = pq.ParquetWriter(tmp_table, CACHE_SCHEMA, compression=COMPRESSION)
     try:
         for batch in iter_batches(Path(raw_path), ["id", "source", "text"]):
             columns: dict[str, list] = {name: [] for name in CACHE_SCHEMA.names}
@@ -624,7 +624,7 @@ def _write_outputs(cache_table: Path, removed: dict[int, tuple[str, str | None]]
     ledger: dict[str, list] = {"id": [], "source": []}
     bytes_in = bytes_out = start = 0
     text_bytes = lambda batch: int(pc.sum(pc.binary_length(batch.column("text"))).as_py() or 0)  # noqa: E731
-    with atomic_path(shard_path) as tmp, pq.ParquetWriter(tmp, DOC_SCHEMA, compression="zstd") as writer:
+    with atomic_path(shard_path) as tmp, pq.ParquetWriter(tmp, DOC_SCHEMA, compression=COMPRESSION) as writer:
         for batch in iter_batches(cache_table, ["id", "source", "text"]):
             rows = removed_rows[(removed_rows >= start) & (removed_rows < start + batch.num_rows)] - start
             keep = np.ones(batch.num_rows, dtype=bool)

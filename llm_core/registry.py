@@ -15,9 +15,7 @@ takes it when it is at least as good, and otherwise becomes the `challenger`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import shutil
 import tempfile
 import warnings
@@ -67,7 +65,7 @@ def champion(client, name: str) -> tuple[str, float] | None:
 
 def log_pyfunc(model_dir: Path, tokenizer_dir: Path, run_id: str):
     """Log the model directory as a pyfunc in the training's MLflow run; returns its ModelInfo.
-    Needs mlflow's tracking URI to be set."""
+    Runs inside tracking.using(uri)."""
     from mlflow.models import infer_signature
 
     from llm_core.generate import package_model
@@ -94,7 +92,7 @@ def register(model_dir: Path, tokenizer_dir: Path, *, tracking_uri: str, run_id:
     if existing:
         version = existing[0].version
     else:
-        with fluent_tracking_uri(tracking_uri):  # mlflow.pyfunc.log_model only has the fluent API
+        with tracking.using(tracking_uri):  # mlflow.pyfunc.log_model only has the fluent API
             info = log_pyfunc(model_dir, tokenizer_dir, run_id)
             if not has_registered_model(client, name):
                 client.create_registered_model(name, description="Text generation models trained by scratchllm.")
@@ -105,20 +103,6 @@ def register(model_dir: Path, tokenizer_dir: Path, *, tracking_uri: str, run_id:
     previous, previous_bpb = before if before else (None, None)
     return Registration(name=name, version=str(version), alias=alias, val_bpb=float(val_bpb),
                         previous_champion=previous, previous_champion_bpb=previous_bpb, reused=bool(existing))
-
-
-@contextlib.contextmanager
-def fluent_tracking_uri(uri: str):
-    """Point mlflow's fluent API at `uri` for a while. mlflow.set_tracking_uri also sets
-    $MLFLOW_TRACKING_URI, which must not outlive this block (later runs would follow it)."""
-    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous_env)
-        if previous_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def download(spec: str, tracking_uri: str, cache_dir: Path) -> Path:
@@ -138,9 +122,9 @@ def download(spec: str, tracking_uri: str, cache_dir: Path) -> Path:
     target = Path(cache_dir) / name / str(version.version)
     if not (target / "artifacts" / "model").is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # complete, then renamed into place
-            local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=tmp,
-                                                        tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp, tracking.using(tracking_uri):
+            # complete, then renamed into place; `using`: models:/ URIs read the fluent registry URI
+            local = mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=tmp)
             shutil.rmtree(target, ignore_errors=True)
             shutil.move(local, target)
     return target / "artifacts" / "model"

@@ -1,11 +1,16 @@
 """MLflow tracking: where runs live, the run of a training, metrics in batches, the loss curve.
 
-The tracking URI is absolute (MLflow's default depends on the working directory):
-$MLFLOW_TRACKING_URI, else sqlite:///<data_dir>/mlflow.db with artifacts in <data_dir>/mlartifacts.
+This module is the one place that decides where MLflow reads and writes, for every MLflow call of
+the project (tracking and model registry alike): $MLFLOW_TRACKING_URI when it is set, else
+sqlite:///<data_dir>/mlflow.db with artifacts in <data_dir>/mlartifacts. Always absolute: MLflow's
+own default (sqlite:///<cwd>/mlflow.db) depends on the working directory, and some MLflow calls
+(`mlflow.artifacts.download_artifacts("models:/...")`, `mlflow.pyfunc.log_model`) read the
+registry from the fluent default even when given a URI, so they run inside `using(uri)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -35,9 +40,34 @@ def flatten(values: dict, prefix: str = "") -> dict[str, str]:
 
 
 def client(uri: str):
+    """A client whose tracking store and model registry are both `uri`."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+URI_ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@contextlib.contextmanager
+def using(uri: str):
+    """Point MLflow's fluent API (tracking and registry) at `uri` for a while, then restore what was
+    there. mlflow.set_tracking_uri also writes $MLFLOW_TRACKING_URI, which must not outlive the block."""
+    import mlflow
+
+    saved_env = {name: os.environ.get(name) for name in URI_ENV_VARS}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_env["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved_env["MLFLOW_REGISTRY_URI"])
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def experiment_id(uri: str, artifacts: str, name: str = EXPERIMENT) -> str:

@@ -33,8 +33,7 @@ def main() -> None:
     import mlflow
     from dagster_pipes import open_dagster_pipes
 
-    mlflow.set_tracking_uri(args.tracking_uri)
-    with open_dagster_pipes() as pipes, \
+    with open_dagster_pipes() as pipes, tracking.using(args.tracking_uri), \
             mlflow.start_run(run_id=args.mlflow_run_id, log_system_metrics=True):
         metrics = tracking.MetricsLogger(args.tracking_uri, args.mlflow_run_id)
         result = train(cfg, out_dir, log=pipes.log.info, on_metrics=metrics)

@@ -58,7 +58,7 @@ def test_registering_the_same_training_again_reuses_its_version(store):
 def test_pyfunc_loaded_by_alias_generates_like_the_model(store, trained):
     register, uri = store
     register("a", 2.0)
-    with registry.fluent_tracking_uri(uri):
+    with tracking.using(uri):
         model = mlflow.pyfunc.load_model("models:/tiny@champion")
     cfg, result, _ = trained
     generator = load_generator(result.out_dir, cfg.data_path / "tokenizer")
@@ -118,3 +118,62 @@ print(model.predict(["ROMEO:"], params={{"max_new_tokens": 5, "temperature": 0}}
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("True")
+
+
+def test_registry_paths_need_no_environment_and_write_nothing_in_the_working_directory(trained, tmp_path):
+    """As a newcomer runs them after `make run`: MLFLOW_TRACKING_URI unset, from another directory.
+    The store is the profile's default (<data_dir>/mlflow.db); nothing appears where the user stands."""
+    cfg, result, _ = trained
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(f"data_dir: {tmp_path / 'data'}\nregistry: {{model_name: tiny}}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    # The registry asset's path: llm_core.registry.register with the profile's URI, from `elsewhere`.
+    script = f"""
+import os
+os.chdir({str(elsewhere)!r})
+from llm_core import registry, tracking
+from llm_core.config import load_config
+cfg = load_config({str(profile)!r})
+uri = tracking.tracking_uri(cfg)
+run_id = tracking.start_training_run(cfg, uri, tags={{registry.KEY_TAG: "k"}})
+r = registry.register({str(result.out_dir)!r}, {str(cfg.data_path / 'tokenizer')!r}, tracking_uri=uri,
+                      run_id=run_id, name="tiny", val_bpb=2.0, tags={{registry.KEY_TAG: "k"}})
+print(r.version, r.alias, uri)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[:2] == ["1", "champion"]
+    assert done.stdout.split()[2] == f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}"
+
+    copy_tokenizer(cfg.data_path / "tokenizer", result.out_dir)
+    expected = load_generator(result.out_dir, cfg.data_path / "tokenizer").complete(
+        "ROMEO:", max_new_tokens=8, temperature=0)
+    scratchllm = [sys.executable, "-m", "pipelines.cli"]
+    generated = subprocess.run([*scratchllm, "generate", "--config", str(profile), "--model", "tiny@champion",
+                                "--prompt", "ROMEO:", "--max-new-tokens", "8", "--temperature", "0"],
+                               cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert generated.stdout == "ROMEO:" + expected + "\n"
+
+    exported = subprocess.run([*scratchllm, "export-hf", "--config", str(profile), "--model", "tiny@champion",
+                               "--out", str(tmp_path / "hf")], cwd=elsewhere, env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+    # The README's pyfunc snippet: the user sets the URI, then loads by alias.
+    load = f"""
+import mlflow
+mlflow.set_tracking_uri({f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}"!r})
+print(mlflow.pyfunc.load_model("models:/tiny@champion").predict(["ROMEO:"], params={{"max_new_tokens": 8,
+                                                                                     "temperature": 0}})[0])
+"""
+    loaded = subprocess.run([sys.executable, "-c", load], cwd=elsewhere, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert loaded.stdout.rstrip("\n") == expected
+    assert sorted(p.name for p in elsewhere.iterdir()) == []  # no mlflow.db, no mlruns

@@ -6,6 +6,8 @@ tokenizer and dataset are re-encoded only when their input changed, and training
 starts by its training key. One training runs at a time (pool "training", limit 1).
 
 Both are off by default and turned on in the profile (`automation:`) or in the Dagster UI.
+The `dead_run_sweeper` sensor is always on: it marks failed the runs whose process died (see
+pipelines/runs.py), so that a killed training never keeps the `training` pool from the next one.
 """
 
 import dagster as dg
@@ -13,6 +15,7 @@ import dagster as dg
 from llm_core.config import AutomationConfig
 from llm_core.data.stages import source_changes
 from pipelines.config import ACTIVE_CONFIG, ScratchllmResource
+from pipelines.runs import fail_dead_runs
 
 retrain = dg.define_asset_job(
     "retrain", selection=dg.AssetSelection.all(),
@@ -52,5 +55,15 @@ def new_data_sensor(automation: AutomationConfig) -> dg.SensorDefinition:
     return sensor
 
 
+@dg.sensor(name="dead_run_sweeper", minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+           description="Marks failed the runs whose process died (kill -9, out of memory, a reboot) and frees "
+                       "their pool slots, so that the next training does not wait for them forever.")
+def dead_run_sweeper(context: dg.SensorEvaluationContext):
+    lines = fail_dead_runs(context.instance)
+    for line in lines:
+        context.log.warning(line)
+    return dg.SkipReason("; ".join(lines) or "every in-progress run has a live process")
+
+
 schedules = [retrain_schedule(ACTIVE_CONFIG.automation)]
-sensors = [new_data_sensor(ACTIVE_CONFIG.automation)]
+sensors = [new_data_sensor(ACTIVE_CONFIG.automation), dead_run_sweeper]

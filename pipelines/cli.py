@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -55,6 +56,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_selection(select: str, asset_graph) -> set:
+    """Asset keys of `--select`: Dagster's selection syntax, or a comma list of such items
+    ('raw_corpus,cleaned_shards', '+tokenizer,hf_export'), as `dagster asset materialize` takes."""
+    import dagster as dg
+
+    keys = set()
+    for item in (part.strip() for part in select.split(",")):
+        if not item:
+            raise ValueError("an empty item in the comma list")
+        keys |= dg.AssetSelection.from_string(item).resolve(asset_graph)
+    return keys
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     prepare_environment(args.config)
     try:
@@ -64,23 +78,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     import dagster as dg
 
+    from pipelines import runs
     from pipelines.definitions import defs
 
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
     try:
-        keys = dg.AssetSelection.from_string(args.select).resolve(defs.resolve_asset_graph())
+        keys = parse_selection(args.select, defs.resolve_asset_graph())
     except Exception as exc:  # dagster raises several kinds for a bad selection string
         print(f"--select {args.select!r}: {exc}", file=sys.stderr)
         return 2
     print(f"scratchllm: materializing {', '.join(sorted(k.to_user_string() for k in keys))}\n"
           f"  profile {os.environ.get(CONFIG_ENV_VAR, 'default')}, data in {cfg.data_path}, "
           f"DAGSTER_HOME={os.environ['DAGSTER_HOME']}", file=sys.stderr)
-    job = defs.resolve_job_def("materialize_everything")
-    result = job.execute_in_process(
-        instance=dg.DagsterInstance.get(), asset_selection=list(keys), raise_on_error=False,
-        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-    )
+    instance = dg.DagsterInstance.get()
+    for line in runs.fail_dead_runs(instance):
+        print(f"scratchllm: {line}", file=sys.stderr)
+    if dg.AssetKey("trained_model") in keys and (holders := runs.pool_holders(instance, "training")):
+        print(f"scratchllm: the `training` pool (one training at a time) is held by {', '.join(holders)}; "
+              f"training waits for it (Ctrl-C stops waiting)", file=sys.stderr)
+    result = runs.execute_stoppably(
+        defs.resolve_job_def("materialize_everything"), instance, asset_selection=list(keys),
+        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}})
+    if result is None:  # stopped by Ctrl-C/SIGTERM; a run stuck waiting cannot be joined: leave now
+        sys.stderr.flush()
+        os._exit(130)
     for check in result.get_asset_check_evaluations():
         outcome = "passed" if check.passed else "FAILED" if check.severity == dg.AssetCheckSeverity.ERROR else "warning"
         print(f"  check {check.asset_check_key.to_user_string()}: {outcome}"
@@ -96,9 +118,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     for event in result.get_asset_materialization_events():
         if event.asset_key == dg.AssetKey("registered_model"):
             m = {k: v.value for k, v in event.step_materialization_data.materialization.metadata.items()}
+            prompt = next((p for p in cfg.evaluation.prompts if p), "")
             print(f"scratchllm: registered {m['model_name']} version {m['model_version']} "
                   f"({m['val_bpb']:.3f} bits/byte) as `{m['alias']}`; try: scratchllm generate --model "
-                  f"{m['model_name']}@{m['alias']} --prompt 'ROMEO:'", file=sys.stderr)
+                  f"{m['model_name']}@{m['alias']} --prompt {shlex.quote(prompt)}"
+                  + (f" --config {shlex.quote(args.config)}" if args.config else ""), file=sys.stderr)
     return 0
 
 

@@ -9,6 +9,8 @@ import dagster as dg
 import pydantic
 
 from llm_core.config import CONFIG_ENV_VAR, DEFAULT_PROFILE, ScratchConfig, active_profile_path, load_config
+from llm_core.run_lock import DataDirLock
+from pipelines.runs import fail_dead_runs
 
 # The profile the code location was loaded with ($SCRATCHLLM_CONFIG, else default.yaml).
 # An invalid profile stops the code location from loading, with the offending fields named.
@@ -40,10 +42,27 @@ def run_config_class(name: str, *sections: str) -> type[dg.Config]:
 
 
 class ScratchllmResource(dg.ConfigurableResource):
-    """The active profile and data directory, shared by every asset of the code location."""
+    """The active profile and data directory, shared by every asset of the code location.
+
+    A run holds its data directory for its whole duration (llm_core/run_lock.py): a second run on
+    the same data_dir waits until the first one ends. Before that, runs whose process died are
+    marked failed so that they do not keep the `training` pool (pipelines/runs.py)."""
 
     profile: str = pydantic.Field(default=str(ACTIVE_PROFILE), description=f"YAML profile (${CONFIG_ENV_VAR}).")
     data_dir: str = pydantic.Field(default=ACTIVE_CONFIG.data_dir, description="Where every stage writes.")
+    _lock: DataDirLock | None = pydantic.PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        if context.dagster_run is None:  # a sensor or a schedule only reads
+            return
+        for line in fail_dead_runs(context.instance):
+            context.log.warning(line)
+        self._lock = DataDirLock(self.data_config().data_path, {"run": context.run_id})
+        self._lock.acquire(log=context.log.info)
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def resolve(self, run_config: dg.Config) -> ScratchConfig:
         """The profile with this run's section values and data_dir, validated (raises ConfigError)."""

@@ -8,15 +8,29 @@ waits), so a cancelled run would leave ranks training. This wrapper is what Pipe
 
 On SIGINT or SIGTERM it sends SIGTERM to every process of the group, then SIGKILL to what is left
 after a grace period. It exits with the command's exit code.
+
+When the process that started it dies without a word (kill -9, the OOM killer), the ranks must not
+train on as orphans beside the next run: the wrapper watches its parent and kills the group at once.
 """
 
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 GRACE_SECONDS = 10.0
+PARENT_POLL_SECONDS = 0.2
+
+
+def kill_group_when_parent_dies(group: int, parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_SECONDS)
+    try:  # orphaned: nobody will read the results; checkpoints are written atomically
+        os.killpg(group, signal.SIGKILL)
+    finally:
+        os._exit(137)
 
 
 def main(argv: list[str]) -> int:
@@ -24,6 +38,7 @@ def main(argv: list[str]) -> int:
     if not command:
         print("usage: python -m pipelines.process_group -- COMMAND [ARGS...]", file=sys.stderr)
         return 2
+    parent = os.getppid()  # before anything else: it may die at any moment
     child = subprocess.Popen(command, start_new_session=True)  # the child leads a new process group
 
     def stop(signum, frame):
@@ -39,6 +54,7 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    threading.Thread(target=kill_group_when_parent_dies, args=(child.pid, parent), daemon=True).start()
     return child.wait()
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from llm_core import tracking
 from llm_core.config import validate_config
+from llm_core.faults import hold_point
 from llm_core.plan import config_strategy, plan_vs_measured
 from llm_core.train import train
 
@@ -36,7 +37,15 @@ def main() -> None:
     with open_dagster_pipes() as pipes, tracking.using(args.tracking_uri), \
             mlflow.start_run(run_id=args.mlflow_run_id, log_system_metrics=True):
         metrics = tracking.MetricsLogger(args.tracking_uri, args.mlflow_run_id)
-        result = train(cfg, out_dir, log=pipes.log.info, on_metrics=metrics)
+
+        def on_metrics(step: int, values: dict) -> None:
+            metrics(step, values)
+            if step % cfg.training.checkpoint_interval == 0:
+                # Sent up to the checkpoint that follows: a resumed run's MLflow curve has no gap.
+                metrics.flush()
+            hold_point(f"step:{step}")  # tests kill the run here (llm_core/faults.py)
+
+        result = train(cfg, out_dir, log=pipes.log.info, on_metrics=on_metrics)
         metrics.flush()
         curve = tracking.plot_loss_curve(result.history, out_dir / "loss_curve.png")
         for artifact in (curve, out_dir / "model_config.json", out_dir / "training_summary.json"):

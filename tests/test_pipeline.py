@@ -251,16 +251,18 @@ def test_a_killed_run_leaves_no_half_written_shard(tmp_path):
     shards = tmp_path / "data" / "raw_corpus" / "shards"
     code = ("import sys; from llm_core.config import load_config; from llm_core.data.stages import build_raw_corpus;"
             f"build_raw_corpus(load_config({str(profile)!r}, {{'corpus': {{'shard_size_mb': 4}}}}))")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while not (shards.exists() and any(p.suffix == ".parquet" for p in shards.iterdir())):
-        assert time.monotonic() < deadline and proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    time.sleep(0.3)
+    # Killed at a point the code signals: the second shard is written to its temporary name, not renamed.
+    held = tmp_path / "held"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "SCRATCHLLM_HOLD_AT": "before_rename:*.parquet#2",
+                                 "SCRATCHLLM_HOLD_MARKER": str(held)})
+    wait_for(held, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
-    for part in shards.glob("*.parquet"):  # every visible part is complete and readable
+    visible = list(shards.glob("*.parquet"))
+    assert len(visible) == 1 and [p for p in shards.iterdir() if ".tmp-" in p.name]  # one done, one half
+    for part in visible:  # every visible part is complete and readable
         assert pq.ParquetFile(part).metadata.num_rows > 0
     assert not (tmp_path / "data" / "raw_corpus" / "manifest.json").exists()
 
@@ -270,3 +272,14 @@ def test_a_killed_run_leaves_no_half_written_shard(tmp_path):
     assert result.num_documents == 40 * len(list(read_source(one_file, _read_options(cfg))))
     assert sum(pq.ParquetFile(p).metadata.num_rows for p in result.parts) == result.num_documents
     assert not [p for p in shards.iterdir() if ".tmp-" in p.name]  # leftovers of the killed run are gone
+
+
+def wait_for(marker: Path, *procs: subprocess.Popen, timeout: float = 300) -> str:
+    """Wait until a hold point (llm_core/faults.py) writes `marker`; fail early if a process ends."""
+    deadline = time.monotonic() + timeout
+    while not marker.exists():
+        ended = [p.args for p in procs if p.poll() is not None]
+        assert not ended, f"ended before reaching the hold point: {ended}"
+        assert time.monotonic() < deadline, f"no {marker} after {timeout} s"
+        time.sleep(0.05)
+    return marker.read_text()

@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from llm_core.faults import hold_point
+
 TMP_MARK = ".tmp-"
 
 
@@ -24,6 +26,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     try:
         yield tmp
+        hold_point(f"before_rename:{path.name}")  # tests kill a run here (llm_core/faults.py)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

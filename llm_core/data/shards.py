@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llm_core.data.files import TMP_MARK
+from llm_core.faults import hold_point
 
 DOC_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.string())])
 ROW_GROUP_BYTES = 8 << 20
@@ -57,6 +58,7 @@ class ShardWriter:
         if self._writer is not None:
             self._writer.close()
             final = self._tmp.name.split(TMP_MARK)[0]
+            hold_point(f"before_rename:{final}")  # tests kill a run here (llm_core/faults.py)
             os.replace(self._tmp, self.directory / final)
             self.parts.append(final)
             self._writer, self._tmp = None, None

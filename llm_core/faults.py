@@ -5,7 +5,9 @@
 When the code reaches a point whose label matches SCRATCHLLM_HOLD_AT (an fnmatch pattern, with an
 optional `#N` for the N-th match in this process), it writes its pid to SCRATCHLLM_HOLD_MARKER and
 waits there until it is killed. The test waits for the marker, then does what a user or the OS
-would do at that moment (kill -9, Ctrl-C, a second run). Unset, a hold point costs one dict lookup.
+would do at that moment (kill -9, Ctrl-C, a second run). A process holds only while the marker does
+not exist yet: the run after the kill (same environment) goes through. Unset, a hold point costs one
+dict lookup.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def hold_point(label: str) -> None:
     if _matches[pattern] != int(nth or 1):
         return
     marker = Path(os.environ.get(HOLD_MARKER_ENV, "scratchllm_held"))
+    if marker.exists():
+        return
     tmp = marker.with_name(marker.name + ".tmp")
     tmp.write_text(f"{os.getpid()} {label}\n")
     os.replace(tmp, marker)

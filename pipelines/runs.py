@@ -42,9 +42,15 @@ def process_is_alive(pid: int, since: float) -> bool:
 
 
 def fail_dead_runs(instance: dg.DagsterInstance) -> list[str]:
-    """Mark failed every in-progress run whose process is gone, and free its pool slots.
-    Returns one line per run for the user."""
+    """Mark failed every in-progress run whose process is gone, and free the pool slots of every
+    run that has ended (Dagster's code server marks a run failed when its process was killed, but
+    leaves its slots taken). Returns one line per run for the user."""
     lines = []
+    holders = instance.event_log_storage.get_concurrency_run_ids()
+    for run in instance.get_runs(dg.RunsFilter(run_ids=list(holders))) if holders else []:
+        if run.is_finished:
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+            lines.append(f"run {run.run_id} ended ({run.status.value}) but still held pool slots: freed")
     for run in instance.get_runs(dg.RunsFilter(statuses=IN_PROGRESS)):
         process = run_process(instance, run.run_id)
         if process is None or process_is_alive(*process):

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "assets_config"
@@ -173,7 +174,7 @@ class ModelConfig(Section):
 
 
 class TrainingConfig(Section):
-    max_steps: int = Field(default=2000, ge=1, description="Optimizer steps.")
+    max_steps: int = Field(default=1000, ge=1, description="Optimizer steps.")
     batch_size: int = Field(default=12, ge=1, description="Sequences per process per micro-step.")
     grad_accum_steps: int = Field(default=1, ge=1, description="Micro-steps per optimizer step.")
     learning_rate: float = Field(default=1e-3, gt=0, description="Peak learning rate.")
@@ -181,7 +182,10 @@ class TrainingConfig(Section):
     lr_schedule: str = Field(default="cosine", description="'cosine' (warmup + cosine) or 'wsd' "
                                                           "(warmup, stable, linear decay).")
     wsd_decay_fraction: float = Field(default=0.2, gt=0, le=1, description="Share of steps that decay (wsd).")
-    warmup_steps: int = Field(default=100, ge=0)
+    warmup_steps: int | None = Field(default=None, ge=0, description="Linear warmup steps; null = "
+                                                                     "warmup_fraction of max_steps.")
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1, description="Warmup as a share of max_steps "
+                                                                         "when warmup_steps is null.")
     weight_decay: float = Field(default=0.1, ge=0, description="AdamW decay of matrices (not norms).")
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.95, ge=0, lt=1)
@@ -193,10 +197,15 @@ class TrainingConfig(Section):
     activation_checkpointing: bool = Field(
         default=False, description="Recompute each transformer block's activations in backward instead of "
                                    "storing them: less activation memory for ~1/3 more compute (`scratchllm plan`).")
-    checkpoint_interval: int = Field(default=500, ge=1, description="Save a resumable checkpoint every N steps.")
-    eval_interval: int = Field(default=250, ge=1, description="Validation loss every N steps.")
+    checkpoint_interval: int = Field(default=250, ge=1, description="Save a resumable checkpoint every N steps.")
+    eval_interval: int = Field(default=200, ge=1, description="Validation loss every N steps.")
     eval_batches: int = Field(default=20, ge=1, description="Validation batches per periodic evaluation.")
-    log_interval: int = Field(default=10, ge=1, description="Print and send metrics to MLflow every N steps.")
+    log_interval: int = Field(default=10, ge=1, description="Send metrics to MLflow every N steps (a step "
+                                                            "line is printed ~20 times per run).")
+    health_spike_factor: float = Field(default=2.0, gt=1, description="training_health check: a loss above this "
+                                                                      "multiple of the running median is a spike.")
+    health_spike_steps: int = Field(default=10, ge=1, description="training_health check: fails when a spike "
+                                                                  "lasts this many consecutive steps.")
     accelerate_config: str | None = Field(default=None, description="An accelerate config YAML "
                                                                     "(assets_config/accelerate/*.yaml); null = CPU.")
 
@@ -210,11 +219,23 @@ class TrainingConfig(Section):
     def _schedule(cls, v: str) -> str:
         return _one_of(v, ("cosine", "wsd"))
 
-    @model_validator(mode="after")
-    def _warmup(self) -> "TrainingConfig":
-        if self.warmup_steps >= self.max_steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
-        return self
+    @field_validator("warmup_steps")
+    @classmethod
+    def _warmup_below_max_steps(cls, v: int | None, info: ValidationInfo) -> int | None:
+        max_steps = info.data.get("max_steps")  # absent when max_steps itself is invalid
+        if v is not None and max_steps is not None and v >= max_steps:
+            raise ValueError(f"warmup_steps ({v}) must be below max_steps ({max_steps}); "
+                             f"leave it null to warm up over warmup_fraction of max_steps")
+        return v
+
+    @property
+    def warmup(self) -> int:
+        """The warmup steps in effect: warmup_steps if set, else warmup_fraction of max_steps, rounded,
+        at least 1 (unless the fraction is 0) and below max_steps, so a shorter run never needs a new value."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return min(max(round(self.warmup_fraction * self.max_steps), int(self.warmup_fraction > 0)),
+                   self.max_steps - 1)
 
 
 class EvaluationConfig(Section):

@@ -7,7 +7,11 @@
 Everything a run needs to continue after a kill is in `out_dir/checkpoints/step_N`: weights
 (safetensors), optimizer, scheduler, RNG states and the loader position. A new run with the same
 out_dir resumes from the newest complete checkpoint and follows the same loss curve as a run that
-was never stopped: a batch is a pure function of (seed, step), see llm_core/loader.py.
+was never stopped: a batch is a pure function of (seed, step), see llm_core/loader.py. A checkpoint
+that does not load (truncated files) is set aside as `step_N.corrupt` and the one before is used.
+
+A non-finite loss or weights stop the training at once (TrainingDiverged, and `diverged.json`, see
+llm_core/health.py); no checkpoint of non-finite weights is ever saved.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from llm_core import health
 from llm_core.config import ScratchConfig, load_config, validate_config
 from llm_core.data.files import atomic_path, read_json, write_json
 from llm_core.loader import TokenWindows, sequential_batches
@@ -33,6 +39,7 @@ from llm_core.tokenize import DATASET_DIR, val_bytes
 CHECKPOINTS = "checkpoints"
 WEIGHTS_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"
+FILE_SIZES = "file_sizes.json"  # in a checkpoint: the size of each file saved, to detect a truncated one
 SUMMARY_FILE = "training_summary.json"
 MODEL_DIR = "trained_model"  # under data_dir: runs/<key>/ and latest.json
 LATEST_FILE = "latest.json"
@@ -52,10 +59,10 @@ def model_args(cfg: ScratchConfig, vocab_size: int) -> ModelArgs:
 def lr_at(step: int, cfg: ScratchConfig) -> float:
     """Learning-rate multiplier at an optimizer step: linear warmup, then cosine or WSD decay."""
     t = cfg.training
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
+    if step < t.warmup:
+        return (step + 1) / t.warmup
     if t.lr_schedule == "cosine":
-        progress = (step - t.warmup_steps) / max(t.max_steps - t.warmup_steps, 1)
+        progress = (step - t.warmup) / max(t.max_steps - t.warmup, 1)
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     decay_start = t.max_steps - int(t.wsd_decay_fraction * t.max_steps)  # warmup-stable-decay
     if step < decay_start:
@@ -120,10 +127,101 @@ class PeakMemory:
 
 
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a killed save leaves only a `.tmp` directory)."""
+    """Complete checkpoints, oldest first (a killed save leaves only a `.tmp` directory, a checkpoint
+    that did not load is renamed `.corrupt`)."""
     root = out_dir / CHECKPOINTS
-    dirs = [d for d in root.glob("step_*") if d.is_dir() and not d.name.endswith(".tmp")] if root.exists() else []
-    return sorted(dirs, key=lambda d: int(d.name.split("_")[1]))
+    dirs = [d for d in root.iterdir() if d.is_dir() and re.fullmatch(r"step_\d+", d.name)] if root.exists() else []
+    return sorted(dirs, key=checkpoint_step)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("_")[1])
+
+
+def truncated_files(checkpoint: Path) -> list[str]:
+    """Files of a checkpoint whose size differs from the one recorded when it was saved (a copy or
+    disk that cut them short). Checkpoints saved before sizes were recorded are not checked here."""
+    sizes = read_json(checkpoint / FILE_SIZES)
+    return [f"{name} ({(checkpoint / name).stat().st_size if (checkpoint / name).exists() else 'missing'} "
+            f"of {size} bytes)" for name, size in sorted(sizes.items())
+            if not (checkpoint / name).exists() or (checkpoint / name).stat().st_size != size]
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Rename a checkpoint that does not load to step_N.corrupt: kept for inspection, never retried."""
+    aside = checkpoint.with_name(checkpoint.name + ".corrupt")
+    n = 1
+    while aside.exists():
+        aside, n = checkpoint.with_name(f"{checkpoint.name}.corrupt{n}"), n + 1
+    os.replace(checkpoint, aside)
+    return aside
+
+
+def resume(accelerator, out_dir: Path, log: Callable[[str], None]) -> int:
+    """Load the newest checkpoint that loads (every rank agrees on which); set aside the newer ones
+    that do not, with a warning naming each. Returns the step resumed from, 0 when there is none."""
+    partly_loaded = None
+    for checkpoint in reversed(checkpoint_dirs(out_dir)):
+        problem = ", ".join(truncated_files(checkpoint))
+        problem = f"truncated: {problem}" if problem else None
+        if problem is None:
+            try:
+                accelerator.load_state(str(checkpoint))
+            except Exception as error:  # whatever a damaged file raises (safetensors, pickle, EOF, ...)
+                problem, partly_loaded = f"{type(error).__name__}: {error}", checkpoint
+        failed = accelerator.reduce(torch.tensor(float(problem is not None), device=accelerator.device), "sum")
+        if not float(failed):
+            log(f"resumed from {checkpoint} (step {checkpoint_step(checkpoint)})")
+            return checkpoint_step(checkpoint)
+        if accelerator.is_main_process:
+            aside = set_aside(checkpoint)
+            log(f"WARNING: checkpoint {checkpoint} does not load ({problem or 'on another rank'}); "
+                f"set aside as {aside.name}, trying the one before")
+        accelerator.wait_for_everyone()
+    if partly_loaded is not None:  # its weights may be in the model already: do not train on them
+        raise RuntimeError(f"no checkpoint in {out_dir / CHECKPOINTS} loads, and {partly_loaded} failed half-way "
+                           f"through loading; the bad ones are set aside (*.corrupt): run again to train from step 0")
+    return 0
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or non-finite weights: the run cannot continue, and retrying would repeat it."""
+
+
+def stop_diverged(accelerator, out_dir: Path, step: int, what: str, history: list[dict]) -> None:
+    """Record the divergence with the last steps of the history (main rank) and raise TrainingDiverged
+    on every rank. Every rank gets here at the same step: they all see the same reduced loss."""
+    good = checkpoint_dirs(out_dir)
+    last_good = (f"the last good checkpoint is {good[-1]} (step {checkpoint_step(good[-1])})" if good
+                 else "no checkpoint was saved before it")
+    message = (f"training diverged at step {step}: {what}; {last_good}. Lower training.learning_rate "
+               f"(or lengthen the warmup) and train again")
+    if accelerator.is_main_process:
+        health.record_divergence(out_dir, step, message, {
+            "what": what, "last_good_checkpoint": str(good[-1]) if good else None,
+            "recent_history": [{k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+                                for k, v in h.items()} for h in history[-10:]]})
+    accelerator.wait_for_everyone()  # the record is written before any rank exits (the launcher stops the rest)
+    raise TrainingDiverged(message)
+
+
+def weights_finite(model, accelerator) -> bool:
+    """Every parameter finite on every rank (each checks its own shard under FSDP / ZeRO)."""
+    bad = sum(int((~torch.isfinite(p.detach())).any()) for p in model.parameters())
+    return not float(accelerator.reduce(torch.tensor(float(bad), device=accelerator.device), "sum"))
+
+
+def progress_every(cfg: ScratchConfig) -> int:
+    """Steps between printed step lines: at most ~20 per run, on steps whose throughput is measured
+    (a multiple of log_interval)."""
+    t = cfg.training
+    return t.log_interval * -(-t.max_steps // (20 * t.log_interval))  # ceil: never more than 20
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 class Stepper:
@@ -223,12 +321,9 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     stepper = Stepper(loader)
     accelerator.register_for_checkpointing(scheduler, stepper)
 
-    start_step = 0
-    existing = checkpoint_dirs(out_dir)
-    if existing:
-        accelerator.load_state(str(existing[-1]))
-        start_step = int(existing[-1].name.split("_")[1])
-        log(f"resumed from {existing[-1]} (step {start_step})")
+    if main:
+        health.clear_divergence(out_dir)  # this attempt writes its own record if it diverges
+    start_step = resume(accelerator, out_dir, log if main else lambda message: None)
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision, torch.float32)
     peak_flops = measure_peak_flops(dtype) if main else 1.0
@@ -240,6 +335,7 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
 
     model.train()
     train_seconds, window_start, window_tokens = 0.0, time.perf_counter(), 0
+    loop_start, print_every = time.perf_counter(), progress_every(cfg)
     last_loss = float("nan")
     val_loss = float("nan")
     iterator = iter(loader)
@@ -263,11 +359,17 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
         window_tokens += tokens_per_step
         done = step + 1
         metrics = {"train_loss": last_loss, "lr": scheduler.get_last_lr()[0]}
+        if not math.isfinite(last_loss):
+            stop_diverged(accelerator, out_dir, done, f"the train loss is {last_loss}",
+                          stepper.history + [{"step": done, **metrics}])
 
         if done % t.eval_interval == 0 or done == t.max_steps:
             full = done == t.max_steps
             val_loss, scored = evaluate_loss(model, dataset_dir, cfg, accelerator, None if full else t.eval_batches)
             metrics["val_loss"] = val_loss
+            if not math.isfinite(val_loss):
+                stop_diverged(accelerator, out_dir, done, f"the validation loss is {val_loss}",
+                              stepper.history + [{"step": done, **metrics}])
             if full:  # nats over every scored token -> bits per byte of the val text
                 metrics["val_bpb"] = val_loss * scored / math.log(2) / text_bytes
         if done % t.log_interval == 0 or done == t.max_steps or "val_loss" in metrics:
@@ -275,15 +377,22 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
             metrics["tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
             metrics["mfu"] = metrics["tokens_per_second"] * flops_per_token / peak_flops
             window_start, window_tokens = time.perf_counter(), 0
-            if main:
-                log(f"step {done}/{t.max_steps} loss {last_loss:.4f} lr {metrics['lr']:.2e} "
-                    f"{metrics['tokens_per_second']:.0f} tok/s mfu {metrics['mfu']:.1%}"
-                    + (f" val {metrics['val_loss']:.4f}" if "val_loss" in metrics else "")
-                    + (f" val_bpb {metrics['val_bpb']:.3f}" if "val_bpb" in metrics else ""))
+        # The first step, ~20 lines over the run, every evaluation and the last step.
+        if main and (done == start_step + 1 or done % print_every == 0 or "val_loss" in metrics
+                     or done == t.max_steps):
+            seconds_per_step = (time.perf_counter() - loop_start) / (done - start_step)
+            log(f"step {done}/{t.max_steps} ({done / t.max_steps:.0%}) loss {last_loss:.4f} lr {metrics['lr']:.2e}"
+                + (f" {metrics['tokens_per_second']:.0f} tok/s mfu {metrics['mfu']:.1%}"
+                   if "tokens_per_second" in metrics else "")
+                + (f" val {metrics['val_loss']:.4f}" if "val_loss" in metrics else "")
+                + (f" val_bpb {metrics['val_bpb']:.3f}" if "val_bpb" in metrics else "")
+                + (f" ETA {format_duration(seconds_per_step * (t.max_steps - done))}" if done < t.max_steps else ""))
         stepper.history.append({"step": done, **metrics})
         if main and on_metrics:
             on_metrics(done, metrics)
         if done % t.checkpoint_interval == 0 or done == t.max_steps:
+            if not weights_finite(model, accelerator):  # never save (nor resume from) non-finite weights
+                stop_diverged(accelerator, out_dir, done, "the weights are not finite", stepper.history)
             save_checkpoint(accelerator, out_dir, done, model_config(args, cfg))
 
     if start_step >= t.max_steps and stepper.history:  # nothing left to do: report the finished run
@@ -322,6 +431,8 @@ def save_checkpoint(accelerator, out_dir: Path, step: int, model_config: dict, k
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_json(tmp / FILE_SIZES, {str(f.relative_to(tmp)): f.stat().st_size
+                                      for f in sorted(tmp.rglob("*")) if f.is_file()})
         write_json(tmp / MODEL_CONFIG_FILE, model_config)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from llm_core.config import (
+    CONFIG_DIR,
     CONFIG_ENV_VAR,
     DEFAULT_PROFILE,
     PROJECT_ROOT,
     ConfigError,
     ScratchConfig,
+    TrainingConfig,
     deep_merge,
     load_config,
     resolve_path,
@@ -170,3 +175,47 @@ def test_section_hash_is_stable_and_tracks_changes():
     changed = load_config(overrides={"cleaning": {"min_words": 31}})
     assert changed.section_hash("cleaning") != a.section_hash("cleaning")
     assert changed.section_hash("dedup") == a.section_hash("dedup")
+
+
+def test_default_yaml_and_the_schema_defaults_agree():
+    """default.yaml is the one source of defaults; the pydantic Field defaults must say the same."""
+    assert ScratchConfig().model_dump(mode="json") == yaml.safe_load(DEFAULT_PROFILE.read_text())
+
+
+@pytest.mark.parametrize("training, warmup", [
+    ({}, 50),                                            # the default profile: 5% of 1000, as before
+    ({"max_steps": 20}, 1),                              # 5% of 20 rounds to 1
+    ({"max_steps": 2}, 1),
+    ({"max_steps": 1}, 0),                               # a single step cannot warm up
+    ({"max_steps": 300, "warmup_fraction": 0.1}, 30),
+    ({"max_steps": 300, "warmup_fraction": 0}, 0),
+    ({"max_steps": 20, "warmup_fraction": 0.99}, 19),    # always below max_steps
+    ({"max_steps": 300, "warmup_steps": 7}, 7),          # set explicitly: used as is
+])
+def test_warmup_follows_the_run_length_unless_set(training, warmup):
+    assert load_config(overrides={"training": training}).training.warmup == warmup
+
+
+def test_existing_profiles_keep_their_warmup():
+    assert load_config(CONFIG_DIR / "ci.yaml").training.warmup == 5
+    assert load_config(CONFIG_DIR / "shakespeare_best.yaml").training.warmup == 100  # 5% of 2000
+
+
+def check_config(profile: Path) -> subprocess.CompletedProcess:
+    """`scratchllm check-config PROFILE` as a user runs it: no SCRATCHLLM_* or other variables set."""
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", "check-config", str(profile)], cwd=PROJECT_ROOT,
+                          env={"PATH": os.environ["PATH"]}, capture_output=True, text=True, timeout=120)
+
+
+def test_a_profile_that_only_shortens_training_is_valid(tmp_path):
+    done = check_config(write_profile(tmp_path / "short.yaml", {"training": {"max_steps": 20}}))
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)["training"]
+    assert resolved["max_steps"] == 20 and resolved["warmup_steps"] is None  # null: 5% of max_steps
+    assert TrainingConfig(**resolved).warmup == 1
+
+
+def test_a_warmup_the_user_set_at_or_beyond_max_steps_is_refused_naming_it(tmp_path):
+    done = check_config(write_profile(tmp_path / "bad.yaml", {"training": {"max_steps": 20, "warmup_steps": 20}}))
+    assert done.returncode == 2
+    assert "training.warmup_steps: Value error, warmup_steps (20) must be below max_steps (20)" in done.stderr

@@ -134,7 +134,7 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path):
     assert "min_chars" in clean["filters"] and "| id | source | text |" in clean["preview"]
     checks = {c.asset_check_key.name: c.passed for c in result.get_asset_check_evaluations()}  # all blocking
     assert checks == {"raw_corpus_counts": True, "cleaned_shards_invariant": True, "tokenizer_roundtrip": True,
-                      "token_ids_fit": True, "token_accounting": True, "beats_champion": True}
+                      "token_ids_fit": True, "token_accounting": True, "training_health": True, "beats_champion": True}
 
     registered = latest_metadata(instance, "registered_model")
     assert (registered["model_name"], registered["model_version"], registered["alias"]) == ("scratchllm", 1, "champion")
@@ -151,7 +151,8 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path):
     assert again.success
     registered = latest_metadata(instance, "registered_model")
     assert (registered["model_version"], registered["alias"]) == (2, "challenger")
-    assert [c.passed for c in again.get_asset_check_evaluations()] == [False]
+    assert {c.check_name: c.passed for c in again.get_asset_check_evaluations()} == {"training_health": True,
+                                                                                    "beats_champion": False}
 
     quarantine = (tmp_path / "data" / "quarantine" / "raw_corpus")
     entries = [json.loads(line) for f in quarantine.glob("*.jsonl") for line in f.read_text().splitlines()]

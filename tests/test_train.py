@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,13 +24,16 @@ from llm_core.loader import sequential_batches
 from llm_core.model import Transformer
 from llm_core.tokenize import DATASET_DIR, build_tokenized_dataset
 from llm_core.train import (
+    FILE_SIZES,
     SUMMARY_FILE,
+    TrainingDiverged,
     checkpoint_dirs,
     load_model,
     lr_at,
     model_args,
     train,
 )
+from llm_core.health import DIVERGED_FILE
 
 CI_PROFILE = PROJECT_ROOT / "assets_config" / "ci.yaml"
 QUIET = lambda msg: None  # noqa: E731
@@ -265,6 +269,108 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(data_dir, tmp_path):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=name)
 
 
+def test_progress_prints_about_20_step_lines_with_percent_and_eta(data_dir, tmp_path):
+    """A short run prints its first step, every 5% and the last one; MLflow still gets every
+    log_interval's metrics."""
+    cfg = config(data_dir, max_steps=100, warmup_steps=None, log_interval=1, eval_interval=50,
+                 checkpoint_interval=100)
+    lines, sent = [], []
+    train(cfg, tmp_path / "out", log=lines.append, on_metrics=lambda step, metrics: sent.append(metrics))
+    step_lines = [line for line in lines if line.startswith("step ")]
+    assert [int(line.split()[1].split("/")[0]) for line in step_lines] == [1, *range(5, 101, 5)]
+    assert step_lines[9].startswith("step 45/100 (45%) loss ")
+    assert all(" ETA " in line for line in step_lines[:-1]) and " ETA " not in step_lines[-1]
+    assert " val " in step_lines[10] and " val_bpb " in step_lines[-1]  # steps 50 and 100 evaluate
+    assert len(sent) == 100 and all("tokens_per_second" in m and "train_loss" in m for m in sent)
+
+
+def truncate(path: Path) -> int:
+    """Cut a file in half for real, as a full disk or a killed copy leaves it; returns the new size."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return len(data) // 2
+
+
+def copy_of(run_dir: Path, to: Path) -> Path:
+    """A finished run's directory without its final outputs: what a killed run leaves behind."""
+    shutil.copytree(run_dir, to)
+    for name in (SUMMARY_FILE, "model.safetensors"):
+        (to / name).unlink()
+    return to
+
+
+@pytest.mark.parametrize("damaged, sizes_recorded", [("model.safetensors", True), ("optimizer.bin", False)],
+                         ids=["weights-truncated", "optimizer-truncated-no-size-record"])
+def test_a_truncated_newest_checkpoint_is_set_aside_and_the_one_before_resumes(reference_run, tmp_path, damaged,
+                                                                               sizes_recorded):
+    """step_20 cut in half: the run resumes from step_10 with a warning naming step_20, keeps the bad
+    one as step_20.corrupt, and ends on the uninterrupted run's losses. Without a size record (a
+    checkpoint of an older version) the load fails after the weights were read: step_10 must
+    replace them completely."""
+    cfg, reference = reference_run
+    out = copy_of(reference.out_dir, tmp_path / "out")
+    newest = checkpoint_dirs(out)[-1]
+    assert newest.name == "step_20"
+    if not sizes_recorded:
+        (newest / FILE_SIZES).unlink()
+    cut = truncate(newest / damaged)
+
+    lines = []
+    result = train(cfg, out, log=lines.append)
+    warning = next(line for line in lines if line.startswith("WARNING"))
+    assert f"checkpoint {newest} does not load" in warning and "set aside as step_20.corrupt" in warning
+    assert f"resumed from {out / 'checkpoints' / 'step_10'} (step 10)" in lines
+    assert result.resumed_from_step == 10
+    assert ((out / "checkpoints" / "step_20.corrupt" / damaged).stat().st_size == cut)  # kept, not deleted
+    assert [d.name for d in checkpoint_dirs(out)] == ["step_10", "step_20"]  # step_20 saved anew
+    for step, (a, b) in enumerate(zip(losses(result.history), losses(reference.history), strict=True), 1):
+        assert abs(a - b) <= 1e-6, f"step {step}: resumed {a} vs uninterrupted {b}"
+    assert result.final_val_loss == pytest.approx(reference.final_val_loss, abs=1e-6)
+
+    again = []  # the bad one is not retried: the next start finds the new step_20
+    train(cfg, out, log=again.append)
+    assert not [line for line in again if line.startswith("WARNING")]
+    assert f"resumed from {out / 'checkpoints' / 'step_20'} (step 20)" in again
+
+
+def test_when_no_checkpoint_loads_the_next_start_trains_from_scratch(reference_run, tmp_path):
+    """The only checkpoint failed half-way through loading (its weights may be in the model): this
+    start refuses to train on them; the next one trains from step 0, exactly as a fresh run."""
+    cfg, reference = reference_run
+    out = copy_of(reference.out_dir, tmp_path / "out")
+    shutil.rmtree(out / "checkpoints" / "step_10")
+    (out / "checkpoints" / "step_20" / FILE_SIZES).unlink()
+    truncate(out / "checkpoints" / "step_20" / "optimizer.bin")
+    with pytest.raises(RuntimeError, match="failed half-way through loading.*run again to train from step 0"):
+        train(cfg, out, log=QUIET)
+    assert (out / "checkpoints" / "step_20.corrupt").is_dir() and not checkpoint_dirs(out)
+    result = train(cfg, out, log=QUIET)
+    assert result.resumed_from_step == 0 and losses(result.history) == losses(reference.history)
+
+
+def test_a_diverging_training_stops_at_the_first_non_finite_value(data_dir, tmp_path):
+    """lr 1e6: the run stops with an error naming the step and the last good checkpoint, writes
+    diverged.json, never saves non-finite weights, and a second start diverges the same way."""
+    cfg = config(data_dir, learning_rate=1.0e6, warmup_steps=0, checkpoint_interval=1)
+    out = tmp_path / "out"
+    with pytest.raises(TrainingDiverged) as info:
+        train(cfg, out, log=QUIET)
+    record = json.loads((out / DIVERGED_FILE).read_text())
+    good = checkpoint_dirs(out)
+    assert good, "the first steps are finite: checkpoints before the divergence"
+    assert str(info.value) == record["message"]
+    assert str(info.value).startswith(f"training diverged at step {record['step']}: ")
+    assert f"the last good checkpoint is {good[-1]} (step {int(good[-1].name.split('_')[1])})" in str(info.value)
+    assert int(good[-1].name.split("_")[1]) < record["step"] and record["last_good_checkpoint"] == str(good[-1])
+    for checkpoint in good:
+        assert all(torch.isfinite(p).all() for p in load_model(checkpoint).state_dict().values()), checkpoint
+    assert not (out / SUMMARY_FILE).exists() and not (out / "model.safetensors").exists()
+
+    with pytest.raises(TrainingDiverged) as again:  # resumes from the last good checkpoint: same end
+        train(cfg, out, log=QUIET)
+    assert str(again.value) == str(info.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # configs
 
@@ -274,7 +380,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(data_dir, tmp_path):
     ({"model": {"n_head": 4, "n_kv_head": 3}}, ("model", "n_kv_head (3) must divide n_head (4)")),
     ({"model": {"n_embd": 36, "n_head": 4, "n_kv_head": 4}}, ("model", "head size")),
     ({"training": {"mixed_precision": "fp8"}}, ("training.mixed_precision", "fp8")),
-    ({"training": {"warmup_steps": 30, "max_steps": 30}}, ("training", "warmup_steps (30) must be below max_steps")),
+    ({"training": {"warmup_steps": 30, "max_steps": 30}}, ("training.warmup_steps", "must be below max_steps (30)")),
     ({"model": {"n_layer": 0}}, ("model.n_layer", "greater than or equal to 1")),
     ({"model": {"n_layers": 2}}, ("model.n_layers", "unknown field")),
 ], ids=["n_head-divides-n_embd", "n_kv_head-divides-n_head", "odd-head-size", "fp8", "warmup>=max_steps",
@@ -343,7 +449,7 @@ def test_cancelling_the_launch_stops_every_rank(data_dir, tmp_path, ranks_wanted
                             stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + SUBPROCESS_TIMEOUT
-        while "step 2/" not in (proc.stdout.readline() or "step 2/"):  # both ranks are past a step
+        while "step 1/" not in (proc.stdout.readline() or "step 1/"):  # both ranks reduced a loss
             assert time.monotonic() < deadline
         ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
                  if "llm_core.train" in p.cmdline() and "accelerate.commands.launch" not in p.cmdline()]

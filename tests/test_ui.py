@@ -92,7 +92,8 @@ def test_ui_launches_the_whole_graph_through_graphql_and_mlflow_shows_the_champi
                                        f'success }} }} }} }} }} }}')["logsForRun"]["events"]
         checks = {e["evaluation"]["checkName"]: e["evaluation"]["success"] for e in events if e}
         assert checks == {"raw_corpus_counts": True, "cleaned_shards_invariant": True, "tokenizer_roundtrip": True,
-                          "token_ids_fit": True, "token_accounting": True, "beats_champion": True}
+                          "token_ids_fit": True, "token_accounting": True, "training_health": True,
+                          "beats_champion": True}
         champion = get_json(f"http://127.0.0.1:{mlflow_port}/api/2.0/mlflow/registered-models/alias"
                             f"?name=scratchllm&alias=champion")["model_version"]
         tags = {t["key"]: t["value"] for t in champion["tags"]}

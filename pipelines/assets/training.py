@@ -1,15 +1,16 @@
 """trained_model: distributed training launched with `accelerate launch` through Dagster Pipes."""
 
+import dataclasses
 import hashlib
 import json
 
 import dagster as dg
 
-from llm_core import tracking
+from llm_core import health, tracking
 from llm_core.data.files import atomic_path, read_json, write_json
 from llm_core.generate import copy_tokenizer
 from llm_core.tokenize import DATASET_DIR
-from llm_core.train import LATEST_FILE, MODEL_DIR
+from llm_core.train import LATEST_FILE, MODEL_DIR, SUMMARY_FILE
 from pipelines.assets.tokenizer import TOKENIZER_DIR, tokenized_dataset
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.lineage import UPSTREAM_OF_TRAINING, data_versions
@@ -28,7 +29,12 @@ def training_key(cfg, dataset_version: str) -> str:
 
 
 @dg.asset(group_name="training", kinds={"pytorch", "mlflow"}, code_version="1", deps=[tokenized_dataset],
-          pool="training", retry_policy=dg.RetryPolicy(max_retries=1))
+          pool="training", retry_policy=dg.RetryPolicy(max_retries=1),
+          check_specs=[dg.AssetCheckSpec(
+              "training_health", asset="trained_model", blocking=True,
+              description="Every loss is finite and the train loss never stays far above its running median "
+                          "(training.health_spike_factor, training.health_spike_steps); otherwise export, "
+                          "evaluation and registry are skipped.")])
 def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig, scratchllm: ScratchllmResource,
                   mlflow: MLflowResource, pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     """A Llama-style decoder trained with accelerate (one process per rank), checkpointed and
@@ -58,15 +64,27 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
     command = accelerate_command(cfg, "pipelines.train_entry", [
         "--resolved-config", str(resolved), "--out-dir", str(out_dir),
         "--mlflow-run-id", run_id, "--tracking-uri", uri_])
-    result = pipes_subprocess_client.run(context=context, command=command, env=rank_environment(cfg))
+    health.clear_divergence(out_dir)  # only this attempt's divergence may stop the retries
+    try:
+        result = pipes_subprocess_client.run(context=context, command=command, env=rank_environment(cfg))
+    except Exception:
+        diverged = health.divergence(out_dir)
+        if diverged:  # a retry would resume from the last good checkpoint and diverge the same way
+            raise dg.Failure(description=diverged["message"], allow_retries=False,
+                             metadata={"step": diverged["step"], **uri(out_dir)}) from None
+        raise
     materialization = result.get_materialize_result()
     copy_tokenizer(cfg.data_path / TOKENIZER_DIR, out_dir)  # the run directory now stands alone
     write_json(cfg.data_path / MODEL_DIR / LATEST_FILE,
                {"key": key, "path": str(out_dir), "mlflow_run_id": run_id, "tracking_uri": uri_})
+    verdict = health.assess(read_json(out_dir / SUMMARY_FILE)["history"], cfg.training)
+    health_check = dg.AssetCheckResult(check_name="training_health", passed=verdict.passed, metadata={
+        k: v for k, v in dataclasses.asdict(verdict).items() if k != "passed" and v is not None})
     return dg.MaterializeResult(
         metadata={**materialization.metadata, **uri(out_dir), "mlflow_run_id": run_id, "training_key": key,
                   "loss_curve_plot": dg.MetadataValue.md(f"![loss curve]({out_dir / 'loss_curve.png'})")},
         data_version=dg.DataVersion(key),
+        check_results=[health_check],
     )
 
 

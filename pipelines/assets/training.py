@@ -75,9 +75,10 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
         raise
     materialization = result.get_materialize_result()
     copy_tokenizer(cfg.data_path / TOKENIZER_DIR, out_dir)  # the run directory now stands alone
-    write_json(cfg.data_path / MODEL_DIR / LATEST_FILE,
-               {"key": key, "path": str(out_dir), "mlflow_run_id": run_id, "tracking_uri": uri_})
     verdict = health.assess(read_json(out_dir / SUMMARY_FILE)["history"], cfg.training)
+    if verdict.passed:  # an unhealthy model never becomes the one that export, evaluation and registry take
+        write_json(cfg.data_path / MODEL_DIR / LATEST_FILE,
+                   {"key": key, "path": str(out_dir), "mlflow_run_id": run_id, "tracking_uri": uri_})
     health_check = dg.AssetCheckResult(check_name="training_health", passed=verdict.passed, metadata={
         k: v for k, v in dataclasses.asdict(verdict).items() if k != "passed" and v is not None})
     return dg.MaterializeResult(

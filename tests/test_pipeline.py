@@ -198,6 +198,21 @@ def test_rematerialize_recomputes_only_what_changed(instance, tmp_path):
     assert grown["num_documents"] > first["num_documents"]
 
 
+def test_select_takes_the_selection_syntax_and_comma_lists():
+    from pipelines.cli import parse_selection
+    from pipelines.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    names = lambda select: sorted(k.to_user_string() for k in parse_selection(select, graph))  # noqa: E731
+    assert names("raw_corpus,cleaned_shards") == ["cleaned_shards", "raw_corpus"]
+    assert names(" tokenizer , hf_export ") == ["hf_export", "tokenizer"]
+    assert names("+tokenizer,hf_export") == ["cleaned_shards", "hf_export", "tokenizer"]
+    assert len(names("*")) == 8
+    for bad in ("raw_corpus,", "no_such_asset,raw_corpus"):
+        with pytest.raises(Exception):
+            parse_selection(bad, graph)
+
+
 def test_definitions_show_the_active_profile_in_run_config():
     """The UI's launchpad defaults are the profile's values (here the one pytest loaded)."""
     from pipelines.config import ACTIVE_CONFIG
@@ -221,10 +236,14 @@ def write_profile(tmp_path: Path, corpus: Path) -> Path:
 def test_cli_run_succeeds_and_fails_with_a_clear_message(tmp_path):
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home")}
     good = write_profile(tmp_path, write_corpus(tmp_path, n_files=2))
+    profile = yaml.safe_load(good.read_text())
+    good.write_text(yaml.safe_dump({**profile, "evaluation": {"prompts": ["", "KING HENRY:"], "max_new_tokens": 8}}))
     done = subprocess.run([*CLI, "run", "--config", str(good)], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "cleaned_shards_invariant: passed" in done.stderr and "succeeded" in done.stderr
     assert "registered scratchllm version 1" in done.stderr and "as `champion`" in done.stderr
+    # The closing hint is a command that works as printed: the profile's first prompt, the profile.
+    assert f"scratchllm generate --model scratchllm@champion --prompt 'KING HENRY:' --config {good}" in done.stderr
 
     broken = tmp_path / "broken"
     broken.mkdir()

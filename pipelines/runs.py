@@ -90,6 +90,7 @@ def execute_stoppably(job, instance: dg.DagsterInstance, **kwargs):
     import signal
     import sys
     import threading
+    import time
     import uuid
 
     run_id = str(uuid.uuid4())
@@ -114,12 +115,10 @@ def execute_stoppably(job, instance: dg.DagsterInstance, **kwargs):
             worker.join(0.2)
         if stop_requested.is_set():
             print(f"\nscratchllm: stopping run {run_id} and its processes", file=sys.stderr, flush=True)
-            for child in psutil.Process().children():
-                try:
-                    child.terminate()
-                except psutil.Error:
-                    pass
-            worker.join(STOP_GRACE_SECONDS)
+            deadline = time.monotonic() + STOP_GRACE_SECONDS
+            while worker.is_alive() and time.monotonic() < deadline:
+                stop_training_launchers()  # again and again: a step retry would start a new one
+                worker.join(0.5)
             run = instance.get_run_by_id(run_id)
             if run is not None and not run.is_finished:
                 instance.report_run_canceled(run, message="Stopped by Ctrl-C or SIGTERM (scratchllm run).")
@@ -132,3 +131,14 @@ def execute_stoppably(job, instance: dg.DagsterInstance, **kwargs):
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+def stop_training_launchers() -> None:
+    """SIGTERM to this process's training launchers (pipelines/process_group.py), which take their
+    ranks down. Not to its other children: Dagster's log tailers must keep showing what happens."""
+    for child in psutil.Process().children():
+        try:
+            if "pipelines.process_group" in child.cmdline():
+                child.terminate()
+        except psutil.Error:
+            pass

@@ -83,8 +83,11 @@ def latest_metadata(instance, key: str) -> dict:
 
 
 @pytest.mark.slow
-def test_materialize_all_in_a_dagster_instance(instance, tmp_path):
+def test_materialize_all_in_a_dagster_instance(instance, tmp_path, monkeypatch):
     corpus = write_corpus(tmp_path)
+    elsewhere = tmp_path / "elsewhere"  # the working directory, where no MLflow file may appear
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     result = materialize(instance, run_config(tmp_path / "data", corpus, trained_model=TINY_TRAINING,
                                               model_evaluation={"evaluation": {"max_new_tokens": 8}}),
                          assets=[*DATA_ASSETS, "trained_model", "model_evaluation", "registered_model",
@@ -160,6 +163,7 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path):
     for expected in ("binary file", "empty file", "invalid UTF-8", "truncated", "malformed JSON", "missing field"):
         assert expected in reasons
     assert any((quarantine / "files").iterdir())  # whole bad files are copied, not just named
+    assert sorted(p.name for p in elsewhere.iterdir()) == []  # no mlflow.db, no mlruns
 
 
 def test_per_run_config_is_validated_and_applied(instance, tmp_path):

@@ -125,7 +125,8 @@ def test_kill_9_during_training_then_run_again_resumes_to_the_same_loss(project,
     wait_until(marker.exists, proc, what="the hold at step 6")
     rank = held_pid(marker)
     proc.send_signal(signal.SIGINT)
-    assert finish(proc, log, timeout=STOP_SECONDS) and proc.returncode == 130
+    output = finish(proc, log, timeout=STOP_SECONDS)
+    assert proc.returncode == 130 and "stopped" in output.splitlines()[-1], output[-2000:]
     assert gone_within(rank, 5)
     interrupted = run_ids(env)[-1]
     assert run_status(env, interrupted) in (dg.DagsterRunStatus.CANCELED, dg.DagsterRunStatus.FAILURE)
@@ -139,7 +140,8 @@ def test_kill_9_during_training_then_run_again_resumes_to_the_same_loss(project,
     waiting, waiting_log = start(project, "--select", "trained_model")
     wait_until(lambda: "another run is using it" in waiting_log.read_text(), waiting, what="the waiting message")
     waiting.send_signal(signal.SIGTERM)
-    assert finish(waiting, waiting_log, timeout=STOP_SECONDS) and waiting.returncode == 130
+    output = finish(waiting, waiting_log, timeout=STOP_SECONDS)
+    assert waiting.returncode == 130 and "stopped" in output.splitlines()[-1], output[-2000:]
     assert run_status(env, run_ids(env)[-1]) == dg.DagsterRunStatus.CANCELED
     killed_run = run_ids(env)[-2]
 

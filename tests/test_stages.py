@@ -208,7 +208,7 @@ def test_cleaned_shards_before_raw_corpus_is_a_clear_error(corpus, cfg_for):
 
 
 def single_pass_removals(cfg) -> tuple[dict[str, tuple[str, str | None]], int]:
-    """{id: (reason, duplicate_of)} of every removed document and the number of candidates checked, as
+    """{id: (reason, duplicate_of)} of every removed piece and the number of candidates checked, as
     the original single pass decided them: every content hash in a dict, every document's band keys and
     signature in the NearDupIndex. The reference for the stage's three-pass dedup."""
     root = cfg.data_path / "cleaned_shards"
@@ -221,22 +221,23 @@ def single_pass_removals(cfg) -> tuple[dict[str, tuple[str, str | None]], int]:
     for entry in entries:
         files = _cache_files(root / "cache" / entry["cache"])
         signatures, all_shingles, offsets = (np.load(files[name]) for name in ("signatures", "shingles", "offsets"))
-        k = -1  # index among the part's kept documents
-        for row in pq.read_table(files["table"]).to_pylist():
-            if row["status"] != "kept":
-                removed[row["id"]] = (row["status"], None)
+        decided: dict[int, tuple[str, str]] = {}  # the part's duplicate documents (units)
+        for k, unit in enumerate(pq.read_table(files["units"]).to_pylist()):
+            if cfg.dedup.exact and unit["content_hash"] in first_with_hash:
+                decided[k] = ("exact_duplicate", first_with_hash[unit["content_hash"]])
                 continue
-            k += 1
-            if cfg.dedup.exact and row["content_hash"] in first_with_hash:
-                removed[row["id"]] = ("exact_duplicate", first_with_hash[row["content_hash"]])
-                continue
-            first_with_hash.setdefault(row["content_hash"], row["id"])
+            first_with_hash.setdefault(unit["content_hash"], unit["doc_id"])
             if cfg.dedup.near:
                 shingles.append(all_shingles[offsets[k]: offsets[k + 1]])
-                id_of_ref.append(row["id"])
+                id_of_ref.append(unit["doc_id"])
                 match = index.find_or_add(len(shingles) - 1, signatures[k], shingles[-1])
                 if match is not None:
-                    removed[row["id"]] = ("near_duplicate", id_of_ref[match])
+                    decided[k] = ("near_duplicate", id_of_ref[match])
+        for row in pq.read_table(files["table"], columns=["id", "status", "unit"]).to_pylist():
+            if row["status"] != "kept":
+                removed[row["id"]] = (row["status"], None)
+            elif row["unit"] in decided:
+                removed[row["id"]] = decided[row["unit"]]
     return removed, index.num_candidates_checked
 
 

@@ -168,14 +168,19 @@ QUALITY_RULES: tuple[tuple[str, Callable[[str, np.ndarray], float], bool], ...] 
     ("max_duplicate_5gram_fraction", lambda text, words: _repetition(words, 5)[1], False),
 )
 RULE_NAMES = tuple(rule for rule, _, _ in QUALITY_RULES)
+# Rules about a whole document being too short: a later piece of a cut document (its short last
+# piece, say) is not a short document, so they judge only a document's first piece.
+DOCUMENT_LENGTH_RULES = ("min_chars", "min_words")
 
 
-def quality_rule_failed(text: str, word_hashes: np.ndarray, cfg: CleaningConfig) -> str | None:
-    """The name of the first quality rule the document fails, or None when it passes them all."""
+def quality_rule_failed(text: str, word_hashes: np.ndarray, cfg: CleaningConfig,
+                        later_piece: bool = False) -> str | None:
+    """The name of the first quality rule the piece fails, or None when it passes them all.
+    `later_piece`: not the first piece of its source document (DOCUMENT_LENGTH_RULES do not apply)."""
     values: dict = {}  # a statistic shared by two rules (min and max mean word length) is computed once
     for rule, statistic, is_lower_bound in QUALITY_RULES:
         threshold = getattr(cfg, rule)
-        if threshold is None:
+        if threshold is None or (later_piece and rule in DOCUMENT_LENGTH_RULES):
             continue
         if statistic not in values:
             values[statistic] = statistic(text, word_hashes)

@@ -90,6 +90,50 @@ class MinHasher:
         return sig
 
 
+class DocumentSketch:
+    """What dedup needs of one source document, fed its pieces in order: the content hash, MinHash
+    signature and shingle set of the whole document, as if it had never been cut. The shingles that
+    span the boundary between two pieces count too (the last `shingle_words - 1` words of a piece
+    are carried over). The shingle set is stored as the distinct high 32 bits of the shingles:
+    plenty to confirm a candidate's Jaccard similarity exactly, at half the size."""
+
+    def __init__(self, hasher: MinHasher, shingle_words: int):
+        self.hasher, self.shingle_words = hasher, shingle_words
+        self._content = xxhash.xxh3_64()
+        self._signature: np.ndarray | None = None
+        self._shingles: list[np.ndarray] = []
+        self._tail = np.empty(0, dtype=np.uint64)
+
+    def add(self, words: list[bytes], hashes: np.ndarray) -> None:
+        """The next piece, as `split_words` and `word_hashes` of its text."""
+        if self._signature is not None:
+            self._content.update(b" ")
+        self._content.update(b" ".join(words))
+        if len(self._tail):
+            hashes = np.concatenate((self._tail, hashes))
+        shingles = shingle_set(hashes, self.shingle_words)
+        signature = self.hasher.signature(shingles)
+        self._signature = signature if self._signature is None else np.minimum(self._signature, signature)
+        # `shingles` is sorted, so its high halves are too: dropping repeats is np.unique.
+        high = (shingles >> np.uint64(32)).astype(np.uint32)
+        self._shingles.append(high[np.concatenate(([True], high[1:] != high[:-1]))])
+        self._tail = hashes[max(0, len(hashes) - self.shingle_words + 1):].copy() if self.shingle_words > 1 \
+            else hashes[:0]
+
+    def content_hash(self) -> int:
+        """Equal to `content_hash` of the document's words (the pieces' words joined)."""
+        return self._content.intdigest()
+
+    def signature(self) -> np.ndarray:
+        return self._signature
+
+    def shingles(self) -> np.ndarray:
+        """The document's distinct shingles' high 32 bits, sorted (uint32)."""
+        if len(self._shingles) == 1:
+            return self._shingles[0]
+        return sorted_unique(np.concatenate(self._shingles))
+
+
 class NearDupIndex:
     """Keeps the first of every group of near duplicates, in the order documents are offered.
 

@@ -168,19 +168,23 @@ QUALITY_RULES: tuple[tuple[str, Callable[[str, np.ndarray], float], bool], ...] 
     ("max_duplicate_5gram_fraction", lambda text, words: _repetition(words, 5)[1], False),
 )
 RULE_NAMES = tuple(rule for rule, _, _ in QUALITY_RULES)
-# Rules about a whole document being too short: a later piece of a cut document (its short last
-# piece, say) is not a short document, so they judge only a document's first piece.
-DOCUMENT_LENGTH_RULES = ("min_chars", "min_words")
 
 
 def quality_rule_failed(text: str, word_hashes: np.ndarray, cfg: CleaningConfig,
                         later_piece: bool = False) -> str | None:
     """The name of the first quality rule the piece fails, or None when it passes them all.
-    `later_piece`: not the first piece of its source document (DOCUMENT_LENGTH_RULES do not apply)."""
+
+    The rules judge each piece of a long document on its own (a page of junk does not cost the whole
+    book). But a `later_piece` (not the first of its source document) shorter than min_chars or
+    min_words, typically the short end of a long document, is not a short document, and too short for
+    the other statistics to mean anything: it is kept unjudged."""
+    if later_piece and ((cfg.min_chars is not None and len(text) < cfg.min_chars)
+                        or (cfg.min_words is not None and len(word_hashes) < cfg.min_words)):
+        return None
     values: dict = {}  # a statistic shared by two rules (min and max mean word length) is computed once
     for rule, statistic, is_lower_bound in QUALITY_RULES:
         threshold = getattr(cfg, rule)
-        if threshold is None or (later_piece and rule in DOCUMENT_LENGTH_RULES):
+        if threshold is None:
             continue
         if statistic not in values:
             values[statistic] = statistic(text, word_hashes)

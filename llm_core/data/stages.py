@@ -341,10 +341,11 @@ class _PartUnits:
     def close(self) -> None:
         """Finish the current document."""
         if self._sketch is not None:
+            content_hash, signature, shingles = self._sketch.finish()
             self.doc_ids.append(self._doc_id)
-            self.content_hashes.append(self._sketch.content_hash())
-            self.signatures.append(self._sketch.signature())
-            self.shingles.append(self._sketch.shingles())
+            self.content_hashes.append(content_hash)
+            self.signatures.append(signature)
+            self.shingles.append(shingles)
             self._sketch = None
 
     def save(self, files: dict[str, Path], num_permutations: int) -> None:

@@ -235,7 +235,8 @@ def build_raw_corpus(cfg: ScratchConfig, log: Log = print) -> RawCorpusResult:
     bad_files = sum(s["num_quarantined_files"] for s in shards) + len(found.missing)
     result = RawCorpusResult(
         num_documents=sum(s["num_documents"] for s in shards),
-        num_source_documents=sum(s["num_source_documents"] for s in shards), num_bytes=sum(s["num_bytes"] for s in shards),
+        num_source_documents=sum(s["num_source_documents"] for s in shards),
+        num_bytes=sum(s["num_bytes"] for s in shards),
         num_source_bytes=sum(s["num_source_bytes"] for s in shards),
         num_quarantined=bad_records + bad_files, num_quarantined_records=bad_records,
         num_quarantined_files=bad_files, num_files=len(found.files), num_skipped_files=len(found.skipped),

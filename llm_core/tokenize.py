@@ -4,7 +4,7 @@ pieces of a document on the same side).
 Layout under data_dir/tokenized_dataset/:
   manifest.json                      per shard counts + the dtype, vocab size and EOT id
   {train,val}/<shard>.tokens.arrow   one uint16 (or uint32) column `tokens`, uncompressed so the
-                                     loader can memory-map it; every document ends with <|endoftext|>
+                                     loader can memory-map it; every piece ends with <|endoftext|>
   {train,val}/<shard>.docs.arrow     id (of the piece), doc_id, start, length (tokens, EOT included), num_bytes
 
 A shard is re-encoded only when its cleaned content, the tokenizer or the split changed.

@@ -2,7 +2,8 @@
 
 Ground-truth locations are paths relative to the corpus directory, `path` for a whole file (all of
 its documents) or `path#k` for the k-th record of a .jsonl file (0-based line; a raw document id is
-`<xxh3(uri)[:12]>-<index>` where index counts the records read, bad ones included).
+`<xxh3(uri)[:12]>-<index>` where index counts the records read, bad ones included, and the pieces of
+a record cut at max_document_bytes have ids `<that id>#<piece>`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class Outcomes:
             for doc_id, source in zip(table.column("id").to_pylist(), table.column("source").to_pylist()):
                 rel = os.path.relpath(source, corpus_dir)
                 self.ids[rel].append(doc_id)
-                self.ids[f"{rel}#{int(doc_id.rsplit('-', 1)[1])}"].append(doc_id)
+                self.ids[f"{rel}#{int(doc_id.split('#')[0].rsplit('-', 1)[1])}"].append(doc_id)
         self.removed: dict[str, tuple[str, str | None]] = {}  # id -> (reason, duplicate_of)
         for part in sorted((data_dir / CLEAN_DIR / "removed").glob("*.parquet")):
             for row in pq.read_table(part).to_pylist():

@@ -57,7 +57,13 @@ class CorpusConfig(Section):
     max_document_bytes: int = Field(
         default=8192,
         ge=256,
-        description="Longer documents are cut at paragraph (blank line) boundaries into pieces of at most this size.",
+        description="Longer documents are cut at paragraph (blank line) boundaries into pieces of at most this size; "
+                    "dedup and the train/val split still judge the whole document.",
+    )
+    pieces_are_documents: list[str] = Field(
+        default_factory=lambda: ["data/tinyshakespeare.txt"],
+        description="Sources (files, directories, globs, as in `sources`) that are collections of short texts: each "
+                    "piece cut at max_document_bytes counts as a document of its own for dedup and the split.",
     )
     jsonl_text_field: str = Field(default="text", description="Field holding the text in .jsonl records.")
     parquet_text_column: str = Field(default="text", description="Column holding the text in .parquet files.")

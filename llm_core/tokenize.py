@@ -1,10 +1,11 @@
-"""Encode the cleaned shards into Arrow IPC token files, train/val split by document.
+"""Encode the cleaned shards into Arrow IPC token files, train/val split by source document (all
+pieces of a document on the same side).
 
 Layout under data_dir/tokenized_dataset/:
   manifest.json                      per shard counts + the dtype, vocab size and EOT id
   {train,val}/<shard>.tokens.arrow   one uint16 (or uint32) column `tokens`, uncompressed so the
-                                     loader can memory-map it; every document ends with <|endoftext|>
-  {train,val}/<shard>.docs.arrow     doc_id, start, length (tokens, EOT included), num_bytes
+                                     loader can memory-map it; every piece ends with <|endoftext|>
+  {train,val}/<shard>.docs.arrow     id (of the piece), doc_id, start, length (tokens, EOT included), num_bytes
 
 A shard is re-encoded only when its cleaned content, the tokenizer or the split changed.
 """
@@ -31,8 +32,8 @@ from llm_core.tokenizer import EOT
 
 DATASET_DIR = "tokenized_dataset"
 SPLITS = ("train", "val")
-DOCS_SCHEMA = pa.schema([("doc_id", pa.string()), ("start", pa.int64()), ("length", pa.int64()),
-                         ("num_bytes", pa.int64())])
+DOCS_SCHEMA = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("start", pa.int64()),
+                         ("length", pa.int64()), ("num_bytes", pa.int64())])
 ENCODE_BATCH_DOCS = 512
 
 
@@ -73,15 +74,17 @@ def encode_shard(tokenizer: Tokenizer, shard: Path, out_dir: Path, cfg: ScratchC
     tokens: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     docs: dict[str, dict[str, list]] = {s: {name: [] for name in DOCS_SCHEMA.names} for s in SPLITS}
     position = {s: 0 for s in SPLITS}
-    for batch in iter_batches(shard, ["id", "text"], batch_size=ENCODE_BATCH_DOCS):
-        ids, texts = batch.column(0).to_pylist(), batch.column(1).to_pylist()
-        for doc_id, text, encoding in zip(ids, texts, tokenizer.encode_batch_fast(texts, add_special_tokens=False)):
+    for batch in iter_batches(shard, ["id", "doc_id", "text"], batch_size=ENCODE_BATCH_DOCS):
+        ids, doc_ids, texts = (batch.column(i).to_pylist() for i in range(3))
+        encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        for piece_id, doc_id, text, encoding in zip(ids, doc_ids, texts, encodings):
             split = "val" if is_validation(doc_id, cfg.dataset.val_fraction, cfg.dataset.seed) else "train"
             array = np.empty(len(encoding.ids) + 1, dtype=dtype)
             array[:-1] = encoding.ids
-            array[-1] = eot  # the document boundary
+            array[-1] = eot  # the boundary after every piece
             tokens[split].append(array)
-            for name, value in zip(DOCS_SCHEMA.names, (doc_id, position[split], len(array), len(text.encode()))):
+            row = (piece_id, doc_id, position[split], len(array), len(text.encode()))
+            for name, value in zip(DOCS_SCHEMA.names, row):
                 docs[split][name].append(value)
             position[split] += len(array)
     counts = {}
@@ -89,7 +92,7 @@ def encode_shard(tokenizer: Tokenizer, shard: Path, out_dir: Path, cfg: ScratchC
         flat = np.concatenate(tokens[split]) if tokens[split] else np.empty(0, dtype=dtype)
         _write_ipc(out_dir / split / f"{shard.stem}.tokens.arrow", pa.table({"tokens": pa.array(flat)}))
         _write_ipc(out_dir / split / f"{shard.stem}.docs.arrow", pa.table(docs[split], schema=DOCS_SCHEMA))
-        counts[split] = {"tokens": int(len(flat)), "documents": len(docs[split]["doc_id"]),
+        counts[split] = {"tokens": int(len(flat)), "documents": len(docs[split]["id"]),
                          "bytes": int(sum(docs[split]["num_bytes"])), "max_id": int(flat.max()) if len(flat) else -1}
     return counts
 
@@ -145,7 +148,9 @@ def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_
     if total["train"]["tokens"] == 0 or total["val"]["tokens"] == 0:
         empty = "train" if total["train"]["tokens"] == 0 else "val"
         raise ValueError(f"the {empty} split is empty ({total['train']['documents']} train / "
-                         f"{total['val']['documents']} val documents): change dataset.val_fraction or add documents")
+                         f"{total['val']['documents']} val pieces): the split is by source document, so change "
+                         f"dataset.val_fraction, add documents, or list a file of many short texts in "
+                         f"corpus.pieces_are_documents")
     return DatasetResult(
         num_train_tokens=total["train"]["tokens"], num_val_tokens=total["val"]["tokens"],
         num_train_documents=total["train"]["documents"], num_val_documents=total["val"]["documents"],
@@ -196,14 +201,14 @@ def verify_token_accounting(cfg: ScratchConfig, tokenizer: Tokenizer, docs_per_s
             problems.append(f"{tokens_path.name} ({split}): {len(tokens)} tokens, documents add up to "
                             f"{int(lengths.sum())}, manifest says {entry[split]['tokens']}")
             continue
-        sample = dict(zip(docs.column("doc_id").to_pylist()[:docs_per_shard],
+        sample = dict(zip(docs.column("id").to_pylist()[:docs_per_shard],
                           zip(docs.column("start").to_pylist(), lengths.tolist())))
         for batch in iter_batches(cfg.data_path / CLEAN_DIR / "shards" / entry["name"], ["id", "text"]):
-            for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-                if doc_id in sample:
-                    start, length = sample[doc_id]
+            for piece_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                if piece_id in sample:
+                    start, length = sample[piece_id]
                     expected = tokenizer.encode(text, add_special_tokens=False).ids + [manifest["eot_id"]]
                     if tokens[start:start + length].tolist() != expected:
-                        problems.append(f"document {doc_id}: stored tokens differ from the tokenizer's")
+                        problems.append(f"document {piece_id}: stored tokens differ from the tokenizer's")
                     checked += 1
     return not problems, "; ".join(problems[:5]) or f"{checked} sampled documents re-encoded identically"

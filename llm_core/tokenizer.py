@@ -50,8 +50,8 @@ def new_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def iter_documents(shards: list[Path], columns=("id", "text")) -> Iterator[tuple[str, str]]:
-    """(id, text) of every document of the shards, streamed batch by batch."""
+def iter_documents(shards: list[Path], columns=("doc_id", "text")) -> Iterator[tuple[str, str]]:
+    """(doc_id, text) of every piece of the shards (or other `columns`), streamed batch by batch."""
     for shard in shards:
         for batch in iter_batches(shard, list(columns)):
             yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())

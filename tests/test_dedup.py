@@ -224,3 +224,23 @@ def test_repeated_values_finds_exactly_the_values_added_twice(tmp_path, partitio
     assert not list((tmp_path / "spill").iterdir())
     assert np.array_equal(isin_sorted(values, repeated), np.isin(values, repeated))
     assert not isin_sorted(values, np.empty(0, np.uint64)).any()
+
+
+@pytest.mark.parametrize("cuts", [[], [37], [5, 6, 120], [1, 2, 3, 150, 151], [1, 3]])
+def test_document_sketch_of_pieces_equals_that_of_the_whole_document(prose, cuts):
+    """Fed a document piece by piece (cut between words), the sketch has the hash, signature and shingle
+    set of the whole text: the shingles that span a cut count."""
+    cfg = load_config().dedup
+    hasher = dedup.MinHasher(cfg.num_permutations, cfg.seed)
+    words = " ".join(prose[:3]).split()[:4 if cuts == [1, 3] else None]  # the last: shorter than a shingle
+    pieces = [" ".join(words[a:b]) for a, b in zip([0, *cuts], [*cuts, len(words)])]
+    sketch = dedup.DocumentSketch(hasher, cfg.shingle_words)
+    for piece in pieces:
+        piece_words = dedup.split_words(piece)
+        sketch.add(piece_words, dedup.word_hashes(piece_words))
+    whole = dedup.split_words(" ".join(pieces))
+    shingles = dedup.shingle_set(dedup.word_hashes(whole), cfg.shingle_words)
+    content_hash, signature, high_halves = sketch.finish()
+    assert content_hash == dedup.content_hash(whole)
+    assert np.array_equal(signature, hasher.signature(shingles))
+    assert np.array_equal(high_halves, np.unique((shingles >> np.uint64(32)).astype(np.uint32)))

@@ -102,6 +102,23 @@ def test_long_jsonl_text_field_is_cut_too(tmp_path, prose):
     assert "".join(docs) == text and all(len(d.encode()) <= 1024 for d in docs)
 
 
+def test_pieces_are_numbered_within_their_source_document(tmp_path, prose):
+    long = "\n\n".join(prose[:10])  # > 3 pieces of 1024 bytes
+    (tmp_path / "a.txt").write_text(DELIM.join([prose[20], long, prose[21]]))
+    (tmp_path / "b.jsonl").write_text(jsonl([{"text": prose[20]}, {"text": long}, "{broken", {"text": prose[21]}]))
+    write_parquet(tmp_path / "c.parquet", {"text": [prose[20], long, prose[21]]})
+    for name, delimiter in (("a.txt", DELIM), ("b.jsonl", None), ("c.parquet", None)):
+        found = discover([str(tmp_path / name)], EXTS)
+        docs = [i for i in read_source(found.files[0], opts(delimiter=delimiter, max_bytes=1024)) if isinstance(i, Doc)]
+        numbers = [d.piece for d in docs]
+        assert numbers[0] == 0 and numbers[-1] == 0 and len(numbers) >= 6, name
+        assert numbers[1:-1] == list(range(len(numbers) - 2)), name  # the long document: 0, 1, 2, ...
+        assert "".join(d.text for d in docs[1:-1]).strip() == long.strip(), name
+    found = discover([str(tmp_path / "a.txt")], EXTS)  # without a delimiter the file is one document
+    whole_file = [d.piece for d in read_source(found.files[0], opts(max_bytes=1024))]
+    assert len(whole_file) >= 5 and whole_file == list(range(len(whole_file)))
+
+
 def test_markdown_is_read_as_text(tmp_path, prose):
     text = "# Title\n\n" + prose[0]
     (tmp_path / "README.md").write_text(text)
@@ -530,6 +547,41 @@ def test_incremental_raw_corpus(tmp_path, prose, make_cfg):
                                      "max_document_bytes": 512})
     options_changed = build_raw_corpus(reread, quiet)  # new read options: everything is rebuilt
     assert options_changed.num_shards_reused == 0 and options_changed.num_shards_built == 3
+
+
+def test_rows_name_their_source_document_and_keep_its_pieces_in_one_part(tmp_path, prose, make_cfg):
+    src = tmp_path / "src"
+    src.mkdir()
+    long = "\n\n".join(prose[:12])
+    (src / "a.jsonl").write_text(jsonl([{"text": prose[20]}, "{broken", {"text": long}, {"text": prose[21]}]))
+    (src / "b.txt").write_text(long)
+    cfg = make_cfg([src], corpus={"max_document_bytes": 1024, "shard_size_mb": 0.002})
+    result = build_raw_corpus(cfg, lambda msg: None)
+    rows = read_corpus(result)
+    by_doc: dict[str, list[dict]] = {}
+    for row in rows:
+        by_doc.setdefault(row["doc_id"], []).append(row)
+    assert result.num_source_documents == len(by_doc) == 4 and result.num_documents == len(rows)
+    for doc_id, pieces in by_doc.items():  # the first piece's id is the doc_id, then <doc_id>#1, #2, ...
+        assert [r["id"] for r in pieces] == [doc_id] + [f"{doc_id}#{k}" for k in range(1, len(pieces))]
+    jsonl_key = by_doc[rows[0]["doc_id"]][0]["id"].rsplit("-", 1)[0]
+    assert [d.rsplit("-", 1)[1] for d in by_doc if d.startswith(jsonl_key)] == ["0000000", "0000002", "0000003"]
+    long_docs = [pieces for pieces in by_doc.values() if len(pieces) > 1]
+    assert len(long_docs) == 2 and all(len(p) >= 4 for p in long_docs)
+    assert all(sum(len(r["text"].encode()) for r in pieces) > 2000 for pieces in long_docs)  # > shard_size_mb
+    assert len(result.parts) == 3  # parts end at the first document boundary after 2000 bytes, never inside one
+    part_of = {row["id"]: part for part in result.parts for row in pq.read_table(part, columns=["id"]).to_pylist()}
+    assert all(len({part_of[r["id"]] for r in pieces}) == 1 for pieces in by_doc.values())
+
+    # A collection of short texts: each piece is a document, with the ids it always had.
+    collection = make_cfg([src], corpus={"max_document_bytes": 1024, "shard_size_mb": 0.002,
+                                         "pieces_are_documents": [str(src / "b.txt")]})
+    rebuilt = build_raw_corpus(collection, lambda msg: None)
+    assert rebuilt.num_shards_built >= 1  # the option is part of the shard's identity
+    text_rows = [r for r in read_corpus(rebuilt) if r["source"].endswith("b.txt")]
+    key = text_rows[0]["id"].rsplit("-", 1)[0]
+    assert [(r["id"], r["doc_id"]) for r in text_rows] == [(f"{key}-{k:07d}",) * 2 for k in range(len(text_rows))]
+    assert rebuilt.num_source_documents == 3 + len(text_rows)
 
 
 def test_document_ids_do_not_depend_on_where_the_project_is_checked_out(tmp_path):

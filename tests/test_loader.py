@@ -32,7 +32,7 @@ def dataset_dir(tmp_path_factory) -> Path:
     (src / "shakespeare.txt").write_text(text[:300_000])
     cfg = load_config(DEFAULT_PROFILE, overrides={
         "data_dir": str(root / "run"), "corpus": {"sources": [str(src)], "shard_size_mb": 0.004,
-                                                  "max_document_bytes": 2048},
+                                                  "max_document_bytes": 2048, "pieces_are_documents": [str(src)]},
         "cleaning": {"num_workers": 1}, "tokenizer": {"vocab_size": 300}, "dataset": {"val_fraction": 0.2}})
     build_raw_corpus(cfg, QUIET)
     cleaned = build_cleaned_shards(cfg, QUIET)

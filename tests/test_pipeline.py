@@ -54,9 +54,10 @@ def instance(tmp_path, monkeypatch):
 
 def run_config(data_dir: Path, corpus: Path, **sections) -> dict:
     """Run config as the Dagster UI launchpad sends it."""
-    # Small documents and a 20% val split: enough validation documents even in a tiny corpus.
+    # Small documents (the plays are collections of scenes) and a 20% val split: enough validation
+    # documents even in a tiny corpus.
     ops = {"raw_corpus": {"config": {"corpus": {"sources": [str(corpus)], "shard_size_mb": 0.05,
-                                                "max_document_bytes": 2048}}},
+                                                "max_document_bytes": 2048, "pieces_are_documents": [str(corpus)]}}},
            "tokenized_dataset": {"config": {"dataset": {"val_fraction": 0.2}}}}
     for asset, section_values in sections.items():
         ops.setdefault(asset, {"config": {}})["config"].update(section_values)
@@ -231,7 +232,8 @@ def test_definitions_show_the_active_profile_in_run_config():
 
 def write_profile(tmp_path: Path, corpus: Path) -> Path:
     profile = tmp_path / "profile.yaml"
-    profile.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "corpus": {"sources": [str(corpus)]},
+    profile.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"),
+                                       "corpus": {"sources": [str(corpus)], "pieces_are_documents": [str(corpus)]},
                                        "dataset": {"val_fraction": 0.3}, **TINY_TRAINING}))
     return profile
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from llm_core.tokenize import (
     verify_token_accounting,
     verify_token_ids,
 )
-from llm_core.tokenizer import EOT, iter_documents, load, train_tokenizer
+from llm_core.tokenizer import EOT, held_out_texts, iter_documents, load, train_tokenizer
 from helpers import QUIET, build_shards, make_config, write_jsonl
 
 VOCAB = 300
@@ -65,8 +66,9 @@ def dataset(tmp_path_factory, prose):
     return cfg, tok_dir, result
 
 
-def split_docs(out_dir: Path, split: str):
-    """[(doc_id, tokens of the doc, num_bytes)] of a split, over every shard in manifest order."""
+def split_docs(out_dir: Path, split: str, with_doc_ids: bool = False):
+    """[(piece id, tokens of the piece, num_bytes)] of a split, over every shard in manifest order
+    (with the piece's doc_id after its id if asked)."""
     manifest = json.loads((out_dir / "manifest.json").read_text())
     out = []
     for entry in manifest["shards"]:
@@ -74,7 +76,8 @@ def split_docs(out_dir: Path, split: str):
         tokens = read_ipc(out_dir / split / f"{stem}.tokens.arrow").column("tokens").to_numpy()
         docs = read_ipc(out_dir / split / f"{stem}.docs.arrow").to_pylist()
         for d in docs:
-            out.append((d["doc_id"], tokens[d["start"]:d["start"] + d["length"]], d["num_bytes"]))
+            ids = (d["id"], d["doc_id"]) if with_doc_ids else (d["id"],)
+            out.append((*ids, tokens[d["start"]:d["start"] + d["length"]], d["num_bytes"]))
         assert sum(d["length"] for d in docs) == len(tokens)  # documents tile the file
     return out
 
@@ -108,25 +111,53 @@ def test_files_are_uint16_and_docs_end_with_eot(dataset):
 
 def test_split_by_document_and_byte_accounting(dataset):
     cfg, tok_dir, result = dataset
-    cleaned = {doc_id: text for doc_id, text in iter_documents(sorted(
-        (cfg.data_path / "cleaned_shards" / "shards").glob("*.parquet")))}
+    cleaned = {piece_id: text for piece_id, text in iter_documents(sorted(
+        (cfg.data_path / "cleaned_shards" / "shards").glob("*.parquet")), columns=("id", "text"))}
     tokenizer = load(tok_dir)
     tokenizer.encode_special_tokens = True
     seen = {}
     for split in ("train", "val"):
-        docs = split_docs(result.out_dir, split)
-        for doc_id, tokens, num_bytes in docs:
+        docs = split_docs(result.out_dir, split, with_doc_ids=True)
+        for piece_id, doc_id, tokens, num_bytes in docs:
             assert is_validation(doc_id, cfg.dataset.val_fraction, cfg.dataset.seed) == (split == "val")
-            assert num_bytes == len(cleaned[doc_id].encode())
-            assert tokenizer.decode(tokens[:-1].tolist(), skip_special_tokens=False) == cleaned[doc_id]
-            seen[doc_id] = split
-        assert sum(len(t) for _, t, _ in docs) == getattr(result, f"num_{split}_tokens")
+            assert num_bytes == len(cleaned[piece_id].encode())
+            assert tokenizer.decode(tokens[:-1].tolist(), skip_special_tokens=False) == cleaned[piece_id]
+            seen[piece_id] = split
+        assert sum(len(t) for *_, t, _ in docs) == getattr(result, f"num_{split}_tokens")
         assert len(docs) == getattr(result, f"num_{split}_documents")
     assert set(seen) == set(cleaned)  # every cleaned document, once
     val_texts = [t for d, t in cleaned.items() if seen[d] == "val"]
     assert result.num_val_documents >= 5 and result.num_train_documents >= 30
     assert result.val_bytes == sum(len(t.encode()) for t in val_texts)
     assert result.num_bytes == sum(len(t.encode()) for t in cleaned.values())
+
+
+def test_all_pieces_of_a_source_document_are_on_one_side_of_the_split(tmp_path, prose):
+    """Long .txt documents, each cut into several pieces: the tokenizer's held-out text and the dataset
+    put all pieces of a document on the side its doc_id says."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(16):  # 16 documents at val_fraction 0.5: both sides get some
+        (src / f"doc_{i:02d}.txt").write_text("\n\n".join(prose[i * 10:(i + 1) * 10]))
+    cfg = make_config(tmp_path / "run", [src], corpus={"max_document_bytes": 1024}, tokenizer={"vocab_size": VOCAB},
+                      dataset={"val_fraction": 0.5})
+    shards = build_shards(cfg)
+    tok_dir = tmp_path / "tokenizer"
+    train_tokenizer(cfg, shards, tok_dir, log=QUIET)
+    result = build_tokenized_dataset(cfg, load(tok_dir), tok_dir, log=QUIET)
+
+    source_of = dict(iter_documents(shards, columns=("id", "source")))
+    pieces = Counter(source_of.values())
+    assert len(pieces) == 16 and min(pieces.values()) >= 3  # every document was cut
+    sides: dict[str, set[str]] = {}  # source file (one document) -> the splits its pieces are in
+    for split in ("train", "val"):
+        for piece_id, doc_id, *_ in split_docs(result.out_dir, split, with_doc_ids=True):
+            sides.setdefault(source_of[piece_id], set()).add(split)
+            assert is_validation(doc_id, cfg.dataset.val_fraction, cfg.dataset.seed) == (split == "val")
+    assert all(len(s) == 1 for s in sides.values()), {Path(k).name: v for k, v in sides.items() if len(v) > 1}
+    assert {"train", "val"} == set().union(*sides.values())
+    val_text = {t for d, t in iter_documents(shards) if is_validation(d, cfg.dataset.val_fraction, cfg.dataset.seed)}
+    assert set(held_out_texts(shards, cfg)) <= val_text  # what the tokenizer did not train on
 
 
 def test_literal_endoftext_in_a_document_is_text(dataset):

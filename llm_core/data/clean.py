@@ -170,8 +170,17 @@ QUALITY_RULES: tuple[tuple[str, Callable[[str, np.ndarray], float], bool], ...] 
 RULE_NAMES = tuple(rule for rule, _, _ in QUALITY_RULES)
 
 
-def quality_rule_failed(text: str, word_hashes: np.ndarray, cfg: CleaningConfig) -> str | None:
-    """The name of the first quality rule the document fails, or None when it passes them all."""
+def quality_rule_failed(text: str, word_hashes: np.ndarray, cfg: CleaningConfig,
+                        later_piece: bool = False) -> str | None:
+    """The name of the first quality rule the piece fails, or None when it passes them all.
+
+    The rules judge each piece of a long document on its own (a page of junk does not cost the whole
+    book). But a `later_piece` (not the first of its source document) shorter than min_chars or
+    min_words, typically the short end of a long document, is not a short document, and too short for
+    the other statistics to mean anything: it is kept unjudged."""
+    if later_piece and ((cfg.min_chars is not None and len(text) < cfg.min_chars)
+                        or (cfg.min_words is not None and len(word_hashes) < cfg.min_words)):
+        return None
     values: dict = {}  # a statistic shared by two rules (min and max mean word length) is computed once
     for rule, statistic, is_lower_bound in QUALITY_RULES:
         threshold = getattr(cfg, rule)

@@ -90,6 +90,51 @@ class MinHasher:
         return sig
 
 
+class DocumentSketch:
+    """What dedup needs of one source document, fed its pieces in order: the content hash, MinHash
+    signature and shingle set of the whole document, as if it had never been cut. The shingles that
+    span the boundary between two pieces count too (the last `shingle_words - 1` words of a piece
+    are carried over). The shingle set is kept as the distinct high 32 bits of the shingles:
+    plenty to confirm a candidate's Jaccard similarity exactly, at half the size."""
+
+    def __init__(self, hasher: MinHasher, shingle_words: int):
+        self.hasher, self.shingle_words = hasher, shingle_words
+        self._content = xxhash.xxh3_64()
+        self._num_words = 0
+        self._signature: np.ndarray | None = None
+        self._shingles: list[np.ndarray] = []
+        self._tail = np.empty(0, dtype=np.uint64)  # the last words so far, up to shingle_words - 1
+
+    def add(self, words: list[bytes], hashes: np.ndarray) -> None:
+        """The next piece, as `split_words` and `word_hashes` of its text."""
+        if self._num_words:
+            self._content.update(b" ")
+        self._content.update(b" ".join(words))
+        self._num_words += len(hashes)
+        if len(self._tail):
+            hashes = np.concatenate((self._tail, hashes))
+        if len(hashes) >= self.shingle_words:
+            self._add_shingles(sorted_unique(ngram_hashes(hashes, self.shingle_words)))
+        self._tail = hashes[max(0, len(hashes) - self.shingle_words + 1):].copy()
+
+    def _add_shingles(self, shingles: np.ndarray) -> None:
+        signature = self.hasher.signature(shingles)
+        self._signature = signature if self._signature is None else np.minimum(self._signature, signature)
+        # `shingles` is sorted, so its high halves are too: dropping repeats is np.unique.
+        high = (shingles >> np.uint64(32)).astype(np.uint32)
+        self._shingles.append(high[np.concatenate(([True], high[1:] != high[:-1]))])
+
+    def finish(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """(content hash, signature, shingles): `content_hash` of the document's words, the MinHash
+        signature of its `shingle_set`, and that set's distinct high 32 bits, sorted (uint32)."""
+        if 0 < self._num_words < self.shingle_words:  # shorter than a shingle: one shingle (all in the tail)
+            self._add_shingles(shingle_set(self._tail, self.shingle_words))
+        if self._signature is None:  # no words
+            self._add_shingles(np.empty(0, dtype=np.uint64))
+        shingles = self._shingles[0] if len(self._shingles) == 1 else sorted_unique(np.concatenate(self._shingles))
+        return self._content.intdigest(), self._signature, shingles
+
+
 class NearDupIndex:
     """Keeps the first of every group of near duplicates, in the order documents are offered.
 

@@ -23,8 +23,12 @@ BINARY_SNIFF = 8192  # a NUL byte in the first bytes marks a binary file
 
 @dataclasses.dataclass
 class Doc:
+    """One piece of a source document (a file, a delimited part of a .txt, a record or a row): a
+    document longer than max_document_bytes is cut into several, numbered 0, 1, ... in order."""
+
     text: str
     location: str  # where in the file: "piece 3", "line 17", "row 5"
+    piece: int = 0  # 0: the first piece of its source document; k: the k-th piece after it
 
 
 @dataclasses.dataclass
@@ -105,63 +109,77 @@ def cut_point(buffer: bytes, limit: int) -> int:
     return pos or limit
 
 
-def split_pieces(buffer: bytes, delimiter: bytes | None, limit: int, final: bool) -> tuple[list[bytes], bytes]:
-    """Complete documents found in `buffer`, and the bytes left for the next block."""
-    pieces: list[bytes] = []
+def split_pieces(buffer: bytes, delimiter: bytes | None, limit: int,
+                 final: bool) -> tuple[list[tuple[bytes, bool]], bytes]:
+    """The complete pieces found in `buffer`, each with whether its document goes on in the next piece
+    (it was cut at `limit`, not ended by the delimiter or the end of the input), and the bytes left
+    for the next block."""
+    pieces: list[tuple[bytes, bool]] = []
     while True:
         end = buffer.find(delimiter) if delimiter else -1
         if 0 <= end <= limit:
-            pieces.append(buffer[:end])
+            pieces.append((buffer[:end], False))
             buffer = buffer[end + len(delimiter):]
         elif len(buffer) > limit:
             cut = cut_point(buffer, limit)
-            pieces.append(buffer[:cut])
+            pieces.append((buffer[:cut], True))
             buffer = buffer[cut:]
         else:
             break
     if final and buffer:
-        pieces.append(buffer)
+        pieces.append((buffer, False))
         buffer = b""
     return pieces, buffer
 
 
-def _decode(piece: bytes, location: str) -> Doc | BadRecord | None:
+def _decode(piece: bytes, location: str, number: int) -> Doc | BadRecord | None:
     if not piece.strip():
         return None  # blank space between delimiters is not a document
     try:
-        return Doc(piece.decode("utf-8"), location)
+        return Doc(piece.decode("utf-8"), location, number)
     except UnicodeDecodeError as exc:
         return BadRecord(f"invalid UTF-8 at byte {exc.start} of the record", piece, location)
 
 
+class _TxtPieces:
+    """Decodes the pieces of a .txt stream in order, numbering the pieces of each document."""
+
+    def __init__(self):
+        self.index = 0  # pieces seen (their location)
+        self.number = 0  # pieces of the current document yielded so far
+
+    def decode(self, pieces: list[tuple[bytes, bool]]) -> Iterator[Doc | BadRecord]:
+        for piece, continues in pieces:
+            if item := _decode(piece, f"piece {self.index}", self.number):
+                yield item
+                self.number += isinstance(item, Doc)
+            self.index += 1
+            if not continues:
+                self.number = 0
+
+
 def read_txt(stream, opts: ReadOptions) -> Iterator[Doc | BadRecord]:
     delimiter = opts.txt_delimiter.encode() if opts.txt_delimiter else None
-    buffer, index = b"", 0
+    buffer, pieces = b"", _TxtPieces()
     try:
         for block in _read_blocks(stream):
             buffer += block
-            pieces, buffer = split_pieces(buffer, delimiter, opts.max_document_bytes, final=False)
-            for piece in pieces:
-                if item := _decode(piece, f"piece {index}"):
-                    yield item
-                index += 1
+            complete, buffer = split_pieces(buffer, delimiter, opts.max_document_bytes, final=False)
+            yield from pieces.decode(complete)
     except (EOFError, OSError, zstandard.ZstdError) as exc:
-        if index == 0 and not buffer:
+        if pieces.index == 0 and not buffer:
             raise BadFile(f"unreadable or corrupt stream: {exc}") from exc
-        yield BadRecord(f"corrupt or truncated stream after {index} documents: {exc}", buffer, f"piece {index}")
+        yield BadRecord(f"corrupt or truncated stream after {pieces.index} documents: {exc}", buffer,
+                        f"piece {pieces.index}")
         return
-    pieces, _ = split_pieces(buffer, delimiter, opts.max_document_bytes, final=True)
-    for piece in pieces:
-        if item := _decode(piece, f"piece {index}"):
-            yield item
-        index += 1
+    yield from pieces.decode(split_pieces(buffer, delimiter, opts.max_document_bytes, final=True)[0])
 
 
 def _text_pieces(text: str, limit: int) -> list[str]:
     """A long text field cut like an oversized .txt document."""
     if len(text) <= limit // 4 or len(encoded := text.encode()) <= limit:
         return [text]
-    return [p.decode() for p in split_pieces(encoded, None, limit, final=True)[0]]
+    return [p.decode() for p, _ in split_pieces(encoded, None, limit, final=True)[0]]
 
 
 def read_jsonl(stream, opts: ReadOptions) -> Iterator[Doc | BadRecord]:
@@ -214,7 +232,7 @@ def _jsonl_record(line: bytes, line_no: int, field: str, limit: int) -> Iterator
         yield BadRecord(f"field {field!r} holds an unpaired UTF-16 surrogate (\\ud800-\\udfff escape)", line, location)
     else:
         for k, piece in enumerate(_text_pieces(record[field], limit)):
-            yield Doc(piece, location if k == 0 else f"{location} piece {k}")
+            yield Doc(piece, location if k == 0 else f"{location} piece {k}", k)
 
 
 def read_parquet(stream, opts: ReadOptions) -> Iterator[Doc | BadRecord]:
@@ -236,7 +254,7 @@ def read_parquet(stream, opts: ReadOptions) -> Iterator[Doc | BadRecord]:
                 yield BadRecord(f"null {column!r}", "", f"row {row}")
             else:
                 for k, piece in enumerate(_text_pieces(value, opts.max_document_bytes)):
-                    yield Doc(piece, f"row {row}" if k == 0 else f"row {row} piece {k}")
+                    yield Doc(piece, f"row {row}" if k == 0 else f"row {row} piece {k}", k)
             row += 1
     if row == 0:
         raise BadFile("empty file (no rows)")

@@ -1,5 +1,9 @@
 """Parquet shards of documents: written incrementally in row groups, each part renamed into place
-only when complete, so memory stays bounded and a killed run leaves no half-written part."""
+only when complete, so memory stays bounded and a killed run leaves no half-written part.
+
+A row is a piece of a source document (`id`), and `doc_id` names the source document: its first
+piece has `id == doc_id`, the k-th after it `<doc_id>#<k>`. The pieces of a document are
+consecutive rows of one part (a part ends only between documents)."""
 
 from __future__ import annotations
 
@@ -13,13 +17,15 @@ import pyarrow.parquet as pq
 from llm_core.data.files import TMP_MARK
 from llm_core.faults import hold_point
 
-DOC_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.string())])
+DOC_SCHEMA = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("source", pa.string()),
+                        ("text", pa.string())])
 ROW_GROUP_BYTES = 8 << 20
 COMPRESSION = "zstd"  # of every parquet file the stages write
 
 
 class ShardWriter:
-    """Rows in, parquet parts `<prefix>-00000.parquet`, ... of about `target_bytes` of text out."""
+    """Rows in, parquet parts `<prefix>-00000.parquet`, ... of about `target_bytes` of text out.
+    With a `doc_id` column, a part ends only where a new document starts."""
 
     def __init__(self, directory: Path, prefix: str, target_bytes: int, schema: pa.Schema = DOC_SCHEMA):
         self.directory, self.prefix, self.target_bytes, self.schema = directory, prefix, target_bytes, schema
@@ -29,9 +35,14 @@ class ShardWriter:
         self._part_bytes = 0
         self._writer: pq.ParquetWriter | None = None
         self._tmp: Path | None = None
+        self._last_doc_id: str | None = None
         directory.mkdir(parents=True, exist_ok=True)
 
     def add(self, row: dict) -> None:
+        doc_id = row.get("doc_id")
+        if self._part_bytes >= self.target_bytes and (doc_id is None or doc_id != self._last_doc_id):
+            self._finish_part()
+        self._last_doc_id = doc_id
         for name, values in self._columns.items():
             values.append(row[name])
         size = len(row.get("text") or "")
@@ -39,8 +50,6 @@ class ShardWriter:
         self._part_bytes += size
         if self._buffered_bytes >= ROW_GROUP_BYTES:
             self._flush()
-        if self._part_bytes >= self.target_bytes:
-            self._finish_part()
 
     def _flush(self) -> None:
         if not self._columns[self.schema.names[0]]:

@@ -3,16 +3,21 @@
 raw_corpus: source files are grouped into shards (a new file joins a new shard; a file keeps its
 shard for life). A shard is rebuilt only when one of its files changes or disappears; its id is
 a hash of its files' fingerprints and the read options, so an unchanged shard is reused as is.
+A row is a piece of at most corpus.max_document_bytes; `doc_id` names its source document (see
+shards.py). In the files of corpus.pieces_are_documents, every piece is a document of its own.
 
-cleaned_shards: every raw part is cleaned once per cleaning config (the expensive per-document
-work: normalization, PII, quality rules, MinHash) into a cache keyed by part + config. Dedup then
-runs over the whole corpus from the cached hashes and signatures (cheap), and an output shard is
-rewritten only when its set of kept documents changed.
+cleaned_shards: every raw part is cleaned once per cleaning config (the expensive per-piece
+work: normalization, PII, quality rules, MinHash) into a cache keyed by part + config. Quality
+rules judge pieces; dedup judges whole source documents (the kept pieces of each, hashed and
+shingled as one text), and a duplicate document is removed with all its pieces. Dedup runs over
+the whole corpus from the cached hashes and signatures (cheap), and an output shard is rewritten
+only when its set of kept pieces changed. Counts are of pieces (rows).
 
 Layout under data_dir:
-  raw_corpus/manifest.json, raw_corpus/shards/<shard>-<part>.parquet
-  cleaned_shards/manifest.json, cleaned_shards/shards/<part>.parquet   (id, source, text)
-  cleaned_shards/removed/<part>.parquet   (id, source, reason, duplicate_of): every removed doc
+  raw_corpus/manifest.json, raw_corpus/shards/<shard>-<part>.parquet   (id, doc_id, source, text)
+  cleaned_shards/manifest.json, cleaned_shards/shards/<part>.parquet   (id, doc_id, source, text)
+  cleaned_shards/removed/<part>.parquet   (id, doc_id, source, reason, duplicate_of): every removed
+                                          piece; duplicate_of is the doc_id of the document kept
   cleaned_shards/cache/...                per-part cleaning results
   cleaned_shards/dedup.tmp-*/             hashes spilled to disk during dedup (removed after)
   quarantine/<stage>/*.jsonl (+ files/)   unusable files and records, each with its reason
@@ -50,10 +55,13 @@ from llm_core.data.sources import SourceFile, discover
 
 Log = Callable[[str], None]
 RAW_DIR, CLEAN_DIR, QUARANTINE_DIR = "raw_corpus", "cleaned_shards", "quarantine"
-CACHE_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("text", pa.string()),
-                          ("status", pa.string()), ("content_hash", pa.uint64())])
-REMOVED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("reason", pa.string()),
-                            ("duplicate_of", pa.string())])
+# Per piece: its status, and for a kept piece the row of its document in the part's UNITS_SCHEMA table
+# (the documents with at least one kept piece, in order: row k is row k of the signature arrays).
+CACHE_SCHEMA = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("source", pa.string()),
+                          ("text", pa.string()), ("status", pa.string()), ("unit", pa.int32())])
+UNITS_SCHEMA = pa.schema([("doc_id", pa.string()), ("content_hash", pa.uint64())])
+REMOVED_SCHEMA = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("source", pa.string()),
+                            ("reason", pa.string()), ("duplicate_of", pa.string())])
 KEPT = "kept"
 QUARANTINED = "quarantined"
 
@@ -87,7 +95,8 @@ class _Progress:
 
 @dataclasses.dataclass
 class RawCorpusResult:
-    num_documents: int
+    num_documents: int  # pieces (rows)
+    num_source_documents: int  # distinct doc_ids
     num_bytes: int  # UTF-8 bytes of document text
     num_source_bytes: int  # bytes of the input files as stored (maybe compressed)
     num_quarantined: int  # records + whole files + missing sources
@@ -121,20 +130,29 @@ def _group_new_files(files: list[SourceFile], target_bytes: int) -> list[list[So
 
 
 def _build_raw_shard(shard_id: str, files: list[SourceFile], opts: ReadOptions, out_dir: Path,
-                     quarantine_dir: Path, target_bytes: int) -> dict:
+                     quarantine_dir: Path, target_bytes: int, pieces_are_documents: set[str]) -> dict:
     writer = ShardWriter(out_dir, shard_id, target_bytes)
     quarantine = Quarantine(quarantine_dir, shard_id)
-    num_docs = num_bytes = bad_records = bad_files = 0
+    num_docs = num_source_docs = num_bytes = bad_records = bad_files = 0
     try:
         for f in files:
+            # Ids: `<file key>-<n>`, n counting the documents and bad records of the file in order, and
+            # `<doc id>#<k>` for the k-th piece after the first of a document that was cut.
             file_key = xxhash.xxh3_64_hexdigest(f.id_key.encode())[:12]
+            number, doc_id = 0, ""
             try:
-                for index, item in enumerate(read_source(f, opts)):
+                for item in read_source(f, opts):
                     if isinstance(item, BadRecord):
                         quarantine.add_record(f.uri, item.reason, item.record, item.location)
                         bad_records += 1
+                        number += 1
                         continue
-                    writer.add({"id": f"{file_key}-{index:07d}", "source": f.uri, "text": item.text})
+                    piece = 0 if f.uri in pieces_are_documents else item.piece
+                    if piece == 0:
+                        doc_id, number = f"{file_key}-{number:07d}", number + 1
+                        num_source_docs += 1
+                    writer.add({"id": f"{doc_id}#{piece}" if piece else doc_id, "doc_id": doc_id,
+                                "source": f.uri, "text": item.text})
                     num_docs += 1
                     num_bytes += len(item.text.encode())
             except BadFile as exc:
@@ -145,8 +163,9 @@ def _build_raw_shard(shard_id: str, files: list[SourceFile], opts: ReadOptions, 
         writer.abort()
         raise
     quarantine.commit()
-    return {"id": shard_id, "files": [{"uri": f.uri, "fingerprint": f.fingerprint} for f in files],
-            "parts": parts, "num_documents": num_docs, "num_bytes": num_bytes,
+    return {"id": shard_id, "files": [{"uri": f.uri, "fingerprint": f.fingerprint,
+                                       "pieces_are_documents": f.uri in pieces_are_documents} for f in files],
+            "parts": parts, "num_documents": num_docs, "num_source_documents": num_source_docs, "num_bytes": num_bytes,
             "num_source_bytes": sum(f.size for f in files), "num_quarantined_records": bad_records,
             "num_quarantined_files": bad_files, "quarantine_reasons": quarantine.reasons()}
 
@@ -162,6 +181,8 @@ def build_raw_corpus(cfg: ScratchConfig, log: Log = print) -> RawCorpusResult:
     log(f"found {len(found.files)} files ({sum(f.size for f in found.files) / 1e6:.1f} MB) in "
         f"{len(cfg.corpus.sources)} sources; {len(found.missing)} missing, {len(found.skipped)} skipped by extension")
     current = {f.uri: f for f in found.files}
+    # Files that are collections of short texts (the bundled plays): each piece counts as a document.
+    pieces_are_documents = {f.uri for f in discover(cfg.corpus.pieces_are_documents, cfg.corpus.extensions).files}
 
     # Keep the shard layout of the last run: each old shard keeps its surviving files.
     old_shards = read_json(manifest_path).get("shards", [])
@@ -180,14 +201,16 @@ def build_raw_corpus(cfg: ScratchConfig, log: Log = print) -> RawCorpusResult:
     done_bytes = 0
     for i, files in enumerate(groups):
         shard_id = _hash({"files": [(f.uri, f.fingerprint) for f in files], "options": dataclasses.asdict(opts),
-                          "shard_bytes": target_bytes})
+                          "shard_bytes": target_bytes,
+                          "pieces_are_documents": [f.uri for f in files if f.uri in pieces_are_documents]})
         old = old_by_id.get(shard_id)
         if old and all((shards_dir / p).exists() for p in old["parts"]) and \
                 (quarantine_dir / f"{shard_id}.jsonl").exists():
             shards.append(old)
             reused += 1
         else:
-            shards.append(_build_raw_shard(shard_id, files, opts, shards_dir, quarantine_dir, target_bytes))
+            shards.append(_build_raw_shard(shard_id, files, opts, shards_dir, quarantine_dir, target_bytes,
+                                           pieces_are_documents))
             built += 1
         done_bytes += sum(f.size for f in files)
         progress.update(i + 1, done_bytes, force=i + 1 == len(groups))
@@ -211,7 +234,9 @@ def build_raw_corpus(cfg: ScratchConfig, log: Log = print) -> RawCorpusResult:
     bad_records = sum(s["num_quarantined_records"] for s in shards)
     bad_files = sum(s["num_quarantined_files"] for s in shards) + len(found.missing)
     result = RawCorpusResult(
-        num_documents=sum(s["num_documents"] for s in shards), num_bytes=sum(s["num_bytes"] for s in shards),
+        num_documents=sum(s["num_documents"] for s in shards),
+        num_source_documents=sum(s["num_source_documents"] for s in shards),
+        num_bytes=sum(s["num_bytes"] for s in shards),
         num_source_bytes=sum(s["num_source_bytes"] for s in shards),
         num_quarantined=bad_records + bad_files, num_quarantined_records=bad_records,
         num_quarantined_files=bad_files, num_files=len(found.files), num_skipped_files=len(found.skipped),
@@ -219,7 +244,8 @@ def build_raw_corpus(cfg: ScratchConfig, log: Log = print) -> RawCorpusResult:
         parts=[shards_dir / p for s in shards for p in s["parts"]],
         data_version=_hash([s["id"] for s in shards]), quarantine_dir=quarantine_dir,
     )
-    log(f"raw_corpus: {result.num_documents} documents, {result.num_bytes / 1e6:.1f} MB, "
+    log(f"raw_corpus: {result.num_documents} documents (pieces) of {result.num_source_documents} source "
+        f"documents, {result.num_bytes / 1e6:.1f} MB, "
         f"{result.num_quarantined} quarantined, shards built {built}, reused {reused}")
     if result.num_documents == 0:
         raise EmptyCorpusError(
@@ -279,6 +305,7 @@ def cleaned_shard_paths(cfg: ScratchConfig) -> list[Path]:
 
 def _cache_files(prefix: Path) -> dict[str, Path]:
     return {"table": prefix.with_name(prefix.name + ".parquet"),
+            "units": prefix.with_name(prefix.name + ".units.parquet"),
             "signatures": prefix.with_name(prefix.name + ".sig.npy"),
             "shingles": prefix.with_name(prefix.name + ".shingles.npy"),
             "offsets": prefix.with_name(prefix.name + ".offsets.npy")}
@@ -291,14 +318,55 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+class _PartUnits:
+    """The documents of a part that have at least one kept piece (its dedup units), in order, each
+    with the sketch of its kept pieces taken as one text. A document's pieces are consecutive rows."""
+
+    def __init__(self, dcfg: DedupConfig):
+        self.hasher, self.shingle_words = dedup.MinHasher(dcfg.num_permutations, dcfg.seed), dcfg.shingle_words
+        self.doc_ids: list[str] = []
+        self.content_hashes: list[int] = []
+        self.signatures: list[np.ndarray] = []
+        self.shingles: list[np.ndarray] = []
+        self._doc_id: str | None = None
+        self._sketch: dedup.DocumentSketch | None = None
+
+    def add_kept_piece(self, doc_id: str, words: list[bytes], hashes: np.ndarray) -> int:
+        """Returns the unit number of the piece's document."""
+        if doc_id != self._doc_id:
+            self.close()
+            self._doc_id, self._sketch = doc_id, dedup.DocumentSketch(self.hasher, self.shingle_words)
+        self._sketch.add(words, hashes)
+        return len(self.doc_ids)
+
+    def close(self) -> None:
+        """Finish the current document."""
+        if self._sketch is not None:
+            content_hash, signature, shingles = self._sketch.finish()
+            self.doc_ids.append(self._doc_id)
+            self.content_hashes.append(content_hash)
+            self.signatures.append(signature)
+            self.shingles.append(shingles)
+            self._sketch = None
+
+    def save(self, files: dict[str, Path], num_permutations: int) -> None:
+        self.close()
+        _save_npy(files["signatures"], np.stack(self.signatures) if self.signatures else
+                  np.empty((0, num_permutations), dtype=np.uint64))
+        _save_npy(files["shingles"], np.concatenate(self.shingles) if self.shingles else np.empty(0, dtype=np.uint32))
+        _save_npy(files["offsets"], np.cumsum([0] + [len(s) for s in self.shingles], dtype=np.int64))
+        write_table(files["units"], pa.table({"doc_id": self.doc_ids, "content_hash": self.content_hashes},
+                                             schema=UNITS_SCHEMA))
+
+
 def clean_part(raw_path: str, cache_prefix: str, cleaning: dict, dedup_cfg: dict) -> dict:
-    """Clean one raw part into the cache: text + status per doc, and for kept docs the content hash,
-    MinHash signature and shingle set that the corpus-wide dedup needs. Runs in a worker process.
-    The cache table is written batch by batch (memory stays bounded by a batch, not the part)."""
+    """Clean one raw part into the cache: text + status per piece, and per document with a kept piece
+    the content hash, MinHash signature and shingle set that the corpus-wide dedup needs. Runs in a
+    worker process. The cache table is written batch by batch (memory stays bounded by a batch and
+    the dedup sketch of one document, not the part)."""
     ccfg, dcfg = CleaningConfig(**cleaning), DedupConfig(**dedup_cfg)
-    hasher = dedup.MinHasher(dcfg.num_permutations, dcfg.seed)
     files = _cache_files(Path(cache_prefix))
-    signatures, shingle_sets = [], []
+    units = _PartUnits(dcfg)
     statuses: Counter = Counter()
     pii: dict[str, int] = {}
     quarantined: list[tuple[str, str, str]] = []
@@ -306,40 +374,29 @@ def clean_part(raw_path: str, cache_prefix: str, cleaning: dict, dedup_cfg: dict
     tmp_table = files["table"].with_name(f"{files['table'].name}{TMP_MARK}{os.getpid()}")
     writer = pq.ParquetWriter(tmp_table, CACHE_SCHEMA, compression=COMPRESSION)
     try:
-        for batch in iter_batches(Path(raw_path), ["id", "source", "text"]):
+        for batch in iter_batches(Path(raw_path), ["id", "doc_id", "source", "text"]):
             columns: dict[str, list] = {name: [] for name in CACHE_SCHEMA.names}
-            for doc_id, source, text in zip(*(batch.column(i).to_pylist() for i in range(3))):
+            for piece_id, doc_id, source, text in zip(*(batch.column(i).to_pylist() for i in range(4))):
                 bytes_in += len(text)
-                content = 0
+                unit = -1
                 try:
                     text = clean.normalize(text, ccfg.unicode_form)
                     if ccfg.scrub_pii:
                         text = clean.scrub_pii(text, pii)
                     words = dedup.split_words(text)
                     hashes = dedup.word_hashes(words)
-                    status = clean.quality_rule_failed(text, hashes, ccfg) or KEPT
+                    status = clean.quality_rule_failed(text, hashes, ccfg, later_piece=piece_id != doc_id) or KEPT
                     if status == KEPT:
-                        content = dedup.content_hash(words)
-                        shingles = dedup.shingle_set(hashes, dcfg.shingle_words)
-                        signatures.append(hasher.signature(shingles))
-                        # 32-bit shingles are plenty to confirm a candidate's Jaccard similarity exactly.
-                        # `shingles` is sorted, so its high halves are too: dropping repeats is np.unique.
-                        high = (shingles >> np.uint64(32)).astype(np.uint32)
-                        shingle_sets.append(high[np.concatenate(([True], high[1:] != high[:-1]))])
+                        unit = units.add_kept_piece(doc_id, words, hashes)
                 except Exception as exc:  # one odd document must not stop the corpus; it is quarantined
-                    status = QUARANTINED
-                    quarantined.append((doc_id, source, f"cleaning failed: {type(exc).__name__}: {exc}"))
+                    status, unit = QUARANTINED, -1
+                    quarantined.append((piece_id, source, f"cleaning failed: {type(exc).__name__}: {exc}"))
                 statuses[status] += 1
-                for name, value in zip(CACHE_SCHEMA.names, (doc_id, source, text, status, content)):
+                for name, value in zip(CACHE_SCHEMA.names, (piece_id, doc_id, source, text, status, unit)):
                     columns[name].append(value)
             writer.write_table(pa.table(columns, schema=CACHE_SCHEMA))
         writer.close()
-        offsets = np.cumsum([0] + [len(s) for s in shingle_sets], dtype=np.int64)
-        _save_npy(files["signatures"], np.stack(signatures) if signatures else
-                  np.empty((0, dcfg.num_permutations), dtype=np.uint64))
-        _save_npy(files["shingles"], np.concatenate(shingle_sets) if shingle_sets else
-                  np.empty(0, dtype=np.uint32))
-        _save_npy(files["offsets"], offsets)
+        units.save(files, dcfg.num_permutations)
         os.replace(tmp_table, files["table"])  # last: marks the cache complete
     finally:
         writer.close()  # no-op when closed; after an error it releases the file, which is removed
@@ -403,6 +460,8 @@ def _clean_missing_parts(jobs: list[tuple[str, str]], cfg: ScratchConfig, log: L
 class _CorpusDedup:
     """Which documents of the cleaned parts are exact or near duplicates, part by part in corpus order.
 
+    The unit is a source document with at least one kept piece (its kept pieces hashed and shingled as
+    one text by clean_part); a duplicate document is removed with all its kept pieces.
     The decisions are those of a single pass remembering every content hash and every LSH band key:
     the first document of each content hash is kept, and NearDupIndex keeps the first of each group
     of near duplicates among the rest. But only a hash or a key that another document shares can ever
@@ -410,87 +469,81 @@ class _CorpusDedup:
     and the deciding pass remembers nothing else. Memory grows with the number of duplicates and
     LSH candidates, not with the corpus.
       pass 1 (if exact): the content hashes that repeat;
-      pass 2: the exact duplicates, and the band keys that repeat among the other kept documents;
+      pass 2: the exact duplicates, and the band keys that repeat among the other documents;
       pass 3 (`removals`): near duplicates, indexing only the documents that have a repeated key.
-    A kept document's ref is its index among all kept documents in corpus order (a signature row).
+    A document's ref is its index among all units in corpus order (a signature row).
     """
 
     def __init__(self, cfg: DedupConfig, parts: list[dict[str, Path]], work_dir: Path):
         self.cfg, self.parts = cfg, parts
-        num_kept = [len(_NpyRows(files["offsets"])) - 1 for files in parts]
-        self.first_ref = np.cumsum([0] + num_kept).tolist()
+        num_units = [len(_NpyRows(files["offsets"])) - 1 for files in parts]
+        self.first_ref = np.cumsum([0] + num_units).tolist()
         self._arrays = functools.lru_cache(maxsize=32)(self._open)  # open files of the parts last read
         self.index = dedup.NearDupIndex(cfg, self._shingles_of, self._signature_of) if cfg.near else None
-        self.exact: list[dict[int, tuple[str, str]]] = []  # per part: row -> ("exact_duplicate", id of the first)
+        self.exact: list[dict[int, tuple[str, str]]] = []  # per part: unit -> ("exact_duplicate", doc_id of the first)
         self.repeated_keys = repeats.EMPTY
         for leftover in work_dir.glob(f"dedup{TMP_MARK}*"):  # of a killed run
             shutil.rmtree(leftover, ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix=f"dedup{TMP_MARK}", dir=work_dir) as tmp:
-            self._find_exact_and_repeated_keys(Path(tmp), sum(num_kept))
+            self._find_exact_and_repeated_keys(Path(tmp), sum(num_units))
 
-    def _read(self, part: int, with_ids: bool = False) -> tuple[pa.Table, np.ndarray]:
-        """The part's cache table (status, content_hash and maybe id) and the rows of its kept documents
-        (the k-th of which is row k of the part's signature and shingle arrays)."""
-        table = pq.read_table(self.parts[part]["table"], columns=["status", "content_hash"] + ["id"] * with_ids)
-        return table, np.flatnonzero(pc.equal(table.column("status"), KEPT).to_numpy())
+    def _units(self, part: int, with_ids: bool = False) -> pa.Table:
+        """The part's units: content_hash (and doc_id); row k is row k of its signature and shingle arrays."""
+        return pq.read_table(self.parts[part]["units"], columns=["content_hash"] + ["doc_id"] * with_ids)
 
-    def _offered(self, part: int, kept: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(k of the kept documents that are not exact duplicates, the part's signatures, their band keys)."""
-        offered = np.flatnonzero(~np.isin(kept, list(self.exact[part])))
+    def _offered(self, part: int, num_units: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(the units that are not exact duplicates, the part's signatures, their band keys)."""
+        offered = np.flatnonzero(~np.isin(np.arange(num_units), list(self.exact[part])))
         signatures = np.load(self.parts[part]["signatures"])
         return offered, signatures, self.index.band_keys(signatures[offered])
 
-    def _find_exact_and_repeated_keys(self, tmp: Path, num_kept: int) -> None:
+    def _find_exact_and_repeated_keys(self, tmp: Path, num_units: int) -> None:
         repeated_hashes = repeats.EMPTY
         if self.cfg.exact:
-            hashes = repeats.RepeatedValues(tmp / "hashes", num_kept)
+            hashes = repeats.RepeatedValues(tmp / "hashes", num_units)
             for part in range(len(self.parts)):
-                table, kept = self._read(part)
-                hashes.add(table.column("content_hash").to_numpy()[kept])
+                hashes.add(self._units(part).column("content_hash").to_numpy())
             repeated_hashes = hashes.repeated()
-        keys = repeats.RepeatedValues(tmp / "keys", num_kept * self.cfg.bands)
+        keys = repeats.RepeatedValues(tmp / "keys", num_units * self.cfg.bands)
         first_with_hash: dict[int, str] = {}  # repeated hashes only
         for part in range(len(self.parts)):
-            table, kept = self._read(part, with_ids=self.cfg.exact)
-            content = table.column("content_hash").to_numpy()[kept]
+            units = self._units(part, with_ids=self.cfg.exact)
+            content = units.column("content_hash").to_numpy()
             exact = {}
             for k in np.flatnonzero(repeats.isin_sorted(content, repeated_hashes)).tolist():
-                row, content_hash = int(kept[k]), int(content[k])
+                content_hash = int(content[k])
                 if content_hash in first_with_hash:
-                    exact[row] = ("exact_duplicate", first_with_hash[content_hash])
+                    exact[k] = ("exact_duplicate", first_with_hash[content_hash])
                 else:
-                    first_with_hash[content_hash] = table.column("id")[row].as_py()
+                    first_with_hash[content_hash] = units.column("doc_id")[k].as_py()
             self.exact.append(exact)
             if self.index is not None:
-                keys.add(self._offered(part, kept)[2])
+                keys.add(self._offered(part, units.num_rows)[2])
         self.repeated_keys = keys.repeated()
 
     def removals(self) -> Iterator[tuple[int, dict[int, tuple[str, str | None]]]]:
-        """For each part in corpus order: (its number of documents, its removed rows -> (reason, id of
-        the document it duplicates, or None when the cleaning removed it))."""
+        """For each part in corpus order: (its number of pieces, its removed rows -> (reason, doc_id of the
+        document it duplicates, or None when the cleaning removed the piece))."""
         id_of_ref: dict[int, str] = {}  # indexed documents only
         for part in range(len(self.parts)):
-            table, kept = self._read(part, with_ids=self.index is not None)
-            dropped = np.ones(table.num_rows, dtype=bool)
-            dropped[kept] = False
-            rows = np.flatnonzero(dropped)
-            statuses = table.column("status").take(rows).to_pylist()
-            removed: dict[int, tuple[str, str | None]] = dict(zip(rows.tolist(), ((s, None) for s in statuses)))
+            units = self._units(part, with_ids=self.index is not None)
+            removed_units: dict[int, tuple[str, str]] = {}
             if self.index is not None:
-                offered, signatures, keys = self._offered(part, kept)
+                offered, signatures, keys = self._offered(part, units.num_rows)
                 shared = repeats.isin_sorted(keys, self.repeated_keys)
                 for j in np.flatnonzero(shared.any(axis=1)).tolist():  # the others cannot match or be matched
                     k = int(offered[j])
-                    ref, row = self.first_ref[part] + k, int(kept[k])
+                    ref = self.first_ref[part] + k
                     match = self.index.find_or_add(ref, signatures[k], self._shingles_of(ref),
                                                    keys=keys[j][shared[j]].tolist())
                     if match is None:
-                        id_of_ref[ref] = table.column("id")[row].as_py()
+                        id_of_ref[ref] = units.column("doc_id")[k].as_py()
                     else:
-                        removed[row] = ("near_duplicate", id_of_ref[match])
-            removed.update(self.exact[part])
+                        removed_units[k] = ("near_duplicate", id_of_ref[match])
+            removed_units.update(self.exact[part])
             self.exact[part] = {}
-            yield table.num_rows, dict(sorted(removed.items()))
+            table = pq.read_table(self.parts[part]["table"], columns=["status", "unit"])
+            yield table.num_rows, _removed_rows(table, removed_units)
         self._arrays.cache_clear()  # closes the files
 
     def _locate(self, ref: int) -> tuple[dict[str, _NpyRows], int]:
@@ -508,6 +561,18 @@ class _CorpusDedup:
         arrays, k = self._locate(ref)
         start, end = arrays["offsets"].rows(k, k + 2).tolist()
         return arrays["shingles"].rows(start, end)
+
+
+def _removed_rows(table: pa.Table, removed_units: dict[int, tuple[str, str]]) -> dict[int, tuple[str, str | None]]:
+    """Row -> (reason, duplicate_of) of a part's removed pieces: those the cleaning did not keep, and
+    every kept piece of a duplicate document."""
+    unit = table.column("unit").to_numpy()
+    not_kept = np.flatnonzero(unit < 0)
+    removed = dict(zip(not_kept.tolist(), ((s, None) for s in table.column("status").take(not_kept).to_pylist())))
+    if removed_units:
+        duplicate = np.flatnonzero(np.isin(unit, list(removed_units)))
+        removed.update((row, removed_units[u]) for row, u in zip(duplicate.tolist(), unit[duplicate].tolist()))
+    return dict(sorted(removed.items()))
 
 
 class _NpyRows:
@@ -618,14 +683,14 @@ def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsR
 
 def _write_outputs(cache_table: Path, removed: dict[int, tuple[str, str | None]],
                    shard_path: Path, removed_path: Path) -> tuple[int, int]:
-    """Write the kept docs of one part and the ledger of its removed docs; returns the text bytes in and
-    out. Batch by batch with Arrow filtering (no per-row Python; memory bounded by a batch, not the part)."""
+    """Write the kept pieces of one part and the ledger of its removed pieces; returns the text bytes in
+    and out. Batch by batch with Arrow filtering (no per-row Python; memory bounded by a batch, not the part)."""
     removed_rows = np.array(sorted(removed), dtype=np.int64)
-    ledger: dict[str, list] = {"id": [], "source": []}
+    ledger: dict[str, list] = {"id": [], "doc_id": [], "source": []}
     bytes_in = bytes_out = start = 0
     text_bytes = lambda batch: int(pc.sum(pc.binary_length(batch.column("text"))).as_py() or 0)  # noqa: E731
     with atomic_path(shard_path) as tmp, pq.ParquetWriter(tmp, DOC_SCHEMA, compression=COMPRESSION) as writer:
-        for batch in iter_batches(cache_table, ["id", "source", "text"]):
+        for batch in iter_batches(cache_table, DOC_SCHEMA.names):
             rows = removed_rows[(removed_rows >= start) & (removed_rows < start + batch.num_rows)] - start
             keep = np.ones(batch.num_rows, dtype=bool)
             keep[rows] = False

@@ -40,7 +40,8 @@ def project(tmp_path):
         (corpus / f"play_{i}.txt").write_text(SHAKESPEARE[i * 40_000:(i + 1) * 40_000])
     profile = tmp_path / "profile.yaml"
     profile.write_text(yaml.safe_dump({
-        "data_dir": str(tmp_path / "data"), "corpus": {"sources": [str(corpus)], "max_document_bytes": 2048},
+        "data_dir": str(tmp_path / "data"), "corpus": {"sources": [str(corpus)], "max_document_bytes": 2048,
+                                              "pieces_are_documents": [str(corpus)]},  # scenes, for a val split
         "cleaning": {"num_workers": 1}, "dataset": {"val_fraction": 0.3}, "tokenizer": {"vocab_size": 300},
         "model": {"n_layer": 1, "n_head": 2, "n_kv_head": 1, "n_embd": 32, "block_size": 32},
         "training": {"max_steps": 12, "warmup_steps": 2, "batch_size": 4, "eval_interval": 4,

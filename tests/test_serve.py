@@ -4,6 +4,7 @@ names the param, from the server and from the python pyfunc alike."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from llm_core import registry, tracking
 from llm_core.config import PROJECT_ROOT
 from llm_core.generate import load_generator
 from llm_core.pyfunc_model import MAX_NEW_TOKENS, validated_params
-from pipelines.serve import wait_until_serving
+from pipelines.serve import STARTUP_TIMEOUT_SECONDS
 
 # (params, the param the refusal must name)
 BAD_PARAMS = [({"max_new_tokens": -5}, "max_new_tokens"), ({"max_new_tokens": 0}, "max_new_tokens"),
@@ -92,9 +93,14 @@ def test_serve_answers_from_another_directory_refuses_bad_params_and_stops_on_si
         server = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--config", str(profile),
                                    "--port", str(port)], cwd=workdir, env=env, stderr=stderr)
     try:
-        assert wait_until_serving(server, f"http://127.0.0.1:{port}"), log.read_text()[-3000:]
+        # `scratchllm serve` prints the URL and a curl example once the server answers: act on that line.
+        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+        while not (ready := re.search(r"on (http://\S+/invocations)", log.read_text())):
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        url = ready.group(1)
+        assert url == f"http://127.0.0.1:{port}/invocations" and "curl -s" in log.read_text()
         children = psutil.Process(server.pid).children(recursive=True)
-        url = f"http://127.0.0.1:{port}/invocations"
 
         status, body = post(url, {"inputs": ["ROMEO:"], "params": {"max_new_tokens": 8, "temperature": 0}})
         expected = load_generator(result.out_dir, cfg.data_path / "tokenizer").complete(
@@ -112,7 +118,6 @@ def test_serve_answers_from_another_directory_refuses_bad_params_and_stops_on_si
             if server.poll() is None:
                 server.kill()
     assert time.monotonic() - started < 10 and server.returncode == 0
-    assert "curl -s" in log.read_text()  # it printed a ready-to-paste example
     _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive, [p.cmdline() for p in alive]
     assert list(workdir.iterdir()) == []  # no mlflow.db, no mlruns where it was started

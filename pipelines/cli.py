@@ -5,6 +5,7 @@
     scratchllm ui                                Dagster UI on http://127.0.0.1:3000, MLflow UI on :5000
     scratchllm generate --model M --prompt TEXT  stream text from a model (directory, NAME@ALIAS, NAME/VERSION)
     scratchllm export-hf --out DIR [--model M]   a trained model as a transformers LlamaForCausalLM
+    scratchllm serve [--model M] [--port P]      a registered model over REST on http://127.0.0.1:5001
     scratchllm plan [--config P] [--gpus N ...]  memory per GPU and time of a training, by strategy
 """
 
@@ -138,6 +139,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return run_ui(cfg, args.host, args.port, args.mlflow_port)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipelines.serve import run_serve
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return run_serve(cfg, args.model, args.host, args.port)
+
+
 def resolve_model_dir(spec: str | None, cfg) -> Path:
     """The model directory `--model` names: a directory, a registered model `NAME@ALIAS` or
     `NAME/VERSION` (downloaded from the MLflow registry), or (no --model) the latest trained_model
@@ -242,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--config", help="YAML profile whose data_dir and MLflow store the defaults come from")
     generate.set_defaults(func=cmd_generate)
+    serve = sub.add_parser("serve", help="serve a registered model over REST (mlflow models serve; Ctrl-C stops it)")
+    serve.add_argument("--model", help="registered NAME@ALIAS or NAME/VERSION (default: <registry.model_name>@champion)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=5001, help="port (5000 is the MLflow UI of `scratchllm ui`)")
+    serve.add_argument("--config", help="YAML profile whose MLflow store holds the model")
+    serve.set_defaults(func=cmd_serve)
     sub.add_parser("plan", help="memory per GPU and time of a training, by sharding strategy (plan --help)")
     args = parser.parse_args(argv)
     return args.func(args)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 
 import dagster as dg
+
+MLFLOW_UI_URL = "http://127.0.0.1:5000"  # where `scratchllm ui` serves the MLflow UI by default
+PNG_COLORS = 32  # a line plot needs few: ~8 KB instead of ~32 KB in every materialization event
 
 
 def uri(path: Path) -> dict:
@@ -23,3 +28,21 @@ def markdown_table(header: list[str], rows: list[list], max_cell: int = 200) -> 
 
 def check_result(passed: bool, details: str) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=passed, metadata={"details": details}, severity=dg.AssetCheckSeverity.ERROR)
+
+
+def png_data_uri(path: Path) -> str:
+    """The PNG at `path` as a data: URI, quantized to PNG_COLORS colours (it travels in the event log)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        small = image.convert("RGB").quantize(PNG_COLORS)
+    buffer = io.BytesIO()
+    small.save(buffer, "PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def loss_curve_plot(png: Path, experiment_id: str, run_id: str) -> dg.MetadataValue:
+    """The loss curve inline (a browser cannot load a local file path) and a link to its MLflow run page."""
+    run_page = f"{MLFLOW_UI_URL}/#/experiments/{experiment_id}/runs/{run_id}"
+    return dg.MetadataValue.md(f"![loss curve]({png_data_uri(png)})\n\n"
+                               f"[MLflow run {run_id}]({run_page}) (the MLflow UI of `scratchllm ui`)")

@@ -14,7 +14,7 @@ from llm_core.train import LATEST_FILE, MODEL_DIR, SUMMARY_FILE
 from pipelines.assets.tokenizer import TOKENIZER_DIR, tokenized_dataset
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.lineage import UPSTREAM_OF_TRAINING, data_versions
-from pipelines.metadata import uri
+from pipelines.metadata import loss_curve_plot, uri
 from pipelines.resources import MLflowResource, accelerate_command, rank_environment
 
 TrainedModelConfig = run_config_class("TrainedModelConfig", "model", "training")
@@ -83,7 +83,9 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
         k: v for k, v in dataclasses.asdict(verdict).items() if k != "passed" and v is not None})
     return dg.MaterializeResult(
         metadata={**materialization.metadata, **uri(out_dir), "mlflow_run_id": run_id, "training_key": key,
-                  "loss_curve_plot": dg.MetadataValue.md(f"![loss curve]({out_dir / 'loss_curve.png'})")},
+                  "loss_curve_plot": loss_curve_plot(out_dir / "loss_curve.png",
+                                                     tracking.experiment_id(uri_, tracking.artifact_location(cfg)),
+                                                     run_id)},
         data_version=dg.DataVersion(key),
         check_results=[health_check],
     )

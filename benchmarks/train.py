@@ -8,7 +8,7 @@ batch 8) it times full training steps (forward, backward, AdamW) of
     LayerNorm, GELU MLP, biases, fp32);
   - scratchllm: llm_core.model.Transformer (RoPE, GQA-ready SDPA attention, SwiGLU, RMSNorm) in
     the precision chosen for that size (fp32 at ~1M; at ~10M whichever GEMM is faster on this CPU:
-    bf16 autocast where it has AMX, see PITFALLS, else fp32),
+    bf16 autocast where it has AMX, else fp32),
 and prints tokens/s (median of repeats), MFU against a GEMM measured in this run in the same
 precision, and the speed-up over the reference.
 """

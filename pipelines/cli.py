@@ -46,12 +46,18 @@ def prepare_environment(profile: str | None) -> None:
         settings.write_text(INSTANCE_SETTINGS)
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
+def load_profile(profile: str | None = None):
+    """The validated config of a profile (else $SCRATCHLLM_CONFIG, else the default); a bad one
+    is refused before any work starts, naming the fields (exit status 2)."""
     try:
-        cfg = load_config(args.profile)
+        return load_config(profile)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
-        return 2
+        raise SystemExit(2) from None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = load_profile(args.profile)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
     print(f"# valid; data_dir resolves to {cfg.data_path}", file=sys.stderr)
     return 0
@@ -72,11 +78,7 @@ def parse_selection(select: str, asset_graph) -> set:
 
 def cmd_run(args: argparse.Namespace) -> int:
     prepare_environment(args.config)
-    try:
-        cfg = load_config()  # refuse a bad profile before any work starts
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    cfg = load_profile()
     import dagster as dg
 
     from pipelines import runs
@@ -129,11 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     prepare_environment(args.config)
-    try:
-        cfg = load_config()
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    cfg = load_profile()
     from pipelines.ui import run_ui
 
     return run_ui(cfg, args.host, args.port, args.mlflow_port)
@@ -142,12 +140,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pipelines.serve import run_serve
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    return run_serve(cfg, args.model, args.host, args.port)
+    return run_serve(load_profile(args.config), args.model, args.host, args.port)
 
 
 def resolve_model_dir(spec: str | None, cfg) -> Path:
@@ -255,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--config", help="YAML profile whose data_dir and MLflow store the defaults come from")
     generate.set_defaults(func=cmd_generate)
     serve = sub.add_parser("serve", help="serve a registered model over REST (mlflow models serve; Ctrl-C stops it)")
-    serve.add_argument("--model", help="registered NAME@ALIAS or NAME/VERSION (default: <registry.model_name>@champion)")
+    serve.add_argument("--model", help="registered NAME@ALIAS or NAME/VERSION "
+                                       "(default: <registry.model_name>@champion)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=5001, help="port (5000 is the MLflow UI of `scratchllm ui`)")
     serve.add_argument("--config", help="YAML profile whose MLflow store holds the model")

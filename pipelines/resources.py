@@ -21,7 +21,7 @@ class MLflowResource(dg.ConfigurableResource):
 
 def accelerate_command(cfg: ScratchConfig, module: str, args: list[str]) -> list[str]:
     """`accelerate launch` for the training config: an accelerate config file when one is named
-    (GPUs, FSDP, multi-node), else N CPU processes through torchrun + gloo (see PITFALLS)."""
+    (GPUs, FSDP, multi-node), else N CPU processes through torchrun + gloo (`--cpu` would start one process only)."""
     t = cfg.training
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     if t.accelerate_config:

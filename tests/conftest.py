@@ -90,3 +90,15 @@ def trained(tmp_path_factory):
     build_tokenized_dataset(cfg, load(root / "tokenizer"), root / "tokenizer", log=QUIET)
     result = train(cfg, root / "model", log=QUIET)
     return cfg, result, load_model(root / "model")
+
+
+@pytest.fixture
+def instance(tmp_path, monkeypatch):
+    """A real Dagster instance of its own (sqlite under a temporary DAGSTER_HOME)."""
+    import dagster as dg
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    with dg.DagsterInstance.get() as inst:
+        yield inst

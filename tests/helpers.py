@@ -3,6 +3,7 @@
 import json
 import random
 import socket
+import urllib.request
 from pathlib import Path
 
 from llm_core.config import DEFAULT_PROFILE, load_config
@@ -59,3 +60,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def get_json(url: str, payload: dict | None = None) -> dict:
+    data = json.dumps(payload).encode() if payload is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def graphql(port: int, query: str, variables: dict | None = None) -> dict:
+    """A query to the Dagster webserver's GraphQL API, as the UI sends it."""
+    body = get_json(f"http://127.0.0.1:{port}/graphql", {"query": query, "variables": variables or {}})
+    assert "errors" not in body, body
+    return body["data"]
+
+
+LAUNCH = """
+mutation Launch($params: ExecutionParams!) {
+  launchPipelineExecution(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}"""
+
+
+def launch_assets(port: int, assets: list[str]) -> str:
+    """Materialize `assets` as the UI's "Materialize" button does; returns the run id. No
+    assetCheckSelection: the UI leaves it out, and an empty list would skip the checks."""
+    repository = graphql(port, "{ repositoriesOrError { ... on RepositoryConnection { nodes { name "
+                               "location { name } } } } }")["repositoriesOrError"]["nodes"][0]
+    launched = graphql(port, LAUNCH, {"params": {
+        "selector": {"repositoryLocationName": repository["location"]["name"], "repositoryName": repository["name"],
+                     "pipelineName": "__ASSET_JOB", "assetSelection": [{"path": [a]} for a in assets]},
+        "runConfigData": {}, "mode": "default"}})["launchPipelineExecution"]
+    assert launched["__typename"] == "LaunchRunSuccess", launched
+    return launched["run"]["runId"]
+
+
+def run_status(port: int, run_id: str) -> str:
+    return graphql(port, f'{{ runOrError(runId: "{run_id}") {{ ... on Run {{ status }} }} }}')["runOrError"]["status"]

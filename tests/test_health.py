@@ -12,7 +12,7 @@ import statistics
 import dagster as dg
 import pytest
 from mlflow.tracking import MlflowClient
-from test_pipeline import DATA_ASSETS, TINY_TRAINING, instance, materialize, run_config, write_corpus  # noqa: F401
+from test_pipeline import TINY_TRAINING, materialize, run_config, write_corpus
 
 from llm_core.config import TrainingConfig
 from llm_core.health import DIVERGED_FILE, RunningMedian, assess

@@ -43,15 +43,6 @@ def write_corpus(root: Path, n_files: int = 4, chars: int = 30_000) -> Path:
     return corpus
 
 
-@pytest.fixture
-def instance(tmp_path, monkeypatch):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    with dg.DagsterInstance.get() as inst:
-        yield inst
-
-
 def run_config(data_dir: Path, corpus: Path, **sections) -> dict:
     """Run config as the Dagster UI launchpad sends it."""
     # Small documents (the plays are collections of scenes) and a 20% val split: enough validation

@@ -16,7 +16,7 @@ import dagster as dg
 import psutil
 import pytest
 import yaml
-from helpers import free_port
+from helpers import free_port, launch_assets, run_status
 
 from llm_core.config import PROJECT_ROOT
 from llm_core.run_lock import DataDirLock
@@ -94,7 +94,7 @@ def gone_within(pid: int, seconds: float) -> bool:
     return True
 
 
-def run_status(env: dict, run_id: str) -> dg.DagsterRunStatus:
+def instance_status(env: dict, run_id: str) -> dg.DagsterRunStatus:
     with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         return instance.get_run_by_id(run_id).status
 
@@ -130,7 +130,7 @@ def test_kill_9_during_training_then_run_again_resumes_to_the_same_loss(project,
     assert proc.returncode == 130 and "stopped" in output.splitlines()[-1], output[-2000:]
     assert gone_within(rank, 5)
     interrupted = run_ids(env)[-1]
-    assert run_status(env, interrupted) in (dg.DagsterRunStatus.CANCELED, dg.DagsterRunStatus.FAILURE)
+    assert instance_status(env, interrupted) in (dg.DagsterRunStatus.CANCELED, dg.DagsterRunStatus.FAILURE)
 
     # Again, held after the step-4 checkpoint; a second run on the same data_dir waits for it and
     # says so; SIGTERM stops the waiting one within seconds.
@@ -143,20 +143,20 @@ def test_kill_9_during_training_then_run_again_resumes_to_the_same_loss(project,
     waiting.send_signal(signal.SIGTERM)
     output = finish(waiting, waiting_log, timeout=STOP_SECONDS)
     assert waiting.returncode == 130 and "stopped" in output.splitlines()[-1], output[-2000:]
-    assert run_status(env, run_ids(env)[-1]) == dg.DagsterRunStatus.CANCELED
+    assert instance_status(env, run_ids(env)[-1]) == dg.DagsterRunStatus.CANCELED
     killed_run = run_ids(env)[-2]
 
     # kill -9 of the CLI alone, as the OOM killer does: its rank does not train on as an orphan.
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert gone_within(rank, 10)
-    assert run_status(env, killed_run) == dg.DagsterRunStatus.STARTED  # what Dagster leaves behind
+    assert instance_status(env, killed_run) == dg.DagsterRunStatus.STARTED  # what Dagster leaves behind
 
     proc, log = start(project, "--select", "trained_model")
     output = finish(proc, log)
     assert proc.returncode == 0, output[-3000:]
     assert f"run {killed_run} (pid {killed.pid}) was still marked STARTED but its process is gone" in output
-    assert run_status(env, killed_run) == dg.DagsterRunStatus.FAILURE
+    assert instance_status(env, killed_run) == dg.DagsterRunStatus.FAILURE
     assert "resumed from" in output and "step_4" in output
 
     run_dir = next((tmp_path / "data" / "trained_model" / "runs").iterdir())
@@ -197,7 +197,6 @@ def test_kill_9_of_a_run_from_the_ui_then_launch_again_resumes(project, tmp_path
     run is killed -9 mid-training; the next launch marks it failed, takes its pool slot and resumes."""
     from pipelines import ui
     from pipelines.cli import prepare_environment
-    from test_ui import LAUNCH, graphql
 
     profile, env, elsewhere = project
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
@@ -211,23 +210,7 @@ def test_kill_9_of_a_run_from_the_ui_then_launch_again_resumes(project, tmp_path
                                     "-h", "127.0.0.1", "-p", str(port)]})
     try:
         assert wait_until_up(f"http://127.0.0.1:{port}/server_info")
-        repository = graphql(port, "{ repositoriesOrError { ... on RepositoryConnection { nodes { name "
-                                   "location { name } } } } }")["repositoriesOrError"]["nodes"][0]
-
-        def launch(assets: list[str]) -> str:
-            launched = graphql(port, LAUNCH, {"params": {
-                "selector": {"repositoryLocationName": repository["location"]["name"],
-                             "repositoryName": repository["name"], "pipelineName": "__ASSET_JOB",
-                             "assetSelection": [{"path": [a]} for a in assets]},
-                "runConfigData": {}, "mode": "default"}})["launchPipelineExecution"]
-            assert launched["__typename"] == "LaunchRunSuccess", launched
-            return launched["run"]["runId"]
-
-        def status(run_id: str) -> str:
-            return graphql(port, f'{{ runOrError(runId: "{run_id}") {{ ... on Run {{ status }} }} }}')[
-                "runOrError"]["status"]
-
-        first = launch([*DATA_ASSETS.split(","), "trained_model"])
+        first = launch_assets(port, [*DATA_ASSETS.split(","), "trained_model"])
         wait_until(marker.exists, *servers.values(), what="the hold at step 6")
         with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
             worker, _ = run_process(instance, first)
@@ -235,10 +218,10 @@ def test_kill_9_of_a_run_from_the_ui_then_launch_again_resumes(project, tmp_path
         os.kill(worker, signal.SIGKILL)  # the process executing the run, as the OOM killer would
         assert gone_within(rank, 10)
 
-        second = launch(["trained_model"])
-        wait_until(lambda: status(second) in ("SUCCESS", "FAILURE", "CANCELED"), *servers.values(),
+        second = launch_assets(port, ["trained_model"])
+        wait_until(lambda: run_status(port, second) in ("SUCCESS", "FAILURE", "CANCELED"), *servers.values(),
                    what="the end of the second run", timeout=420)
-        assert status(second) == "SUCCESS" and status(first) == "FAILURE"
+        assert run_status(port, second) == "SUCCESS" and run_status(port, first) == "FAILURE"
     finally:
         ui.stop(servers)
     run_dir = next((tmp_path / "data" / "trained_model" / "runs").iterdir())

@@ -317,6 +317,15 @@ def by_source(cfg) -> dict[str, list[dict]]:
     return out
 
 
+def clean_long_pair(cfg):
+    """Both data stages; (result, the raw pieces by source file, kept ids, {removed id: (reason, of)})."""
+    build_raw_corpus(cfg, QUIET)
+    result = build_cleaned_shards(cfg, QUIET)
+    kept_ids = {r["id"] for r in rows(result.shards_dir)}
+    ledger = {r["id"]: (r["reason"], r["duplicate_of"]) for r in rows(result.shards_dir.parent / "removed")}
+    return result, by_source(cfg), kept_ids, ledger
+
+
 def write_long_pair(src: Path, original: str, copy: str, prose: list[str]) -> None:
     """a_original.txt, then b_copy.txt (later in corpus order), and unrelated one-paragraph files."""
     src.mkdir()
@@ -341,12 +350,7 @@ def test_a_near_duplicate_long_document_is_removed_whole(tmp_path, prose, make_c
     assert min(piecewise) < cfg.dedup.threshold - 0.1  # ...but judged piece by piece, one pair is not
     write_long_pair(tmp_path / "src", original, copy, prose)
 
-    build_raw_corpus(cfg, QUIET)
-    result = build_cleaned_shards(cfg, QUIET)
-
-    raw = by_source(cfg)
-    kept_ids = {r["id"] for r in rows(result.shards_dir)}
-    ledger = {r["id"]: (r["reason"], r["duplicate_of"]) for r in rows(result.shards_dir.parent / "removed")}
+    result, raw, kept_ids, ledger = clean_long_pair(cfg)
     original_id = raw["a_original.txt"][0]["id"]  # the id of a document is that of its first piece
     assert len(raw["a_original.txt"]) == len(raw["b_copy.txt"]) == len(pieces)
     assert all(r["id"] in kept_ids for r in raw["a_original.txt"])  # the first in corpus order is kept, whole
@@ -368,12 +372,7 @@ def test_an_exact_duplicate_long_document_is_removed_whole_even_when_cut_elsewhe
     assert [p.lower().split() for p in pieces] != [p.lower().split() for p in copy_pieces]  # cut elsewhere
     write_long_pair(tmp_path / "src", original, copy, prose)
 
-    build_raw_corpus(cfg, QUIET)
-    result = build_cleaned_shards(cfg, QUIET)
-
-    raw = by_source(cfg)
-    kept_ids = {r["id"] for r in rows(result.shards_dir)}
-    ledger = {r["id"]: (r["reason"], r["duplicate_of"]) for r in rows(result.shards_dir.parent / "removed")}
+    result, raw, kept_ids, ledger = clean_long_pair(cfg)
     original_id = raw["a_original.txt"][0]["id"]
     assert all(r["id"] in kept_ids for r in raw["a_original.txt"])
     assert [ledger.get(r["id"]) for r in raw["b_copy.txt"]] == [("exact_duplicate", original_id)] * len(copy_pieces)

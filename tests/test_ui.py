@@ -14,13 +14,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
-from helpers import free_port
+from helpers import free_port, get_json, graphql, launch_assets, run_status
 
 from llm_core.config import PROJECT_ROOT
 from pipelines.metadata import MLFLOW_UI_URL
@@ -29,30 +28,6 @@ from pipelines.ui import wait_until_up
 pytestmark = pytest.mark.slow
 RUN_TIMEOUT_SECONDS = 420
 PAGE_TIMEOUT_SECONDS = 60
-
-
-def get_json(url: str, payload: dict | None = None) -> dict:
-    data = json.dumps(payload).encode() if payload is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
-def graphql(port: int, query: str, variables: dict | None = None) -> dict:
-    body = get_json(f"http://127.0.0.1:{port}/graphql", {"query": query, "variables": variables or {}})
-    assert "errors" not in body, body
-    return body["data"]
-
-
-LAUNCH = """
-mutation Launch($params: ExecutionParams!) {
-  launchPipelineExecution(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-    ... on RunConfigValidationInvalid { errors { message } }
-  }
-}"""
 
 
 @dataclasses.dataclass
@@ -84,24 +59,12 @@ def ui_run(tmp_path_factory):
         assert wait_until_up(f"http://127.0.0.1:{dagster_port}/server_info")
         servers = psutil.Process(ui.pid).children(recursive=True)
 
-        repository = graphql(dagster_port, "{ repositoriesOrError { ... on RepositoryConnection { nodes { name "
-                                           "location { name } } } } }")["repositoriesOrError"]["nodes"][0]
-        assets = ["raw_corpus", "cleaned_shards", "tokenizer", "tokenized_dataset", "trained_model",
-                  "model_evaluation", "registered_model", "hf_export"]
-        # As the UI's "Materialize all": an asset selection, no assetCheckSelection (PITFALLS: an
-        # empty list would skip the checks).
-        launched = graphql(dagster_port, LAUNCH, {"params": {
-            "selector": {"repositoryLocationName": repository["location"]["name"],
-                         "repositoryName": repository["name"], "pipelineName": "__ASSET_JOB",
-                         "assetSelection": [{"path": [a]} for a in assets]},
-            "runConfigData": {}, "mode": "default"}})["launchPipelineExecution"]
-        assert launched["__typename"] == "LaunchRunSuccess", launched
-        run_id = launched["run"]["runId"]
+        run_id = launch_assets(dagster_port, ["raw_corpus", "cleaned_shards", "tokenizer", "tokenized_dataset",
+                                              "trained_model", "model_evaluation", "registered_model", "hf_export"])
 
         deadline, status = time.monotonic() + RUN_TIMEOUT_SECONDS, None
         while time.monotonic() < deadline:
-            status = graphql(dagster_port, f'{{ runOrError(runId: "{run_id}") {{ ... on Run {{ status }} }} }}')[
-                "runOrError"]["status"]
+            status = run_status(dagster_port, run_id)
             if status in ("SUCCESS", "FAILURE", "CANCELED"):
                 break
             time.sleep(2)

@@ -1,4 +1,4 @@
-"""One run at a time per data directory: an OS file lock under data_dir.
+"""One run at a time per data directory: an OS file lock under data_dir (DirectoryLock).
 
 Two runs writing the same shards and manifests (a second click on "Materialize all", the schedule
 firing during a manual run, two terminals) would interleave their writes. A run holds
@@ -21,7 +21,7 @@ POLL_SECONDS = 0.5
 REMIND_SECONDS = 60.0
 
 
-class DataDirLock:
+class DirectoryLock:
     def __init__(self, data_dir: Path, holder: dict):
         self.path = Path(data_dir) / LOCK_FILE
         self.holder = {**holder, "pid": os.getpid()}
@@ -67,7 +67,7 @@ class DataDirLock:
             self._file.close()  # closing the file releases the flock
             self._file = None
 
-    def __enter__(self) -> "DataDirLock":
+    def __enter__(self) -> "DirectoryLock":
         self.acquire()
         return self
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from llm_core.config import CONFIG_ENV_VAR, PROJECT_ROOT, ConfigError, load_config
+from llm_core.run_lock import DirectoryLock
 
 DEFAULT_DAGSTER_HOME = PROJECT_ROOT / ".dagster_home"
 INSTANCE_SETTINGS = """\
@@ -94,7 +95,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"scratchllm: materializing {', '.join(sorted(k.to_user_string() for k in keys))}\n"
           f"  profile {os.environ.get(CONFIG_ENV_VAR, 'default')}, data in {cfg.data_path}, "
           f"DAGSTER_HOME={os.environ['DAGSTER_HOME']}", file=sys.stderr)
-    instance = dg.DagsterInstance.get()
+    # Two first runs at once would both create the instance's sqlite tables (and fail): one at a time.
+    with DirectoryLock(Path(os.environ["DAGSTER_HOME"]), {"creating": "the Dagster instance"}):
+        instance = dg.DagsterInstance.get()
+        instance.get_runs(limit=1)
     for line in runs.fail_dead_runs(instance):
         print(f"scratchllm: {line}", file=sys.stderr)
     if dg.AssetKey("trained_model") in keys and (holders := runs.pool_holders(instance, "training")):

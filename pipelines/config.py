@@ -9,7 +9,7 @@ import dagster as dg
 import pydantic
 
 from llm_core.config import CONFIG_ENV_VAR, DEFAULT_PROFILE, ScratchConfig, active_profile_path, load_config
-from llm_core.run_lock import DataDirLock
+from llm_core.run_lock import DirectoryLock
 from pipelines.runs import fail_dead_runs
 
 # The profile the code location was loaded with ($SCRATCHLLM_CONFIG, else default.yaml).
@@ -50,14 +50,14 @@ class ScratchllmResource(dg.ConfigurableResource):
 
     profile: str = pydantic.Field(default=str(ACTIVE_PROFILE), description=f"YAML profile (${CONFIG_ENV_VAR}).")
     data_dir: str = pydantic.Field(default=ACTIVE_CONFIG.data_dir, description="Where every stage writes.")
-    _lock: DataDirLock | None = pydantic.PrivateAttr(default=None)
+    _lock: DirectoryLock | None = pydantic.PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         if context.dagster_run is None:  # a sensor or a schedule only reads
             return
         for line in fail_dead_runs(context.instance):
             context.log.warning(line)
-        self._lock = DataDirLock(self.data_config().data_path, {"run": context.run_id})
+        self._lock = DirectoryLock(self.data_config().data_path, {"run": context.run_id})
         self._lock.acquire(log=context.log.info)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:

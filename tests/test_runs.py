@@ -19,7 +19,7 @@ import yaml
 from helpers import free_port, launch_assets, run_status
 
 from llm_core.config import PROJECT_ROOT
-from llm_core.run_lock import DataDirLock
+from llm_core.run_lock import DirectoryLock
 from pipelines.runs import run_process
 from pipelines.ui import wait_until_up
 
@@ -62,6 +62,7 @@ def start(project, *args: str, hold: str | None = None, marker: Path | None = No
     with open(log, "w") as out:
         proc = subprocess.Popen([*CLI, "run", "--config", str(profile), *args], cwd=elsewhere, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
+    proc.stdout_path = log  # shown when it ends too early
     return proc, log
 
 
@@ -74,8 +75,9 @@ def wait_until(condition, *procs: subprocess.Popen, what: str, timeout: float = 
     """Poll `condition()` (a file the code writes, a line it prints); fail early if a process ends."""
     deadline = time.monotonic() + timeout
     while not condition():
-        ended = [p.args for p in procs if p.poll() is not None]
-        assert not ended, f"ended before {what}: {ended}"
+        ended = [p for p in procs if p.poll() is not None]
+        assert not ended, f"ended before {what}: {[p.args for p in ended]}\n" + "\n".join(
+            Path(p.stdout_path).read_text()[-3000:] for p in ended if getattr(p, "stdout_path", None))
         assert time.monotonic() < deadline, f"no {what} after {timeout} s"
         time.sleep(0.05)
 
@@ -168,7 +170,7 @@ def test_kill_9_during_training_then_run_again_resumes_to_the_same_loss(project,
 
 def test_two_runs_on_one_data_dir_run_one_after_the_other(project, tmp_path):
     profile, env, elsewhere = project
-    lock = DataDirLock(tmp_path / "data", {"holder": "this test"})
+    lock = DirectoryLock(tmp_path / "data", {"holder": "this test"})
     lock.acquire()  # both runs start while the data_dir is busy, so they surely meet
     try:
         first, first_log = start(project, "--select", "raw_corpus,cleaned_shards")

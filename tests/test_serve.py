@@ -72,7 +72,7 @@ def post(url: str, payload: dict) -> tuple[int, dict]:
 
 def test_python_predict_refuses_bad_params(served_store):
     _, uri = served_store
-    with registry.fluent_tracking_uri(uri):
+    with tracking.using(uri):
         model = mlflow.pyfunc.load_model("models:/tiny@champion")
     with pytest.raises(MlflowException, match="max_new_tokens"):
         model.predict(["ROMEO:"], params={"max_new_tokens": -5})

@@ -105,9 +105,8 @@ def register(model_dir: Path, tokenizer_dir: Path, *, tracking_uri: str, run_id:
                         previous_champion=previous, previous_champion_bpb=previous_bpb, reused=bool(existing))
 
 
-def download(spec: str, tracking_uri: str, cache_dir: Path) -> Path:
-    """The model directory of a registered version, `NAME@ALIAS` or `NAME/VERSION`, downloaded
-    into cache_dir/<name>/<version> (once: a version never changes)."""
+def find_version(spec: str, tracking_uri: str):
+    """The registered ModelVersion that `NAME@ALIAS` or `NAME/VERSION` names (FileNotFoundError if none)."""
     from mlflow.exceptions import MlflowException
 
     from llm_core import tracking
@@ -115,10 +114,19 @@ def download(spec: str, tracking_uri: str, cache_dir: Path) -> Path:
     client = tracking.client(tracking_uri)
     name, alias = spec.split("@", 1) if "@" in spec else (spec.rsplit("/", 1)[0], None)
     try:
-        version = client.get_model_version_by_alias(name, alias) if alias else \
+        return client.get_model_version_by_alias(name, alias) if alias else \
             client.get_model_version(name, spec.rsplit("/", 1)[1])
     except MlflowException as exc:
         raise FileNotFoundError(f"no registered model {spec!r} in {tracking_uri}: {exc.message}") from None
+
+
+def download(spec: str, tracking_uri: str, cache_dir: Path) -> Path:
+    """The model directory of a registered version, `NAME@ALIAS` or `NAME/VERSION`, downloaded
+    into cache_dir/<name>/<version> (once: a version never changes)."""
+    from llm_core import tracking
+
+    version = find_version(spec, tracking_uri)
+    name = version.name
     target = Path(cache_dir) / name / str(version.version)
     if not (target / "artifacts" / "model").is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)

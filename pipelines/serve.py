@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from llm_core import tracking
+from llm_core import registry, tracking
 from llm_core.config import ScratchConfig
-from pipelines.ui import _default_signals, _interrupt, stop, wait_until_up
+from pipelines.ui import default_signals, interrupt, stop, wait_until_up
 
 STARTUP_TIMEOUT_SECONDS = 180
 
@@ -31,16 +31,7 @@ def check_registered(spec: str, uri: str) -> None:
     or a model the registry does not hold (FileNotFoundError)."""
     if not re.fullmatch(r"[^/@]+(@[^/@]+|/\d+)", spec):
         raise ValueError(f"--model {spec!r}: expected a registered model NAME@ALIAS or NAME/VERSION")
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    name, alias = spec.split("@", 1) if "@" in spec else (spec.rsplit("/", 1)[0], None)
-    try:
-        client.get_model_version_by_alias(name, alias) if alias else \
-            client.get_model_version(name, spec.rsplit("/", 1)[1])
-    except MlflowException as exc:
-        raise FileNotFoundError(f"no registered model {spec!r} in {uri}: {exc.message}") from None
+    registry.find_version(spec, uri)
 
 
 def serve_command(model: str, host: str, port: int) -> list[str]:
@@ -76,9 +67,9 @@ def run_serve(cfg: ScratchConfig, spec: str | None, host: str, port: int) -> int
     env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}
     model = f"models:/{spec}"
     server = subprocess.Popen(serve_command(model, host, port), env=env, start_new_session=True,
-                              preexec_fn=_default_signals)
+                              preexec_fn=default_signals)
     for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a background job inherits it ignored
-        signal.signal(sig, _interrupt)
+        signal.signal(sig, interrupt)
     url = f"http://{host}:{port}"
     try:
         answering = wait_until_serving(server, url)

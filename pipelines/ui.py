@@ -34,7 +34,7 @@ def server_commands(cfg: ScratchConfig, host: str, dagster_port: int, mlflow_por
     }
 
 
-def _default_signals() -> None:
+def default_signals() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
 
@@ -42,7 +42,7 @@ def _default_signals() -> None:
 def start(commands: dict[str, list[str]]) -> dict[str, subprocess.Popen]:
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return {name: subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, start_new_session=True,
-                                   preexec_fn=_default_signals)
+                                   preexec_fn=default_signals)
             for name, command in commands.items()}
 
 
@@ -63,7 +63,7 @@ def stop(processes: dict[str, subprocess.Popen]) -> None:
         proc.wait()
 
 
-def _interrupt(signum, frame):
+def interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (or kill -INT) stops the servers the same way Ctrl-C does
 
 
@@ -84,7 +84,7 @@ def run_ui(cfg: ScratchConfig, host: str, dagster_port: int, mlflow_port: int) -
     cfg.data_path.mkdir(parents=True, exist_ok=True)
     processes = start(server_commands(cfg, host, dagster_port, mlflow_port))
     for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a background job inherits it ignored
-        signal.signal(sig, _interrupt)
+        signal.signal(sig, interrupt)
     urls = {"dagster": f"http://{host}:{dagster_port}", "mlflow": f"http://{host}:{mlflow_port}"}
     try:
         for name, health in (("mlflow", "/health"), ("dagster", "/server_info")):

@@ -77,6 +77,11 @@ def parse_selection(select: str, asset_graph) -> set:
     return keys
 
 
+def failure_reason(message: str) -> str:
+    """The last line of an error, without its exception class ("dagster...Failure: training diverged...")."""
+    return re.sub(r"^[\w.]+: ", "", message.strip().splitlines()[-1])
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     prepare_environment(args.config)
     cfg = load_profile()
@@ -115,9 +120,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"  check {check.asset_check_key.to_user_string()}: {outcome}"
               f" {check.metadata.get('details').value if 'details' in check.metadata else ''}", file=sys.stderr)
     if not result.success:
-        failed = [e.step_key for e in result.all_events if e.is_step_failure]
-        print(f"scratchllm: run {result.run_id} FAILED at {', '.join(failed) or 'a check'}; "
-              f"see the log above or the Dagster UI (make ui)", file=sys.stderr)
+        failures = [e for e in result.all_events if e.is_step_failure]
+        reasons = "".join(f"\n  {e.step_key}: {failure_reason(e.event_specific_data.error.message)}"
+                          for e in failures if e.event_specific_data and e.event_specific_data.error)
+        print(f"scratchllm: run {result.run_id} FAILED at {', '.join(e.step_key for e in failures) or 'a check'}"
+              f"{reasons}\nsee the log above or the Dagster UI (make ui)", file=sys.stderr)
         return 1
     print(f"scratchllm: run {result.run_id} succeeded. Outputs under {cfg.data_path}; "
           f"browse them with `make ui` (Dagster http://127.0.0.1:3000, MLflow http://127.0.0.1:5000).",

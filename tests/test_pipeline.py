@@ -251,6 +251,7 @@ def test_cli_run_succeeds_and_fails_with_a_clear_message(tmp_path):
     failed = subprocess.run([*CLI, "run", "--config", str(bad_profile)], env=env, capture_output=True, text=True)
     assert failed.returncode == 1
     assert "the corpus is empty" in failed.stderr and "FAILED" in failed.stderr
+    assert "\n  raw_corpus: " in failed.stderr  # the reason, under the failed step's name
 
     invalid = tmp_path / "invalid.yaml"
     invalid.write_text("corpus: {shard_size_mb: -1}\n")

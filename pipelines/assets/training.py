@@ -80,7 +80,9 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
         write_json(cfg.data_path / MODEL_DIR / LATEST_FILE,
                    {"key": key, "path": str(out_dir), "mlflow_run_id": run_id, "tracking_uri": uri_})
     health_check = dg.AssetCheckResult(check_name="training_health", passed=verdict.passed, metadata={
-        k: v for k, v in dataclasses.asdict(verdict).items() if k != "passed" and v is not None})
+        "details": verdict.description,
+        **{k: v for k, v in dataclasses.asdict(verdict).items()
+           if k not in ("passed", "description") and v is not None}})
     return dg.MaterializeResult(
         metadata={**materialization.metadata, **uri(out_dir), "mlflow_run_id": run_id, "training_key": key,
                   "loss_curve_plot": loss_curve_plot(out_dir / "loss_curve.png",

@@ -14,8 +14,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from llm_core.layout import CLEANED_SHARDS_DIR, QUARANTINE_DIR, RAW_CORPUS_DIR
 
-from llm_core.data.stages import CLEAN_DIR, QUARANTINE_DIR, RAW_DIR
 
 
 class Outcomes:
@@ -23,21 +23,21 @@ class Outcomes:
         data_dir, corpus_dir = Path(data_dir), Path(corpus_dir)
         self.data_dir = data_dir
         self.ids: dict[str, list[str]] = defaultdict(list)  # location -> raw document ids
-        for part in sorted((data_dir / RAW_DIR / "shards").glob("*.parquet")):
+        for part in sorted((data_dir / RAW_CORPUS_DIR / "shards").glob("*.parquet")):
             table = pq.read_table(part, columns=["id", "source"])
             for doc_id, source in zip(table.column("id").to_pylist(), table.column("source").to_pylist()):
                 rel = os.path.relpath(source, corpus_dir)
                 self.ids[rel].append(doc_id)
                 self.ids[f"{rel}#{int(doc_id.split('#')[0].rsplit('-', 1)[1])}"].append(doc_id)
         self.removed: dict[str, tuple[str, str | None]] = {}  # id -> (reason, duplicate_of)
-        for part in sorted((data_dir / CLEAN_DIR / "removed").glob("*.parquet")):
+        for part in sorted((data_dir / CLEANED_SHARDS_DIR / "removed").glob("*.parquet")):
             for row in pq.read_table(part).to_pylist():
                 self.removed[row["id"]] = (row["reason"], row["duplicate_of"])
         self.kept: set[str] = set()
-        for part in sorted((data_dir / CLEAN_DIR / "shards").glob("*.parquet")):
+        for part in sorted((data_dir / CLEANED_SHARDS_DIR / "shards").glob("*.parquet")):
             self.kept.update(pq.read_table(part, columns=["id"]).column("id").to_pylist())
         self.quarantine: list[dict] = []  # raw_corpus quarantine entries, with `rel` added
-        for log in sorted((data_dir / QUARANTINE_DIR / RAW_DIR).glob("*.jsonl")):
+        for log in sorted((data_dir / QUARANTINE_DIR / RAW_CORPUS_DIR).glob("*.jsonl")):
             for line in log.read_text().splitlines():
                 entry = json.loads(line)
                 entry["rel"] = os.path.relpath(entry["source"], corpus_dir) if entry.get("source") else None
@@ -59,7 +59,7 @@ class Outcomes:
     def texts(self, ids: set[str]) -> dict[str, str]:
         """Raw text of some documents."""
         out = {}
-        for part in sorted((self.data_dir / RAW_DIR / "shards").glob("*.parquet")):
+        for part in sorted((self.data_dir / RAW_CORPUS_DIR / "shards").glob("*.parquet")):
             table = pq.read_table(part, columns=["id", "text"])
             for doc_id, text in zip(table.column("id").to_pylist(), table.column("text").to_pylist()):
                 if doc_id in ids:

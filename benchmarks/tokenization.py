@@ -109,13 +109,13 @@ def peak_rss_mb() -> float:
 def train_child(work_dir: Path, shard_mb: float, vocab: int, megabytes: float) -> None:
     import psutil
 
-    from llm_core.data.stages import CLEAN_DIR
-    from llm_core.data.files import read_json
+    from llm_core.layout import CLEANED_SHARDS_DIR
+    from llm_core.files import read_json
     from llm_core.tokenizer import train_tokenizer
 
     cfg = make_config(work_dir, shard_mb, vocab, max_training_mb=megabytes)
-    parts = read_json(cfg.data_path / CLEAN_DIR / "manifest.json")["parts"]
-    shards = [cfg.data_path / CLEAN_DIR / "shards" / p["name"] for p in parts]
+    parts = read_json(cfg.data_path / CLEANED_SHARDS_DIR / "manifest.json")["parts"]
+    shards = [cfg.data_path / CLEANED_SHARDS_DIR / "shards" / p["name"] for p in parts]
     baseline = psutil.Process().memory_info().rss / 2**20
     out = work_dir / f"train-{megabytes:g}mb"
     start = time.perf_counter()

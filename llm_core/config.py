@@ -11,8 +11,6 @@ behaves the same from the CLI, from `dagster dev` and from tests, whatever the w
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,8 @@ from typing import Any
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
+
+from llm_core.files import short_hash
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "assets_config"
@@ -289,8 +289,7 @@ class ScratchConfig(Section):
 
     def section_hash(self, *sections: str) -> str:
         """A short stable hash of some sections: part of cache keys and data versions."""
-        payload = {name: getattr(self, name).model_dump(mode="json") for name in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return short_hash({name: getattr(self, name).model_dump(mode="json") for name in sections})
 
 
 def resolve_path(path: str) -> Path:

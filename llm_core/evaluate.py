@@ -8,12 +8,13 @@ from pathlib import Path
 
 import torch
 
+from llm_core.layout import DATASET_DIR
 from llm_core.config import ScratchConfig
-from llm_core.data.files import read_json
+from llm_core.files import read_json
 from llm_core.loader import sequential_batches
 from llm_core.generate import TextGenerator
 from llm_core.model import Transformer
-from llm_core.tokenize import DATASET_DIR, val_bytes
+from llm_core.tokenize import val_bytes
 from llm_core.tokenizer import load as load_tokenizer
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from llm_core import tokenizer as bpe
-from llm_core.data.files import TMP_MARK, write_json
+from llm_core.files import TMP_MARK, write_json
 from llm_core.model import ModelArgs, Transformer
 from llm_core.train import MODEL_CONFIG_FILE, WEIGHTS_FILE, load_model
 

@@ -18,12 +18,12 @@ from typing import Iterator
 import torch
 from tokenizers import Tokenizer
 
-from llm_core.data.files import atomic_path
+from llm_core.layout import MODEL_TOKENIZER_SUBDIR
+from llm_core.files import atomic_path
 from llm_core.model import Transformer
 from llm_core.tokenizer import EOT
 from llm_core.tokenizer import load as load_tokenizer
 
-TOKENIZER_SUBDIR = "tokenizer"
 PACKAGE_FILES = ("model.safetensors", "model_config.json")
 
 
@@ -69,7 +69,8 @@ def load_generator(model_dir: Path, tokenizer_dir: Path | None = None) -> TextGe
     missing = [name for name in PACKAGE_FILES if not (model_dir / name).exists()]
     if missing:
         raise FileNotFoundError(f"{model_dir} is not a trained model directory: no {', '.join(missing)}")
-    return TextGenerator(load_model(model_dir), load_tokenizer(Path(tokenizer_dir or model_dir / TOKENIZER_SUBDIR)))
+    tokenizer_dir = Path(tokenizer_dir or model_dir / MODEL_TOKENIZER_SUBDIR)
+    return TextGenerator(load_model(model_dir), load_tokenizer(tokenizer_dir))
 
 
 def package_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path) -> Path:
@@ -85,7 +86,7 @@ def copy_tokenizer(tokenizer_dir: Path, model_dir: Path) -> None:
     """Put the tokenizer a model was trained with beside it, so the model directory stands alone."""
     for f in Path(tokenizer_dir).iterdir():
         if f.is_file():
-            copy_file(f, Path(model_dir) / TOKENIZER_SUBDIR / f.name)
+            copy_file(f, Path(model_dir) / MODEL_TOKENIZER_SUBDIR / f.name)
 
 
 def copy_file(source: Path, target: Path) -> None:

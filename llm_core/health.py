@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 from llm_core.config import TrainingConfig
-from llm_core.data.files import read_json, write_json
+from llm_core.files import read_json, write_json
 
 DIVERGED_FILE = "diverged.json"
 LOSS_KEYS = ("train_loss", "val_loss", "val_bpb")

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from llm_core.data.files import read_json
+from llm_core.files import read_json
 
 PACKING_MODES = ("random", "document")
 

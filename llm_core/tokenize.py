@@ -13,8 +13,6 @@ A shard is re-encoded only when its cleaned content, the tokenizer or the split 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,14 +21,13 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
+from llm_core.layout import CLEANED_SHARDS_DIR, DATASET_DIR
 from llm_core.config import ScratchConfig
-from llm_core.data.files import atomic_path, read_json, remove_stale_files, write_json
+from llm_core.files import atomic_path, read_json, remove_stale_files, short_hash, write_json
 from llm_core.data.shards import iter_batches
-from llm_core.data.stages import CLEAN_DIR
 from llm_core.split import is_validation
 from llm_core.tokenizer import EOT
 
-DATASET_DIR = "tokenized_dataset"
 SPLITS = ("train", "val")
 DOCS_SCHEMA = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("start", pa.int64()),
                          ("length", pa.int64()), ("num_bytes", pa.int64())])
@@ -103,7 +100,7 @@ def val_bytes(manifest: dict) -> int:
 
 
 def tokenizer_hash(tokenizer_dir: Path) -> str:
-    return hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest()[:16]
+    return short_hash((tokenizer_dir / "tokenizer.json").read_bytes())
 
 
 def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_dir: Path,
@@ -113,17 +110,17 @@ def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_
     tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: the caller's tokenizer stays as it was
     tokenizer.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is text, not a boundary
     out_dir = cfg.data_path / DATASET_DIR
-    cleaned = read_json(cfg.data_path / CLEAN_DIR / "manifest.json").get("parts")
+    cleaned = read_json(cfg.data_path / CLEANED_SHARDS_DIR / "manifest.json").get("parts")
     if not cleaned:
-        raise FileNotFoundError(f"cleaned_shards has not been materialized under {cfg.data_path / CLEAN_DIR}")
+        raise FileNotFoundError(f"cleaned_shards has not been materialized under {cfg.data_path / CLEANED_SHARDS_DIR}")
     tok_hash = tokenizer_hash(tokenizer_dir)
     previous = {e["name"]: e for e in read_json(out_dir / "manifest.json").get("shards", [])}
 
     entries, encoded, reused, seconds, done_bytes = [], 0, 0, 0.0, 0
     for i, part in enumerate(cleaned):
-        shard = cfg.data_path / CLEAN_DIR / "shards" / part["name"]
-        key = hashlib.sha256(json.dumps([part["cache"], part["removed_key"], tok_hash, dtype.name,
-                                         cfg.dataset.val_fraction, cfg.dataset.seed]).encode()).hexdigest()[:16]
+        shard = cfg.data_path / CLEANED_SHARDS_DIR / "shards" / part["name"]
+        key = short_hash([part["cache"], part["removed_key"], tok_hash, dtype.name, cfg.dataset.val_fraction,
+                          cfg.dataset.seed])
         files = [out_dir / s / f"{shard.stem}.{kind}.arrow" for s in SPLITS for kind in ("tokens", "docs")]
         old = previous.get(part["name"])
         if old and old["key"] == key and all(f.exists() for f in files):
@@ -156,7 +153,7 @@ def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_
         num_train_documents=total["train"]["documents"], num_val_documents=total["val"]["documents"],
         val_bytes=total["val"]["bytes"], num_bytes=total["train"]["bytes"] + total["val"]["bytes"],
         dtype=dtype.name, num_shards_encoded=encoded, num_shards_reused=reused, encode_seconds=seconds,
-        out_dir=out_dir, data_version=hashlib.sha256("".join(e["key"] for e in entries).encode()).hexdigest()[:16],
+        out_dir=out_dir, data_version=short_hash("".join(e["key"] for e in entries).encode()),
     )
 
 
@@ -203,7 +200,7 @@ def verify_token_accounting(cfg: ScratchConfig, tokenizer: Tokenizer, docs_per_s
             continue
         sample = dict(zip(docs.column("id").to_pylist()[:docs_per_shard],
                           zip(docs.column("start").to_pylist(), lengths.tolist())))
-        for batch in iter_batches(cfg.data_path / CLEAN_DIR / "shards" / entry["name"], ["id", "text"]):
+        for batch in iter_batches(cfg.data_path / CLEANED_SHARDS_DIR / "shards" / entry["name"], ["id", "text"]):
             for piece_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
                 if piece_id in sample:
                     start, length = sample[piece_id]

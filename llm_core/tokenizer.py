@@ -16,12 +16,11 @@ from typing import Callable, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llm_core.config import ScratchConfig
-from llm_core.data.files import atomic_path
+from llm_core.files import atomic_path
 from llm_core.data.shards import iter_batches
 from llm_core.split import is_validation
 
 EOT, PAD = "<|endoftext|>", "<|pad|>"
-TOKENIZER_DIR = "tokenizer"  # under data_dir
 TOKENIZER_FILE = "tokenizer.json"
 # Strings a tokenizer must round-trip besides real documents: unicode, emoji, CJK, whitespace runs.
 TRICKY_TEXTS = [

@@ -29,20 +29,19 @@ from typing import Callable
 
 import torch
 
+from llm_core.layout import DATASET_DIR, LATEST_FILE, MODEL_DIR
 from llm_core import health
 from llm_core.config import ScratchConfig, load_config, validate_config
-from llm_core.data.files import atomic_path, read_json, write_json
+from llm_core.files import atomic_path, read_json, write_json
 from llm_core.loader import TokenWindows, sequential_batches
 from llm_core.model import ModelArgs, Transformer
-from llm_core.tokenize import DATASET_DIR, val_bytes
+from llm_core.tokenize import val_bytes
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"
 FILE_SIZES = "file_sizes.json"  # in a checkpoint: the size of each file saved, to detect a truncated one
 SUMMARY_FILE = "training_summary.json"
-MODEL_DIR = "trained_model"  # under data_dir: runs/<key>/ and latest.json
-LATEST_FILE = "latest.json"
 
 
 # ---------------------------------------------------------------------------------------------

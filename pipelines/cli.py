@@ -166,18 +166,18 @@ def resolve_model_dir(spec: str | None, cfg) -> Path:
     if path.exists() or not ("@" in spec or re.fullmatch(r"[^/]+/\d+", spec)):
         return path  # a directory (load_generator says so if it is not a model directory)
     from llm_core import registry, tracking
+    from llm_core.layout import REGISTRY_CACHE_DIR
 
-    return registry.download(spec, tracking.tracking_uri(cfg), cfg.data_path / "registry_cache")
+    return registry.download(spec, tracking.tracking_uri(cfg), cfg.data_path / REGISTRY_CACHE_DIR)
 
 
 def tokenizer_dir_for(model_dir: Path, cfg) -> Path:
     """The tokenizer a model directory carries (a checkpoint: its run's), else the profile's."""
-    from llm_core.generate import TOKENIZER_SUBDIR
-    from llm_core.tokenizer import TOKENIZER_DIR
+    from llm_core.layout import MODEL_TOKENIZER_SUBDIR, TOKENIZER_DIR
     from llm_core.train import CHECKPOINTS
 
     run_dir = model_dir.parent.parent if model_dir.parent.name == CHECKPOINTS else model_dir
-    carried = run_dir / TOKENIZER_SUBDIR
+    carried = run_dir / MODEL_TOKENIZER_SUBDIR
     return carried if carried.is_dir() else cfg.data_path / TOKENIZER_DIR
 
 

@@ -12,11 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from llm_core.layout import DATASET_DIR
 from llm_core.data.stages import build_cleaned_shards, build_raw_corpus
 from llm_core.loader import TokenWindows
 from llm_core.split import is_validation
 from llm_core.tokenize import (
-    DATASET_DIR,
     build_tokenized_dataset,
     token_dtype,
     verify_token_accounting,

@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from llm_core.layout import DATASET_DIR
 from llm_core import tokenizer as tok
 from llm_core.config import PROJECT_ROOT, ConfigError, ScratchConfig, load_config
 from llm_core.data.stages import build_cleaned_shards, build_raw_corpus
 from llm_core.loader import sequential_batches
 from llm_core.model import Transformer
-from llm_core.tokenize import DATASET_DIR, build_tokenized_dataset
+from llm_core.tokenize import build_tokenized_dataset
 from llm_core.train import (
     FILE_SIZES,
     SUMMARY_FILE,

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+from llm_core.layout import CLEANED_SHARDS_DIR, RAW_CORPUS_DIR
 from llm_core.config import ScratchConfig
-from llm_core.data.files import read_json
+from llm_core.files import read_json
 from llm_core.data.shards import count_rows, iter_batches
-from llm_core.data.stages import CLEAN_DIR, RAW_DIR
 
 
 def verify_raw_corpus(cfg: ScratchConfig) -> tuple[bool, str]:
     """Every shard's parquet rows equal its document count, and the corpus is not empty."""
-    root = cfg.data_path / RAW_DIR
+    root = cfg.data_path / RAW_CORPUS_DIR
     problems, total = [], 0
     for shard in read_json(root / "manifest.json").get("shards", []):
         rows = sum(count_rows(root / "shards" / part) for part in shard["parts"])
@@ -37,7 +37,7 @@ def verify_cleaned_shards(cfg: ScratchConfig) -> tuple[bool, str]:
     """Per shard, counting pieces (rows): rows on disk equal the kept count, and in = kept + filtered +
     exact + near + quarantined (also = kept rows + rows of the removed ledger); no document removed as a
     duplicate keeps a piece. The whole set is not empty."""
-    root = cfg.data_path / CLEAN_DIR
+    root = cfg.data_path / CLEANED_SHARDS_DIR
     problems, total_kept = [], 0
     manifest = read_json(root / "manifest.json")
     for e in manifest.get("parts", []):

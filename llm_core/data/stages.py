@@ -29,8 +29,6 @@ import bisect
 import concurrent.futures
 import dataclasses
 import functools
-import hashlib
-import json
 import multiprocessing
 import os
 import shutil
@@ -46,15 +44,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
+from llm_core.layout import CLEANED_SHARDS_DIR, QUARANTINE_DIR, RAW_CORPUS_DIR
 from llm_core.config import CleaningConfig, DedupConfig, ScratchConfig
 from llm_core.data import clean, dedup, repeats
-from llm_core.data.files import Quarantine, atomic_path, read_json, remove_stale_files, write_json, TMP_MARK
+from llm_core.files import TMP_MARK, Quarantine, atomic_path, read_json, remove_stale_files, short_hash, write_json
 from llm_core.data.ingest import BadFile, BadRecord, ReadOptions, read_source
 from llm_core.data.shards import COMPRESSION, DOC_SCHEMA, ShardWriter, iter_batches, write_table
 from llm_core.data.sources import SourceFile, discover
 
 Log = Callable[[str], None]
-RAW_DIR, CLEAN_DIR, QUARANTINE_DIR = "raw_corpus", "cleaned_shards", "quarantine"
 # Per piece: its status, and for a kept piece the row of its document in the part's UNITS_SCHEMA table
 # (the documents with at least one kept piece, in order: row k is row k of the signature arrays).
 CACHE_SCHEMA = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("source", pa.string()),
@@ -68,10 +66,6 @@ QUARANTINED = "quarantined"
 
 class EmptyCorpusError(RuntimeError):
     """A stage produced no documents at all."""
-
-
-def _hash(payload) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class _Progress:
@@ -171,9 +165,9 @@ def _build_raw_shard(shard_id: str, files: list[SourceFile], opts: ReadOptions, 
 
 
 def build_raw_corpus(cfg: ScratchConfig, log: Log = print) -> RawCorpusResult:
-    root = cfg.data_path / RAW_DIR
+    root = cfg.data_path / RAW_CORPUS_DIR
     shards_dir, manifest_path = root / "shards", root / "manifest.json"
-    quarantine_dir = cfg.data_path / QUARANTINE_DIR / RAW_DIR
+    quarantine_dir = cfg.data_path / QUARANTINE_DIR / RAW_CORPUS_DIR
     opts = _read_options(cfg)
     target_bytes = int(cfg.corpus.shard_size_mb * 1e6)
 
@@ -200,7 +194,7 @@ def build_raw_corpus(cfg: ScratchConfig, log: Log = print) -> RawCorpusResult:
     progress = _Progress(log, "raw_corpus shards", len(groups))
     done_bytes = 0
     for i, files in enumerate(groups):
-        shard_id = _hash({"files": [(f.uri, f.fingerprint) for f in files], "options": dataclasses.asdict(opts),
+        shard_id = short_hash({"files": [(f.uri, f.fingerprint) for f in files], "options": dataclasses.asdict(opts),
                           "shard_bytes": target_bytes,
                           "pieces_are_documents": [f.uri for f in files if f.uri in pieces_are_documents]})
         old = old_by_id.get(shard_id)
@@ -242,7 +236,7 @@ def build_raw_corpus(cfg: ScratchConfig, log: Log = print) -> RawCorpusResult:
         num_quarantined_files=bad_files, num_files=len(found.files), num_skipped_files=len(found.skipped),
         num_shards_built=built, num_shards_reused=reused, quarantine_reasons=dict(reasons),
         parts=[shards_dir / p for s in shards for p in s["parts"]],
-        data_version=_hash([s["id"] for s in shards]), quarantine_dir=quarantine_dir,
+        data_version=short_hash([s["id"] for s in shards]), quarantine_dir=quarantine_dir,
     )
     log(f"raw_corpus: {result.num_documents} documents (pieces) of {result.num_source_documents} source "
         f"documents, {result.num_bytes / 1e6:.1f} MB, "
@@ -256,7 +250,7 @@ def build_raw_corpus(cfg: ScratchConfig, log: Log = print) -> RawCorpusResult:
 
 def raw_parts(cfg: ScratchConfig) -> list[Path]:
     """The raw_corpus parts of the last materialization, in corpus order."""
-    root = cfg.data_path / RAW_DIR
+    root = cfg.data_path / RAW_CORPUS_DIR
     manifest = read_json(root / "manifest.json")
     if not manifest:
         raise FileNotFoundError(f"raw_corpus has not been materialized under {root}")
@@ -283,16 +277,16 @@ def source_changes(cfg: ScratchConfig) -> tuple[SourceChanges, str]:
     Reads file listings only (size + mtime, or the store's ETag), never file contents."""
     found = discover(cfg.corpus.sources, cfg.corpus.extensions)
     now = {f.uri: f.fingerprint for f in found.files}
-    shards = read_json(cfg.data_path / RAW_DIR / "manifest.json").get("shards", [])
+    shards = read_json(cfg.data_path / RAW_CORPUS_DIR / "manifest.json").get("shards", [])
     ingested = {f["uri"]: f["fingerprint"] for s in shards for f in s["files"]}
     changes = SourceChanges(new=sorted(now.keys() - ingested.keys()), removed=sorted(ingested.keys() - now.keys()),
                             changed=sorted(u for u in now.keys() & ingested.keys() if now[u] != ingested[u]))
-    return changes, _hash(sorted(now.items()))
+    return changes, short_hash(sorted(now.items()))
 
 
 def cleaned_shard_paths(cfg: ScratchConfig) -> list[Path]:
     """The cleaned_shards output files of the last materialization, in corpus order."""
-    root = cfg.data_path / CLEAN_DIR
+    root = cfg.data_path / CLEANED_SHARDS_DIR
     parts = read_json(root / "manifest.json").get("parts")
     if not parts:
         raise FileNotFoundError(f"cleaned_shards has not been materialized under {root}")
@@ -597,11 +591,11 @@ class _NpyRows:
 
 
 def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsResult:
-    root = cfg.data_path / CLEAN_DIR
+    root = cfg.data_path / CLEANED_SHARDS_DIR
     cache_dir, shards_dir, removed_dir = root / "cache", root / "shards", root / "removed"
     manifest_path = root / "manifest.json"
     cache_dir.mkdir(parents=True, exist_ok=True)
-    clean_key = _hash({"cleaning": cfg.cleaning.model_dump(exclude={"num_workers"}),
+    clean_key = short_hash({"cleaning": cfg.cleaning.model_dump(exclude={"num_workers"}),
                        "minhash": cfg.dedup.model_dump(include={"shingle_words", "num_permutations", "seed"})})
     parts = raw_parts(cfg)
     prefixes = [cache_dir / f"{p.stem}-{clean_key}" for p in parts]
@@ -629,7 +623,7 @@ def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsR
                  "num_exact_duplicates": counts.pop("exact_duplicate", 0),
                  "num_near_duplicates": counts.pop("near_duplicate", 0),
                  "num_quarantined": counts.pop(QUARANTINED, 0), "filtered_by_rule": dict(counts),
-                 "removed_key": _hash(sorted((r, reason, dup) for r, (reason, dup) in removed.items())),
+                 "removed_key": short_hash(sorted((r, reason, dup) for r, (reason, dup) in removed.items())),
                  "pii": summaries.get(str(prefix), {}).get("pii")}
         old = previous.get(prefix.name)
         if entry["pii"] is None:  # cleaned in an earlier run: its PII counts were recorded then
@@ -669,7 +663,7 @@ def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsR
         num_bytes_in=totals["num_bytes_in"], num_bytes_out=totals["num_bytes_out"],
         num_parts_cleaned=len(jobs), num_parts_reused=len(parts) - len(jobs), num_shards_written=written,
         num_candidates_checked=duplicates.index.num_candidates_checked if duplicates.index else 0,
-        parts=entries, shards_dir=shards_dir, data_version=_hash([e["removed_key"] + e["cache"] for e in entries]),
+        parts=entries, shards_dir=shards_dir, data_version=short_hash([e["removed_key"] + e["cache"] for e in entries]),
         preview=preview,
     )
     log(f"cleaned_shards: {result.num_documents_in} in, {result.num_kept} kept, {result.num_filtered} filtered, "
@@ -709,7 +703,7 @@ def _write_outputs(cache_table: Path, removed: dict[int, tuple[str, str | None]]
 def _quarantine_cleaning_failures(cfg: ScratchConfig, name: str, summary: dict | None) -> None:
     if not summary or not summary["quarantined"]:
         return
-    quarantine = Quarantine(cfg.data_path / QUARANTINE_DIR / CLEAN_DIR, name)
+    quarantine = Quarantine(cfg.data_path / QUARANTINE_DIR / CLEANED_SHARDS_DIR, name)
     for doc_id, source, reason in summary["quarantined"]:
         quarantine.add_record(source, reason, doc_id, "document id")
     quarantine.commit()

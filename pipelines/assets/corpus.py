@@ -8,6 +8,7 @@ stale exactly when they should.
 
 import dagster as dg
 
+from llm_core.layout import RAW_CORPUS_DIR
 from llm_core.data import checks, stages
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.metadata import check_result, markdown_table, uri
@@ -27,7 +28,7 @@ def raw_corpus(context: dg.AssetExecutionContext, config: RawCorpusConfig,
     return dg.MaterializeResult(
         data_version=dg.DataVersion(r.data_version),
         metadata={
-            **uri(cfg.data_path / stages.RAW_DIR),
+            **uri(cfg.data_path / RAW_CORPUS_DIR),
             "num_documents": r.num_documents, "num_bytes": r.num_bytes, "num_quarantined": r.num_quarantined,
             "num_quarantined_records": r.num_quarantined_records, "num_quarantined_files": r.num_quarantined_files,
             "num_source_bytes": r.num_source_bytes, "num_files": r.num_files,

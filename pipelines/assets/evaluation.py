@@ -6,9 +6,9 @@ from pathlib import Path
 
 import dagster as dg
 
+from llm_core.layout import EVALUATION_DIR, MODEL_TOKENIZER_SUBDIR
 from llm_core import evaluate as ev
-from llm_core.data.files import write_json
-from llm_core.generate import TOKENIZER_SUBDIR
+from llm_core.files import write_json
 from llm_core.train import latest_model, load_model
 from pipelines.assets.training import trained_model
 from pipelines.config import ScratchllmResource, run_config_class
@@ -16,7 +16,6 @@ from pipelines.metadata import markdown_table, uri
 from pipelines.resources import MLflowResource
 
 ModelEvaluationConfig = run_config_class("ModelEvaluationConfig", "evaluation")
-EVALUATION_DIR = "model_evaluation"
 
 
 @dg.asset(group_name="evaluation", kinds={"pytorch", "mlflow"}, code_version="1", deps=[trained_model])
@@ -26,7 +25,7 @@ def model_evaluation(context: dg.AssetExecutionContext, config: ModelEvaluationC
     generations for `evaluation.prompts`."""
     cfg = scratchllm.resolve(config)
     latest = latest_model(cfg)
-    r = ev.evaluate(cfg, load_model(latest["path"]), Path(latest["path"]) / TOKENIZER_SUBDIR)
+    r = ev.evaluate(cfg, load_model(latest["path"]), Path(latest["path"]) / MODEL_TOKENIZER_SUBDIR)
     out_dir = cfg.data_path / EVALUATION_DIR / latest["key"]
     report = {"val_loss": r.val_loss, "perplexity": r.perplexity, "val_bpb": r.val_bpb,
               "num_val_tokens": r.num_val_tokens, "samples": r.samples, "evaluation": cfg.evaluation.model_dump()}

@@ -4,14 +4,13 @@ from pathlib import Path
 
 import dagster as dg
 
+from llm_core.layout import EXPORT_DIR, MODEL_TOKENIZER_SUBDIR
 from llm_core.export import export_hf, num_parameters
-from llm_core.generate import TOKENIZER_SUBDIR
 from llm_core.train import latest_model
 from pipelines.assets.training import trained_model
 from pipelines.config import ScratchllmResource
 from pipelines.metadata import uri
 
-EXPORT_DIR = "hf_export"
 
 
 @dg.asset(group_name="export", kinds={"huggingface", "safetensors"}, code_version="1", deps=[trained_model])
@@ -21,7 +20,7 @@ def hf_export(context: dg.AssetExecutionContext, scratchllm: ScratchllmResource)
     cfg = scratchllm.data_config()
     latest = latest_model(cfg)
     # overwrite: the same training key is the same model, exported again
-    out_dir = export_hf(latest["path"], Path(latest["path"]) / TOKENIZER_SUBDIR,
+    out_dir = export_hf(latest["path"], Path(latest["path"]) / MODEL_TOKENIZER_SUBDIR,
                         cfg.data_path / EXPORT_DIR / latest["key"], overwrite=True)
     context.log.info(f"exported {latest['path']} to {out_dir}")
     return dg.MaterializeResult(

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import dagster as dg
 
+from llm_core.layout import EVALUATION_DIR, MODEL_TOKENIZER_SUBDIR
 from llm_core import registry
-from llm_core.data.files import read_json
-from llm_core.generate import TOKENIZER_SUBDIR
+from llm_core.files import read_json
 from llm_core.train import latest_model
-from pipelines.assets.evaluation import EVALUATION_DIR, model_evaluation
+from pipelines.assets.evaluation import model_evaluation
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.lineage import data_versions
 from pipelines.resources import MLflowResource
@@ -35,7 +35,8 @@ def registered_model(context: dg.AssetExecutionContext, config: RegisteredModelC
     tags = {registry.KEY_TAG: latest["key"], "dagster.run_id": context.run_id,
             "config_hash": cfg.section_hash(*type(cfg).model_fields.keys() - {"data_dir"}),
             "code_version": registry.code_version(), **data_versions(context.instance)}
-    r = registry.register(Path(latest["path"]), Path(latest["path"]) / TOKENIZER_SUBDIR, tracking_uri=tracking_uri,
+    model_dir = Path(latest["path"])
+    r = registry.register(model_dir, model_dir / MODEL_TOKENIZER_SUBDIR, tracking_uri=tracking_uri,
                           run_id=latest["mlflow_run_id"], name=cfg.registry.model_name, val_bpb=report["val_bpb"],
                           tags=tags)
     champion = (f"version {r.previous_champion} ({r.previous_champion_bpb:.4f} bits/byte)"

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from llm_core.layout import TOKENIZER_DIR
 from llm_core import tokenize, tokenizer as bpe
 from llm_core.data.stages import cleaned_shard_paths
 from pipelines.assets.corpus import cleaned_shards
@@ -10,7 +11,6 @@ from pipelines.metadata import check_result, markdown_table, uri
 
 TokenizerConfig = run_config_class("TokenizerConfig", "tokenizer")
 TokenizedDatasetConfig = run_config_class("TokenizedDatasetConfig", "dataset")
-TOKENIZER_DIR = bpe.TOKENIZER_DIR
 
 
 @dg.asset(group_name="tokenizer", kinds={"huggingface"}, code_version="1", deps=[cleaned_shards])

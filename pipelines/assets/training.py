@@ -1,17 +1,16 @@
 """trained_model: distributed training launched with `accelerate launch` through Dagster Pipes."""
 
 import dataclasses
-import hashlib
 import json
 
 import dagster as dg
 
+from llm_core.layout import DATASET_DIR, LATEST_FILE, MODEL_DIR, TOKENIZER_DIR
 from llm_core import health, tracking
-from llm_core.data.files import atomic_path, read_json, write_json
+from llm_core.files import atomic_path, read_json, short_hash, write_json
 from llm_core.generate import copy_tokenizer
-from llm_core.tokenize import DATASET_DIR
-from llm_core.train import LATEST_FILE, MODEL_DIR, SUMMARY_FILE
-from pipelines.assets.tokenizer import TOKENIZER_DIR, tokenized_dataset
+from llm_core.train import SUMMARY_FILE
+from pipelines.assets.tokenizer import tokenized_dataset
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.lineage import UPSTREAM_OF_TRAINING, data_versions
 from pipelines.metadata import loss_curve_plot, uri
@@ -25,7 +24,7 @@ def training_key(cfg, dataset_version: str) -> str:
     resumes from its checkpoints (a retry, a re-materialization after a kill); a new key trains anew."""
     payload = {"config": cfg.model_dump(mode="json", include={"model", "training", "dataset"}),
                "dataset": dataset_version}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    return short_hash(payload, length=12)
 
 
 @dg.asset(group_name="training", kinds={"pytorch", "mlflow"}, code_version="1", deps=[tokenized_dataset],
@@ -41,7 +40,7 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
     resumable; every run is an MLflow run with the full config as params and per-step metrics."""
     cfg = scratchllm.resolve(config)
     dataset_manifest = read_json(cfg.data_path / DATASET_DIR / "manifest.json")
-    dataset_version = hashlib.sha256(json.dumps(dataset_manifest, sort_keys=True).encode()).hexdigest()[:16]
+    dataset_version = short_hash(dataset_manifest)
     key = training_key(cfg, dataset_version)
     out_dir = cfg.data_path / MODEL_DIR / "runs" / key
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ place when complete, so a killed run never leaves a half-written file that a lat
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -31,6 +32,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def short_hash(payload, length: int = 16) -> str:
+    """A short stable hash of bytes, or of JSON-able data (dict keys sorted): cache keys, data
+    versions, training identities."""
+    data = payload if isinstance(payload, bytes) else json.dumps(payload, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()[:length]
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -340,14 +340,31 @@ def active_profile_path() -> Path | None:
     return Path(value).expanduser().resolve() if value else None
 
 
-def load_config(profile: str | Path | None = None, overrides: dict | None = None) -> ScratchConfig:
-    """Load `default.yaml`, deep-merge a profile (argument, else $SCRATCHLLM_CONFIG) and overrides, validate."""
+def profile_values(profile: str | Path | None = None) -> tuple[dict, str]:
+    """(`default.yaml` deep-merged with a profile (argument, else $SCRATCHLLM_CONFIG), where it came
+    from): the raw values of a profile, read once, not validated yet."""
     raw = _read_yaml(DEFAULT_PROFILE)
     origin = str(DEFAULT_PROFILE)
     path = Path(profile).expanduser().resolve() if profile else active_profile_path()
     if path is not None and path != DEFAULT_PROFILE:
         raw = deep_merge(raw, _read_yaml(path))
         origin = str(path)
-    if overrides:
-        raw = deep_merge(raw, overrides)
-    return validate_config(raw, origin)
+    return raw, origin
+
+
+def load_config(profile: str | Path | None = None, overrides: dict | None = None) -> ScratchConfig:
+    """Load `default.yaml`, deep-merge a profile (argument, else $SCRATCHLLM_CONFIG) and overrides, validate."""
+    raw, origin = profile_values(profile)
+    return validate_config(deep_merge(raw, overrides or {}), origin)
+
+
+def changed_values(new: dict, old: dict) -> dict:
+    """The part of `new` that differs from `old`, nested dicts compared key by key."""
+    changed = {}
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict):
+            if inner := changed_values(value, old[key]):
+                changed[key] = inner
+        elif key not in old or old[key] != value:
+            changed[key] = value
+    return changed

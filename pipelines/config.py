@@ -8,7 +8,8 @@ from __future__ import annotations
 import dagster as dg
 import pydantic
 
-from llm_core.config import CONFIG_ENV_VAR, DEFAULT_PROFILE, ScratchConfig, active_profile_path, load_config
+from llm_core.config import (CONFIG_ENV_VAR, DEFAULT_PROFILE, ScratchConfig, active_profile_path, changed_values,
+                             deep_merge, load_config, profile_values, validate_config)
 from llm_core.run_lock import DirectoryLock
 from pipelines.runs import fail_dead_runs
 
@@ -44,15 +45,23 @@ def run_config_class(name: str, *sections: str) -> type[dg.Config]:
 class ScratchllmResource(dg.ConfigurableResource):
     """The active profile and data directory, shared by every asset of the code location.
 
+    One snapshot of the profile per run: the YAML is read once when the run starts, and an asset's
+    config is that snapshot plus what was edited in the run config (the values that differ from the
+    defaults the code location showed). So editing a profile while `dagster dev` runs never gives
+    a run the old `training` values and the new `dataset` values: a run started after the edit
+    uses the new profile throughout (the launchpad shows it after "Reload definitions").
+
     A run holds its data directory for its whole duration (llm_core/run_lock.py): a second run on
     the same data_dir waits until the first one ends. Before that, runs whose process died are
     marked failed so that they do not keep the `training` pool (pipelines/runs.py)."""
 
     profile: str = pydantic.Field(default=str(ACTIVE_PROFILE), description=f"YAML profile (${CONFIG_ENV_VAR}).")
     data_dir: str = pydantic.Field(default=ACTIVE_CONFIG.data_dir, description="Where every stage writes.")
+    _snapshot: tuple[dict, str] | None = pydantic.PrivateAttr(default=None)
     _lock: DirectoryLock | None = pydantic.PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._snapshot = profile_values(self.profile)  # the run's one reading of the profile
         if context.dagster_run is None:  # a sensor or a schedule only reads
             return
         for line in fail_dead_runs(context.instance):
@@ -64,11 +73,20 @@ class ScratchllmResource(dg.ConfigurableResource):
         if self._lock is not None:
             self._lock.release()
 
+    def _config(self, edits: dict) -> ScratchConfig:
+        if self._snapshot is None:  # used outside a run's lifecycle (direct invocation in tests)
+            self._snapshot = profile_values(self.profile)
+        raw, origin = self._snapshot
+        if self.data_dir != ACTIVE_CONFIG.data_dir:
+            edits = {**edits, "data_dir": self.data_dir}
+        return validate_config(deep_merge(raw, edits), origin)
+
     def resolve(self, run_config: dg.Config) -> ScratchConfig:
-        """The profile with this run's section values and data_dir, validated (raises ConfigError)."""
-        overrides = {"data_dir": self.data_dir, **run_config.model_dump()}
-        return load_config(self.profile, overrides)
+        """The run's profile snapshot with this asset's run config edits and data_dir, validated
+        (raises ConfigError naming the fields)."""
+        values = run_config.model_dump()
+        return self._config(changed_values(values, ACTIVE_CONFIG.model_dump(mode="json", include=set(values))))
 
     def data_config(self) -> ScratchConfig:
-        """The profile with this run's data_dir: what asset checks need to find the outputs."""
-        return load_config(self.profile, {"data_dir": self.data_dir})
+        """The run's profile snapshot with its data_dir: what asset checks need to find the outputs."""
+        return self._config({})

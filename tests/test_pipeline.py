@@ -209,18 +209,6 @@ def test_select_takes_the_selection_syntax_and_comma_lists():
             parse_selection(bad, graph)
 
 
-def test_definitions_show_the_active_profile_in_run_config():
-    """The UI's launchpad defaults are the profile's values (here the one pytest loaded)."""
-    from pipelines.config import ACTIVE_CONFIG
-    from pipelines.definitions import defs
-
-    job = defs.resolve_job_def("materialize_everything")
-    fields = job.run_config_schema.config_type.fields["ops"].config_type.fields
-    corpus = fields["raw_corpus"].config_type.fields["config"].config_type.fields["corpus"].config_type.fields
-    assert corpus["max_document_bytes"].default_value == ACTIVE_CONFIG.corpus.max_document_bytes
-    assert corpus["sources"].default_value == ACTIVE_CONFIG.corpus.sources
-
-
 def write_profile(tmp_path: Path, corpus: Path) -> Path:
     profile = tmp_path / "profile.yaml"
     profile.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"),

@@ -117,7 +117,7 @@ def test_a_diverging_or_unhealthy_training_reaches_neither_export_evaluation_nor
     assert not unhealthy.success
     checks = unhealthy.get_asset_check_evaluations()
     assert [(c.check_name, c.passed) for c in checks] == [("training_health", False)]
-    assert "running median for 2 steps" in checks[0].metadata["description"].value
+    assert "running median for 2 steps" in checks[0].metadata["details"].value
     assert instance.get_latest_materialization_event(dg.AssetKey("trained_model")) is not None
 
     for result in (diverged, unhealthy):

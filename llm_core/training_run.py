@@ -1,0 +1,79 @@
+"""The bookkeeping of one training around its loop: its identity, its run directory, its MLflow run,
+the resolved config its ranks read, and what a finished training leaves to the next stages.
+
+A training's identity (the training key) is a hash of what it trains (the model, training and
+dataset sections) and of the tokenized data: the same key resumes from its checkpoints and keeps
+its MLflow run (a retry, a re-materialization after a kill); a new key trains anew.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from llm_core import health, tracking
+from llm_core.config import ScratchConfig
+from llm_core.files import atomic_path, read_json, short_hash, write_json
+from llm_core.generate import copy_tokenizer
+from llm_core.layout import DATASET_DIR, LATEST_FILE, MODEL_DIR, TOKENIZER_DIR
+from llm_core.train import SUMMARY_FILE
+
+MLFLOW_RUN_FILE = "mlflow_run.json"
+RESOLVED_CONFIG_FILE = "resolved_config.json"
+
+
+@dataclasses.dataclass
+class TrainingRun:
+    key: str
+    out_dir: Path  # <data_dir>/trained_model/runs/<key>
+    mlflow_run_id: str
+    tracking_uri: str
+
+    @property
+    def resolved_config(self) -> Path:
+        return self.out_dir / RESOLVED_CONFIG_FILE
+
+    def entry_args(self) -> list[str]:
+        """The arguments of the training entry point (pipelines/train_entry.py) on every rank."""
+        return ["--resolved-config", str(self.resolved_config), "--out-dir", str(self.out_dir),
+                "--mlflow-run-id", self.mlflow_run_id, "--tracking-uri", self.tracking_uri]
+
+
+def training_key(cfg: ScratchConfig, dataset_version: str) -> str:
+    payload = {"config": cfg.model_dump(mode="json", include={"model", "training", "dataset"}),
+               "dataset": dataset_version}
+    return short_hash(payload, length=12)
+
+
+def prepare(cfg: ScratchConfig, tracking_uri: str, tags: dict[str, str]) -> TrainingRun:
+    """The run directory and MLflow run of the training `cfg` describes (created, or found again to
+    resume), with the resolved config written for the ranks. `tags` go on a new MLflow run."""
+    dataset_version = short_hash(read_json(cfg.data_path / DATASET_DIR / "manifest.json"))
+    key = training_key(cfg, dataset_version)
+    out_dir = cfg.data_path / MODEL_DIR / "runs" / key
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_id = read_json(out_dir / MLFLOW_RUN_FILE).get("run_id")  # a resumed training keeps its MLflow run
+    if run_id is None:
+        run_id = tracking.start_training_run(cfg, tracking_uri, run_name=f"train-{key}", tags={
+            **tags, "scratchllm.training_key": key, "scratchllm.dataset_version": dataset_version,
+            "scratchllm.config_hash": cfg.section_hash("model", "training", "dataset")})
+        write_json(out_dir / MLFLOW_RUN_FILE, {"run_id": run_id, "tracking_uri": tracking_uri})
+    run = TrainingRun(key, out_dir, run_id, tracking_uri)
+    with atomic_path(run.resolved_config) as tmp:
+        tmp.write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+    health.clear_divergence(out_dir)  # only this attempt's divergence may stop the retries
+    return run
+
+
+def finish(cfg: ScratchConfig, run: TrainingRun) -> health.Health:
+    """After the ranks are done: the run directory gets its tokenizer (it then stands alone), and a
+    healthy model becomes the latest one, which evaluation, registry and export take. An unhealthy
+    one never does. Returns the health verdict (the training_health check)."""
+    copy_tokenizer(cfg.data_path / TOKENIZER_DIR, run.out_dir)
+    verdict = health.assess(read_json(run.out_dir / SUMMARY_FILE)["history"], cfg.training)
+    if verdict.passed:
+        write_json(cfg.data_path / MODEL_DIR / LATEST_FILE, {"key": run.key, "path": str(run.out_dir),
+                                                             "mlflow_run_id": run.mlflow_run_id,
+                                                             "tracking_uri": run.tracking_uri})
+    return verdict

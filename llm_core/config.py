@@ -291,6 +291,10 @@ class ScratchConfig(Section):
         """A short stable hash of some sections: part of cache keys and data versions."""
         return short_hash({name: getattr(self, name).model_dump(mode="json") for name in sections})
 
+    def config_hash(self) -> str:
+        """The hash of every section (where the data lives excepted): what a registered version was made with."""
+        return self.section_hash(*(name for name in type(self).model_fields if name != "data_dir"))
+
 
 def resolve_path(path: str) -> Path:
     """Absolute local path for `path`; relative paths are taken from the project root."""

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llm_core.config import ScratchConfig
 from llm_core.files import atomic_path
+from llm_core.layout import TOKENIZER_DIR
 from llm_core.data.shards import iter_batches
 from llm_core.split import is_validation
 
@@ -84,6 +85,14 @@ def roundtrip_failures(tokenizer: Tokenizer, texts: list[str]) -> list[str]:
     """The texts that do not come back byte for byte from decode(encode(text))."""
     encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
     return [t for t, e in zip(texts, encoded) if tokenizer.decode(e.ids, skip_special_tokens=False) != t]
+
+
+def verify_roundtrip(cfg: ScratchConfig, shards: list[Path]) -> tuple[bool, str]:
+    """The tokenizer_roundtrip check: decode(encode(x)) == x, byte for byte, on held-out documents of
+    `shards` and on tricky unicode/whitespace. (passed, details)."""
+    texts = held_out_texts(shards, cfg) + TRICKY_TEXTS
+    failures = roundtrip_failures(load(cfg.data_path / TOKENIZER_DIR), texts)
+    return not failures, f"{len(texts) - len(failures)} texts round-trip; failures: {[f[:60] for f in failures[:5]]}"
 
 
 def bytes_per_token(tokenizer: Tokenizer, texts: list[str]) -> float:

@@ -33,7 +33,7 @@ def registered_model(context: dg.AssetExecutionContext, config: RegisteredModelC
         raise FileNotFoundError(f"no evaluation of training {latest['key']}: materialize `model_evaluation` first")
     tracking_uri = latest.get("tracking_uri") or mlflow.uri(cfg)
     tags = {registry.KEY_TAG: latest["key"], "dagster.run_id": context.run_id,
-            "config_hash": cfg.section_hash(*type(cfg).model_fields.keys() - {"data_dir"}),
+            "config_hash": cfg.config_hash(),
             "code_version": registry.code_version(), **data_versions(context.instance)}
     model_dir = Path(latest["path"])
     r = registry.register(model_dir, model_dir / MODEL_TOKENIZER_SUBDIR, tracking_uri=tracking_uri,

@@ -38,11 +38,7 @@ def tokenizer(context: dg.AssetExecutionContext, config: TokenizerConfig,
 def tokenizer_roundtrip(scratchllm: ScratchllmResource) -> dg.AssetCheckResult:
     """decode(encode(x)) == x, byte for byte, on held-out documents and on tricky unicode/whitespace."""
     cfg = scratchllm.data_config()
-    tok = bpe.load(cfg.data_path / TOKENIZER_DIR)
-    texts = bpe.held_out_texts(cleaned_shard_paths(cfg), cfg)
-    failures = bpe.roundtrip_failures(tok, texts + bpe.TRICKY_TEXTS)
-    return check_result(not failures, f"{len(texts) + len(bpe.TRICKY_TEXTS) - len(failures)} texts round-trip; "
-                                      f"failures: {[f[:60] for f in failures[:5]]}")
+    return check_result(*bpe.verify_roundtrip(cfg, cleaned_shard_paths(cfg)))
 
 
 @dg.asset(group_name="tokenizer", kinds={"arrow"}, code_version="1", deps=[tokenizer, cleaned_shards])

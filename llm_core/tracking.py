@@ -11,6 +11,7 @@ registry from the fluent default even when given a URI, so they run inside `usin
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -90,6 +91,15 @@ def start_training_run(cfg: ScratchConfig, uri: str, tags: dict[str, str], run_n
         mlflow_client.log_batch(run.info.run_id, params=params[i:i + 100])
     mlflow_client.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     return run.info.run_id
+
+
+def log_evaluation(uri: str, run_id: str, metrics: dict[str, float], samples: list[dict]) -> None:
+    """The final evaluation of a training, in its MLflow run: `eval_<name>` metrics and samples.json."""
+    from mlflow.entities import Metric
+
+    mlflow_client = client(uri)
+    mlflow_client.log_batch(run_id, metrics=[Metric(f"eval_{k}", float(v), 0, 0) for k, v in metrics.items()])
+    mlflow_client.log_text(run_id, json.dumps(samples, indent=1, ensure_ascii=False), "samples.json")
 
 
 class MetricsLogger:

@@ -1,13 +1,12 @@
 """model_evaluation: validation loss, perplexity, bits per byte and samples of the trained model,
 logged to the training's MLflow run."""
 
-import json
 from pathlib import Path
 
 import dagster as dg
 
+from llm_core import evaluate as ev, tracking
 from llm_core.layout import EVALUATION_DIR, MODEL_TOKENIZER_SUBDIR
-from llm_core import evaluate as ev
 from llm_core.files import write_json
 from llm_core.train import latest_model, load_model
 from pipelines.assets.training import trained_model
@@ -31,15 +30,9 @@ def model_evaluation(context: dg.AssetExecutionContext, config: ModelEvaluationC
               "num_val_tokens": r.num_val_tokens, "samples": r.samples, "evaluation": cfg.evaluation.model_dump()}
     write_json(out_dir / "report.json", report)
 
-    from mlflow.entities import Metric
-
-    from llm_core import tracking
-
-    client = tracking.client(latest.get("tracking_uri") or mlflow.uri(cfg))
     run_id = latest["mlflow_run_id"]
-    client.log_batch(run_id, metrics=[Metric(f"eval_{k}", float(report[k]), 0, 0)
-                                      for k in ("val_loss", "perplexity", "val_bpb")])
-    client.log_text(run_id, json.dumps(r.samples, indent=1, ensure_ascii=False), "samples.json")
+    tracking.log_evaluation(latest.get("tracking_uri") or mlflow.uri(cfg), run_id,
+                            {k: report[k] for k in ("val_loss", "perplexity", "val_bpb")}, r.samples)
     context.log.info(f"val loss {r.val_loss:.4f}, perplexity {r.perplexity:.1f}, {r.val_bpb:.3f} bits/byte")
     return dg.MaterializeResult(
         metadata={**uri(out_dir / "report.json"), "val_loss": r.val_loss, "val_bpb": r.val_bpb,

@@ -13,10 +13,11 @@ import pyarrow as pa
 import pytest
 
 from llm_core.layout import DATASET_DIR
-from llm_core.data.stages import build_cleaned_shards, build_raw_corpus
+from llm_core.data.cleaned_shards import build_cleaned_shards
+from llm_core.data.raw_corpus import build_raw_corpus
 from llm_core.loader import TokenWindows
 from llm_core.split import is_validation
-from llm_core.tokenize import (
+from llm_core.tokenized_dataset import (
     build_tokenized_dataset,
     token_dtype,
     verify_token_accounting,

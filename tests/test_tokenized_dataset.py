@@ -59,6 +59,13 @@ def setup_corpus(root: Path, prose: list[str], vocab: int = VOCAB, files: int = 
     return cfg, src, tok_dir
 
 
+def tokenize_corpus(cfg, tok_dir: Path):
+    """The data stages, a tokenizer trained in `tok_dir`, the tokenized dataset: (shards, tok_dir, result)."""
+    shards = build_shards(cfg)
+    train_tokenizer(cfg, shards, tok_dir, log=QUIET)
+    return shards, tok_dir, build_tokenized_dataset(cfg, load(tok_dir), tok_dir, log=QUIET)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, prose):
     root = tmp_path_factory.mktemp("tokenize")
@@ -142,10 +149,7 @@ def test_all_pieces_of_a_source_document_are_on_one_side_of_the_split(tmp_path, 
         (src / f"doc_{i:02d}.txt").write_text("\n\n".join(prose[i * 10:(i + 1) * 10]))
     cfg = make_config(tmp_path / "run", [src], corpus={"max_document_bytes": 1024}, tokenizer={"vocab_size": VOCAB},
                       dataset={"val_fraction": 0.5})
-    shards = build_shards(cfg)
-    tok_dir = tmp_path / "tokenizer"
-    train_tokenizer(cfg, shards, tok_dir, log=QUIET)
-    result = build_tokenized_dataset(cfg, load(tok_dir), tok_dir, log=QUIET)
+    shards, tok_dir, result = tokenize_corpus(cfg, tmp_path / "tokenizer")
 
     source_of = dict(iter_documents(shards, columns=("id", "source")))
     pieces = Counter(source_of.values())
@@ -293,10 +297,7 @@ def test_a_shard_whose_documents_were_all_removed(tmp_path, prose):
     write_jsonl(src / "b.jsonl", ["too short to keep", "also far too short"])
     cfg = make_config(tmp_path / "run", [src], corpus={"shard_size_mb": 0.008}, tokenizer={"vocab_size": VOCAB},
                       dataset={"val_fraction": 0.25})
-    shards = build_shards(cfg)
-    tok_dir = tmp_path / "tokenizer"
-    train_tokenizer(cfg, shards, tok_dir, log=QUIET)
-    result = build_tokenized_dataset(cfg, load(tok_dir), tok_dir, log=QUIET)
+    shards, tok_dir, result = tokenize_corpus(cfg, tmp_path / "tokenizer")
     manifest = json.loads((result.out_dir / "manifest.json").read_text())
     empty = [e for e in manifest["shards"] if e["train"]["documents"] + e["val"]["documents"] == 0]
     assert len(empty) == 1 and empty[0]["train"]["tokens"] == empty[0]["val"]["tokens"] == 0

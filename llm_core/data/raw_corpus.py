@@ -29,7 +29,7 @@ from llm_core.layout import QUARANTINE_DIR, RAW_CORPUS_DIR
 
 
 class EmptyCorpusError(RuntimeError):
-    """A stage produced no documents at all."""
+    """A stage produced no documents at all (raw_corpus, or cleaned_shards when cleaning keeps nothing)."""
 
 
 @dataclasses.dataclass

@@ -40,7 +40,8 @@ DEFAULT_WORK_DIR = Path("/tmp/scratchllm-bench")
 def worker(corpus: str, data_dir: str, workers: int) -> None:
     """Run both stages once and print one JSON line of measurements."""
     from llm_core.config import load_config
-    from llm_core.data.stages import build_cleaned_shards, build_raw_corpus
+    from llm_core.data.cleaned_shards import build_cleaned_shards
+    from llm_core.data.raw_corpus import build_raw_corpus
 
     shutil.rmtree(data_dir, ignore_errors=True)
     cfg = load_config(overrides={"data_dir": data_dir, "corpus": {"sources": [corpus]},

@@ -25,7 +25,8 @@ from benchmarks.make_corpus import make_planted_corpus
 from benchmarks.outcomes import Outcomes, score_pairs
 from llm_core.config import load_config
 from llm_core.data.checks import verify_cleaned_shards
-from llm_core.data.stages import build_cleaned_shards, build_raw_corpus
+from llm_core.data.cleaned_shards import build_cleaned_shards
+from llm_core.data.raw_corpus import build_raw_corpus
 
 
 def run(work_dir: Path, n_files: int, seed: int, overrides: dict | None = None, verbose: bool = False) -> dict:

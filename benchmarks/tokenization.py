@@ -157,9 +157,10 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from llm_core.data.stages import build_cleaned_shards, build_raw_corpus
+    from llm_core.data.cleaned_shards import build_cleaned_shards
+    from llm_core.data.raw_corpus import build_raw_corpus
     from llm_core.loader import TokenWindows
-    from llm_core.tokenize import build_tokenized_dataset
+    from llm_core.tokenized_dataset import build_tokenized_dataset
     from llm_core.tokenizer import iter_documents, load, train_tokenizer
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -14,7 +14,7 @@ from llm_core.files import read_json
 from llm_core.loader import sequential_batches
 from llm_core.generate import TextGenerator
 from llm_core.model import Transformer
-from llm_core.tokenize import val_bytes
+from llm_core.tokenized_dataset import val_bytes
 from llm_core.tokenizer import load as load_tokenizer
 
 

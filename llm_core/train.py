@@ -35,7 +35,7 @@ from llm_core.config import ScratchConfig, load_config, validate_config
 from llm_core.files import atomic_path, read_json, write_json
 from llm_core.loader import TokenWindows, sequential_batches
 from llm_core.model import ModelArgs, Transformer
-from llm_core.tokenize import val_bytes
+from llm_core.tokenized_dataset import val_bytes
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS_FILE = "model.safetensors"

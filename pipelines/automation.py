@@ -13,7 +13,7 @@ pipelines/runs.py), so that a killed training never keeps the `training` pool fr
 import dagster as dg
 
 from llm_core.config import AutomationConfig
-from llm_core.data.stages import source_changes
+from llm_core.data.sources import source_changes
 from pipelines.config import ACTIVE_CONFIG, ScratchllmResource
 from pipelines.runs import fail_dead_runs
 

@@ -6,8 +6,11 @@ import socket
 import urllib.request
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from llm_core.config import DEFAULT_PROFILE, load_config
-from llm_core.data.stages import build_cleaned_shards, build_raw_corpus
+from llm_core.data.cleaned_shards import build_cleaned_shards
+from llm_core.data.raw_corpus import build_raw_corpus
 
 QUIET = lambda msg: None  # noqa: E731
 
@@ -23,6 +26,11 @@ def make_config(data_dir: Path, sources: list[Path], **sections):
 
 def write_jsonl(path: Path, texts: list[str]) -> None:
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def rows(directory: Path) -> list[dict]:
+    """Every row of the parquet files in `directory`, in file order."""
+    return [r for p in sorted(directory.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
 
 
 def build_shards(cfg) -> list[Path]:

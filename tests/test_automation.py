@@ -10,7 +10,7 @@ import pytest
 from helpers import write_jsonl
 
 from llm_core.config import AutomationConfig, ConfigError, load_config
-from llm_core.data.stages import build_raw_corpus
+from llm_core.data.raw_corpus import build_raw_corpus
 from pipelines.automation import new_data_sensor, retrain_schedule
 from pipelines.config import ScratchllmResource
 

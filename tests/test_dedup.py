@@ -206,26 +206,6 @@ def test_content_hash_detects_exact_duplicates_modulo_case_and_whitespace(prose)
     assert len({dedup.content_hash(dedup.split_words(p)) for p in prose}) == len(prose)
 
 
-@pytest.mark.parametrize("partition_bytes", [1 << 30, 4096])  # one partition; many, each flushed to many times
-def test_repeated_values_finds_exactly_the_values_added_twice(tmp_path, partition_bytes):
-    from llm_core.data.repeats import RepeatedValues, isin_sorted
-
-    rng = np.random.default_rng(0)
-    values = rng.integers(0, 2**64, size=20_000, dtype=np.uint64)
-    values = np.concatenate([values, values[:500], values[:100], np.array([0, 0, 2**64 - 1, 2**64 - 1], np.uint64)])
-    rng.shuffle(values)
-    finder = RepeatedValues(tmp_path / "spill", expected=len(values), partition_bytes=partition_bytes,
-                            buffer_values=1000)
-    for chunk in np.array_split(values, 37):
-        finder.add(chunk.reshape(-1, 1))
-    unique, counts = np.unique(values, return_counts=True)
-    repeated = finder.repeated()
-    assert np.array_equal(repeated, unique[counts > 1]) and len(repeated) == 502
-    assert not list((tmp_path / "spill").iterdir())
-    assert np.array_equal(isin_sorted(values, repeated), np.isin(values, repeated))
-    assert not isin_sorted(values, np.empty(0, np.uint64)).any()
-
-
 @pytest.mark.parametrize("cuts", [[], [37], [5, 6, 120], [1, 2, 3, 150, 151], [1, 3]])
 def test_document_sketch_of_pieces_equals_that_of_the_whole_document(prose, cuts):
     """Fed a document piece by piece (cut between words), the sketch has the hash, signature and shingle

@@ -18,7 +18,7 @@ import zstandard
 
 from llm_core.data.ingest import BadFile, BadRecord, Doc, ReadOptions, read_source
 from llm_core.data.sources import discover, file_kind
-from llm_core.data.stages import EmptyCorpusError, build_raw_corpus
+from llm_core.data.raw_corpus import EmptyCorpusError, build_raw_corpus
 
 EXTS = [".txt", ".md", ".jsonl", ".parquet"]
 DELIM = "\n<|doc|>\n"

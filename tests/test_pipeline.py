@@ -20,7 +20,7 @@ import yaml
 from llm_core.config import PROJECT_ROOT, load_config
 from llm_core.data.ingest import read_source
 from llm_core.data.sources import discover
-from llm_core.data.stages import _read_options, build_raw_corpus
+from llm_core.data.raw_corpus import _read_options, build_raw_corpus
 from llm_core.train import load_model
 
 SHAKESPEARE = (PROJECT_ROOT / "data" / "tinyshakespeare.txt").read_text()
@@ -255,7 +255,8 @@ def test_a_killed_run_leaves_no_half_written_shard(tmp_path):
         (corpus / f"doc_{i}.txt").write_text(SHAKESPEARE * 2)  # ~2 MB each, 80 MB in all
     profile = write_profile(tmp_path, corpus)
     shards = tmp_path / "data" / "raw_corpus" / "shards"
-    code = ("import sys; from llm_core.config import load_config; from llm_core.data.stages import build_raw_corpus;"
+    code = ("import sys; from llm_core.config import load_config; "
+            "from llm_core.data.raw_corpus import build_raw_corpus;"
             f"build_raw_corpus(load_config({str(profile)!r}, {{'corpus': {{'shard_size_mb': 4}}}}))")
     # Killed at a point the code signals: the second shard is written to its temporary name, not renamed.
     held = tmp_path / "held"

@@ -20,10 +20,11 @@ import torch
 from llm_core.layout import DATASET_DIR
 from llm_core import tokenizer as tok
 from llm_core.config import PROJECT_ROOT, ConfigError, ScratchConfig, load_config
-from llm_core.data.stages import build_cleaned_shards, build_raw_corpus
+from llm_core.data.cleaned_shards import build_cleaned_shards
+from llm_core.data.raw_corpus import build_raw_corpus
 from llm_core.loader import sequential_batches
 from llm_core.model import Transformer
-from llm_core.tokenize import build_tokenized_dataset
+from llm_core.tokenized_dataset import build_tokenized_dataset
 from llm_core.train import (
     FILE_SIZES,
     SUMMARY_FILE,

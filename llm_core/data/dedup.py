@@ -10,7 +10,7 @@ similarity sits right at the threshold) and never removes a pair below it.
 Memory per indexed document: its LSH bucket entries and (unless `signature_of` reads them from disk)
 its signature, nothing that grows with length (shingle sets stay on disk, read when a
 candidate needs confirming). Given only the band keys that some other document shares, the index
-holds just the documents that can ever be candidates (see stages._CorpusDedup).
+holds just the documents that can ever be candidates (see corpus_dedup.CorpusDedup).
 """
 
 from __future__ import annotations

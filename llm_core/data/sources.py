@@ -1,4 +1,5 @@
-"""Find the input files behind `corpus.sources`: files, directories (recursive), globs, fsspec URIs."""
+"""Find the input files behind `corpus.sources`: files, directories (recursive), globs, fsspec URIs;
+and how they differ from what raw_corpus last ingested (what the new-data sensor asks)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from pathlib import Path
 
 import fsspec
 
-from llm_core.config import PROJECT_ROOT
+from llm_core.config import PROJECT_ROOT, ScratchConfig
+from llm_core.files import read_json, short_hash
+from llm_core.layout import RAW_CORPUS_DIR
 
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
 GLOB_CHARS = set("*?[")
@@ -124,3 +127,30 @@ def discover(sources: list[str], extensions: list[str]) -> Discovery:
 def open_binary(uri: str):
     """Open a source for reading raw (still compressed) bytes."""
     return fsspec.open(uri, "rb").open()
+
+
+@dataclasses.dataclass
+class SourceChanges:
+    """How corpus.sources differ from what raw_corpus last ingested (file URIs)."""
+
+    new: list[str]
+    changed: list[str]
+    removed: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.new or self.changed or self.removed)
+
+    def summary(self) -> str:
+        return f"{len(self.new)} new, {len(self.changed)} changed, {len(self.removed)} removed files"
+
+
+def source_changes(cfg: ScratchConfig) -> tuple[SourceChanges, str]:
+    """(what changed since the last raw_corpus, a fingerprint of the sources as they are now).
+    Reads file listings only (size + mtime, or the store's ETag), never file contents."""
+    found = discover(cfg.corpus.sources, cfg.corpus.extensions)
+    now = {f.uri: f.fingerprint for f in found.files}
+    shards = read_json(cfg.data_path / RAW_CORPUS_DIR / "manifest.json").get("shards", [])
+    ingested = {f["uri"]: f["fingerprint"] for s in shards for f in s["files"]}
+    changes = SourceChanges(new=sorted(now.keys() - ingested.keys()), removed=sorted(ingested.keys() - now.keys()),
+                            changed=sorted(u for u in now.keys() & ingested.keys() if now[u] != ingested[u]))
+    return changes, short_hash(sorted(now.items()))

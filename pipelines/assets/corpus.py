@@ -1,15 +1,17 @@
 """The data stages: raw_corpus (ingest) and cleaned_shards (clean, filter, dedup).
 
 Both are incremental inside one materialization: unchanged source files and shards are reused
-(see llm_core/data/stages.py), so "Materialize all" is always one action and only what changed
-is recomputed. Their data versions change only when their content does, so downstream assets go
-stale exactly when they should.
+(see llm_core/data/raw_corpus.py and llm_core/data/cleaned_shards.py), so "Materialize all" is
+always one action and only what changed is recomputed. Their data versions change only when their
+content does, so downstream assets go stale exactly when they should.
 """
 
 import dagster as dg
 
 from llm_core.layout import RAW_CORPUS_DIR
-from llm_core.data import checks, stages
+from llm_core.data import checks, clean
+from llm_core.data.cleaned_shards import build_cleaned_shards
+from llm_core.data.raw_corpus import build_raw_corpus
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.metadata import check_result, markdown_table, uri
 
@@ -23,7 +25,7 @@ def raw_corpus(context: dg.AssetExecutionContext, config: RawCorpusConfig,
     """Every source file read into Parquet shards of documents (id, source, text); unusable files
     and records are quarantined with their reason under `data_dir/quarantine/raw_corpus`."""
     cfg = scratchllm.resolve(config)
-    r = stages.build_raw_corpus(cfg, log=context.log.info)
+    r = build_raw_corpus(cfg, log=context.log.info)
     reasons = sorted(r.quarantine_reasons.items(), key=lambda kv: -kv[1])
     return dg.MaterializeResult(
         data_version=dg.DataVersion(r.data_version),
@@ -46,9 +48,9 @@ def cleaned_shards(context: dg.AssetExecutionContext, config: CleanedShardsConfi
     """raw_corpus normalized (unicode, control characters, whitespace), PII scrubbed, filtered by
     Gopher/C4-style quality rules, and deduplicated across the whole corpus (exact + MinHash LSH)."""
     cfg = scratchllm.resolve(config)
-    r = stages.build_cleaned_shards(cfg, log=context.log.info)
+    r = build_cleaned_shards(cfg, log=context.log.info)
     rules = [[rule, getattr(cfg.cleaning, rule), r.filtered_by_rule.get(rule, 0)]
-             for rule in stages.clean.RULE_NAMES]
+             for rule in clean.RULE_NAMES]
     return dg.MaterializeResult(
         data_version=dg.DataVersion(r.data_version),
         metadata={

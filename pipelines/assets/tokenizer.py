@@ -3,8 +3,10 @@
 import dagster as dg
 
 from llm_core.layout import TOKENIZER_DIR
-from llm_core import tokenize, tokenizer as bpe
-from llm_core.data.stages import cleaned_shard_paths
+from llm_core import tokenizer as bpe
+from llm_core.data.cleaned_shards import cleaned_shard_paths
+from llm_core.tokenized_dataset import (
+    build_tokenized_dataset, tokenizer_hash, verify_token_accounting, verify_token_ids)
 from pipelines.assets.corpus import cleaned_shards
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.metadata import check_result, markdown_table, uri
@@ -23,7 +25,7 @@ def tokenizer(context: dg.AssetExecutionContext, config: TokenizerConfig,
     r = bpe.train_tokenizer(cfg, cleaned_shard_paths(cfg), out_dir, log=context.log.info)
     examples = [[text, " ".join(tokens)] for text, tokens in r.examples]
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(tokenize.tokenizer_hash(out_dir)),
+        data_version=dg.DataVersion(tokenizer_hash(out_dir)),
         metadata={
             **uri(r.path), "vocab_size": r.vocab_size, "bytes_per_token": round(r.bytes_per_token, 4),
             "train_seconds": round(r.train_seconds, 2), "num_training_bytes": r.num_training_bytes,
@@ -48,7 +50,7 @@ def tokenized_dataset(context: dg.AssetExecutionContext, config: TokenizedDatase
     vocabulary fits), split train/val by document, each document ended by <|endoftext|>."""
     cfg = scratchllm.resolve(config)
     tok_dir = cfg.data_path / TOKENIZER_DIR
-    r = tokenize.build_tokenized_dataset(cfg, bpe.load(tok_dir), tok_dir, log=context.log.info)
+    r = build_tokenized_dataset(cfg, bpe.load(tok_dir), tok_dir, log=context.log.info)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(r.data_version),
         metadata={
@@ -64,14 +66,14 @@ def tokenized_dataset(context: dg.AssetExecutionContext, config: TokenizedDatase
 @dg.asset_check(asset=tokenized_dataset, blocking=True)
 def token_ids_fit(scratchllm: ScratchllmResource) -> dg.AssetCheckResult:
     """Every token id is below the vocabulary size and fits the stored dtype."""
-    return check_result(*tokenize.verify_token_ids(scratchllm.data_config()))
+    return check_result(*verify_token_ids(scratchllm.data_config()))
 
 
 @dg.asset_check(asset=tokenized_dataset, blocking=True)
 def token_accounting(scratchllm: ScratchllmResource) -> dg.AssetCheckResult:
     """Stored token counts add up, and re-encoding sampled documents gives the stored ids."""
     cfg = scratchllm.data_config()
-    return check_result(*tokenize.verify_token_accounting(cfg, bpe.load(cfg.data_path / TOKENIZER_DIR)))
+    return check_result(*verify_token_accounting(cfg, bpe.load(cfg.data_path / TOKENIZER_DIR)))
 
 
 tokenizer_assets = [tokenizer, tokenized_dataset]

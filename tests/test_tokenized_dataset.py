@@ -13,10 +13,11 @@ import pyarrow as pa
 import pytest
 
 from llm_core.layout import DATASET_DIR
-from llm_core.data.stages import build_cleaned_shards, build_raw_corpus
+from llm_core.data.cleaned_shards import build_cleaned_shards
+from llm_core.data.raw_corpus import build_raw_corpus
 from llm_core.loader import TokenWindows
 from llm_core.split import is_validation
-from llm_core.tokenize import (
+from llm_core.tokenized_dataset import (
     build_tokenized_dataset,
     token_dtype,
     verify_token_accounting,
@@ -56,6 +57,13 @@ def setup_corpus(root: Path, prose: list[str], vocab: int = VOCAB, files: int = 
     tok_dir = root / "tokenizer"
     train_tokenizer(cfg, shards, tok_dir, log=QUIET)
     return cfg, src, tok_dir
+
+
+def tokenize_corpus(cfg, tok_dir: Path):
+    """The data stages, a tokenizer trained in `tok_dir`, the tokenized dataset: (shards, tok_dir, result)."""
+    shards = build_shards(cfg)
+    train_tokenizer(cfg, shards, tok_dir, log=QUIET)
+    return shards, tok_dir, build_tokenized_dataset(cfg, load(tok_dir), tok_dir, log=QUIET)
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +149,7 @@ def test_all_pieces_of_a_source_document_are_on_one_side_of_the_split(tmp_path, 
         (src / f"doc_{i:02d}.txt").write_text("\n\n".join(prose[i * 10:(i + 1) * 10]))
     cfg = make_config(tmp_path / "run", [src], corpus={"max_document_bytes": 1024}, tokenizer={"vocab_size": VOCAB},
                       dataset={"val_fraction": 0.5})
-    shards = build_shards(cfg)
-    tok_dir = tmp_path / "tokenizer"
-    train_tokenizer(cfg, shards, tok_dir, log=QUIET)
-    result = build_tokenized_dataset(cfg, load(tok_dir), tok_dir, log=QUIET)
+    shards, tok_dir, result = tokenize_corpus(cfg, tmp_path / "tokenizer")
 
     source_of = dict(iter_documents(shards, columns=("id", "source")))
     pieces = Counter(source_of.values())
@@ -292,10 +297,7 @@ def test_a_shard_whose_documents_were_all_removed(tmp_path, prose):
     write_jsonl(src / "b.jsonl", ["too short to keep", "also far too short"])
     cfg = make_config(tmp_path / "run", [src], corpus={"shard_size_mb": 0.008}, tokenizer={"vocab_size": VOCAB},
                       dataset={"val_fraction": 0.25})
-    shards = build_shards(cfg)
-    tok_dir = tmp_path / "tokenizer"
-    train_tokenizer(cfg, shards, tok_dir, log=QUIET)
-    result = build_tokenized_dataset(cfg, load(tok_dir), tok_dir, log=QUIET)
+    shards, tok_dir, result = tokenize_corpus(cfg, tmp_path / "tokenizer")
     manifest = json.loads((result.out_dir / "manifest.json").read_text())
     empty = [e for e in manifest["shards"] if e["train"]["documents"] + e["val"]["documents"] == 0]
     assert len(empty) == 1 and empty[0]["train"]["tokens"] == empty[0]["val"]["tokens"] == 0

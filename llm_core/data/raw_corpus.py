@@ -1,0 +1,203 @@
+"""The raw_corpus stage, incremental by shard: source files read into Parquet shards of pieces.
+
+Source files are grouped into shards (a new file joins a new shard; a file keeps its shard for
+life). A shard is rebuilt only when one of its files changes or disappears; its id is a hash of its
+files' fingerprints and the read options, so an unchanged shard is reused as is. A row is a piece of
+at most corpus.max_document_bytes; `doc_id` names its source document (see shards.py). In the files
+of corpus.pieces_are_documents, every piece is a document of its own.
+
+Layout under data_dir:
+  raw_corpus/manifest.json, raw_corpus/shards/<shard>-<part>.parquet   (id, doc_id, source, text)
+  quarantine/raw_corpus/*.jsonl (+ files/)   unusable files and records, each with its reason
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from pathlib import Path
+
+import xxhash
+
+from llm_core.config import ScratchConfig
+from llm_core.data.ingest import BadFile, BadRecord, ReadOptions, read_source
+from llm_core.data.progress import Log, Progress
+from llm_core.data.shards import ShardWriter
+from llm_core.data.sources import SourceFile, discover
+from llm_core.files import Quarantine, read_json, remove_stale_files, short_hash, write_json
+from llm_core.layout import QUARANTINE_DIR, RAW_CORPUS_DIR
+
+
+class EmptyCorpusError(RuntimeError):
+    """A stage produced no documents at all (raw_corpus, or cleaned_shards when cleaning keeps nothing)."""
+
+
+@dataclasses.dataclass
+class RawCorpusResult:
+    num_documents: int  # pieces (rows)
+    num_source_documents: int  # distinct doc_ids
+    num_bytes: int  # UTF-8 bytes of document text
+    num_source_bytes: int  # bytes of the input files as stored (maybe compressed)
+    num_quarantined: int  # records + whole files + missing sources
+    num_quarantined_records: int
+    num_quarantined_files: int
+    num_files: int
+    num_skipped_files: int
+    num_shards_built: int
+    num_shards_reused: int
+    quarantine_reasons: dict[str, int]
+    parts: list[Path]
+    data_version: str
+    quarantine_dir: Path
+
+
+def _read_options(cfg: ScratchConfig) -> ReadOptions:
+    c = cfg.corpus
+    return ReadOptions(c.txt_delimiter, c.max_document_bytes, c.jsonl_text_field, c.parquet_text_column)
+
+
+def _group_new_files(files: list[SourceFile], target_bytes: int) -> list[list[SourceFile]]:
+    groups: list[list[SourceFile]] = []
+    size = target_bytes
+    for f in files:
+        if size >= target_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(f)
+        size += f.size
+    return groups
+
+
+def _build_raw_shard(shard_id: str, files: list[SourceFile], opts: ReadOptions, out_dir: Path,
+                     quarantine_dir: Path, target_bytes: int, pieces_are_documents: set[str]) -> dict:
+    writer = ShardWriter(out_dir, shard_id, target_bytes)
+    quarantine = Quarantine(quarantine_dir, shard_id)
+    num_docs = num_source_docs = num_bytes = bad_records = bad_files = 0
+    try:
+        for f in files:
+            # Ids: `<file key>-<n>`, n counting the documents and bad records of the file in order, and
+            # `<doc id>#<k>` for the k-th piece after the first of a document that was cut.
+            file_key = xxhash.xxh3_64_hexdigest(f.id_key.encode())[:12]
+            number, doc_id = 0, ""
+            try:
+                for item in read_source(f, opts):
+                    if isinstance(item, BadRecord):
+                        quarantine.add_record(f.uri, item.reason, item.record, item.location)
+                        bad_records += 1
+                        number += 1
+                        continue
+                    piece = 0 if f.uri in pieces_are_documents else item.piece
+                    if piece == 0:
+                        doc_id, number = f"{file_key}-{number:07d}", number + 1
+                        num_source_docs += 1
+                    writer.add({"id": f"{doc_id}#{piece}" if piece else doc_id, "doc_id": doc_id,
+                                "source": f.uri, "text": item.text})
+                    num_docs += 1
+                    num_bytes += len(item.text.encode())
+            except BadFile as exc:
+                quarantine.add_file(f.uri, str(exc), f.local_path())
+                bad_files += 1
+        parts = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    quarantine.commit()
+    return {"id": shard_id, "files": [{"uri": f.uri, "fingerprint": f.fingerprint,
+                                       "pieces_are_documents": f.uri in pieces_are_documents} for f in files],
+            "parts": parts, "num_documents": num_docs, "num_source_documents": num_source_docs, "num_bytes": num_bytes,
+            "num_source_bytes": sum(f.size for f in files), "num_quarantined_records": bad_records,
+            "num_quarantined_files": bad_files, "quarantine_reasons": quarantine.reasons()}
+
+
+def build_raw_corpus(cfg: ScratchConfig, log: Log = print) -> RawCorpusResult:
+    root = cfg.data_path / RAW_CORPUS_DIR
+    shards_dir, manifest_path = root / "shards", root / "manifest.json"
+    quarantine_dir = cfg.data_path / QUARANTINE_DIR / RAW_CORPUS_DIR
+    opts = _read_options(cfg)
+    target_bytes = int(cfg.corpus.shard_size_mb * 1e6)
+
+    found = discover(cfg.corpus.sources, cfg.corpus.extensions)
+    log(f"found {len(found.files)} files ({sum(f.size for f in found.files) / 1e6:.1f} MB) in "
+        f"{len(cfg.corpus.sources)} sources; {len(found.missing)} missing, {len(found.skipped)} skipped by extension")
+    current = {f.uri: f for f in found.files}
+    # Files that are collections of short texts (the bundled plays): each piece counts as a document.
+    pieces_are_documents = {f.uri for f in discover(cfg.corpus.pieces_are_documents, cfg.corpus.extensions).files}
+
+    # Keep the shard layout of the last run: each old shard keeps its surviving files.
+    old_shards = read_json(manifest_path).get("shards", [])
+    groups: list[list[SourceFile]] = []
+    assigned: set[str] = set()
+    for entry in old_shards:
+        files = [current[f["uri"]] for f in entry["files"] if f["uri"] in current and f["uri"] not in assigned]
+        if files:
+            groups.append(files)
+            assigned.update(f.uri for f in files)
+    groups += _group_new_files([f for f in found.files if f.uri not in assigned], target_bytes)
+
+    old_by_id = {entry["id"]: entry for entry in old_shards}
+    shards, built, reused = [], 0, 0
+    progress = Progress(log, "raw_corpus shards", len(groups))
+    done_bytes = 0
+    for i, files in enumerate(groups):
+        shard_id = short_hash({"files": [(f.uri, f.fingerprint) for f in files], "options": dataclasses.asdict(opts),
+                          "shard_bytes": target_bytes,
+                          "pieces_are_documents": [f.uri for f in files if f.uri in pieces_are_documents]})
+        old = old_by_id.get(shard_id)
+        if old and all((shards_dir / p).exists() for p in old["parts"]) and \
+                (quarantine_dir / f"{shard_id}.jsonl").exists():
+            shards.append(old)
+            reused += 1
+        else:
+            shards.append(_build_raw_shard(shard_id, files, opts, shards_dir, quarantine_dir, target_bytes,
+                                           pieces_are_documents))
+            built += 1
+        done_bytes += sum(f.size for f in files)
+        progress.update(i + 1, done_bytes, force=i + 1 == len(groups))
+
+    # Problems with the configured sources themselves (missing paths) are quarantined per run.
+    source_problems = Quarantine(quarantine_dir, "sources")
+    for source, reason in found.missing:
+        source_problems.add_file(source, reason)
+    source_problems.commit()
+
+    write_json(manifest_path, {"shards": shards, "read_options": dataclasses.asdict(opts)})
+    remove_stale_files(shards_dir, {p for s in shards for p in s["parts"]})
+    live = {s["id"] for s in shards} | {"sources"}
+    remove_stale_files(quarantine_dir, {f"{name}.jsonl" for name in live})
+    copies = quarantine_dir / "files"  # whole-file copies are named <shard id>-<n>-<file name>
+    remove_stale_files(copies, {p.name for p in copies.glob("*") if p.name.split("-")[0] in live})
+
+    reasons = Counter(source_problems.reasons())
+    for s in shards:
+        reasons.update(s["quarantine_reasons"])
+    bad_records = sum(s["num_quarantined_records"] for s in shards)
+    bad_files = sum(s["num_quarantined_files"] for s in shards) + len(found.missing)
+    result = RawCorpusResult(
+        num_documents=sum(s["num_documents"] for s in shards),
+        num_source_documents=sum(s["num_source_documents"] for s in shards),
+        num_bytes=sum(s["num_bytes"] for s in shards),
+        num_source_bytes=sum(s["num_source_bytes"] for s in shards),
+        num_quarantined=bad_records + bad_files, num_quarantined_records=bad_records,
+        num_quarantined_files=bad_files, num_files=len(found.files), num_skipped_files=len(found.skipped),
+        num_shards_built=built, num_shards_reused=reused, quarantine_reasons=dict(reasons),
+        parts=[shards_dir / p for s in shards for p in s["parts"]],
+        data_version=short_hash([s["id"] for s in shards]), quarantine_dir=quarantine_dir,
+    )
+    log(f"raw_corpus: {result.num_documents} documents (pieces) of {result.num_source_documents} source "
+        f"documents, {result.num_bytes / 1e6:.1f} MB, "
+        f"{result.num_quarantined} quarantined, shards built {built}, reused {reused}")
+    if result.num_documents == 0:
+        raise EmptyCorpusError(
+            f"the corpus is empty: no usable document in {cfg.corpus.sources} "
+            f"({result.num_quarantined} quarantined: {dict(reasons)}; see {quarantine_dir})")
+    return result
+
+
+def raw_parts(cfg: ScratchConfig) -> list[Path]:
+    """The raw_corpus parts of the last materialization, in corpus order."""
+    root = cfg.data_path / RAW_CORPUS_DIR
+    manifest = read_json(root / "manifest.json")
+    if not manifest:
+        raise FileNotFoundError(f"raw_corpus has not been materialized under {root}")
+    return [root / "shards" / p for s in manifest["shards"] for p in s["parts"]]
+

@@ -9,7 +9,7 @@ from llm_core.layout import DATASET_DIR, LATEST_FILE, MODEL_DIR, TOKENIZER_DIR
 from llm_core import health, tracking
 from llm_core.files import atomic_path, read_json, short_hash, write_json
 from llm_core.generate import copy_tokenizer
-from llm_core.train import SUMMARY_FILE
+from llm_core.checkpoint import SUMMARY_FILE
 from pipelines.assets.tokenizer import tokenized_dataset
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.lineage import UPSTREAM_OF_TRAINING, data_versions

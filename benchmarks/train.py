@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llm_core.model import ModelArgs, Transformer  # noqa: E402
-from llm_core.train import measure_peak_flops  # noqa: E402
+from llm_core.performance import measure_peak_flops  # noqa: E402
 
 VOCAB = 2048  # the default profile's BPE vocabulary, for both models
 

@@ -27,6 +27,11 @@ class EvalResult:
     samples: list[dict]  # {"prompt", "completion"}
 
 
+def bits_per_byte(mean_loss_nats: float, num_tokens: int, num_bytes: int) -> float:
+    """Bits per UTF-8 byte of text from the mean loss per token: comparable across tokenizers."""
+    return mean_loss_nats * num_tokens / math.log(2) / num_bytes
+
+
 @torch.no_grad()
 def validation_loss(model: Transformer, dataset_dir: Path, batch_size: int) -> tuple[float, int]:
     """(mean loss per token, tokens scored) over the whole validation split, every token once."""
@@ -49,5 +54,5 @@ def evaluate(cfg: ScratchConfig, model: Transformer, tokenizer_dir: Path) -> Eva
     samples = [{"prompt": p, "completion": generator.complete(p, max_new_tokens=e.max_new_tokens,
                                                                temperature=e.temperature, seed=e.seed)}
                for p in e.prompts]
-    return EvalResult(val_loss=loss, perplexity=math.exp(loss), val_bpb=loss * scored / math.log(2) / text_bytes,
+    return EvalResult(val_loss=loss, perplexity=math.exp(loss), val_bpb=bits_per_byte(loss, scored, text_bytes),
                       num_val_tokens=scored, samples=samples)

@@ -63,7 +63,7 @@ class TextGenerator:
 
 def load_generator(model_dir: Path, tokenizer_dir: Path | None = None) -> TextGenerator:
     """The generator of a model directory (see the module docstring)."""
-    from llm_core.train import load_model
+    from llm_core.checkpoint import load_model
 
     model_dir = Path(model_dir)
     missing = [name for name in PACKAGE_FILES if not (model_dir / name).exists()]

@@ -5,10 +5,10 @@
         --dynamo_backend no -m llm_core.train --config assets_config/ci.yaml     # 2 CPU ranks (gloo)
 
 Everything a run needs to continue after a kill is in `out_dir/checkpoints/step_N`: weights
-(safetensors), optimizer, scheduler, RNG states and the loader position. A new run with the same
-out_dir resumes from the newest complete checkpoint and follows the same loss curve as a run that
-was never stopped: a batch is a pure function of (seed, step), see llm_core/loader.py. A checkpoint
-that does not load (truncated files) is set aside as `step_N.corrupt` and the one before is used.
+(safetensors), optimizer, scheduler, RNG states, the loader position and the metric history
+(TrainingProgress). A new run with the same out_dir resumes from the newest checkpoint that loads
+(llm_core/checkpoint.py) and follows the same loss curve as a run that was never stopped: a batch
+is a pure function of (seed, step), see llm_core/loader.py.
 
 A non-finite loss or weights stop the training at once (TrainingDiverged, and `diverged.json`, see
 llm_core/health.py); no checkpoint of non-finite weights is ever saved.
@@ -21,27 +21,22 @@ import dataclasses
 import json
 import math
 import os
-import re
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from llm_core.layout import DATASET_DIR, LATEST_FILE, MODEL_DIR
+from llm_core.layout import DATASET_DIR, MODEL_DIR
 from llm_core import health
+from llm_core.checkpoint import checkpoint_dirs, checkpoint_step, model_config, resume, save_checkpoint, save_final
 from llm_core.config import ScratchConfig, load_config, validate_config
-from llm_core.files import atomic_path, read_json, write_json
+from llm_core.evaluate import bits_per_byte
+from llm_core.files import read_json
 from llm_core.loader import TokenWindows, sequential_batches
 from llm_core.model import ModelArgs, Transformer
+from llm_core.performance import PeakMemory, measure_peak_flops, mfu
 from llm_core.tokenized_dataset import val_bytes
-
-CHECKPOINTS = "checkpoints"
-WEIGHTS_FILE = "model.safetensors"
-MODEL_CONFIG_FILE = "model_config.json"
-FILE_SIZES = "file_sizes.json"  # in a checkpoint: the size of each file saved, to detect a truncated one
-SUMMARY_FILE = "training_summary.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,111 +71,6 @@ def make_optimizer(model: torch.nn.Module, cfg: ScratchConfig) -> torch.optim.Op
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.training.learning_rate,
                              betas=(cfg.training.beta1, cfg.training.beta2), fused=False)
-
-
-def measure_peak_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of a square GEMM in the training precision on this machine: the MFU denominator."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / sorted(times)[len(times) // 2]
-
-
-class PeakMemory:
-    """This process's peak memory from now on, in MB: the CUDA allocator's peak on a GPU; on CPU the
-    peak resident set (VmHWM, which Linux resets through /proc/self/clear_refs) minus the resident set
-    at the start, i.e. what the model, its training state and its activations added."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            self.start = torch.cuda.memory_allocated(device)
-            return
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS to the current RSS
-        except OSError:  # not Linux: the lifetime peak is the best there is
-            pass
-        self.start = self._rss("VmRSS")
-
-    @staticmethod
-    def _rss(field: str) -> int:
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        import resource  # no /proc: ru_maxrss is KB on Linux, bytes on macOS
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if os.uname().sysname == "Darwin" else peak * 1024
-
-    def peak_mb(self) -> float:
-        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else self._rss("VmHWM")
-        return (peak - self.start) / 2**20
-
-
-def checkpoint_dirs(out_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a killed save leaves only a `.tmp` directory, a checkpoint
-    that did not load is renamed `.corrupt`)."""
-    root = out_dir / CHECKPOINTS
-    dirs = [d for d in root.iterdir() if d.is_dir() and re.fullmatch(r"step_\d+", d.name)] if root.exists() else []
-    return sorted(dirs, key=checkpoint_step)
-
-
-def checkpoint_step(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("_")[1])
-
-
-def truncated_files(checkpoint: Path) -> list[str]:
-    """Files of a checkpoint whose size differs from the one recorded when it was saved (a copy or
-    disk that cut them short). Checkpoints saved before sizes were recorded are not checked here."""
-    sizes = read_json(checkpoint / FILE_SIZES)
-    return [f"{name} ({(checkpoint / name).stat().st_size if (checkpoint / name).exists() else 'missing'} "
-            f"of {size} bytes)" for name, size in sorted(sizes.items())
-            if not (checkpoint / name).exists() or (checkpoint / name).stat().st_size != size]
-
-
-def set_aside(checkpoint: Path) -> Path:
-    """Rename a checkpoint that does not load to step_N.corrupt: kept for inspection, never retried."""
-    aside = checkpoint.with_name(checkpoint.name + ".corrupt")
-    n = 1
-    while aside.exists():
-        aside, n = checkpoint.with_name(f"{checkpoint.name}.corrupt{n}"), n + 1
-    os.replace(checkpoint, aside)
-    return aside
-
-
-def resume(accelerator, out_dir: Path, log: Callable[[str], None]) -> int:
-    """Load the newest checkpoint that loads (every rank agrees on which); set aside the newer ones
-    that do not, with a warning naming each. Returns the step resumed from, 0 when there is none."""
-    partly_loaded = None
-    for checkpoint in reversed(checkpoint_dirs(out_dir)):
-        problem = ", ".join(truncated_files(checkpoint))
-        problem = f"truncated: {problem}" if problem else None
-        if problem is None:
-            try:
-                accelerator.load_state(str(checkpoint))
-            except Exception as error:  # whatever a damaged file raises (safetensors, pickle, EOF, ...)
-                problem, partly_loaded = f"{type(error).__name__}: {error}", checkpoint
-        failed = accelerator.reduce(torch.tensor(float(problem is not None), device=accelerator.device), "sum")
-        if not float(failed):
-            log(f"resumed from {checkpoint} (step {checkpoint_step(checkpoint)})")
-            return checkpoint_step(checkpoint)
-        if accelerator.is_main_process:
-            aside = set_aside(checkpoint)
-            log(f"WARNING: checkpoint {checkpoint} does not load ({problem or 'on another rank'}); "
-                f"set aside as {aside.name}, trying the one before")
-        accelerator.wait_for_everyone()
-    if partly_loaded is not None:  # its weights may be in the model already: do not train on them
-        raise RuntimeError(f"no checkpoint in {out_dir / CHECKPOINTS} loads, and {partly_loaded} failed half-way "
-                           f"through loading; the bad ones are set aside (*.corrupt): run again to train from step 0")
-    return 0
 
 
 class TrainingDiverged(RuntimeError):
@@ -223,8 +113,9 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-class Stepper:
-    """The loader position and metric history, saved in every checkpoint with `register_for_checkpointing`."""
+class TrainingProgress:
+    """Where the loop is besides the model and optimizer: the loader position and the metric history.
+    Saved in every checkpoint with `register_for_checkpointing` (by position, not by class name)."""
 
     def __init__(self, loader: TokenWindows):
         self.loader = loader
@@ -254,6 +145,10 @@ class TrainResult:
     peak_flops: float  # the MFU denominator: a GEMM measured on this machine in the training precision
     history: list[dict]
     out_dir: Path
+
+    def summary(self) -> dict:
+        """training_summary.json: every field but out_dir (the directory it is written in)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "out_dir"}
 
 
 def evaluate_loss(model, dataset_dir: Path, cfg: ScratchConfig, accelerator,
@@ -317,8 +212,8 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
         model = torch.compile(model)
     loader = TokenWindows(dataset_dir, "train", args.block_size, t.batch_size, t.seed,
                           accelerator.process_index, accelerator.num_processes, cfg.dataset.packing)
-    stepper = Stepper(loader)
-    accelerator.register_for_checkpointing(scheduler, stepper)
+    progress = TrainingProgress(loader)
+    accelerator.register_for_checkpointing(scheduler, progress)
 
     if main:
         health.clear_divergence(out_dir)  # this attempt writes its own record if it diverges
@@ -360,7 +255,7 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
         metrics = {"train_loss": last_loss, "lr": scheduler.get_last_lr()[0]}
         if not math.isfinite(last_loss):
             stop_diverged(accelerator, out_dir, done, f"the train loss is {last_loss}",
-                          stepper.history + [{"step": done, **metrics}])
+                          progress.history + [{"step": done, **metrics}])
 
         if done % t.eval_interval == 0 or done == t.max_steps:
             full = done == t.max_steps
@@ -368,13 +263,13 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
             metrics["val_loss"] = val_loss
             if not math.isfinite(val_loss):
                 stop_diverged(accelerator, out_dir, done, f"the validation loss is {val_loss}",
-                              stepper.history + [{"step": done, **metrics}])
+                              progress.history + [{"step": done, **metrics}])
             if full:  # nats over every scored token -> bits per byte of the val text
-                metrics["val_bpb"] = val_loss * scored / math.log(2) / text_bytes
+                metrics["val_bpb"] = bits_per_byte(val_loss, scored, text_bytes)
         if done % t.log_interval == 0 or done == t.max_steps or "val_loss" in metrics:
             elapsed = time.perf_counter() - window_start
             metrics["tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
-            metrics["mfu"] = metrics["tokens_per_second"] * flops_per_token / peak_flops
+            metrics["mfu"] = mfu(metrics["tokens_per_second"], flops_per_token, peak_flops)
             window_start, window_tokens = time.perf_counter(), 0
         # The first step, ~20 lines over the run, every evaluation and the last step.
         if main and (done == start_step + 1 or done % print_every == 0 or "val_loss" in metrics
@@ -386,106 +281,38 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
                 + (f" val {metrics['val_loss']:.4f}" if "val_loss" in metrics else "")
                 + (f" val_bpb {metrics['val_bpb']:.3f}" if "val_bpb" in metrics else "")
                 + (f" ETA {format_duration(seconds_per_step * (t.max_steps - done))}" if done < t.max_steps else ""))
-        stepper.history.append({"step": done, **metrics})
+        progress.history.append({"step": done, **metrics})
         if main and on_metrics:
             on_metrics(done, metrics)
         if done % t.checkpoint_interval == 0 or done == t.max_steps:
             if not weights_finite(model, accelerator):  # never save (nor resume from) non-finite weights
-                stop_diverged(accelerator, out_dir, done, "the weights are not finite", stepper.history)
+                stop_diverged(accelerator, out_dir, done, "the weights are not finite", progress.history)
             save_checkpoint(accelerator, out_dir, done, model_config(args, cfg))
 
-    if start_step >= t.max_steps and stepper.history:  # nothing left to do: report the finished run
-        last_loss = stepper.history[-1]["train_loss"]
-        val_loss = next((h["val_loss"] for h in reversed(stepper.history) if "val_loss" in h), float("nan"))
+    if start_step >= t.max_steps and progress.history:  # nothing left to do: report the finished run
+        last_loss = progress.history[-1]["train_loss"]
+        val_loss = next((h["val_loss"] for h in reversed(progress.history) if "val_loss" in h), float("nan"))
     accelerator.wait_for_everyone()
-    measured = [h["tokens_per_second"] for h in stepper.history if "tokens_per_second" in h]
+    measured = sorted(h["tokens_per_second"] for h in progress.history if "tokens_per_second" in h)
+    median_tokens_per_second = measured[len(measured) // 2] if measured else 0.0
     result = TrainResult(
         num_parameters=num_params, final_train_loss=last_loss, final_val_loss=val_loss,
-        val_bpb=next((h["val_bpb"] for h in reversed(stepper.history) if "val_bpb" in h), float("nan")),
-        tokens_per_second=sorted(measured)[len(measured) // 2] if measured else 0.0,
+        val_bpb=next((h["val_bpb"] for h in reversed(progress.history) if "val_bpb" in h), float("nan")),
+        tokens_per_second=median_tokens_per_second,
         train_seconds=train_seconds, world_size=accelerator.num_processes,
-        mfu=(sorted(measured)[len(measured) // 2] if measured else 0.0) * flops_per_token / peak_flops,
+        mfu=mfu(median_tokens_per_second, flops_per_token, peak_flops),
         steps=t.max_steps, resumed_from_step=start_step, peak_memory_mb=memory.peak_mb(), peak_flops=peak_flops,
-        history=stepper.history, out_dir=out_dir)
+        history=progress.history, out_dir=out_dir)
     # The full weights: gathered from the shards under FSDP / ZeRO-3 (every rank takes part).
     state = accelerator.get_state_dict(model)
     if main:
         final = Transformer(args)
         # A compiled model's state dict names its weights `_orig_mod.*`.
         final.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in state.items()})
-        save_final(final, cfg, result)
+        save_final(final, cfg, out_dir, result.summary())
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
-
-
-def save_checkpoint(accelerator, out_dir: Path, step: int, model_config: dict, keep: int = 2) -> None:
-    """accelerate.save_state into step_N.tmp, renamed to step_N when every rank is done. With the
-    model config beside the weights, a checkpoint loads (and generates) like a finished model."""
-    final = out_dir / CHECKPOINTS / f"step_{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(tmp / FILE_SIZES, {str(f.relative_to(tmp)): f.stat().st_size
-                                      for f in sorted(tmp.rglob("*")) if f.is_file()})
-        write_json(tmp / MODEL_CONFIG_FILE, model_config)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(out_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def save_model_files(model: Transformer, cfg: ScratchConfig, out_dir: Path) -> None:
-    """model.safetensors + model_config.json: what load_model (and the export) reads."""
-    from safetensors.torch import save_model
-
-    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
-        save_model(model, str(tmp))  # handles the tied embedding / lm_head weight
-    write_json(out_dir / MODEL_CONFIG_FILE, model_config(model.args, cfg))
-
-
-def model_config(args: ModelArgs, cfg: ScratchConfig) -> dict:
-    """model_config.json: the model's dimensions, and the config it was trained with."""
-    return {"model": dataclasses.asdict(args), "config": cfg.model_dump(mode="json")}
-
-
-def save_final(model: Transformer, cfg: ScratchConfig, result: TrainResult) -> None:
-    """The trained weights (safetensors), the model config, and a summary beside the checkpoints."""
-    out_dir = result.out_dir
-    save_model_files(model, cfg, out_dir)
-    summary = {k: v for k, v in dataclasses.asdict(result).items() if k not in ("history", "out_dir")}
-    write_json(out_dir / SUMMARY_FILE, {**summary, "history": result.history})
-
-
-def load_model(model_dir: Path, device: str = "cpu") -> Transformer:
-    """A trained model from its directory, or from one of its checkpoints/step_N: model_config.json
-    + model.safetensors (stored once if tied; `_orig_mod.` names of a compiled model accepted)."""
-    from safetensors.torch import load_file
-
-    model_dir = Path(model_dir)
-    args = ModelArgs(**read_json(model_dir / MODEL_CONFIG_FILE)["model"])
-    model = Transformer(args)
-    state = {k.removeprefix("_orig_mod."): v for k, v in load_file(model_dir / WEIGHTS_FILE, device=device).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if args.tie_embeddings and len(missing) == 1 and missing[0] in ("lm_head.weight", "embed_tokens.weight"):
-        missing = []  # the tied matrix was saved under its other name
-    if missing or unexpected:
-        raise ValueError(f"{model_dir / WEIGHTS_FILE} does not fit its model_config.json: "
-                         f"missing {missing}, unexpected {unexpected}")
-    return model.eval()
-
-
-def latest_model(cfg: ScratchConfig) -> dict:
-    """The last trained_model materialization: {"key", "path", "mlflow_run_id", "tracking_uri"}."""
-    latest = read_json(cfg.data_path / MODEL_DIR / LATEST_FILE)
-    if not latest:
-        raise FileNotFoundError(f"no trained model under {cfg.data_path / MODEL_DIR}: materialize `trained_model`")
-    return latest
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -158,7 +158,7 @@ def resolve_model_dir(spec: str | None, cfg) -> Path:
     """The model directory `--model` names: a directory, a registered model `NAME@ALIAS` or
     `NAME/VERSION` (downloaded from the MLflow registry), or (no --model) the latest trained_model
     of the profile's data_dir."""
-    from llm_core.train import latest_model
+    from llm_core.checkpoint import latest_model
 
     if spec is None:
         return Path(latest_model(cfg)["path"])
@@ -174,7 +174,7 @@ def resolve_model_dir(spec: str | None, cfg) -> Path:
 def tokenizer_dir_for(model_dir: Path, cfg) -> Path:
     """The tokenizer a model directory carries (a checkpoint: its run's), else the profile's."""
     from llm_core.layout import MODEL_TOKENIZER_SUBDIR, TOKENIZER_DIR
-    from llm_core.train import CHECKPOINTS
+    from llm_core.checkpoint import CHECKPOINTS
 
     run_dir = model_dir.parent.parent if model_dir.parent.name == CHECKPOINTS else model_dir
     carried = run_dir / MODEL_TOKENIZER_SUBDIR

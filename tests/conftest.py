@@ -1,6 +1,10 @@
-"""Shared fixtures: a clean config environment, real English prose, temp-dir configs."""
+"""Shared fixtures: a clean config environment, real English prose, temp-dir configs, the ci
+profile's tokenized dataset, tiny trained models, a Dagster instance. Plain helpers: helpers.py."""
 
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import pytest
 
@@ -48,27 +52,60 @@ def prose() -> list[str]:
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Tiny matrices: one thread is fastest and does not fight concurrent tests for the 2 cores."""
+    """One thread per process: tiny matrices, 2 cores, and concurrent tests (oversubscription is
+    catastrophic: measured 3-7x slower). With OMP_NUM_THREADS set, train() leaves the thread count alone."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        yield
     torch.set_num_threads(before)
 
 
 @pytest.fixture
 def make_cfg(tmp_path):
-    """`make_cfg(sources, corpus={...}, cleaning={...}, ...)`: the default profile with data_dir under tmp_path."""
+    """`make_cfg(sources, corpus={...}, cleaning={...}, ...)`: helpers.make_config with data_dir under tmp_path."""
+    from helpers import make_config
 
-    def make(sources, **sections):
-        overrides = {"data_dir": str(tmp_path / "run"), "corpus": {"sources": [str(s) for s in sources]},
-                     "cleaning": {"num_workers": 1}}
-        for name, values in sections.items():
-            overrides[name] = {**overrides.get(name, {}), **values}
-        return load_config(overrides=overrides)
+    return functools.partial(make_config, tmp_path / "run")
 
-    return make
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The ci profile's corpus, cleaned, a 512-token BPE, and the tokenized dataset: built once."""
+    from helpers import CI_PROFILE, QUIET
+
+    from llm_core import tokenizer as tok
+    from llm_core.data.cleaned_shards import build_cleaned_shards
+    from llm_core.data.raw_corpus import build_raw_corpus
+    from llm_core.layout import DATASET_DIR
+    from llm_core.tokenized_dataset import build_tokenized_dataset
+
+    root = tmp_path_factory.mktemp("train_data")
+    cfg = load_config(CI_PROFILE, {"data_dir": str(root)})
+    build_raw_corpus(cfg, QUIET)
+    build_cleaned_shards(cfg, QUIET)
+    shards = sorted((cfg.data_path / "cleaned_shards" / "shards").glob("*.parquet"))
+    tok.train_tokenizer(cfg, shards, cfg.data_path / "tokenizer", log=QUIET)
+    build_tokenized_dataset(cfg, tok.load(cfg.data_path / "tokenizer"), cfg.data_path / "tokenizer", log=QUIET)
+    assert (root / DATASET_DIR / "manifest.json").exists()
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory):
+    """One in-process run of 20 steps, batch 4, world size 1: shared by several tests of a module
+    (module scope: it trains under the module's one_thread)."""
+    from helpers import QUIET, config
+
+    from llm_core.train import train
+
+    cfg = config(data_dir)
+    out = tmp_path_factory.mktemp("reference") / "out"
+    result = train(cfg, out, log=QUIET)
+    return cfg, result
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +116,8 @@ def trained(tmp_path_factory):
 
     from llm_core.tokenized_dataset import build_tokenized_dataset
     from llm_core.tokenizer import load, train_tokenizer
-    from llm_core.train import load_model, train
+    from llm_core.checkpoint import load_model
+    from llm_core.train import train
 
     root = tmp_path_factory.mktemp("trained")
     cfg = load_config(PROJECT_ROOT / "assets_config" / "ci.yaml", {

@@ -1,27 +1,85 @@
 """Small helpers shared by test modules (fixtures live in conftest.py)."""
 
 import json
+import os
 import random
+import signal
 import socket
+import subprocess
 import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
-from llm_core.config import DEFAULT_PROFILE, load_config
+from llm_core.config import DEFAULT_PROFILE, PROJECT_ROOT, ScratchConfig, load_config
 from llm_core.data.cleaned_shards import build_cleaned_shards
 from llm_core.data.raw_corpus import build_raw_corpus
 
 QUIET = lambda msg: None  # noqa: E731
+CI_PROFILE = PROJECT_ROOT / "assets_config" / "ci.yaml"
+SUBPROCESS_TIMEOUT = 300
 
 
 def make_config(data_dir: Path, sources: list[Path], **sections):
-    """The default profile (explicitly, whatever the environment says) with test overrides."""
+    """The default profile (explicitly, whatever the environment says) with test overrides; the
+    `make_cfg` fixture is this with data_dir under tmp_path."""
     overrides = {"data_dir": str(data_dir), "corpus": {"sources": [str(s) for s in sources]},
                  "cleaning": {"num_workers": 1}}
     for name, values in sections.items():
         overrides[name] = {**overrides.get(name, {}), **values}
     return load_config(DEFAULT_PROFILE, overrides=overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# training runs on the ci profile (the `data_dir` fixture builds its dataset)
+
+
+def config(data_dir: Path, **training) -> ScratchConfig:
+    base = {"max_steps": 20, "warmup_steps": 5, "batch_size": 4, "checkpoint_interval": 10,
+            "eval_interval": 10, "eval_batches": 5, "log_interval": 10}
+    return load_config(CI_PROFILE, {"data_dir": str(data_dir), "training": {**base, **training}})
+
+
+def summary(out_dir: Path) -> dict:
+    from llm_core.checkpoint import SUMMARY_FILE
+
+    return json.loads((out_dir / SUMMARY_FILE).read_text())
+
+
+def losses(history: list[dict], key: str = "train_loss") -> list[float]:
+    return [h[key] for h in history if key in h]
+
+
+def subprocess_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "SCRATCHLLM_CONFIG"}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    return env
+
+
+def train_command(cfg: ScratchConfig, out_dir: Path) -> list[str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = out_dir.parent / f"{out_dir.name}.config.json"
+    resolved.write_text(json.dumps(cfg.model_dump(mode="json")))
+    return ["-m", "llm_core.train", "--resolved-config", str(resolved), "--out-dir", str(out_dir)]
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run to completion in its own process group (ranks included); killed as a group on timeout."""
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=SUBPROCESS_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd} timed out\n{out[-3000:]}\n{err[-3000:]}")
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode})\n{out[-3000:]}\n{err[-5000:]}"
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# data and servers
 
 
 def write_jsonl(path: Path, texts: list[str]) -> None:

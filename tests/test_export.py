@@ -17,7 +17,7 @@ from llm_core.config import load_config
 from llm_core.export import export_hf, num_parameters
 from llm_core.model import ModelArgs, Transformer
 from llm_core.tokenizer import EOT, PAD, TOKENIZER_FILE, TRICKY_TEXTS, load, train_tokenizer
-from llm_core.train import save_model_files
+from llm_core.checkpoint import save_model_files
 from helpers import MORE_TRICKY, QUIET, build_shards, make_config, random_unicode, write_jsonl
 
 transformers = pytest.importorskip("transformers")

@@ -20,8 +20,8 @@ import yaml
 from llm_core.config import PROJECT_ROOT, load_config
 from llm_core.data.ingest import read_source
 from llm_core.data.sources import discover
+from llm_core.checkpoint import load_model
 from llm_core.data.raw_corpus import _read_options, build_raw_corpus
-from llm_core.train import load_model
 
 SHAKESPEARE = (PROJECT_ROOT / "data" / "tinyshakespeare.txt").read_text()
 CLI = [sys.executable, "-m", "pipelines.cli"]

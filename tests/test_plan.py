@@ -24,14 +24,7 @@ import torch
 from llm_core import plan as planner
 from llm_core.config import CONFIG_DIR
 from llm_core.model import Block, ModelArgs, Transformer
-from tests.test_train import (  # noqa: F401
-    config,
-    data_dir,
-    losses,
-    subprocess_env,
-    summary,
-    train_command,
-)
+from helpers import config, losses, subprocess_env, summary, train_command
 
 GPT2_SMALL = ModelArgs(vocab_size=50304, n_layer=12, n_head=12, n_kv_head=12, n_embd=768, block_size=1024)
 VOCAB = 512  # the ci tokenizer
@@ -48,7 +41,7 @@ RUNS = {  # name: (model, training)
 
 
 @pytest.fixture(scope="module")
-def measured(data_dir, tmp_path_factory):  # noqa: F811
+def measured(data_dir, tmp_path_factory):
     """{name: (config, training summary)} of 3 optimizer steps of every RUNS entry, run side by side
     (memory is not disturbed by sharing the cores)."""
     root = tmp_path_factory.mktemp("plan")

@@ -8,7 +8,7 @@ import dagster as dg
 from llm_core import evaluate as ev, tracking
 from llm_core.layout import EVALUATION_DIR, MODEL_TOKENIZER_SUBDIR
 from llm_core.files import write_json
-from llm_core.train import latest_model, load_model
+from llm_core.checkpoint import latest_model, load_model
 from pipelines.assets.training import trained_model
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.metadata import markdown_table, uri

@@ -6,7 +6,7 @@ import dagster as dg
 
 from llm_core.layout import EXPORT_DIR, MODEL_TOKENIZER_SUBDIR
 from llm_core.export import export_hf, num_parameters
-from llm_core.train import latest_model
+from llm_core.checkpoint import latest_model
 from pipelines.assets.training import trained_model
 from pipelines.config import ScratchllmResource
 from pipelines.metadata import uri

@@ -8,7 +8,7 @@ import dagster as dg
 from llm_core.layout import EVALUATION_DIR, MODEL_TOKENIZER_SUBDIR
 from llm_core import registry
 from llm_core.files import read_json
-from llm_core.train import latest_model
+from llm_core.checkpoint import latest_model
 from pipelines.assets.evaluation import model_evaluation
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.lineage import data_versions

@@ -1,5 +1,6 @@
 """Small helpers shared by test modules (fixtures live in conftest.py)."""
 
+import gzip
 import json
 import os
 import random
@@ -9,6 +10,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -168,3 +170,30 @@ def launch_assets(port: int, assets: list[str]) -> str:
 
 def run_status(port: int, run_id: str) -> str:
     return graphql(port, f'{{ runOrError(runId: "{run_id}") {{ ... on Run {{ status }} }} }}')["runOrError"]["status"]
+
+
+# Source files for the ingest and raw_corpus tests.
+DELIM = "\n<|doc|>\n"
+
+
+def jsonl(records) -> str:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records)
+
+
+def write_parquet(path: Path, columns: dict) -> Path:
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def truncated_gzip(tmp_path, docs: list[str], keep: float = 0.6) -> Path:
+    data = gzip.compress(DELIM.join(docs).encode(), compresslevel=1)
+    path = tmp_path / "trunc.txt.gz"
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def random_docs(n: int, words: int, seed: int = 0) -> list[str]:
+    """Poorly compressible documents: `n` docs of `words` random pseudo-words."""
+    rng = random.Random(seed)
+    vocab = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(3, 9))) for _ in range(4000)]
+    return [f"doc {i}: " + " ".join(rng.choices(vocab, k=words)) for i in range(n)]

@@ -1,6 +1,6 @@
-"""Issue 2's "done when", as a test: an unseen corpus of ~300 real prose files (Python's reference
-docs, licences and docstrings, never tinyshakespeare) with planted exact duplicates, near
-duplicates (word 5-gram Jaccard 0.8-0.97) and broken files, through raw_corpus + cleaned_shards.
+"""The data stages on an unseen corpus: ~300 real prose files (Python's reference docs, licences
+and docstrings, never tinyshakespeare) with planted exact duplicates, near duplicates (word 5-gram
+Jaccard 0.8-0.97) and broken files, through raw_corpus + cleaned_shards.
 benchmarks/planted_corpus.py prints the same scores."""
 
 import pytest

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
-from llm_core.layout import DATASET_DIR
+from llm_core import tracking
+from llm_core.checkpoint import latest_model, load_model
 from llm_core.config import ScratchConfig
-from llm_core.files import read_json
+from llm_core.files import read_json, write_json
+from llm_core.layout import DATASET_DIR, EVALUATION_DIR, MODEL_TOKENIZER_SUBDIR
 from llm_core.loader import sequential_batches
 from llm_core.generate import TextGenerator
 from llm_core.model import Transformer
@@ -56,3 +58,30 @@ def evaluate(cfg: ScratchConfig, model: Transformer, tokenizer_dir: Path) -> Eva
                for p in e.prompts]
     return EvalResult(val_loss=loss, perplexity=math.exp(loss), val_bpb=bits_per_byte(loss, scored, text_bytes),
                       num_val_tokens=scored, samples=samples)
+
+
+REPORT_FILE = "report.json"
+
+
+def report_path(cfg: ScratchConfig, training_key: str) -> Path:
+    return cfg.data_path / EVALUATION_DIR / training_key / REPORT_FILE
+
+
+@dataclasses.dataclass
+class Evaluation:
+    result: EvalResult
+    report: Path  # model_evaluation/<training key>/report.json
+    latest: dict  # the training evaluated (see checkpoint.latest_model)
+
+
+def evaluate_latest(cfg: ScratchConfig, tracking_uri: str) -> Evaluation:
+    """The model_evaluation stage: evaluate the latest healthy training, write its report, and log
+    the scores and samples into its MLflow run."""
+    latest = latest_model(cfg)
+    r = evaluate(cfg, load_model(latest["path"]), Path(latest["path"]) / MODEL_TOKENIZER_SUBDIR)
+    scores = {"val_loss": r.val_loss, "perplexity": r.perplexity, "val_bpb": r.val_bpb}
+    report = report_path(cfg, latest["key"])
+    write_json(report, {**scores, "num_val_tokens": r.num_val_tokens, "samples": r.samples,
+                        "evaluation": cfg.evaluation.model_dump()})
+    tracking.log_evaluation(latest.get("tracking_uri") or tracking_uri, latest["mlflow_run_id"], scores, r.samples)
+    return Evaluation(r, report, latest)

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from llm_core.layout import EVALUATION_DIR, MODEL_TOKENIZER_SUBDIR
-from llm_core import registry
-from llm_core.files import read_json
+from llm_core import evaluate, registry
 from llm_core.checkpoint import latest_model
+from llm_core.files import read_json
+from llm_core.layout import MODEL_TOKENIZER_SUBDIR
 from pipelines.assets.evaluation import model_evaluation
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.lineage import data_versions
@@ -28,7 +28,7 @@ def registered_model(context: dg.AssetExecutionContext, config: RegisteredModelC
     `registry.model_name`; `models:/<name>@champion` is the best one so far."""
     cfg = scratchllm.resolve(config)
     latest = latest_model(cfg)
-    report = read_json(cfg.data_path / EVALUATION_DIR / latest["key"] / "report.json")
+    report = read_json(evaluate.report_path(cfg, latest["key"]))
     if "val_bpb" not in report:
         raise FileNotFoundError(f"no evaluation of training {latest['key']}: materialize `model_evaluation` first")
     tracking_uri = latest.get("tracking_uri") or mlflow.uri(cfg)

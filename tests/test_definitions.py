@@ -30,10 +30,10 @@ def test_the_code_location_loads_with_every_asset_and_check_and_nothing_else():
     assert sorted(defs.resources) == ["mlflow", "pipes_subprocess_client", "scratchllm"]
 
 
-def test_dagster_validates_the_workspace():
+def test_dagster_validates_the_workspace(tmp_path):
     done = subprocess.run([sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "DAGSTER_HOME": str(PROJECT_ROOT / ".dagster_home")})
+                          env={**os.environ, "DAGSTER_HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-3000:]
 
 

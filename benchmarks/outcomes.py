@@ -14,8 +14,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from llm_core.layout import CLEANED_SHARDS_DIR, QUARANTINE_DIR, RAW_CORPUS_DIR
 
+from llm_core.layout import CLEANED_SHARDS_DIR, QUARANTINE_DIR, RAW_CORPUS_DIR
 
 
 class Outcomes:

@@ -109,8 +109,8 @@ def peak_rss_mb() -> float:
 def train_child(work_dir: Path, shard_mb: float, vocab: int, megabytes: float) -> None:
     import psutil
 
-    from llm_core.layout import CLEANED_SHARDS_DIR
     from llm_core.files import read_json
+    from llm_core.layout import CLEANED_SHARDS_DIR
     from llm_core.tokenizer import train_tokenizer
 
     cfg = make_config(work_dir, shard_mb, vocab, max_training_mb=megabytes)

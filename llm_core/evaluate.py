@@ -12,9 +12,9 @@ from llm_core import tracking
 from llm_core.checkpoint import latest_model, load_model
 from llm_core.config import ScratchConfig
 from llm_core.files import read_json, write_json
+from llm_core.generate import TextGenerator
 from llm_core.layout import DATASET_DIR, EVALUATION_DIR, MODEL_TOKENIZER_SUBDIR
 from llm_core.loader import sequential_batches
-from llm_core.generate import TextGenerator
 from llm_core.model import Transformer
 from llm_core.tokenized_dataset import val_bytes
 from llm_core.tokenizer import load as load_tokenizer

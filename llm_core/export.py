@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from llm_core import tokenizer as bpe
+from llm_core.checkpoint import MODEL_CONFIG_FILE, WEIGHTS_FILE, load_model
 from llm_core.files import TMP_MARK, write_json
 from llm_core.model import ModelArgs, Transformer
-from llm_core.checkpoint import MODEL_CONFIG_FILE, WEIGHTS_FILE, load_model
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"

@@ -18,8 +18,8 @@ from typing import Iterator
 import torch
 from tokenizers import Tokenizer
 
-from llm_core.layout import MODEL_TOKENIZER_SUBDIR
 from llm_core.files import atomic_path
+from llm_core.layout import MODEL_TOKENIZER_SUBDIR
 from llm_core.model import Transformer
 from llm_core.tokenizer import EOT
 from llm_core.tokenizer import load as load_tokenizer

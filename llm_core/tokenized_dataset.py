@@ -21,10 +21,10 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
-from llm_core.layout import CLEANED_SHARDS_DIR, DATASET_DIR
 from llm_core.config import ScratchConfig
-from llm_core.files import atomic_path, read_json, remove_stale_files, short_hash, write_json
 from llm_core.data.shards import iter_batches
+from llm_core.files import atomic_path, read_json, remove_stale_files, short_hash, write_json
+from llm_core.layout import CLEANED_SHARDS_DIR, DATASET_DIR
 from llm_core.split import is_validation
 from llm_core.tokenizer import EOT
 

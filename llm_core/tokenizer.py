@@ -16,9 +16,9 @@ from typing import Callable, Iterator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llm_core.config import ScratchConfig
+from llm_core.data.shards import iter_batches
 from llm_core.files import atomic_path
 from llm_core.layout import TOKENIZER_DIR
-from llm_core.data.shards import iter_batches
 from llm_core.split import is_validation
 
 EOT, PAD = "<|endoftext|>", "<|pad|>"

@@ -27,17 +27,16 @@ from typing import Callable
 
 import torch
 
-from llm_core.layout import DATASET_DIR, MODEL_DIR
 from llm_core import health
 from llm_core.checkpoint import checkpoint_dirs, checkpoint_step, model_config, resume, save_checkpoint, save_final
 from llm_core.config import ScratchConfig, load_config, validate_config
 from llm_core.evaluate import bits_per_byte
 from llm_core.files import read_json
+from llm_core.layout import DATASET_DIR, MODEL_DIR
 from llm_core.loader import TokenWindows, sequential_batches
 from llm_core.model import ModelArgs, Transformer
 from llm_core.performance import PeakMemory, measure_peak_flops, mfu
 from llm_core.tokenized_dataset import val_bytes
-
 
 # ---------------------------------------------------------------------------------------------
 # pieces

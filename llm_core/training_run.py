@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 
 from llm_core import health, tracking
+from llm_core.checkpoint import SUMMARY_FILE
 from llm_core.config import ScratchConfig
 from llm_core.files import atomic_path, read_json, short_hash, write_json
 from llm_core.generate import copy_tokenizer
 from llm_core.layout import DATASET_DIR, LATEST_FILE, MODEL_DIR, TOKENIZER_DIR
-from llm_core.checkpoint import SUMMARY_FILE
 
 MLFLOW_RUN_FILE = "mlflow_run.json"
 RESOLVED_CONFIG_FILE = "resolved_config.json"

@@ -173,8 +173,8 @@ def resolve_model_dir(spec: str | None, cfg) -> Path:
 
 def tokenizer_dir_for(model_dir: Path, cfg) -> Path:
     """The tokenizer a model directory carries (a checkpoint: its run's), else the profile's."""
-    from llm_core.layout import MODEL_TOKENIZER_SUBDIR, TOKENIZER_DIR
     from llm_core.checkpoint import CHECKPOINTS
+    from llm_core.layout import MODEL_TOKENIZER_SUBDIR, TOKENIZER_DIR
 
     run_dir = model_dir.parent.parent if model_dir.parent.name == CHECKPOINTS else model_dir
     carried = run_dir / MODEL_TOKENIZER_SUBDIR

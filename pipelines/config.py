@@ -8,8 +8,17 @@ from __future__ import annotations
 import dagster as dg
 import pydantic
 
-from llm_core.config import (CONFIG_ENV_VAR, DEFAULT_PROFILE, ScratchConfig, active_profile_path, changed_values,
-                             deep_merge, load_config, profile_values, validate_config)
+from llm_core.config import (
+    CONFIG_ENV_VAR,
+    DEFAULT_PROFILE,
+    ScratchConfig,
+    active_profile_path,
+    changed_values,
+    deep_merge,
+    load_config,
+    profile_values,
+    validate_config,
+)
 from llm_core.run_lock import DirectoryLock
 from pipelines.runs import fail_dead_runs
 

@@ -14,6 +14,12 @@ resource), and every 30 s by the `dead_run_sweeper` sensor of `dagster dev`.
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
+import time
+import uuid
+
 import dagster as dg
 import psutil
 
@@ -87,12 +93,6 @@ def execute_stoppably(job, instance: dg.DagsterInstance, **kwargs):
     wrapper takes its ranks down), gives the run a few seconds to end as failed, and otherwise
     marks it canceled, frees its slots and exits.
     """
-    import signal
-    import sys
-    import threading
-    import time
-    import uuid
-
     run_id = str(uuid.uuid4())
     outcome: dict = {}
     stop_requested = threading.Event()

@@ -114,9 +114,9 @@ def trained(tmp_path_factory):
     tokenizer at <data_dir>/tokenizer and tokenized dataset, shared by the tests that need one."""
     from helpers import QUIET, build_shards
 
+    from llm_core.checkpoint import load_model
     from llm_core.tokenized_dataset import build_tokenized_dataset
     from llm_core.tokenizer import load, train_tokenizer
-    from llm_core.checkpoint import load_model
     from llm_core.train import train
 
     root = tmp_path_factory.mktemp("trained")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import QUIET, SUBPROCESS_TIMEOUT, config, losses, run, subprocess_env, summary, train_command
+
 from llm_core.checkpoint import FILE_SIZES, SUMMARY_FILE, checkpoint_dirs, load_model
 from llm_core.config import PROJECT_ROOT, ScratchConfig
 from llm_core.layout import DATASET_DIR

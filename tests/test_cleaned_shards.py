@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
+from helpers import QUIET, rows, write_jsonl
 
 from llm_core.data import clean
 from llm_core.data.checks import verify_cleaned_shards
 from llm_core.data.cleaned_shards import build_cleaned_shards
 from llm_core.data.raw_corpus import EmptyCorpusError, build_raw_corpus, raw_parts
-from helpers import QUIET, rows, write_jsonl
 
 
 @pytest.fixture

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from helpers import QUIET, rows, write_jsonl
 
 from llm_core.data import dedup
 from llm_core.data.checks import verify_cleaned_shards
 from llm_core.data.cleaned_shards import _cache_files, build_cleaned_shards
 from llm_core.data.raw_corpus import build_raw_corpus, raw_parts
-from helpers import QUIET, rows, write_jsonl
 
 
 def single_pass_removals(cfg) -> tuple[dict[str, tuple[str, str | None]], int]:

@@ -11,14 +11,14 @@ import random
 import pytest
 import torch
 import yaml
+from helpers import MORE_TRICKY, QUIET, build_shards, make_config, random_unicode, write_jsonl
 
-from llm_core.layout import LATEST_FILE, MODEL_DIR
+from llm_core.checkpoint import save_model_files
 from llm_core.config import load_config
 from llm_core.export import export_hf, num_parameters
+from llm_core.layout import LATEST_FILE, MODEL_DIR
 from llm_core.model import ModelArgs, Transformer
 from llm_core.tokenizer import EOT, PAD, TOKENIZER_FILE, TRICKY_TEXTS, load, train_tokenizer
-from llm_core.checkpoint import save_model_files
-from helpers import MORE_TRICKY, QUIET, build_shards, make_config, random_unicode, write_jsonl
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()

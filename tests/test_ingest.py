@@ -13,7 +13,6 @@ import fsspec
 import pyarrow as pa
 import pytest
 import zstandard
-
 from helpers import DELIM, jsonl, random_docs, truncated_gzip, write_parquet
 
 from llm_core.data.ingest import BadFile, BadRecord, Doc, ReadOptions, read_source

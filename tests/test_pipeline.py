@@ -11,17 +11,17 @@ import time
 from pathlib import Path
 
 import dagster as dg
-from mlflow.tracking import MlflowClient
 import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from mlflow.tracking import MlflowClient
 
+from llm_core.checkpoint import load_model
 from llm_core.config import PROJECT_ROOT, load_config
 from llm_core.data.ingest import read_source
-from llm_core.data.sources import discover
-from llm_core.checkpoint import load_model
 from llm_core.data.raw_corpus import _read_options, build_raw_corpus
+from llm_core.data.sources import discover
 
 SHAKESPEARE = (PROJECT_ROOT / "data" / "tinyshakespeare.txt").read_text()
 CLI = [sys.executable, "-m", "pipelines.cli"]

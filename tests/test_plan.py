@@ -20,11 +20,11 @@ import sys
 
 import pytest
 import torch
+from helpers import config, losses, subprocess_env, summary, train_command
 
 from llm_core import plan as planner
 from llm_core.config import CONFIG_DIR
 from llm_core.model import Block, ModelArgs, Transformer
-from helpers import config, losses, subprocess_env, summary, train_command
 
 GPT2_SMALL = ModelArgs(vocab_size=50304, n_layer=12, n_head=12, n_kv_head=12, n_embd=768, block_size=1024)
 VOCAB = 512  # the ci tokenizer

@@ -12,6 +12,7 @@ from helpers import DELIM, jsonl, random_docs, truncated_gzip, write_parquet
 
 from llm_core.data.raw_corpus import EmptyCorpusError, build_raw_corpus
 
+
 def read_corpus(result) -> list[dict]:
     return [row for part in result.parts for row in pq.read_table(part).to_pylist()]
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from helpers import QUIET, build_shards, make_config, write_jsonl
 
-from llm_core.layout import DATASET_DIR
 from llm_core.data.cleaned_shards import build_cleaned_shards
 from llm_core.data.raw_corpus import build_raw_corpus
+from llm_core.layout import DATASET_DIR
 from llm_core.loader import TokenWindows
 from llm_core.split import is_validation
 from llm_core.tokenized_dataset import (
@@ -24,7 +25,6 @@ from llm_core.tokenized_dataset import (
     verify_token_ids,
 )
 from llm_core.tokenizer import EOT, held_out_texts, iter_documents, load, train_tokenizer
-from helpers import QUIET, build_shards, make_config, write_jsonl
 
 VOCAB = 300
 LITERAL = "<|endoftext|>"

@@ -5,8 +5,8 @@ import os
 
 import mlflow
 import pytest
-
 from helpers import CI_PROFILE
+
 from llm_core import tracking
 from llm_core.config import load_config
 

@@ -14,8 +14,8 @@ import time
 
 import pytest
 import torch
-
 from helpers import CI_PROFILE, QUIET, SUBPROCESS_TIMEOUT, config, losses, run, subprocess_env, summary, train_command
+
 from llm_core.checkpoint import SUMMARY_FILE, checkpoint_dirs, load_model
 from llm_core.config import PROJECT_ROOT, ConfigError, load_config
 from llm_core.health import DIVERGED_FILE

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from llm_core.layout import CLEANED_SHARDS_DIR, RAW_CORPUS_DIR
 from llm_core.config import ScratchConfig
-from llm_core.files import read_json
 from llm_core.data.shards import count_rows, iter_batches
+from llm_core.files import read_json
+from llm_core.layout import CLEANED_SHARDS_DIR, RAW_CORPUS_DIR
 
 
 def verify_raw_corpus(cfg: ScratchConfig) -> tuple[bool, str]:

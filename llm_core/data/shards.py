@@ -14,8 +14,8 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from llm_core.files import TMP_MARK
 from llm_core.faults import hold_point
+from llm_core.files import TMP_MARK
 
 DOC_SCHEMA = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("source", pa.string()),
                         ("text", pa.string())])

@@ -8,10 +8,10 @@ content does, so downstream assets go stale exactly when they should.
 
 import dagster as dg
 
-from llm_core.layout import RAW_CORPUS_DIR
 from llm_core.data import checks, clean
 from llm_core.data.cleaned_shards import build_cleaned_shards
 from llm_core.data.raw_corpus import build_raw_corpus
+from llm_core.layout import RAW_CORPUS_DIR
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.metadata import check_result, markdown_table, uri
 

@@ -4,13 +4,12 @@ from pathlib import Path
 
 import dagster as dg
 
-from llm_core.layout import EXPORT_DIR, MODEL_TOKENIZER_SUBDIR
-from llm_core.export import export_hf, num_parameters
 from llm_core.checkpoint import latest_model
+from llm_core.export import export_hf, num_parameters
+from llm_core.layout import EXPORT_DIR, MODEL_TOKENIZER_SUBDIR
 from pipelines.assets.training import trained_model
 from pipelines.config import ScratchllmResource
 from pipelines.metadata import uri
-
 
 
 @dg.asset(group_name="export", kinds={"huggingface", "safetensors"}, code_version="1", deps=[trained_model])

@@ -2,11 +2,15 @@
 
 import dagster as dg
 
-from llm_core.layout import TOKENIZER_DIR
 from llm_core import tokenizer as bpe
 from llm_core.data.cleaned_shards import cleaned_shard_paths
+from llm_core.layout import TOKENIZER_DIR
 from llm_core.tokenized_dataset import (
-    build_tokenized_dataset, tokenizer_hash, verify_token_accounting, verify_token_ids)
+    build_tokenized_dataset,
+    tokenizer_hash,
+    verify_token_accounting,
+    verify_token_ids,
+)
 from pipelines.assets.corpus import cleaned_shards
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.metadata import check_result, markdown_table, uri

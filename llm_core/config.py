@@ -254,6 +254,37 @@ class RegistryConfig(Section):
     model_name: str = Field(default="scratchllm", min_length=1)
 
 
+class EngineConfig(Section):
+    """Where the data stages' per-shard work runs. Outputs are byte-identical on both engines."""
+
+    kind: str = Field(default="local", description="local: worker processes on this machine, no services; "
+                                                     "ray: Ray core tasks on a cluster (scratchllm[ray]).")
+    address: str = Field(default="auto", description="Ray only. auto: the cluster started on this machine with "
+                                                     "`ray start`; host:port: the head of a running cluster; local: "
+                                                     "a private one-machine cluster started and stopped by the run.")
+    cpus_per_task: float = Field(default=1.0, gt=0, description="Ray only: CPUs reserved by each shard task.")
+    memory_per_task_gb: float | None = Field(default=None, gt=0,
+                                             description="Ray only: memory reserved by each shard task (null: none).")
+    max_task_retries: int = Field(default=3, ge=0, description="Ray only: reruns of a task whose worker died.")
+    local_num_cpus: int | None = Field(default=None, ge=1,
+                                       description="Ray, address local: CPUs of the private cluster (null: all).")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        return _one_of(v, ("local", "ray"))
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        if v in ("auto", "local"):
+            return v
+        host, _, port = v.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"must be 'auto', 'local' or host:port of a Ray head (e.g. 10.0.0.5:6379), got {v!r}")
+        return v
+
+
 class AutomationConfig(Section):
     retrain_cron: str = Field(default="0 3 * * 1", description="When the retrain schedule runs (cron, UTC).")
     retrain_schedule_enabled: bool = Field(default=False, description="Start the schedule with the code location.")
@@ -281,6 +312,7 @@ class ScratchConfig(Section):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     automation: AutomationConfig = Field(default_factory=AutomationConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
 
     @property
     def data_path(self) -> Path:
@@ -291,8 +323,9 @@ class ScratchConfig(Section):
         return short_hash({name: getattr(self, name).model_dump(mode="json") for name in sections})
 
     def config_hash(self) -> str:
-        """The hash of every section (where the data lives excepted): what a registered version was made with."""
-        return self.section_hash(*(name for name in type(self).model_fields if name != "data_dir"))
+        """The hash of every section (where the data lives and which engine made it excepted: outputs are
+        the same on every engine): what a registered version was made with."""
+        return self.section_hash(*(name for name in type(self).model_fields if name not in ("data_dir", "engine")))
 
 
 def resolve_path(path: str) -> Path:

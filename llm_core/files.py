@@ -34,6 +34,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def save_npy(path: Path, array) -> None:
+    """np.save, atomically."""
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
+
+
 def short_hash(payload, length: int = 16) -> str:
     """A short stable hash of bytes, or of JSON-able data (dict keys sorted): cache keys, data
     versions, training identities."""

@@ -13,6 +13,7 @@ A shard is re-encoded only when its cleaned content, the tokenizer or the split 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,6 +24,7 @@ from tokenizers import Tokenizer
 
 from llm_core.config import ScratchConfig
 from llm_core.data.shards import iter_batches
+from llm_core.engine import data_engine
 from llm_core.files import atomic_path, read_json, remove_stale_files, short_hash, write_json
 from llm_core.layout import CLEANED_SHARDS_DIR, DATASET_DIR
 from llm_core.split import is_validation
@@ -55,6 +57,7 @@ class DatasetResult:
     num_shards_encoded: int
     num_shards_reused: int
     encode_seconds: float
+    tasks_per_node: dict[str, int]  # where the shards were encoded (engine.kind: ray spreads them)
     out_dir: Path
     data_version: str
 
@@ -65,8 +68,17 @@ def _write_ipc(path: Path, table: pa.Table) -> None:
             writer.write_table(table)
 
 
-def encode_shard(tokenizer: Tokenizer, shard: Path, out_dir: Path, cfg: ScratchConfig, dtype: np.dtype) -> dict:
-    """Encode one cleaned shard into train and val token files; returns its counts."""
+@functools.lru_cache(maxsize=2)
+def _encoder(tokenizer_json: str) -> Tokenizer:
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    tokenizer.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is text, not a boundary
+    return tokenizer
+
+
+def encode_shard(tokenizer_json: str, shard: Path, out_dir: Path, cfg: ScratchConfig, dtype: np.dtype) -> dict:
+    """Encode one cleaned shard into train and val token files; returns its counts. A task of the
+    data engine (it may run on another machine: the tokenizer travels as JSON)."""
+    tokenizer = _encoder(tokenizer_json)
     eot = tokenizer.token_to_id(EOT)
     tokens: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     docs: dict[str, dict[str, list]] = {s: {name: [] for name in DOCS_SCHEMA.names} for s in SPLITS}
@@ -107,8 +119,6 @@ def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_
                             log: Callable[[str], None] = print) -> DatasetResult:
     vocab_size = tokenizer.get_vocab_size()
     dtype = token_dtype(vocab_size)
-    tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: the caller's tokenizer stays as it was
-    tokenizer.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is text, not a boundary
     out_dir = cfg.data_path / DATASET_DIR
     cleaned = read_json(cfg.data_path / CLEANED_SHARDS_DIR / "manifest.json").get("parts")
     if not cleaned:
@@ -116,8 +126,10 @@ def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_
     tok_hash = tokenizer_hash(tokenizer_dir)
     previous = {e["name"]: e for e in read_json(out_dir / "manifest.json").get("shards", [])}
 
-    entries, encoded, reused, seconds, done_bytes = [], 0, 0, 0.0, 0
-    for i, part in enumerate(cleaned):
+    tokenizer_json = tokenizer.to_str()
+    entries: list[dict] = []
+    jobs, job_entry, job_bytes = [], [], []
+    for part in cleaned:
         shard = cfg.data_path / CLEANED_SHARDS_DIR / "shards" / part["name"]
         key = short_hash([part["cache"], part["removed_key"], tok_hash, dtype.name, cfg.dataset.val_fraction,
                           cfg.dataset.seed])
@@ -125,16 +137,19 @@ def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_
         old = previous.get(part["name"])
         if old and old["key"] == key and all(f.exists() for f in files):
             entries.append(old)
-            reused += 1
             continue
-        start = time.perf_counter()
-        counts = encode_shard(tokenizer, shard, out_dir, cfg, dtype)
-        seconds += time.perf_counter() - start
-        done_bytes += part["num_bytes_out"]
-        entries.append({"name": part["name"], "key": key, **counts})
-        encoded += 1
-        log(f"tokenized shard {i + 1}/{len(cleaned)}: {counts['train']['tokens'] + counts['val']['tokens']} tokens, "
-            f"{done_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s")
+        jobs.append((tokenizer_json, shard, out_dir, cfg, dtype))
+        job_entry.append(len(entries))
+        job_bytes.append(part["num_bytes_out"])
+        entries.append({"name": part["name"], "key": key})
+    log(f"tokenized_dataset: {len(cleaned)} shards, {len(jobs)} to encode, {len(cleaned) - len(jobs)} unchanged")
+    start = time.perf_counter()
+    with data_engine(cfg.engine, log, cfg.data_path) as engine:
+        for i, counts in engine.map(encode_shard, jobs, what="tokenized shards", total=len(jobs), sizes=job_bytes):
+            entries[job_entry[i]].update(counts)
+        tasks_per_node = dict(engine.tasks_per_node)
+    seconds = time.perf_counter() - start
+    encoded, reused = len(jobs), len(cleaned) - len(jobs)
 
     total = {s: {k: sum(e[s][k] for e in entries) for k in ("tokens", "documents", "bytes")} for s in SPLITS}
     write_json(out_dir / "manifest.json", {"shards": entries, "dtype": dtype.name, "vocab_size": vocab_size,
@@ -153,6 +168,7 @@ def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_
         num_train_documents=total["train"]["documents"], num_val_documents=total["val"]["documents"],
         val_bytes=total["val"]["bytes"], num_bytes=total["train"]["bytes"] + total["val"]["bytes"],
         dtype=dtype.name, num_shards_encoded=encoded, num_shards_reused=reused, encode_seconds=seconds,
+        tasks_per_node=tasks_per_node,
         out_dir=out_dir, data_version=short_hash("".join(e["key"] for e in entries).encode()),
     )
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from llm_core.config import EngineConfig
+
 MLFLOW_UI_URL = "http://127.0.0.1:5000"  # where `scratchllm ui` serves the MLflow UI by default
 PNG_COLORS = 32  # a line plot needs few: ~8 KB instead of ~32 KB in every materialization event
 
@@ -24,6 +26,12 @@ def markdown_table(header: list[str], rows: list[list], max_cell: int = 200) -> 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return dg.MetadataValue.md("\n".join(lines) if rows else "_(none)_")
+
+
+def engine_metadata(engine: EngineConfig, tasks_per_node: dict[str, int]) -> dict:
+    """Which engine ran a data stage, and how many of its tasks ran on each node."""
+    where = "local" if engine.kind == "local" else f"ray @ {engine.address}"
+    return {"engine": where, "tasks_per_node": markdown_table(["node", "tasks"], sorted(tasks_per_node.items()))}
 
 
 def check_result(passed: bool, details: str) -> dg.AssetCheckResult:

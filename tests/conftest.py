@@ -140,3 +140,15 @@ def instance(tmp_path, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     with dg.DagsterInstance.get() as inst:
         yield inst
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real 2-node Ray cluster on loopback for the whole session (tests/ray_cluster.py), stopped
+    by its process ids at the end."""
+    pytest.importorskip("ray")
+    from ray_cluster import RayCluster
+
+    cluster = RayCluster.start()
+    yield cluster
+    cluster.stop()

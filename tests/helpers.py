@@ -7,6 +7,7 @@ import random
 import signal
 import socket
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 
@@ -166,6 +167,22 @@ def launch_assets(port: int, assets: list[str]) -> str:
         "runConfigData": {}, "mode": "default"}})["launchPipelineExecution"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     return launched["run"]["runId"]
+
+
+def wait_until(condition, *procs: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    """Poll `condition()` (a file the code writes, a line it prints); fail early if a process ends."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        ended = [p for p in procs if p.poll() is not None]
+        assert not ended, f"ended before {what}: {[p.args for p in ended]}\n" + "\n".join(
+            Path(p.stdout_path).read_text()[-3000:] for p in ended if getattr(p, "stdout_path", None))
+        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
+        time.sleep(0.05)
+
+
+def held_pid(marker: Path) -> int:
+    """The pid a hold point wrote (llm_core/faults.py)."""
+    return int(marker.read_text().split()[0])
 
 
 def run_status(port: int, run_id: str) -> str:

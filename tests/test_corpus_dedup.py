@@ -16,7 +16,10 @@ from helpers import QUIET, rows, write_jsonl
 from llm_core.data import dedup
 from llm_core.data.checks import verify_cleaned_shards
 from llm_core.data.cleaned_shards import _cache_files, build_cleaned_shards
+from llm_core.data.corpus_dedup import CorpusDedup
+from llm_core.data.sharded_dedup import ShardedDedup
 from llm_core.data.raw_corpus import build_raw_corpus, raw_parts
+from llm_core.engine import LocalEngine
 
 
 def single_pass_removals(cfg) -> tuple[dict[str, tuple[str, str | None]], int]:
@@ -85,11 +88,26 @@ def test_dedup_decides_exactly_as_the_single_in_memory_pass(tmp_path, make_cfg):
         expected, candidates = single_pass_removals(cfg)
         assert ledger == expected, dedup_cfg
         assert result.num_candidates_checked == candidates
+        assert_sharded_dedup_decides_the_same(cfg)
         reasons.update(reason for reason, _ in ledger.values())
         # the subtle case is there: the content hash of a doc removed as a near dup still counts
         reasons["exact of near"] += sum(r == "exact_duplicate" and ledger.get(of, ("",))[0] == "near_duplicate"
                                         for r, of in ledger.values())
     assert reasons["exact_duplicate"] > 100 and reasons["near_duplicate"] > 100 and reasons["exact of near"] >= 20
+
+
+def assert_sharded_dedup_decides_the_same(cfg) -> None:
+    """The partitioned shuffle of the Ray engine (sharded_dedup.py), run here by the local engine, removes
+    the same units for the same reasons and checks the same candidates as the streaming pass."""
+    root = cfg.data_path / "cleaned_shards"
+    entries = json.loads((root / "manifest.json").read_text())["parts"]
+    caches = [_cache_files(root / "cache" / entry["cache"]) for entry in entries]
+    streaming = CorpusDedup(cfg.dedup, caches, root)
+    expected = list(streaming.removed_units())
+    sharded = ShardedDedup(cfg.dedup, caches, root, LocalEngine(QUIET), QUIET)
+    assert sharded.removed_units == expected
+    assert sharded.num_candidates_checked == streaming.num_candidates_checked
+    assert not list(root.glob("dedup.tmp-*"))  # partitions removed
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import dagster as dg
 import psutil
 import pytest
 import yaml
-from helpers import free_port, launch_assets, run_status
+from helpers import free_port, held_pid, launch_assets, run_status, wait_until
 
 from llm_core.config import PROJECT_ROOT
 from llm_core.run_lock import DirectoryLock
@@ -69,21 +69,6 @@ def start(project, *args: str, hold: str | None = None, marker: Path | None = No
 def finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> str:
     proc.wait(timeout=timeout)
     return log.read_text()
-
-
-def wait_until(condition, *procs: subprocess.Popen, what: str, timeout: float = 300) -> None:
-    """Poll `condition()` (a file the code writes, a line it prints); fail early if a process ends."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        ended = [p for p in procs if p.poll() is not None]
-        assert not ended, f"ended before {what}: {[p.args for p in ended]}\n" + "\n".join(
-            Path(p.stdout_path).read_text()[-3000:] for p in ended if getattr(p, "stdout_path", None))
-        assert time.monotonic() < deadline, f"no {what} after {timeout} s"
-        time.sleep(0.05)
-
-
-def held_pid(marker: Path) -> int:
-    return int(marker.read_text().split()[0])
 
 
 def gone_within(pid: int, seconds: float) -> bool:

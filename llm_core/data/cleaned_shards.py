@@ -18,12 +18,11 @@ Layout under data_dir:
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import multiprocessing
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -33,10 +32,14 @@ import pyarrow.parquet as pq
 from llm_core.config import CleaningConfig, DedupConfig, ScratchConfig
 from llm_core.data import clean, dedup
 from llm_core.data.corpus_dedup import CorpusDedup
-from llm_core.data.progress import Log, Progress
+from llm_core.data.progress import Log
 from llm_core.data.raw_corpus import EmptyCorpusError, raw_parts
 from llm_core.data.shards import COMPRESSION, DOC_SCHEMA, iter_batches, write_table
-from llm_core.files import TMP_MARK, Quarantine, atomic_path, read_json, remove_stale_files, short_hash, write_json
+from llm_core.data.sharded_dedup import ShardedDedup
+from llm_core.engine import Engine, data_engine
+from llm_core.faults import hold_point
+from llm_core.files import (TMP_MARK, Quarantine, atomic_path, read_json, remove_stale_files, save_npy, short_hash,
+                             write_json)
 from llm_core.layout import CLEANED_SHARDS_DIR, QUARANTINE_DIR
 
 # Per piece: its status, and for a kept piece the row of its document in the part's UNITS_SCHEMA table
@@ -69,13 +72,6 @@ def _cache_files(prefix: Path) -> dict[str, Path]:
             "signatures": prefix.with_name(prefix.name + ".sig.npy"),
             "shingles": prefix.with_name(prefix.name + ".shingles.npy"),
             "offsets": prefix.with_name(prefix.name + ".offsets.npy")}
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.save(fh, array)
-    os.replace(tmp, path)
 
 
 class _PartUnits:
@@ -111,10 +107,10 @@ class _PartUnits:
 
     def save(self, files: dict[str, Path], num_permutations: int) -> None:
         self.close()
-        _save_npy(files["signatures"], np.stack(self.signatures) if self.signatures else
+        save_npy(files["signatures"], np.stack(self.signatures) if self.signatures else
                   np.empty((0, num_permutations), dtype=np.uint64))
-        _save_npy(files["shingles"], np.concatenate(self.shingles) if self.shingles else np.empty(0, dtype=np.uint32))
-        _save_npy(files["offsets"], np.cumsum([0] + [len(s) for s in self.shingles], dtype=np.int64))
+        save_npy(files["shingles"], np.concatenate(self.shingles) if self.shingles else np.empty(0, dtype=np.uint32))
+        save_npy(files["offsets"], np.cumsum([0] + [len(s) for s in self.shingles], dtype=np.int64))
         write_table(files["units"], pa.table({"doc_id": self.doc_ids, "content_hash": self.content_hashes},
                                              schema=UNITS_SCHEMA))
 
@@ -124,6 +120,7 @@ def clean_part(raw_path: str, cache_prefix: str, cleaning: dict, dedup_cfg: dict
     the content hash, MinHash signature and shingle set that the corpus-wide dedup needs. Runs in a
     worker process. The cache table is written batch by batch (memory stays bounded by a batch and
     the dedup sketch of one document, not the part)."""
+    hold_point(f"clean_part:{Path(raw_path).name}")  # tests kill the worker here (llm_core/faults.py)
     ccfg, dcfg = CleaningConfig(**cleaning), DedupConfig(**dedup_cfg)
     files = _cache_files(Path(cache_prefix))
     units = _PartUnits(dcfg)
@@ -184,6 +181,7 @@ class CleanedShardsResult:
     num_parts_reused: int
     num_shards_written: int
     num_candidates_checked: int
+    tasks_per_node: dict[str, int]  # where the per-part work ran (engine.kind: ray spreads it)
     parts: list[dict]  # per output shard: name, counts
     shards_dir: Path
     data_version: str
@@ -194,27 +192,46 @@ class CleanedShardsResult:
                                          + self.num_near_duplicates + self.num_quarantined)
 
 
-def _clean_missing_parts(jobs: list[tuple[str, str]], cfg: ScratchConfig, log: Log) -> dict[str, dict]:
-    """Run clean_part for (raw part, cache prefix) jobs, in parallel when asked; returns summaries."""
-    args = (cfg.cleaning.model_dump(), cfg.dedup.model_dump())
-    progress = Progress(log, "cleaning parts", len(jobs))
-    summaries: dict[str, dict] = {}
-    done_bytes = 0
-    workers = min(cfg.cleaning.num_workers, len(jobs))
-    if workers <= 1:
-        for raw, prefix in jobs:
-            summaries[prefix] = clean_part(raw, prefix, *args)
-            done_bytes += summaries[prefix]["bytes_in"]
-            progress.update(len(summaries), done_bytes, force=True)
-        return summaries
-    # spawn, not fork: the caller (a Dagster step) may hold threads and locks.
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(clean_part, raw, prefix, *args): prefix for raw, prefix in jobs}
-        for future in concurrent.futures.as_completed(futures):
-            summaries[futures[future]] = future.result()
-            done_bytes += summaries[futures[future]]["bytes_in"]
-            progress.update(len(summaries), done_bytes, force=True)
-    return summaries
+def _finish_part(cache: dict[str, Path], removed_units: dict[int, tuple[str, str]], shard_path: Path,
+                 removed_path: Path, old: dict | None) -> dict:
+    """A part's output shard and removed-pieces ledger, given its duplicate documents (units), and its
+    manifest counts. Written only when the removed pieces differ from those of `old` (its previous entry)."""
+    table = pq.read_table(cache["table"], columns=["status", "unit"])
+    removed = _removed_rows(table, removed_units)
+    counts = Counter(reason for reason, _ in removed.values())
+    entry = {"num_documents_in": table.num_rows, "num_kept": table.num_rows - len(removed),
+             "num_exact_duplicates": counts.pop("exact_duplicate", 0),
+             "num_near_duplicates": counts.pop("near_duplicate", 0),
+             "num_quarantined": counts.pop(QUARANTINED, 0), "filtered_by_rule": dict(counts),
+             "removed_key": short_hash(sorted((r, reason, dup) for r, (reason, dup) in removed.items()))}
+    if old and old["removed_key"] == entry["removed_key"] and shard_path.exists() and removed_path.exists():
+        return {**entry, "num_bytes_in": old["num_bytes_in"], "num_bytes_out": old["num_bytes_out"], "written": False}
+    bytes_in, bytes_out = _write_outputs(cache["table"], removed, shard_path, removed_path)
+    return {**entry, "num_bytes_in": bytes_in, "num_bytes_out": bytes_out, "written": True}
+
+
+def _removed_rows(table: pa.Table, removed_units: dict[int, tuple[str, str]]) -> dict[int, tuple[str, str | None]]:
+    """Row -> (reason, duplicate_of) of a part's removed pieces: those the cleaning did not keep, and
+    every kept piece of a duplicate document."""
+    unit = table.column("unit").to_numpy()
+    not_kept = np.flatnonzero(unit < 0)
+    removed = dict(zip(not_kept.tolist(), ((s, None) for s in table.column("status").take(not_kept).to_pylist())))
+    if removed_units:
+        duplicate = np.flatnonzero(np.isin(unit, list(removed_units)))
+        removed.update((row, removed_units[u]) for row, u in zip(duplicate.tolist(), unit[duplicate].tolist()))
+    return dict(sorted(removed.items()))
+
+
+def _duplicates(cfg: ScratchConfig, engine: Engine, caches: list[dict[str, Path]], root: Path,
+                log: Log) -> tuple[Iterable[dict[int, tuple[str, str]]], Callable[[], int]]:
+    """(per part in corpus order: its duplicate units -> (reason, doc_id kept), candidates checked).
+    On this machine one streaming pass in corpus order (corpus_dedup.py); on a cluster a partitioned
+    shuffle over tasks (sharded_dedup.py). The decisions are the same."""
+    if engine.kind == "local":
+        duplicates = CorpusDedup(cfg.dedup, caches, root)
+        return duplicates.removed_units(), lambda: duplicates.num_candidates_checked
+    sharded = ShardedDedup(cfg.dedup, caches, root, engine, log)
+    return sharded.removed_units, lambda: sharded.num_candidates_checked
 
 
 def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsResult:
@@ -226,54 +243,48 @@ def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsR
                        "minhash": cfg.dedup.model_dump(include={"shingle_words", "num_permutations", "seed"})})
     parts = raw_parts(cfg)
     prefixes = [cache_dir / f"{p.stem}-{clean_key}" for p in parts]
-
-    # 1. Clean the parts that have no cache entry for this config (the expensive, parallel work).
-    jobs = [(str(p), str(prefix)) for p, prefix in zip(parts, prefixes)
-            if not all(f.exists() for f in _cache_files(prefix).values())]
-    log(f"cleaned_shards: {len(parts)} raw parts, {len(jobs)} to clean, {len(parts) - len(jobs)} cached")
-    summaries = _clean_missing_parts(jobs, cfg, log)
+    caches = [_cache_files(prefix) for prefix in prefixes]
+    names = [f"{raw.stem}.parquet" for raw in parts]
     previous = {entry["cache"]: entry for entry in read_json(manifest_path).get("parts", [])}
 
-    # 2. Corpus-wide dedup in corpus order, from hashes and signatures only.
-    duplicates = CorpusDedup(cfg.dedup, [_cache_files(p) for p in prefixes], root)
-    entries, preview = [], []
-    written = 0
+    with data_engine(cfg.engine, log, cfg.data_path) as engine:
+        # 1. Clean the parts that have no cache entry for this config (the expensive, parallel work).
+        jobs = [(str(p), str(prefix), cfg.cleaning.model_dump(), cfg.dedup.model_dump())
+                for p, prefix, cache in zip(parts, prefixes, caches) if not all(f.exists() for f in cache.values())]
+        log(f"cleaned_shards: {len(parts)} raw parts, {len(jobs)} to clean, {len(parts) - len(jobs)} cached")
+        summaries = {jobs[i][1]: summary for i, summary in engine.map(
+            clean_part, jobs, what="cleaning parts", total=len(jobs), sizes=lambda summary: summary["bytes_in"],
+            workers=cfg.cleaning.num_workers)}
+
+        # 2. Corpus-wide dedup, from the cached hashes and signatures only; 3. the parts' outputs.
+        removed_units, candidates_checked = _duplicates(cfg, engine, caches, root, log)
+        finish_jobs = ((cache, removed, shards_dir / name, removed_dir / name, previous.get(prefix.name))
+                       for cache, removed, name, prefix in zip(caches, removed_units, names, prefixes))
+        entries: list[dict] = [{} for _ in parts]
+        for i, entry in engine.map(_finish_part, finish_jobs, what="dedup + write", total=len(parts),
+                                   sizes=lambda entry: entry["num_bytes_in"]):
+            entries[i] = entry
+        tasks_per_node = dict(engine.tasks_per_node)
+
+    preview: list[dict] = []
     totals: Counter = Counter()
     filtered_by_rule: Counter = Counter()
     pii: Counter = Counter()
-    progress = Progress(log, "dedup + write", len(parts))
-    for part_index, (raw, prefix, (num_rows, removed)) in enumerate(zip(parts, prefixes, duplicates.removals())):
-        files = _cache_files(prefix)
-        counts = Counter(reason for reason, _ in removed.values())
-        entry = {"cache": prefix.name, "raw_part": raw.name, "name": f"{raw.stem}.parquet",
-                 "num_documents_in": num_rows, "num_kept": num_rows - len(removed),
-                 "num_exact_duplicates": counts.pop("exact_duplicate", 0),
-                 "num_near_duplicates": counts.pop("near_duplicate", 0),
-                 "num_quarantined": counts.pop(QUARANTINED, 0), "filtered_by_rule": dict(counts),
-                 "removed_key": short_hash(sorted((r, reason, dup) for r, (reason, dup) in removed.items())),
-                 "pii": summaries.get(str(prefix), {}).get("pii")}
+    for raw, prefix, name, entry in zip(parts, prefixes, names, entries):
         old = previous.get(prefix.name)
-        if entry["pii"] is None:  # cleaned in an earlier run: its PII counts were recorded then
-            entry["pii"] = old.get("pii", {}) if old else {}
-        up_to_date = old and old["removed_key"] == entry["removed_key"] and \
-            (shards_dir / entry["name"]).exists() and (removed_dir / entry["name"]).exists()
-        if up_to_date:
-            entry["num_bytes_out"] = old["num_bytes_out"]
-            entry["num_bytes_in"] = old["num_bytes_in"]
-        else:
-            entry["num_bytes_in"], entry["num_bytes_out"] = _write_outputs(
-                files["table"], removed, shards_dir / entry["name"], removed_dir / entry["name"])
-            written += 1
+        pii_counts = summaries.get(str(prefix), {}).get("pii")
+        if pii_counts is None:  # cleaned in an earlier run: its PII counts were recorded then
+            pii_counts = old.get("pii", {}) if old else {}
+        entry.update({"cache": prefix.name, "raw_part": raw.name, "name": name, "pii": pii_counts})
         _quarantine_cleaning_failures(cfg, prefix.name, summaries.get(str(prefix)))
         if len(preview) < 5:
-            preview += _preview(shards_dir / entry["name"], 5 - len(preview))
-        entries.append(entry)
+            preview += _preview(shards_dir / name, 5 - len(preview))
         for key in ("num_documents_in", "num_kept", "num_exact_duplicates", "num_near_duplicates",
                     "num_quarantined", "num_bytes_in", "num_bytes_out"):
             totals[key] += entry[key]
         filtered_by_rule.update(entry["filtered_by_rule"])
-        pii.update(entry["pii"])
-        progress.update(part_index + 1, totals["num_bytes_in"], force=part_index + 1 == len(parts))
+        pii.update(pii_counts)
+    written = sum(entry.pop("written") for entry in entries)
 
     write_json(manifest_path, {"parts": entries, "clean_key": clean_key})
     names = {e["name"] for e in entries}
@@ -289,7 +300,7 @@ def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsR
         filtered_by_rule=dict(filtered_by_rule), pii_replacements=dict(pii),
         num_bytes_in=totals["num_bytes_in"], num_bytes_out=totals["num_bytes_out"],
         num_parts_cleaned=len(jobs), num_parts_reused=len(parts) - len(jobs), num_shards_written=written,
-        num_candidates_checked=duplicates.index.num_candidates_checked if duplicates.index else 0,
+        num_candidates_checked=candidates_checked(), tasks_per_node=tasks_per_node,
         parts=entries, shards_dir=shards_dir, data_version=short_hash([e["removed_key"] + e["cache"] for e in entries]),
         preview=preview,
     )

@@ -9,6 +9,7 @@ dedup.py; finding the values that repeat across the corpus is repeated_values.py
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import os
 import shutil
@@ -38,22 +39,20 @@ class CorpusDedup:
     LSH candidates, not with the corpus.
       pass 1 (if exact): the content hashes that repeat;
       pass 2: the exact duplicates, and the band keys that repeat among the other documents;
-      pass 3 (`removals`): near duplicates, indexing only the documents that have a repeated key.
+      pass 3 (`removed_units`): near duplicates, indexing only the documents that have a repeated key.
     A document's ref is its index among all units in corpus order (a signature row).
     """
 
     def __init__(self, cfg: DedupConfig, parts: list[dict[str, Path]], work_dir: Path):
         self.cfg, self.parts = cfg, parts
-        num_units = [len(_NpyRows(files["offsets"])) - 1 for files in parts]
-        self.first_ref = np.cumsum([0] + num_units).tolist()
-        self._arrays = functools.lru_cache(maxsize=32)(self._open)  # open files of the parts last read
-        self.index = dedup.NearDupIndex(cfg, self._shingles_of, self._signature_of) if cfg.near else None
+        self.arrays = UnitArrays(parts)
+        num_units = self.arrays.num_units
+        self.first_ref = self.arrays.first_ref
+        self.index = dedup.NearDupIndex(cfg, self.arrays.shingles, self.arrays.signature) if cfg.near else None
         self.exact: list[dict[int, tuple[str, str]]] = []  # per part: unit -> ("exact_duplicate", doc_id of the first)
         self.repeated_keys = repeated_values.EMPTY
-        for leftover in work_dir.glob(f"dedup{TMP_MARK}*"):  # of a killed run
-            shutil.rmtree(leftover, ignore_errors=True)
-        with tempfile.TemporaryDirectory(prefix=f"dedup{TMP_MARK}", dir=work_dir) as tmp:
-            self._find_exact_and_repeated_keys(Path(tmp), sum(num_units))
+        with scratch_dir(work_dir) as tmp:
+            self._find_exact_and_repeated_keys(tmp, sum(num_units))
 
     def _units(self, part: int, with_ids: bool = False) -> pa.Table:
         """The part's units: content_hash (and doc_id); row k is row k of its signature and shingle arrays."""
@@ -89,9 +88,12 @@ class CorpusDedup:
                 keys.add(self._offered(part, units.num_rows)[2])
         self.repeated_keys = keys.repeated()
 
-    def removals(self) -> Iterator[tuple[int, dict[int, tuple[str, str | None]]]]:
-        """For each part in corpus order: (its number of pieces, its removed rows -> (reason, doc_id of the
-        document it duplicates, or None when the cleaning removed the piece))."""
+    @property
+    def num_candidates_checked(self) -> int:
+        return self.index.num_candidates_checked if self.index else 0
+
+    def removed_units(self) -> Iterator[dict[int, tuple[str, str]]]:
+        """For each part in corpus order: its duplicate units -> (reason, doc_id of the document kept)."""
         id_of_ref: dict[int, str] = {}  # indexed documents only
         for part in range(len(self.parts)):
             units = self._units(part, with_ids=self.index is not None)
@@ -102,7 +104,7 @@ class CorpusDedup:
                 for j in np.flatnonzero(shared.any(axis=1)).tolist():  # the others cannot match or be matched
                     k = int(offered[j])
                     ref = self.first_ref[part] + k
-                    match = self.index.find_or_add(ref, signatures[k], self._shingles_of(ref),
+                    match = self.index.find_or_add(ref, signatures[k], self.arrays.shingles(ref),
                                                    keys=keys[j][shared[j]].tolist())
                     if match is None:
                         id_of_ref[ref] = units.column("doc_id")[k].as_py()
@@ -110,40 +112,52 @@ class CorpusDedup:
                         removed_units[k] = ("near_duplicate", id_of_ref[match])
             removed_units.update(self.exact[part])
             self.exact[part] = {}
-            table = pq.read_table(self.parts[part]["table"], columns=["status", "unit"])
-            yield table.num_rows, _removed_rows(table, removed_units)
-        self._arrays.cache_clear()  # closes the files
+            yield removed_units
+        self.arrays.close()
 
-    def _locate(self, ref: int) -> tuple[dict[str, _NpyRows], int]:
+
+@contextlib.contextmanager
+def scratch_dir(work_dir: Path) -> Iterator[Path]:
+    """A temporary directory for dedup's spilled values, removed after (and those of killed runs)."""
+    for leftover in work_dir.glob(f"dedup{TMP_MARK}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"dedup{TMP_MARK}", dir=work_dir) as tmp:
+        yield Path(tmp)
+
+
+class UnitArrays:
+    """The dedup units' signatures and shingle sets of every part, read by ref (a unit's index among
+    all units in corpus order) with a few parts' files open at a time."""
+
+    def __init__(self, parts: list[dict[str, Path]]):
+        self.parts = parts
+        self.num_units = [len(NpyRows(files["offsets"])) - 1 for files in parts]
+        self.first_ref = np.cumsum([0] + self.num_units).tolist()
+        self._arrays = functools.lru_cache(maxsize=32)(self._open)  # open files of the parts last read
+
+    def locate(self, ref: int) -> tuple[int, int]:
+        """(part, unit) of a ref."""
         part = bisect.bisect_right(self.first_ref, ref) - 1
-        return self._arrays(part), ref - self.first_ref[part]
+        return part, ref - self.first_ref[part]
 
-    def _open(self, part: int) -> dict[str, _NpyRows]:
-        return {name: _NpyRows(self.parts[part][name]) for name in ("signatures", "shingles", "offsets")}
+    def _open(self, part: int) -> dict[str, NpyRows]:
+        return {name: NpyRows(self.parts[part][name]) for name in ("signatures", "shingles", "offsets")}
 
-    def _signature_of(self, ref: int) -> np.ndarray:
-        arrays, k = self._locate(ref)
-        return arrays["signatures"].rows(k, k + 1)[0]
+    def signature(self, ref: int) -> np.ndarray:
+        part, k = self.locate(ref)
+        return self._arrays(part)["signatures"].rows(k, k + 1)[0]
 
-    def _shingles_of(self, ref: int) -> np.ndarray:
-        arrays, k = self._locate(ref)
+    def shingles(self, ref: int) -> np.ndarray:
+        part, k = self.locate(ref)
+        arrays = self._arrays(part)
         start, end = arrays["offsets"].rows(k, k + 2).tolist()
         return arrays["shingles"].rows(start, end)
 
-
-def _removed_rows(table: pa.Table, removed_units: dict[int, tuple[str, str]]) -> dict[int, tuple[str, str | None]]:
-    """Row -> (reason, duplicate_of) of a part's removed pieces: those the cleaning did not keep, and
-    every kept piece of a duplicate document."""
-    unit = table.column("unit").to_numpy()
-    not_kept = np.flatnonzero(unit < 0)
-    removed = dict(zip(not_kept.tolist(), ((s, None) for s in table.column("status").take(not_kept).to_pylist())))
-    if removed_units:
-        duplicate = np.flatnonzero(np.isin(unit, list(removed_units)))
-        removed.update((row, removed_units[u]) for row, u in zip(duplicate.tolist(), unit[duplicate].tolist()))
-    return dict(sorted(removed.items()))
+    def close(self) -> None:
+        self._arrays.cache_clear()  # closes the files
 
 
-class _NpyRows:
+class NpyRows:
     """Rows of a .npy file read on demand with pread. Not a memory map: the pages of a map stay in the
     process's RSS until it is unmapped, and dedup reads scattered rows of every part."""
 

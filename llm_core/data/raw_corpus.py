@@ -21,8 +21,9 @@ import xxhash
 
 from llm_core.config import ScratchConfig
 from llm_core.data.ingest import BadFile, BadRecord, ReadOptions, read_source
-from llm_core.data.progress import Log, Progress
+from llm_core.data.progress import Log
 from llm_core.data.shards import ShardWriter
+from llm_core.engine import data_engine
 from llm_core.data.sources import SourceFile, discover
 from llm_core.files import Quarantine, read_json, remove_stale_files, short_hash, write_json
 from llm_core.layout import QUARANTINE_DIR, RAW_CORPUS_DIR
@@ -46,6 +47,7 @@ class RawCorpusResult:
     num_shards_built: int
     num_shards_reused: int
     quarantine_reasons: dict[str, int]
+    tasks_per_node: dict[str, int]  # where the shards were built (engine.kind: ray spreads them)
     parts: list[Path]
     data_version: str
     quarantine_dir: Path
@@ -135,10 +137,9 @@ def build_raw_corpus(cfg: ScratchConfig, log: Log = print) -> RawCorpusResult:
     groups += _group_new_files([f for f in found.files if f.uri not in assigned], target_bytes)
 
     old_by_id = {entry["id"]: entry for entry in old_shards}
-    shards, built, reused = [], 0, 0
-    progress = Progress(log, "raw_corpus shards", len(groups))
-    done_bytes = 0
-    for i, files in enumerate(groups):
+    shards: list[dict | None] = []
+    jobs, job_shard, job_bytes = [], [], []
+    for files in groups:
         shard_id = short_hash({"files": [(f.uri, f.fingerprint) for f in files], "options": dataclasses.asdict(opts),
                           "shard_bytes": target_bytes,
                           "pieces_are_documents": [f.uri for f in files if f.uri in pieces_are_documents]})
@@ -146,13 +147,18 @@ def build_raw_corpus(cfg: ScratchConfig, log: Log = print) -> RawCorpusResult:
         if old and all((shards_dir / p).exists() for p in old["parts"]) and \
                 (quarantine_dir / f"{shard_id}.jsonl").exists():
             shards.append(old)
-            reused += 1
         else:
-            shards.append(_build_raw_shard(shard_id, files, opts, shards_dir, quarantine_dir, target_bytes,
-                                           pieces_are_documents))
-            built += 1
-        done_bytes += sum(f.size for f in files)
-        progress.update(i + 1, done_bytes, force=i + 1 == len(groups))
+            jobs.append((shard_id, files, opts, shards_dir, quarantine_dir, target_bytes, pieces_are_documents))
+            job_shard.append(len(shards))
+            job_bytes.append(sum(f.size for f in files))
+            shards.append(None)  # built below
+    built, reused = len(jobs), len(groups) - len(jobs)
+    log(f"raw_corpus: {len(groups)} shards, {built} to build, {reused} unchanged")
+    with data_engine(cfg.engine, log, cfg.data_path) as engine:
+        for i, shard in engine.map(_build_raw_shard, jobs, what="raw_corpus shards", total=len(jobs),
+                                   sizes=job_bytes):
+            shards[job_shard[i]] = shard
+        tasks_per_node = dict(engine.tasks_per_node)
 
     # Problems with the configured sources themselves (missing paths) are quarantined per run.
     source_problems = Quarantine(quarantine_dir, "sources")
@@ -180,6 +186,7 @@ def build_raw_corpus(cfg: ScratchConfig, log: Log = print) -> RawCorpusResult:
         num_quarantined=bad_records + bad_files, num_quarantined_records=bad_records,
         num_quarantined_files=bad_files, num_files=len(found.files), num_skipped_files=len(found.skipped),
         num_shards_built=built, num_shards_reused=reused, quarantine_reasons=dict(reasons),
+        tasks_per_node=tasks_per_node,
         parts=[shards_dir / p for s in shards for p in s["parts"]],
         data_version=short_hash([s["id"] for s in shards]), quarantine_dir=quarantine_dir,
     )

@@ -13,10 +13,10 @@ from llm_core.data.cleaned_shards import build_cleaned_shards
 from llm_core.data.raw_corpus import build_raw_corpus
 from llm_core.layout import RAW_CORPUS_DIR
 from pipelines.config import ScratchllmResource, run_config_class
-from pipelines.metadata import check_result, markdown_table, uri
+from pipelines.metadata import check_result, engine_metadata, markdown_table, uri
 
-RawCorpusConfig = run_config_class("RawCorpusConfig", "corpus")
-CleanedShardsConfig = run_config_class("CleanedShardsConfig", "cleaning", "dedup")
+RawCorpusConfig = run_config_class("RawCorpusConfig", "corpus", "engine")
+CleanedShardsConfig = run_config_class("CleanedShardsConfig", "cleaning", "dedup", "engine")
 
 
 @dg.asset(group_name="data", kinds={"parquet"}, code_version="1")
@@ -38,6 +38,7 @@ def raw_corpus(context: dg.AssetExecutionContext, config: RawCorpusConfig,
             "num_shards_reused": r.num_shards_reused, "num_parts": len(r.parts),
             "quarantine": dg.MetadataValue.path(str(r.quarantine_dir)),
             "quarantine_reasons": markdown_table(["reason", "count"], [list(kv) for kv in reasons]),
+            **engine_metadata(cfg.engine, r.tasks_per_node),
         },
     )
 
@@ -66,6 +67,7 @@ def cleaned_shards(context: dg.AssetExecutionContext, config: CleanedShardsConfi
             "pii_replacements": markdown_table(["kind", "count"], sorted(r.pii_replacements.items())),
             "preview": markdown_table(["id", "source", "text"], [[d["id"], d["source"], d["text"]]
                                                                  for d in r.preview]),
+            **engine_metadata(cfg.engine, r.tasks_per_node),
         },
     )
 

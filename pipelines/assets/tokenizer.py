@@ -13,10 +13,10 @@ from llm_core.tokenized_dataset import (
 )
 from pipelines.assets.corpus import cleaned_shards
 from pipelines.config import ScratchllmResource, run_config_class
-from pipelines.metadata import check_result, markdown_table, uri
+from pipelines.metadata import check_result, engine_metadata, markdown_table, uri
 
 TokenizerConfig = run_config_class("TokenizerConfig", "tokenizer")
-TokenizedDatasetConfig = run_config_class("TokenizedDatasetConfig", "dataset")
+TokenizedDatasetConfig = run_config_class("TokenizedDatasetConfig", "dataset", "engine")
 
 
 @dg.asset(group_name="tokenizer", kinds={"huggingface"}, code_version="1", deps=[cleaned_shards])
@@ -63,6 +63,7 @@ def tokenized_dataset(context: dg.AssetExecutionContext, config: TokenizedDatase
             "num_val_documents": r.num_val_documents, "dtype": r.dtype,
             "num_shards_encoded": r.num_shards_encoded, "num_shards_reused": r.num_shards_reused,
             "encode_mb_per_second": round(r.num_bytes / 1e6 / r.encode_seconds, 2) if r.encode_seconds else None,
+            **engine_metadata(cfg.engine, r.tasks_per_node),
         },
     )
 

@@ -2,7 +2,13 @@
 corpus sizes, each run in a fresh process (fresh data_dir) so that peak memory is measured per size.
 
     python benchmarks/data_stages.py [--sizes 10,100,300] [--repeats 1] [--dup-rate 0.1] [--workers 2]
-                                     [--work-dir /tmp/scratchllm-bench] [--keep]
+                                     [--engine local,ray] [--work-dir /tmp/scratchllm-bench] [--keep]
+
+`--engine local,ray` runs each size on both engines in one run: the local engine (cleaning.num_workers
+processes), then `engine.kind: ray` on a 2-node Ray cluster started on loopback for the benchmark (1 CPU
+per node: the same cores), whose start and stop times are reported; the Ray rows' RSS includes every
+process of the cluster, and their outputs (kept shards, removed ledgers, manifests) are compared byte
+for byte with the local engine's.
 
 Corpora come from make_corpus.make_sized_corpus (real prose recombined into distinct documents, with
 planted exact and near duplicate pairs) and are cached in the work dir. Reported per size (median
@@ -15,9 +21,11 @@ seconds used, how busy the machine was with other work, and the planted duplicat
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -37,7 +45,7 @@ DEFAULT_WORK_DIR = Path("/tmp/scratchllm-bench")
 # The measured process
 
 
-def worker(corpus: str, data_dir: str, workers: int) -> None:
+def worker(corpus: str, data_dir: str, workers: int, engine: str) -> None:
     """Run both stages once and print one JSON line of measurements."""
     from llm_core.config import load_config
     from llm_core.data.cleaned_shards import build_cleaned_shards
@@ -45,23 +53,31 @@ def worker(corpus: str, data_dir: str, workers: int) -> None:
 
     shutil.rmtree(data_dir, ignore_errors=True)
     cfg = load_config(overrides={"data_dir": data_dir, "corpus": {"sources": [corpus]},
-                                 "cleaning": {"num_workers": workers}})
-    marks: dict[str, float] = {}
+                                 "cleaning": {"num_workers": workers}, "engine": json.loads(engine)})
+    phases: dict[str, float] = {}  # progress line of each phase's last job -> when it was logged
 
-    def log(message: str) -> None:  # notes when the parallel cleaning of parts ended
-        if message.startswith("cleaning parts:"):
-            marks["parts_cleaned"] = time.monotonic()
+    def log(message: str) -> None:
+        done = re.match(r"^(.+): (\d+)/(\d+)\b", message)
+        if done and done.group(2) == done.group(3):
+            phases[done.group(1)] = time.monotonic()
 
     t0 = time.monotonic()
     raw = build_raw_corpus(cfg, log)
     t1 = time.monotonic()
     cleaned = build_cleaned_shards(cfg, log)
     t2 = time.monotonic()
+    # Each phase's seconds: from the end of the one before (or the start of its stage) to its last job.
+    phase_seconds, previous = {}, t0
+    for t, name in sorted((t, name) for name, t in phases.items()):
+        if previous < t1 < t:  # the first phase of cleaned_shards starts with the stage
+            previous = t1
+        phase_seconds[name], previous = t - previous, t
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     print(json.dumps({
         "documents": raw.num_documents, "text_bytes": raw.num_bytes, "source_bytes": raw.num_source_bytes,
         "raw_seconds": t1 - t0, "clean_seconds": t2 - t1, "raw_parts": len(raw.parts),
-        "parts_seconds": marks.get("parts_cleaned", t1) - t1, "dedup_seconds": t2 - marks.get("parts_cleaned", t1),
+        "parts_seconds": phases.get("cleaning parts", t1) - t1, "dedup_seconds": t2 - phases.get("cleaning parts", t1),
+        "phase_seconds": phase_seconds,
         "kept": cleaned.num_kept, "filtered": cleaned.num_filtered, "exact": cleaned.num_exact_duplicates,
         "near": cleaned.num_near_duplicates, "quarantined": cleaned.num_quarantined,
         "filtered_by_rule": cleaned.filtered_by_rule, "invariant": cleaned.invariant_holds(),
@@ -79,20 +95,23 @@ def _busy_seconds() -> float:
     return t.user + t.system + t.nice + getattr(t, "irq", 0) + getattr(t, "softirq", 0)
 
 
-def measure(corpus: Path, data_dir: Path, workers: int) -> dict:
-    """Run the worker in a fresh process; sample the RSS of its whole process tree meanwhile."""
+def measure(corpus: Path, data_dir: Path, workers: int, cluster=None) -> dict:
+    """Run the worker in a fresh process; sample the RSS of its whole process tree (and of the Ray
+    cluster's processes, when given one) meanwhile."""
+    engine = {"kind": "ray", "address": cluster.address} if cluster else {"kind": "local"}
     busy0, start = _busy_seconds(), time.monotonic()
-    proc = subprocess.Popen([sys.executable, __file__, "--worker", str(corpus), str(data_dir), str(workers)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, __file__, "--worker", str(corpus), str(data_dir), str(workers),
+                             json.dumps(engine)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(cluster.env() if cluster else {})})
     peak_tree = 0
     ps = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
-            tree = [ps] + ps.children(recursive=True)
+            pids = {ps.pid, *(p.pid for p in ps.children(recursive=True)), *(cluster.pids() if cluster else ())}
             rss = 0
-            for p in tree:
+            for pid in pids:
                 try:
-                    rss += p.memory_info().rss
+                    rss += psutil.Process(pid).memory_info().rss
                 except psutil.Error:
                     pass
             peak_tree = max(peak_tree, rss)
@@ -105,6 +124,7 @@ def measure(corpus: Path, data_dir: Path, workers: int) -> dict:
         raise RuntimeError(f"benchmark worker failed ({proc.returncode}):\n{err[-3000:]}")
     result = json.loads(out.strip().splitlines()[-1])
     result["rss_tree_mb"] = peak_tree / 2**20
+    result["engine"] = engine["kind"]
     result["wall_seconds"] = wall
     # CPU time of other processes on the machine during the run, as a share of all cores.
     result["others_busy"] = max(0.0, busy - result["cpu_seconds"]) / (wall * (os.cpu_count() or 1))
@@ -131,6 +151,17 @@ def score(data_dir: Path, corpus: Path, truth: dict) -> dict:
     return score_pairs(Outcomes(data_dir, corpus), truth["pairs"])
 
 
+def output_fingerprint(data_dir: Path) -> str:
+    """One hash of every output file of the two stages (shards, ledgers, manifests, quarantine)."""
+    digest = hashlib.sha256()
+    for name in ("raw_corpus", "cleaned_shards/shards", "cleaned_shards/removed", "cleaned_shards/manifest.json",
+                 "quarantine"):
+        paths = [data_dir / name] if (data_dir / name).is_file() else sorted((data_dir / name).rglob("*"))
+        for path in (p for p in paths if p.is_file()):
+            digest.update(str(path.relative_to(data_dir)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10,100,300", help="corpus sizes in MB, comma-separated")
@@ -138,45 +169,69 @@ def main() -> None:
     parser.add_argument("--dup-rate", type=float, default=0.1, help="share of documents that are planted duplicates")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="cleaning.num_workers")
+    parser.add_argument("--engine", default="local", help="engines to run each size on: local, ray or local,ray")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR)
     parser.add_argument("--keep", action="store_true", help="keep the data dirs of the runs")
-    parser.add_argument("--worker", nargs=3, metavar=("CORPUS", "DATA_DIR", "WORKERS"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, metavar=("CORPUS", "DATA_DIR", "WORKERS", "ENGINE"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        corpus, data_dir, workers = args.worker
-        worker(corpus, data_dir, int(workers))
+        corpus, data_dir, workers, engine = args.worker
+        worker(corpus, data_dir, int(workers), engine)
         return
 
     sizes = [float(s) for s in args.sizes.split(",")]
+    engines = args.engine.split(",")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     print(f"work dir {args.work_dir}; {os.cpu_count()} CPUs; cleaning.num_workers={args.workers}; "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"engines {engines}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    cluster, cluster_times = None, {}
+    if "ray" in engines:
+        from tests.ray_cluster import RayCluster
+
+        start = time.monotonic()
+        cluster = RayCluster.start()
+        cluster_times["start"] = time.monotonic() - start
+        print(f"Ray cluster at {cluster.address} (2 nodes, 1 CPU each) started in {cluster_times['start']:.1f} s",
+              flush=True)
     rows = []
-    for size in sizes:
-        corpus, truth = corpus_for(args.work_dir, size, args.dup_rate, args.seed)
-        data_dir = args.work_dir / f"run-{size:g}mb"
-        runs = []
-        for r in range(args.repeats):
-            run = measure(corpus, data_dir, args.workers)
-            if r == 0:
-                run["score"] = score(data_dir, corpus, truth)
-            runs.append(run)
-            mb = run["text_bytes"] / 1e6
-            print(f"  {size:g} MB run {r + 1}/{args.repeats}: {run['wall_seconds']:.1f} s wall, "
-                  f"raw {run['raw_seconds']:.1f} s + clean {run['clean_seconds']:.1f} s "
-                  f"(parts {run['parts_seconds']:.1f} s, dedup + write {run['dedup_seconds']:.1f} s), "
-                  f"{mb / (run['raw_seconds'] + run['clean_seconds']):.2f} MB/s, "
-                  f"others busy {100 * run['others_busy']:.0f}%", flush=True)
-        median_time = statistics.median_low([r["raw_seconds"] + r["clean_seconds"] for r in runs])
-        row = next(r for r in runs if r["raw_seconds"] + r["clean_seconds"] == median_time)
-        row["score"] = runs[0]["score"]
-        row["size"] = size
-        rows.append(row)
-        if not args.keep:
-            shutil.rmtree(data_dir, ignore_errors=True)
+    try:
+        for size in sizes:
+            corpus, truth = corpus_for(args.work_dir, size, args.dup_rate, args.seed)
+            fingerprints = {}
+            for engine in engines:
+                data_dir = args.work_dir / f"run-{size:g}mb-{engine}"
+                runs = []
+                for r in range(args.repeats):
+                    run = measure(corpus, data_dir, args.workers, cluster if engine == "ray" else None)
+                    if r == 0:
+                        run["score"] = score(data_dir, corpus, truth)
+                        fingerprints[engine] = output_fingerprint(data_dir)
+                    runs.append(run)
+                    mb = run["text_bytes"] / 1e6
+                    print(f"  {size:g} MB {engine} run {r + 1}/{args.repeats}: {run['wall_seconds']:.1f} s wall, "
+                          f"raw {run['raw_seconds']:.1f} s + clean {run['clean_seconds']:.1f} s "
+                          f"(parts {run['parts_seconds']:.1f} s, dedup + write {run['dedup_seconds']:.1f} s), "
+                          f"{mb / (run['raw_seconds'] + run['clean_seconds']):.2f} MB/s, "
+                          f"others busy {100 * run['others_busy']:.0f}%", flush=True)
+                median_time = statistics.median_low([r["raw_seconds"] + r["clean_seconds"] for r in runs])
+                row = next(r for r in runs if r["raw_seconds"] + r["clean_seconds"] == median_time)
+                row["score"] = runs[0]["score"]
+                row["size"] = size
+                row["identical"] = fingerprints[engine] == fingerprints[engines[0]] if engine != engines[0] else None
+                rows.append(row)
+            if not args.keep:
+                for engine in engines:
+                    shutil.rmtree(args.work_dir / f"run-{size:g}mb-{engine}", ignore_errors=True)
+    finally:
+        if cluster:
+            start = time.monotonic()
+            cluster.stop()
+            cluster_times["stop"] = time.monotonic() - start
 
     print()
-    head = (f"{'size MB':>8} {'docs':>7} {'seconds':>8} {'MB/s':>6} {'raw MB/s':>9} {'clean MB/s':>10} "
+    head = (f"{'size MB':>8} {'engine':>6} {'docs':>7} {'seconds':>8} {'MB/s':>6} {'vs first':>8} {'raw MB/s':>9} "
+            f"{'clean MB/s':>10} "
             f"{'RSS parent':>10} {'RSS worker':>10} {'RSS tree':>9} {'CPU s':>6} {'others':>6} "
             f"{'exact found':>13} {'near found':>13} {'unplanted dups':>14}")
     print(head)
@@ -186,7 +241,10 @@ def main() -> None:
         seconds = row["raw_seconds"] + row["clean_seconds"]
         s = row["score"]
         unplanted = sum(s["unplanted_removals"].values())
-        print(f"{mb:8.1f} {row['documents']:7d} {seconds:8.1f} {mb / seconds:6.2f} {mb / row['raw_seconds']:9.1f} "
+        first = next(r for r in rows if r["size"] == row["size"])
+        ratio = (mb / seconds) / (first["text_bytes"] / 1e6 / (first["raw_seconds"] + first["clean_seconds"]))
+        print(f"{mb:8.1f} {row['engine']:>6} {row['documents']:7d} {seconds:8.1f} {mb / seconds:6.2f} {ratio:7.2f}x "
+              f"{mb / row['raw_seconds']:9.1f} "
               f"{mb / row['clean_seconds']:10.2f} {row['rss_parent_mb']:10.0f} "
               f"{(format(row['rss_worker_mb'], '.0f') if row['rss_worker_mb'] else '-'):>10} "
               f"{row['rss_tree_mb']:9.0f} {row['cpu_seconds']:6.1f} {100 * row['others_busy']:5.0f}% "
@@ -194,10 +252,17 @@ def main() -> None:
               f"{unplanted:>14}")
         if not row["invariant"]:
             print(f"  !! invariant does not hold at {row['size']:g} MB")
+        if row["identical"] is not None:
+            print(f"  {row['engine']} outputs {'byte-identical to' if row['identical'] else 'DIFFER FROM'} "
+                  f"{first['engine']}'s at {row['size']:g} MB")
     print("(RSS in MB, worker '-' = one raw part, cleaned in the stage process; "
           "'others' = CPU used by other processes during the run, as a share of all cores; "
           "found = planted pairs with one removed as a duplicate of the other, among pairs where no quality "
-          "rule removed a document first; 'unplanted dups' = duplicate removals outside the planted pairs)")
+          "rule removed a document first; 'unplanted dups' = duplicate removals outside the planted pairs; "
+          "'vs first' = MB/s against the first engine's at the same size; ray rows' RSS includes the cluster)")
+    if cluster_times:
+        print(f"Ray cluster: start {cluster_times['start']:.1f} s, stop {cluster_times.get('stop', 0):.1f} s "
+              f"(not in the stages' seconds)")
     for row in rows:
         s = row["score"]
         notes = []
@@ -211,8 +276,20 @@ def main() -> None:
             notes.append(f"unplanted duplicate removals, word 5-gram Jaccard with the kept doc: {js}")
         for note in notes:
             print(f"  {row['size']:g} MB: {note}")
-    if len(rows) >= 2:
-        small, large = rows[0], rows[-1]
+    print("\nper phase at the largest size (seconds, MB/s of document text; a phase runs from the end of the one "
+          "before to its last job):")
+    largest = [r for r in rows if r["size"] == rows[-1]["size"]]
+    names = list(dict.fromkeys(name for r in largest for name in r["phase_seconds"]))
+    print(f"{'phase':>40} " + " ".join(f"{r['engine'] + ' s':>9} {'MB/s':>7}" for r in largest))
+    for name in names:
+        cells = []
+        for r in largest:
+            sec = r["phase_seconds"].get(name)
+            cells.append(f"{sec:9.1f} {r['text_bytes'] / 1e6 / sec:7.1f}" if sec else f"{'-':>9} {'-':>7}")
+        print(f"{name:>40} " + " ".join(cells))
+    first_engine = [r for r in rows if r["engine"] == engines[0]]
+    if len(first_engine) >= 2:
+        small, large = first_engine[0], first_engine[-1]
         rate = lambda r: r["text_bytes"] / 1e6 / (r["raw_seconds"] + r["clean_seconds"])  # noqa: E731
         t_small, t_large = (r["raw_seconds"] + r["clean_seconds"] for r in (small, large))
         exponent = math.log(t_large / t_small) / math.log(large["text_bytes"] / small["text_bytes"])

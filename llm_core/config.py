@@ -301,7 +301,8 @@ class AutomationConfig(Section):
 
 
 class ScratchConfig(Section):
-    data_dir: str = Field(default="data/run", description="Where every stage writes; relative to the project root.")
+    data_dir: str = Field(default="data/run", description="Where every stage writes; relative to the project root. "
+                                                          "A local path: on a Ray cluster, a mount every node shares.")
     corpus: CorpusConfig = Field(default_factory=CorpusConfig)
     cleaning: CleaningConfig = Field(default_factory=CleaningConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
@@ -313,6 +314,14 @@ class ScratchConfig(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     automation: AutomationConfig = Field(default_factory=AutomationConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @field_validator("data_dir")
+    @classmethod
+    def _local_data_dir(cls, v: str) -> str:
+        if "://" in v:
+            raise ValueError(f"must be a local path (on a cluster: storage every node mounts at the same path, "
+                             f"e.g. NFS); fsspec URIs are for corpus.sources only, got {v!r}")
+        return v
 
     @property
     def data_path(self) -> Path:

@@ -58,7 +58,7 @@ class LocalEngine:
     """Jobs in this process, or in `workers` spawned processes."""
 
     kind = "local"
-    parallelism = 1  # what one stage's serial steps assume; cleaning asks for more workers itself
+    parallelism = 1  # jobs at once unless a map asks for more workers (cleaning does)
 
     def __init__(self, log: Log = print):
         self.log = log
@@ -111,13 +111,14 @@ class RayEngine:
         progress = _MapProgress(self.log, what, total, sizes)
         env = _task_environment(self.cfg)
         pending = {self._task.remote(fn, job, env): i for i, job in enumerate(jobs)}
-        while pending:
-            ready, _ = self.ray.wait(list(pending), num_returns=1)
-            i = pending.pop(ready[0])
-            node_id, result = self.ray.get(ready[0])
-            self.tasks_per_node[self.node_ips.get(node_id, node_id)] += 1
-            progress.job_done(i, result)
-            yield i, result
+        while pending:  # what finished within a second, up to 64 at a time (one wait per task is quadratic)
+            ready, _ = self.ray.wait(list(pending), num_returns=min(len(pending), 64), timeout=1.0)
+            for ref in ready:
+                i = pending.pop(ref)
+                node_id, result = self.ray.get(ref)
+                self.tasks_per_node[self.node_ips.get(node_id, node_id)] += 1
+                progress.job_done(i, result)
+                yield i, result
 
 
 Engine = LocalEngine | RayEngine

@@ -22,6 +22,11 @@ def test_bad_engine_values_are_refused_naming_the_field(engine, field):
         load_config(overrides={"engine": engine})
 
 
+def test_data_dir_is_a_local_path_or_a_shared_mount_not_a_url():
+    with pytest.raises(ConfigError, match="data_dir: .*must be a local path .*every node mounts"):
+        load_config(overrides={"data_dir": "s3://bucket/run"})
+
+
 def test_the_engine_is_not_part_of_what_a_model_was_made_with():
     local = load_config()
     ray = load_config(overrides={"engine": {"kind": "ray", "address": "10.0.0.5:6379"}})

@@ -45,7 +45,7 @@ def corpus(tmp_path_factory) -> Path:
     for i, play in enumerate(plays):
         (root / f"play_{i}.txt").write_text(play)
     (root / "play_0_copy.txt").write_text(plays[0])  # every scene an exact duplicate
-    (root / "play_1_edited.txt").write_text(plays[1].replace(" the ", " thy ").replace("And ", "But "))  # near
+    (root / "play_1_edited.txt").write_text(plays[1].replace("And ", "But "))  # scenes near their originals
     write_jsonl(root / "notes.jsonl", [SHAKESPEARE[200_000 + k * 3000:200_000 + (k + 1) * 3000] for k in range(10)])
     with open(root / "notes.jsonl", "a") as fh:
         fh.write('{"text": "an unfinished record\n')  # quarantined, on both engines alike
@@ -56,7 +56,7 @@ def write_profile(path: Path, corpus: Path, data_dir: Path, engine: dict) -> Pat
     path.write_text(yaml.safe_dump({
         "data_dir": str(data_dir), "engine": engine,
         "corpus": {"sources": [str(corpus)], "max_document_bytes": 2048, "shard_size_mb": 0.03,
-                   "pieces_are_documents": [str(corpus / f"play_{i}.txt") for i in range(3)]},
+                   "pieces_are_documents": [str(corpus)]},  # scenes: the dedup and split units
         "cleaning": {"num_workers": 1}, "dataset": {"val_fraction": 0.3}, "tokenizer": {"vocab_size": 300},
         "model": {"n_layer": 1, "n_head": 2, "n_kv_head": 1, "n_embd": 32, "block_size": 32},
         "training": {"max_steps": 6, "warmup_steps": 2, "batch_size": 4, "eval_interval": 3,
@@ -207,3 +207,25 @@ def test_address_local_starts_a_private_cluster_for_the_stage_and_stops_it(corpu
     assert [p for p in Path("/tmp/ray").iterdir() if session.fullmatch(p.name)]  # it was that cluster's
     left = [p.pid for p in psutil.process_iter(["cmdline"]) if session.search(" ".join(p.info["cmdline"] or ()))]
     assert left == []
+
+
+def test_every_node_must_see_data_dir(ray_cluster, tmp_path, monkeypatch):
+    """On a cluster, data_dir must be storage every node mounts at the same path (checked when the
+    engine starts). /proc/self/cwd is a path that each process resolves to its own working directory:
+    the driver writes its probe there, and no node's worker finds it."""
+    import ray
+
+    from llm_core.engine import EngineError, check_shared_directory
+
+    monkeypatch.chdir(tmp_path)
+    for name, value in ray_cluster.env().items():
+        monkeypatch.setenv(name, value)
+    ray.init(address=ray_cluster.address, _node_ip_address=HEAD_IP, log_to_driver=False)
+    try:
+        assert sorted(check_shared_directory(ray, tmp_path / "shared").values()) == [HEAD_IP, WORKER_IP]
+        with pytest.raises(EngineError, match=f"not visible from Ray node\\(s\\) ({HEAD_IP}, {WORKER_IP}|"
+                                              f"{WORKER_IP}, {HEAD_IP}): with engine.kind: ray, data_dir must be"):
+            check_shared_directory(ray, "/proc/self/cwd/not_shared")
+    finally:
+        ray.shutdown()
+    assert list((tmp_path / "shared").iterdir()) == []  # the probe is removed

@@ -48,13 +48,14 @@ class ShardedDedup:
         self.arrays = UnitArrays(parts)
         num_values = sum(self.arrays.num_units) * (1 + cfg.bands)
         self.bits = max(2, math.ceil(math.log2(max(1, num_values * 16 / PARTITION_BYTES))))
-        self.num_candidates_checked = 0
+        self.num_candidates_checked = self.num_candidates = 0
         with scratch_dir(work_dir) as tmp:
             self._partition(tmp)
             exact = self._exact_duplicates(tmp) if cfg.exact else np.empty((0, 2), dtype=np.uint64)
             near = self._near_duplicates(tmp, np.sort(exact[:, 0])) if cfg.near else np.empty((0, 2), dtype=np.uint64)
-        log(f"dedup: {len(exact)} exact and {len(near)} near duplicates, {self.num_candidates_checked} candidates "
-            f"checked, over {2**self.bits} partitions")
+        log(f"dedup: {len(exact)} exact duplicates; {self.num_candidates} of {sum(self.arrays.num_units)} documents "
+            f"share a band key, {len(near)} of them near duplicates ({self.num_candidates_checked} pairs checked); "
+            f"{2**self.bits} partitions")
         self.removed_units = self._by_part([("exact_duplicate", exact), ("near_duplicate", near)])
 
     def _map(self, fn, jobs: list[tuple], what: str) -> list:
@@ -75,6 +76,7 @@ class ShardedDedup:
     def _near_duplicates(self, tmp: Path, exact_refs: np.ndarray) -> np.ndarray:
         jobs = [(tmp / "keys" / f"{p:05d}", exact_refs) for p in range(2**self.bits)]
         components = _components(np.concatenate(self._map(shared_key_edges, jobs, "dedup: band key groups")))
+        self.num_candidates = sum(map(len, components))
         batches = _balanced(components, max(1, 2 * self.engine.parallelism))
         results = self._map(resolve_components, [(self.parts, batch, self.cfg.model_dump()) for batch in batches],
                             "dedup: near-duplicate components")

@@ -156,6 +156,18 @@ def test_the_ui_one_click_path_on_ray_makes_the_same_data_as_the_local_engine(
     for asset in ("raw_corpus", "cleaned_shards", "tokenized_dataset"):
         assert nodes_that_worked(tmp_path / "dagster_home", asset) == {HEAD_IP, WORKER_IP}, asset
 
+    # Switching back to the local engine on the same data_dir: every shard is reused, nothing looks new.
+    before = data_versions(tmp_path / "dagster_home")
+    profile = write_profile(tmp_path / "local.yaml", corpus, tmp_path / "data", {"kind": "local"})
+    done = scratchllm_run(profile, newcomer_env(tmp_path), tmp_path / "elsewhere", "--select", ",".join(DATA_ASSETS))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    found = {key: m.metadata for key, m in materializations(tmp_path / "dagster_home").items()}
+    assert [found[asset][field].value for asset, field in [("raw_corpus", "num_shards_built"),
+                                                           ("cleaned_shards", "num_parts_cleaned"),
+                                                           ("cleaned_shards", "num_shards_written"),
+                                                           ("tokenized_dataset", "num_shards_encoded")]] == [0, 0, 0, 0]
+    assert data_versions(tmp_path / "dagster_home") == before
+
 
 def test_a_ray_worker_killed_during_cleaned_shards_changes_nothing(ray_cluster, corpus, local_reference, tmp_path):
     """`scratchllm run` of the whole graph; the first cleaning task stops at a hold point in its Ray worker,

@@ -5,7 +5,8 @@ each group of near duplicates, the ones the one-pass NearDupIndex keeps in corpu
 without passing the corpus through one process:
 
   1. map, per part: its units' content hashes and LSH band keys, each with the unit's ref (its index
-     among all units in corpus order), written into partitions by the value's top bits;
+     among all units in corpus order), in partitions by the value's top bits (one file per part,
+     sorted, with an index of where each partition starts: files = parts, not parts x partitions);
   2. reduce, per partition of content hashes: the exact duplicates (ref -> first ref of its hash);
   3. reduce, per partition of band keys, exact duplicates left out: the refs that share a key, as
      edges (the first ref of the key, another ref);
@@ -31,13 +32,13 @@ from scipy.sparse.csgraph import connected_components
 
 from llm_core.config import DedupConfig
 from llm_core.data import dedup
-from llm_core.data.corpus_dedup import UnitArrays, scratch_dir
+from llm_core.data.corpus_dedup import NpyRows, UnitArrays, scratch_dir
 from llm_core.data.progress import Log
 from llm_core.data.repeated_values import isin_sorted
 from llm_core.engine import Engine
 from llm_core.files import save_npy
 
-PARTITION_BYTES = 64 << 20  # about this much (value, ref) data per reduce task
+PARTITION_BYTES = 256 << 20  # about this much (value, ref) data per reduce task
 
 
 class ShardedDedup:
@@ -70,11 +71,11 @@ class ShardedDedup:
         self._map(partition_part, jobs, "dedup: partition hashes and band keys")
 
     def _exact_duplicates(self, tmp: Path) -> np.ndarray:
-        jobs = [(tmp / "hashes" / f"{p:05d}",) for p in range(2**self.bits)]
+        jobs = [(tmp / "hashes", p) for p in range(2**self.bits)]
         return np.concatenate(self._map(exact_duplicates, jobs, "dedup: exact groups"))
 
     def _near_duplicates(self, tmp: Path, exact_refs: np.ndarray) -> np.ndarray:
-        jobs = [(tmp / "keys" / f"{p:05d}", exact_refs) for p in range(2**self.bits)]
+        jobs = [(tmp / "keys", p, exact_refs) for p in range(2**self.bits)]
         components = _components(np.concatenate(self._map(shared_key_edges, jobs, "dedup: band key groups")))
         self.num_candidates = sum(map(len, components))
         batches = _balanced(components, max(1, 2 * self.engine.parallelism))
@@ -123,20 +124,23 @@ def partition_part(part: int, units_path: Path, signatures_path: Path, first_ref
 
 
 def _write_partitions(directory: Path, part: int, values: np.ndarray, refs: np.ndarray, bits: int) -> None:
-    order = np.argsort(values, kind="stable")  # sorted by value is sorted by partition: each one a slice
-    values, refs = values[order], refs[order]
-    starts = np.searchsorted(values, np.arange(2**bits, dtype=np.uint64) << np.uint64(64 - bits)).tolist()
-    for partition, (start, end) in enumerate(zip(starts, [*starts[1:], len(values)])):
-        if end > start:
-            path = directory / f"{partition:05d}" / f"{part:06d}.npy"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_npy(path, np.stack([values[start:end], refs[start:end]], axis=1))
+    """One file of the part's (value, ref) pairs sorted by value, so that each partition is one slice,
+    and an index of where each slice starts (written last: it marks the file complete)."""
+    order = np.argsort(values, kind="stable")
+    pairs = np.stack([values[order], refs[order]], axis=1)
+    starts = np.searchsorted(pairs[:, 0], np.arange(2**bits, dtype=np.uint64) << np.uint64(64 - bits))
+    directory.mkdir(parents=True, exist_ok=True)
+    save_npy(directory / f"{part:06d}.npy", pairs)
+    save_npy(directory / f"{part:06d}.index.npy", np.append(starts, len(pairs)))
 
 
-def _groups(partition: Path, leave_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(refs, the first ref of each one's value) of a partition's pairs, sorted by (value, ref)."""
-    files = sorted(partition.glob("*.npy"))  # finished files only (a temp file has another suffix)
-    pairs = np.concatenate([np.load(f) for f in files]) if files else np.empty((0, 2), dtype=np.uint64)
+def _groups(directory: Path, partition: int, leave_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(refs, the first ref of each one's value) of a partition's pairs from every part, sorted by (value, ref)."""
+    slices = []
+    for index in sorted(directory.glob("*.index.npy")):
+        start, end = np.load(index)[partition: partition + 2].tolist()
+        slices.append(NpyRows(index.with_name(index.name.replace(".index", ""))).rows(start, end))
+    pairs = np.concatenate(slices) if slices else np.empty((0, 2), dtype=np.uint64)
     if leave_out is not None and len(leave_out):
         pairs = pairs[~isin_sorted(pairs[:, 1], leave_out)]
     order = np.lexsort((pairs[:, 1], pairs[:, 0]))
@@ -148,16 +152,16 @@ def _groups(partition: Path, leave_out: np.ndarray | None = None) -> tuple[np.nd
     return refs, first
 
 
-def exact_duplicates(partition: Path) -> np.ndarray:
+def exact_duplicates(directory: Path, partition: int) -> np.ndarray:
     """(ref, first ref with the same content hash) for every later document of a hash."""
-    refs, first = _groups(partition)
+    refs, first = _groups(directory, partition)
     later = refs != first
     return np.stack([refs[later], first[later]], axis=1)
 
 
-def shared_key_edges(partition: Path, exact_refs: np.ndarray) -> np.ndarray:
+def shared_key_edges(directory: Path, partition: int, exact_refs: np.ndarray) -> np.ndarray:
     """Distinct (first ref, ref) edges between the documents that share a band key."""
-    refs, first = _groups(partition, leave_out=exact_refs)
+    refs, first = _groups(directory, partition, leave_out=exact_refs)
     later = refs != first  # a document with the same key in two bands shares it with no one
     return np.unique(np.stack([first[later], refs[later]], axis=1), axis=0)
 

@@ -7,9 +7,10 @@ batch 8) it times full training steps (forward, backward, AdamW) of
   - reference: the textbook GPT (learned positions, separate q/k/v, masked-softmax attention,
     LayerNorm, GELU MLP, biases, fp32);
   - scratchllm: llm_core.model.Transformer (RoPE, GQA-ready SDPA attention, SwiGLU, RMSNorm) in
-    the precision chosen for that size (fp32 at ~1M; at ~10M whichever GEMM is faster on this CPU:
-    bf16 autocast where it has AMX, else fp32),
-and prints tokens/s (median of repeats), MFU against a GEMM measured in this run in the same
+    fp32, and in what `training.mixed_precision: auto` chooses for that size on this machine
+    (llm_core/performance.py: bf16 only with native bf16 units and a measured gain at the model's
+    matmul shape),
+and prints tokens/s (median of repeats), MFU against the best GEMM measured in this run in the same
 precision, and the speed-up over the reference.
 """
 
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llm_core.model import ModelArgs, Transformer  # noqa: E402
-from llm_core.performance import measure_peak_flops  # noqa: E402
+from llm_core.performance import choose_precision, measure_peak_flops  # noqa: E402
 
 VOCAB = 2048  # the default profile's BPE vocabulary, for both models
 
@@ -98,8 +99,8 @@ def time_training(model, batch: int, block: int, steps: int, dtype: torch.dtype)
 
 
 SIZES = {
-    "~1M": dict(n_layer=4, d=128, n_head=4, block=64, batch=12, dtype=torch.float32),
-    "~10M": dict(n_layer=6, d=384, n_head=6, block=256, batch=8, dtype=None),  # None: the faster GEMM here
+    "~1M": dict(n_layer=4, d=128, n_head=4, block=64, batch=12),
+    "~10M": dict(n_layer=6, d=384, n_head=6, block=256, batch=8),
 }
 
 
@@ -111,33 +112,38 @@ def main() -> None:
     a = parser.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    peaks = {dt: measure_peak_flops(dt, size=2048) for dt in (torch.float32, torch.bfloat16)}
-    print(f"GEMM 2048^3 on {a.threads} threads: fp32 {peaks[torch.float32] / 1e9:.0f} GFLOP/s, "
+    peaks = {dt: measure_peak_flops(dt) for dt in (torch.float32, torch.bfloat16)}
+    print(f"best GEMM on {a.threads} threads: fp32 {peaks[torch.float32] / 1e9:.0f} GFLOP/s, "
           f"bf16 {peaks[torch.bfloat16] / 1e9:.0f} GFLOP/s (MFU denominators)\n")
-    # bf16 pays off only where the CPU multiplies bf16 in hardware (AMX / AVX512_BF16); measure, don't assume.
-    fastest = max(peaks, key=peaks.get)
     print("| size | model | params | precision | tokens/s (median) | MFU | vs reference |")
     print("|---|---|---|---|---|---|---|")
+    decisions = []
     for name, s in SIZES.items():
-        s = {**s, "dtype": s["dtype"] or fastest}
-        ours = Transformer(ModelArgs(vocab_size=VOCAB, n_layer=s["n_layer"], n_head=s["n_head"],
-                                     n_kv_head=s["n_head"], n_embd=s["d"], block_size=s["block"]))
+        args = ModelArgs(vocab_size=VOCAB, n_layer=s["n_layer"], n_head=s["n_head"], n_kv_head=s["n_head"],
+                         n_embd=s["d"], block_size=s["block"])
+        auto, why = choose_precision("auto", torch.device("cpu"), s["batch"] * s["block"], s["d"],
+                                     args.intermediate_size)
+        decisions.append(f"{name}: auto chose {auto} ({why})")
+        ours = Transformer(args)
         ref = ReferenceGPT(s["n_layer"], s["d"], s["n_head"], s["block"])
         ref_params = sum(p.numel() for p in ref.parameters())
         ref_flops = flops_per_token(ref_params - ref.tok.weight.numel() - ref.pos.weight.numel(),
                                     s["n_layer"], s["d"], s["block"])
-        runs = {"reference": [], "scratchllm": []}
-        for _ in range(a.repeats):  # interleaved, so both see the same machine conditions
-            runs["reference"].append(time_training(ref, s["batch"], s["block"], a.steps, torch.float32))
-            runs["scratchllm"].append(time_training(ours, s["batch"], s["block"], a.steps, s["dtype"]))
+        variants = [("reference", ref, torch.float32, ref_flops), ("scratchllm", ours, torch.float32,
+                                                                     ours.flops_per_token())]
+        if auto == "bf16":
+            variants.append(("scratchllm auto", ours, torch.bfloat16, ours.flops_per_token()))
+        runs = {label: [] for label, *_ in variants}
+        for _ in range(a.repeats):  # interleaved, so all see the same machine conditions
+            for label, model, dtype, _ in variants:
+                runs[label].append(time_training(model, s["batch"], s["block"], a.steps, dtype))
         ref_tps = statistics.median(runs["reference"])
-        for label, model, dtype, fpt in (("reference", ref, torch.float32, ref_flops),
-                                         ("scratchllm", ours, s["dtype"], ours.flops_per_token())):
+        for label, model, dtype, fpt in variants:
             tps = statistics.median(runs[label])
             params = sum(p.numel() for p in model.parameters())
             print(f"| {name} | {label} | {params / 1e6:.2f}M | {'bf16' if dtype == torch.bfloat16 else 'fp32'} "
                   f"| {tps:,.0f} | {tps * fpt / peaks[dtype]:.1%} | {tps / ref_tps:.2f}x |")
-
+    print("\n" + "\n".join(decisions))
 
 if __name__ == "__main__":
     main()

@@ -191,13 +191,18 @@ class TrainingConfig(Section):
                                                                      "warmup_fraction of max_steps.")
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1, description="Warmup as a share of max_steps "
                                                                          "when warmup_steps is null.")
+    optimizer: str = Field(default="adamw", description="'adamw', or 'muon': torch.optim.Muon for the hidden "
+                                                        "matrices, AdamW for embeddings, head and gains.")
+    muon_learning_rate: float = Field(default=0.02, gt=0, description="Muon's peak learning rate (same schedule).")
+    muon_momentum: float = Field(default=0.95, ge=0, lt=1, description="Muon's momentum (Nesterov).")
     weight_decay: float = Field(default=0.1, ge=0, description="AdamW decay of matrices (not norms).")
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.95, ge=0, lt=1)
     grad_clip: float = Field(default=1.0, ge=0, description="Max gradient norm; 0 = no clipping.")
     num_processes: int = Field(default=1, ge=1, description="Training processes (ranks) on this machine.")
     seed: int = Field(default=1337, ge=0)
-    mixed_precision: str = Field(default="no", description="'no' (fp32), 'bf16' or 'fp16' (GPU).")
+    mixed_precision: str = Field(default="no", description="'no' (fp32), 'bf16', 'fp16' (GPU) or 'auto': bf16 on "
+                                                           "CUDA, and on a CPU with bf16 units when it is faster.")
     compile: bool = Field(default=False, description="torch.compile the model.")
     activation_checkpointing: bool = Field(
         default=False, description="Recompute each transformer block's activations in backward instead of "
@@ -217,7 +222,12 @@ class TrainingConfig(Section):
     @field_validator("mixed_precision")
     @classmethod
     def _precision(cls, v: str) -> str:
-        return _one_of(v, ("no", "bf16", "fp16"))
+        return _one_of(v, ("no", "bf16", "fp16", "auto"))
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, v: str) -> str:
+        return _one_of(v, ("adamw", "muon"))
 
     @field_validator("lr_schedule")
     @classmethod

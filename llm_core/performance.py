@@ -1,4 +1,5 @@
-"""What a training costs this machine: peak memory, the GEMM peak FLOP/s, model FLOPs utilization."""
+"""What a training costs this machine: peak memory, the GEMM peak FLOP/s, model FLOPs utilization,
+and the precision `training.mixed_precision: auto` trains in."""
 
 from __future__ import annotations
 
@@ -9,21 +10,64 @@ from pathlib import Path
 import torch
 
 
-def measure_peak_flops(dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of a square GEMM in the training precision on this machine: the MFU denominator."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def gemm_flops(dtype: torch.dtype, m: int, k: int, n: int, repeats: int = 5, device: str = "cpu") -> float:
+    """FLOP/s of the fastest of `repeats` (m x k) @ (k x n) products: noise (another process, a
+    frequency dip) only ever slows a run down, so the best one is closest to what the hardware does."""
+    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
     a @ b  # warm-up
-    times = []
+    best = float("inf")
     for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / sorted(times)[len(times) // 2]
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best
+
+
+PEAK_SIZES = (1024, 2048)
+
+
+def measure_peak_flops(dtype: torch.dtype, device: str = "cpu") -> float:
+    """The MFU denominator: the best square GEMM in the training precision on this machine, over a
+    few sizes and repeats (a single timing on a busy machine once gave "mfu 162%")."""
+    return max(gemm_flops(dtype, n, n, n, device=device) for n in PEAK_SIZES)
 
 
 def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> float:
-    """Model FLOPs utilization: the model's FLOP/s (forward + backward) over the measured peak."""
-    return tokens_per_second * flops_per_token / peak_flops
+    """Model FLOPs utilization: the model's FLOP/s (forward + backward) over the peak, at most 1 (a peak
+    measured while the machine was busy can fall below what training reaches later)."""
+    return min(1.0, tokens_per_second * flops_per_token / peak_flops)
+
+
+def cpu_has_bf16_units() -> bool:
+    """AVX512_BF16 or AMX: native bf16 matrix instructions (without them bf16 is emulated, ~5x slower)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+BF16_MIN_GAIN = 1.3  # bf16 must beat fp32 by this much at the model's own matmul shape
+
+
+def choose_precision(setting: str, device: torch.device, tokens: int, width: int, hidden: int) -> tuple[str, str]:
+    """(accelerate's mixed_precision, why) for `training.mixed_precision`. `auto`: bf16 on CUDA (fp16
+    where bf16 is missing); on CPU bf16 only with native bf16 units and when a matmul of the model's MLP
+    shape (tokens x width x hidden) measured here runs BF16_MIN_GAIN times faster in bf16 than in fp32
+    (small models gain nothing: casts cost more than the matmuls save), fp32 otherwise."""
+    if setting != "auto":
+        return setting, "as configured"
+    if device.type == "cuda":
+        return ("bf16", "CUDA with bf16") if torch.cuda.is_bf16_supported() else ("fp16", "CUDA without bf16")
+    if not cpu_has_bf16_units():
+        return "no", "this CPU has no bf16 matrix units (avx512_bf16 / amx_bf16)"
+    fp32, bf16 = (gemm_flops(dtype, tokens, width, hidden) for dtype in (torch.float32, torch.bfloat16))
+    measured = f"a {tokens}x{width}x{hidden} matmul ran at {bf16 / 1e9:.0f} GFLOP/s in bf16, {fp32 / 1e9:.0f} in fp32"
+    return ("bf16" if bf16 >= BF16_MIN_GAIN * fp32 else "no"), measured
 
 
 class PeakMemory:

@@ -216,7 +216,7 @@ def setup_from_config(cfg, vocab_size: int | None = None, **overrides) -> Setup:
     from llm_core.train import model_args
 
     t = cfg.training
-    precision = {"no": "fp32"}.get(t.mixed_precision, t.mixed_precision)
+    precision = {"no": "fp32", "auto": "bf16"}.get(t.mixed_precision, t.mixed_precision)  # auto: bf16 on GPUs
     return Setup(model_args(cfg, vocab_size or cfg.tokenizer.vocab_size), batch_size=t.batch_size,
                  precision=precision, gpus=t.num_processes, **overrides)
 

@@ -31,11 +31,11 @@ from llm_core import health
 from llm_core.checkpoint import checkpoint_dirs, checkpoint_step, model_config, resume, save_checkpoint, save_final
 from llm_core.config import ScratchConfig, load_config, validate_config
 from llm_core.evaluate import bits_per_byte
-from llm_core.files import read_json
+from llm_core.files import read_json, write_json
 from llm_core.layout import DATASET_DIR, MODEL_DIR
 from llm_core.loader import TokenWindows, sequential_batches
 from llm_core.model import ModelArgs, Transformer
-from llm_core.performance import PeakMemory, measure_peak_flops, mfu
+from llm_core.performance import PeakMemory, choose_precision, measure_peak_flops, mfu
 from llm_core.tokenized_dataset import val_bytes
 
 # ---------------------------------------------------------------------------------------------
@@ -63,13 +63,48 @@ def lr_at(step: int, cfg: ScratchConfig) -> float:
     return 1.0 - (1 - t.min_lr_ratio) * (step - decay_start) / max(t.max_steps - decay_start, 1)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: ScratchConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on norm gains), as in GPT-2/Llama training."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.training.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.training.learning_rate,
-                             betas=(cfg.training.beta1, cfg.training.beta2), fused=False)
+def make_optimizers(model: torch.nn.Module, cfg: ScratchConfig) -> list[torch.optim.Optimizer]:
+    """[AdamW] (weight decay on matrices only, not on norm gains, as in GPT-2/Llama training), or with
+    `training.optimizer: muon` [AdamW, Muon]: torch.optim.Muon takes 2D matrices only and is meant for
+    the hidden ones (attention and MLP projections); the embeddings, the head and the gains stay on
+    AdamW. Each optimizer has its own learning rate under the same schedule; Muon's matrices are not
+    decayed (as in the speedrun recipes it comes from)."""
+    t = cfg.training
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for name, p in named if t.optimizer == "muon" and p.dim() == 2 and name.startswith("layers.")]
+    hidden_ids = {id(p) for p in hidden}
+    rest = [p for _, p in named if id(p) not in hidden_ids]
+    adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": t.weight_decay},
+                               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
+                              lr=t.learning_rate, betas=(t.beta1, t.beta2), fused=False)
+    if not hidden:
+        return [adamw]
+    return [adamw, torch.optim.Muon(hidden, lr=t.muon_learning_rate, momentum=t.muon_momentum, weight_decay=0.0)]
+
+
+PRECISION_FILE = "precision.json"
+
+
+def training_precision(cfg: ScratchConfig, out_dir: Path, device: torch.device) -> tuple[str, str]:
+    """(precision, why): `training.mixed_precision`, with `auto` decided once per run by the first rank
+    (performance.choose_precision) and kept in out_dir, so that every rank and every resume of the run
+    trains in the same precision."""
+    t = cfg.training
+    if t.mixed_precision != "auto":
+        return t.mixed_precision, "as configured"
+    path = out_dir / PRECISION_FILE
+    if not path.exists() and int(os.environ.get("RANK", "0")) == 0:
+        args = model_args(cfg, cfg.tokenizer.vocab_size)
+        precision, why = choose_precision("auto", device, t.batch_size * args.block_size, args.n_embd,
+                                          args.intermediate_size)
+        write_json(path, {"mixed_precision": precision, "why": f"auto: {why}"})
+    deadline = time.monotonic() + 120
+    while not path.exists():  # another rank: the first one is measuring
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank {os.environ.get('RANK')}: no {path} from the first rank after 120 s")
+        time.sleep(0.1)
+    decided = read_json(path)
+    return decided["mixed_precision"], decided["why"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -141,7 +176,8 @@ class TrainResult:
     steps: int
     resumed_from_step: int
     peak_memory_mb: float  # of the main rank, see PeakMemory; `scratchllm plan` estimates it
-    peak_flops: float  # the MFU denominator: a GEMM measured on this machine in the training precision
+    peak_flops: float  # the MFU denominator: the best GEMM measured on this machine in the training precision
+    mixed_precision: str  # what the training ran in (`auto` decided once per run, see training_precision)
     history: list[dict]
     out_dir: Path
 
@@ -181,7 +217,10 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     from accelerate.utils import set_seed
 
     t = cfg.training
-    accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum_steps, mixed_precision=t.mixed_precision,
+    out_dir = Path(out_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision, why = training_precision(cfg, out_dir, device)
+    accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum_steps, mixed_precision=precision,
                               step_scheduler_with_optimizer=False,
                               cpu=not torch.cuda.is_available())  # several CPU ranks: gloo
     if accelerator.num_processes != t.num_processes:
@@ -190,41 +229,42 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     main = accelerator.is_main_process
     if "OMP_NUM_THREADS" not in os.environ and accelerator.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
-    out_dir = Path(out_dir)
     dataset_dir = cfg.data_path / DATASET_DIR
     manifest = read_json(dataset_dir / "manifest.json")
     if not manifest:
         raise FileNotFoundError(f"no tokenized dataset under {dataset_dir}: materialize `tokenized_dataset` first")
     text_bytes = val_bytes(manifest)
 
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    peak_flops = measure_peak_flops(dtype, device.type) if main else 1.0  # before PeakMemory: not the model's
     memory = PeakMemory(accelerator.device)
     set_seed(t.seed)  # the same initial weights on every rank
     args = model_args(cfg, manifest["vocab_size"])
     model = Transformer(args)
     model.activation_checkpointing = t.activation_checkpointing
     num_params = model.num_parameters()
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg))
+    optimizers = make_optimizers(model, cfg)
     # Not prepared: accelerate would step a prepared scheduler once per process.
-    model, optimizer = accelerator.prepare(model, optimizer)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: lr_at(step, cfg)) for o in optimizers]
+    # Each optimizer prepared on its own: accelerate then skips, scales and checkpoints every one of them.
+    model, *optimizers = accelerator.prepare(model, *optimizers)
     if t.compile:
         model = torch.compile(model)
     loader = TokenWindows(dataset_dir, "train", args.block_size, t.batch_size, t.seed,
                           accelerator.process_index, accelerator.num_processes, cfg.dataset.packing)
     progress = TrainingProgress(loader)
-    accelerator.register_for_checkpointing(scheduler, progress)
+    accelerator.register_for_checkpointing(*schedulers, progress)
 
     if main:
         health.clear_divergence(out_dir)  # this attempt writes its own record if it diverges
     start_step = resume(accelerator, out_dir, log if main else lambda message: None)
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.mixed_precision, torch.float32)
-    peak_flops = measure_peak_flops(dtype) if main else 1.0
     flops_per_token = accelerator.unwrap_model(model).flops_per_token()
     tokens_per_step = t.batch_size * args.block_size * t.grad_accum_steps * accelerator.num_processes
     if main:
         log(f"training {num_params / 1e6:.2f}M parameters on {accelerator.num_processes} process(es), "
-            f"{tokens_per_step} tokens/step, steps {start_step}..{t.max_steps}, precision {t.mixed_precision}")
+            f"{tokens_per_step} tokens/step, steps {start_step}..{t.max_steps}, precision {precision} ({why}); "
+            f"MFU against {peak_flops / 1e9:.0f} GFLOP/s, the best {dtype} GEMM measured here")
 
     model.train()
     train_seconds, window_start, window_tokens = 0.0, time.perf_counter(), 0
@@ -243,15 +283,17 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                for optimizer in optimizers:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
             step_loss += loss.detach() / t.grad_accum_steps
-        scheduler.step()
+        for scheduler in schedulers:
+            scheduler.step()
         last_loss = float(accelerator.reduce(step_loss, reduction="mean"))  # the global batch's loss
         train_seconds += time.perf_counter() - step_start
         window_tokens += tokens_per_step
         done = step + 1
-        metrics = {"train_loss": last_loss, "lr": scheduler.get_last_lr()[0]}
+        metrics = {"train_loss": last_loss, "lr": schedulers[0].get_last_lr()[0]}
         if not math.isfinite(last_loss):
             stop_diverged(accelerator, out_dir, done, f"the train loss is {last_loss}",
                           progress.history + [{"step": done, **metrics}])
@@ -301,6 +343,7 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
         train_seconds=train_seconds, world_size=accelerator.num_processes,
         mfu=mfu(median_tokens_per_second, flops_per_token, peak_flops),
         steps=t.max_steps, resumed_from_step=start_step, peak_memory_mb=memory.peak_mb(), peak_flops=peak_flops,
+        mixed_precision=precision,
         history=progress.history, out_dir=out_dir)
     # The full weights: gathered from the shards under FSDP / ZeRO-3 (every rank takes part).
     state = accelerator.get_state_dict(model)

@@ -30,7 +30,9 @@ def accelerate_command(cfg: ScratchConfig, module: str, args: list[str]) -> list
         if t.num_processes > 1:
             launch += ["--multi_gpu"]  # on CPU this is torchrun with the gloo backend
         launch += ["--num_processes", str(t.num_processes), "--num_machines", "1", "--main_process_port", "0",
-                   "--mixed_precision", t.mixed_precision, "--dynamo_backend", "no"]
+                   # auto is decided by the training itself (llm_core/train.py), once per run
+                   "--mixed_precision", "no" if t.mixed_precision == "auto" else t.mixed_precision,
+                   "--dynamo_backend", "no"]
     # In its own process group, so that cancelling the Dagster run stops every rank.
     return [sys.executable, "-m", "pipelines.process_group", "--", *launch, "-m", module, *args]
 

@@ -64,7 +64,9 @@ def main() -> None:
             "final_val_loss": result.final_val_loss, "val_bpb": result.val_bpb,
             "tokens_per_second": round(result.tokens_per_second, 1),
             "train_seconds": round(result.train_seconds, 2), "world_size": result.world_size,
-            "mfu": round(result.mfu, 4), "steps": result.steps, "resumed_from_step": result.resumed_from_step,
+            "mfu": round(result.mfu, 4), "peak_flops": round(result.peak_flops),
+            "mixed_precision": result.mixed_precision, "steps": result.steps,
+            "resumed_from_step": result.resumed_from_step,
             "loss_curve": {"raw_value": str(curve), "type": "path"},
         })
 

@@ -139,6 +139,25 @@ def test_a_truncated_newest_checkpoint_is_set_aside_and_the_one_before_resumes(r
     assert f"resumed from {out / 'checkpoints' / 'step_20'} (step 20)" in again
 
 
+def test_muon_checkpoints_both_optimizers_and_resumes_exactly(data_dir, reference_run, tmp_path):
+    """training.optimizer: muon prepares AdamW (embeddings, head, gains) and Muon (hidden matrices) each
+    on its own: every checkpoint holds both states, and a run killed after step_10 resumes onto the
+    uninterrupted run's losses."""
+    cfg = config(data_dir, optimizer="muon")
+    full = train(cfg, tmp_path / "full", log=QUIET)
+    for checkpoint in checkpoint_dirs(full.out_dir):
+        assert {"optimizer.bin", "optimizer_1.bin"} <= {f.name for f in checkpoint.iterdir()}
+    out = copy_of(full.out_dir, tmp_path / "killed")
+    shutil.rmtree(out / "checkpoints" / "step_20")
+    resumed = train(cfg, out, log=QUIET)
+    assert resumed.resumed_from_step == 10
+    for step, (a, b) in enumerate(zip(losses(resumed.history), losses(full.history), strict=True), 1):
+        assert abs(a - b) <= 1e-6, f"step {step}: resumed {a} vs uninterrupted {b}"
+    assert resumed.final_val_loss == pytest.approx(full.final_val_loss, abs=1e-6)
+    _, adamw = reference_run  # the same config with AdamW alone: another curve from the first update on
+    assert losses(full.history)[1] != pytest.approx(losses(adamw.history)[1], abs=1e-4)
+
+
 def test_when_no_checkpoint_loads_the_next_start_trains_from_scratch(reference_run, tmp_path):
     """The only checkpoint failed half-way through loading (its weights may be in the model): this
     start refuses to train on them; the next one trains from step 0, exactly as a fresh run."""

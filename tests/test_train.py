@@ -225,3 +225,20 @@ def test_compiled_training_follows_the_eager_curve_and_saves_plain_weights(data_
     assert losses(result.history) == pytest.approx(losses(eager.history), abs=2e-3)
     model = load_model(tmp_path / "compiled")
     assert not any("_orig_mod" in name for name in model.state_dict())
+
+
+def test_auto_precision_is_decided_once_per_run_and_kept_on_resume(data_dir, tmp_path):
+    """`mixed_precision: auto` is decided by the first start of a run and written in the run directory;
+    every later start (a resume, another rank) reads it instead of measuring again."""
+    cfg = config(data_dir, mixed_precision="auto", max_steps=10, checkpoint_interval=5)
+    lines = []
+    first = train(cfg, tmp_path / "run", log=lines.append)
+    decided = json.loads((tmp_path / "run" / "precision.json").read_text())
+    assert first.mixed_precision == decided["mixed_precision"] in ("no", "bf16")
+    assert any(f"precision {decided['mixed_precision']} ({decided['why']})" in line for line in lines)
+    assert all(h["mfu"] <= 1.0 for h in first.history if "mfu" in h)
+
+    other = tmp_path / "other"  # a run whose first start chose fp32: its resumes stay in fp32
+    other.mkdir()
+    (other / "precision.json").write_text(json.dumps({"mixed_precision": "no", "why": "auto: chosen before"}))
+    assert train(cfg, other, log=QUIET).mixed_precision == "no"

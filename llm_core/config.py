@@ -216,6 +216,9 @@ class TrainingConfig(Section):
                                                                       "multiple of the running median is a spike.")
     health_spike_steps: int = Field(default=10, ge=1, description="training_health check: fails when a spike "
                                                                   "lasts this many consecutive steps.")
+    init_from: str | None = Field(default=None, description="Warm start: the weights of NAME@ALIAS, NAME/VERSION, a "
+                                                             "run directory or a checkpoint; a fresh optimizer and "
+                                                             "schedule. null: random weights.")
     accelerate_config: str | None = Field(default=None, description="An accelerate config YAML "
                                                                     "(assets_config/accelerate/*.yaml); null = CPU.")
 
@@ -300,6 +303,13 @@ class AutomationConfig(Section):
     retrain_schedule_enabled: bool = Field(default=False, description="Start the schedule with the code location.")
     new_data_sensor_enabled: bool = Field(default=False, description="Retrain when corpus.sources change.")
     new_data_interval_seconds: int = Field(default=300, ge=30, description="How often the sensor lists the sources.")
+    retrain_mode: str = Field(default="scratch", description="The retrain job (schedule, new-data sensor): 'scratch' "
+                                                             "(random weights) or 'continue' (from the champion).")
+
+    @field_validator("retrain_mode")
+    @classmethod
+    def _retrain_mode(cls, v: str) -> str:
+        return _one_of(v, ("scratch", "continue"))
 
     @field_validator("retrain_cron")
     @classmethod

@@ -27,12 +27,12 @@ from typing import Callable
 
 import torch
 
-from llm_core import health
+from llm_core import health, model_source
 from llm_core.checkpoint import checkpoint_dirs, checkpoint_step, model_config, resume, save_checkpoint, save_final
 from llm_core.config import ScratchConfig, load_config, validate_config
 from llm_core.evaluate import bits_per_byte
 from llm_core.files import read_json, write_json
-from llm_core.layout import DATASET_DIR, MODEL_DIR
+from llm_core.layout import DATASET_DIR, MODEL_DIR, TOKENIZER_DIR
 from llm_core.loader import TokenWindows, sequential_batches
 from llm_core.model import ModelArgs, Transformer
 from llm_core.performance import PeakMemory, choose_precision, measure_peak_flops, mfu
@@ -241,6 +241,10 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     set_seed(t.seed)  # the same initial weights on every rank
     args = model_args(cfg, manifest["vocab_size"])
     model = Transformer(args)
+    warm = model_source.resolve_init_from(cfg)
+    if warm:  # the weights only: the optimizer, the step and the schedule start fresh
+        model_source.check_compatible(warm, args, cfg.data_path / TOKENIZER_DIR, cfg)
+        model_source.load_initial_weights(model, warm)
     model.activation_checkpointing = t.activation_checkpointing
     num_params = model.num_parameters()
     optimizers = make_optimizers(model, cfg)
@@ -264,7 +268,8 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     if main:
         log(f"training {num_params / 1e6:.2f}M parameters on {accelerator.num_processes} process(es), "
             f"{tokens_per_step} tokens/step, steps {start_step}..{t.max_steps}, precision {precision} ({why}); "
-            f"MFU against {peak_flops / 1e9:.0f} GFLOP/s, the best {dtype} GEMM measured here")
+            f"MFU against {peak_flops / 1e9:.0f} GFLOP/s, the best {dtype} GEMM measured here"
+            + (f"; warm start from {warm.spec} ({warm.model_dir})" if warm else ""))
 
     model.train()
     train_seconds, window_start, window_tokens = 0.0, time.perf_counter(), 0

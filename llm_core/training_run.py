@@ -12,7 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from llm_core import health, tracking
+from llm_core import health, model_source, tracking
 from llm_core.checkpoint import SUMMARY_FILE
 from llm_core.config import ScratchConfig
 from llm_core.files import atomic_path, read_json, short_hash, write_json
@@ -20,6 +20,7 @@ from llm_core.generate import copy_tokenizer
 from llm_core.layout import DATASET_DIR, LATEST_FILE, MODEL_DIR, TOKENIZER_DIR
 
 MLFLOW_RUN_FILE = "mlflow_run.json"
+PARENT_TAG, PARENT_RUN_TAG = "scratchllm.parent", "scratchllm.parent_run_id"  # a warm start's source
 RESOLVED_CONFIG_FILE = "resolved_config.json"
 
 
@@ -48,7 +49,17 @@ def training_key(cfg: ScratchConfig, dataset_version: str) -> str:
 
 def prepare(cfg: ScratchConfig, tracking_uri: str, tags: dict[str, str]) -> TrainingRun:
     """The run directory and MLflow run of the training `cfg` describes (created, or found again to
-    resume), with the resolved config written for the ranks. `tags` go on a new MLflow run."""
+    resume), with the resolved config written for the ranks. `tags` go on a new MLflow run.
+
+    A warm start from a registered model is resolved here, once: the ranks get the downloaded
+    directory, the training key follows the version (a new champion is a new training), and the
+    MLflow run records the parent version and run."""
+    warm = model_source.resolve_init_from(cfg)
+    if warm:
+        cfg = cfg.model_copy(deep=True)
+        cfg.training.init_from = str(warm.model_dir)
+        tags = {**tags, PARENT_TAG: warm.registered_version or warm.spec,
+                **({PARENT_RUN_TAG: warm.registered_run_id} if warm.registered_run_id else {})}
     dataset_version = short_hash(read_json(cfg.data_path / DATASET_DIR / "manifest.json"))
     key = training_key(cfg, dataset_version)
     out_dir = cfg.data_path / MODEL_DIR / "runs" / key
@@ -64,6 +75,23 @@ def prepare(cfg: ScratchConfig, tracking_uri: str, tags: dict[str, str]) -> Trai
         tmp.write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
     health.clear_divergence(out_dir)  # only this attempt's divergence may stop the retries
     return run
+
+
+def continue_from_champion(cfg: ScratchConfig, tracking_uri: str, log) -> ScratchConfig:
+    """`automation.retrain_mode: continue`: the config with `training.init_from` the registered champion
+    (unless init_from is set already; from scratch while there is no champion yet)."""
+    from llm_core import registry
+
+    name = cfg.registry.model_name
+    if cfg.training.init_from or cfg.automation.retrain_mode != "continue":
+        return cfg
+    if registry.champion(tracking.client(tracking_uri), name) is None:
+        log(f"retrain_mode continue: no {name}@champion registered yet, training from scratch")
+        return cfg
+    log(f"retrain_mode continue: warm start from {name}@champion")
+    cfg = cfg.model_copy(deep=True)
+    cfg.training.init_from = f"{name}@champion"
+    return cfg
 
 
 def finish(cfg: ScratchConfig, run: TrainingRun) -> health.Health:

@@ -155,39 +155,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def resolve_model_dir(spec: str | None, cfg) -> Path:
-    """The model directory `--model` names: a directory, a registered model `NAME@ALIAS` or
-    `NAME/VERSION` (downloaded from the MLflow registry), or (no --model) the latest trained_model
-    of the profile's data_dir."""
+    """The model directory `--model` names (llm_core/model_source.py), or (no --model) the latest
+    trained_model of the profile's data_dir."""
     from llm_core.checkpoint import latest_model
+    from llm_core.model_source import model_dir_of
 
-    if spec is None:
-        return Path(latest_model(cfg)["path"])
-    path = Path(spec).expanduser()
-    if path.exists() or not ("@" in spec or re.fullmatch(r"[^/]+/\d+", spec)):
-        return path  # a directory (load_generator says so if it is not a model directory)
-    from llm_core import registry, tracking
-    from llm_core.layout import REGISTRY_CACHE_DIR
-
-    return registry.download(spec, tracking.tracking_uri(cfg), cfg.data_path / REGISTRY_CACHE_DIR)
-
-
-def tokenizer_dir_for(model_dir: Path, cfg) -> Path:
-    """The tokenizer a model directory carries (a checkpoint: its run's), else the profile's."""
-    from llm_core.checkpoint import CHECKPOINTS
-    from llm_core.layout import MODEL_TOKENIZER_SUBDIR, TOKENIZER_DIR
-
-    run_dir = model_dir.parent.parent if model_dir.parent.name == CHECKPOINTS else model_dir
-    carried = run_dir / MODEL_TOKENIZER_SUBDIR
-    return carried if carried.is_dir() else cfg.data_path / TOKENIZER_DIR
+    return Path(latest_model(cfg)["path"]) if spec is None else model_dir_of(spec, cfg)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from llm_core.generate import load_generator
+    from llm_core.model_source import tokenizer_dir_of
 
     try:
         cfg = load_config(args.config)
         model_dir = resolve_model_dir(args.model, cfg)
-        generator = load_generator(model_dir, tokenizer_dir_for(model_dir, cfg))
+        generator = load_generator(model_dir, tokenizer_dir_of(model_dir, cfg))
     except (OSError, ValueError) as exc:  # no such directory or version, a bad profile (ConfigError)
         print(f"scratchllm generate: {exc}", file=sys.stderr)
         return 2
@@ -202,11 +185,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from llm_core.export import export_hf
+    from llm_core.model_source import tokenizer_dir_of
 
     try:
         cfg = load_config(args.config)
         model_dir = resolve_model_dir(args.model, cfg)
-        tokenizer_dir = Path(args.tokenizer).expanduser() if args.tokenizer else tokenizer_dir_for(model_dir, cfg)
+        tokenizer_dir = Path(args.tokenizer).expanduser() if args.tokenizer else tokenizer_dir_of(model_dir, cfg)
         out = export_hf(model_dir, tokenizer_dir, Path(args.out).expanduser(), overwrite=args.overwrite)
     except (OSError, ValueError) as exc:  # missing/existing files, a bad profile (ConfigError), bad inputs
         print(f"scratchllm export-hf: {exc}", file=sys.stderr)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from llm_core import evaluate, registry
+from llm_core import evaluate, registry, tracking, training_run
 from llm_core.checkpoint import latest_model
 from llm_core.files import read_json
 from llm_core.layout import MODEL_TOKENIZER_SUBDIR
@@ -35,6 +35,8 @@ def registered_model(context: dg.AssetExecutionContext, config: RegisteredModelC
     tags = {registry.KEY_TAG: latest["key"], "dagster.run_id": context.run_id,
             "config_hash": cfg.config_hash(),
             "code_version": registry.code_version(), **data_versions(context.instance)}
+    run_tags = tracking.client(tracking_uri).get_run(latest["mlflow_run_id"]).data.tags
+    tags.update({k: run_tags[k] for k in (training_run.PARENT_TAG, training_run.PARENT_RUN_TAG) if k in run_tags})
     model_dir = Path(latest["path"])
     r = registry.register(model_dir, model_dir / MODEL_TOKENIZER_SUBDIR, tracking_uri=tracking_uri,
                           run_id=latest["mlflow_run_id"], name=cfg.registry.model_name, val_bpb=report["val_bpb"],

@@ -26,6 +26,8 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
     """A Llama-style decoder trained with accelerate (one process per rank), checkpointed and
     resumable; every run is an MLflow run with the full config as params and per-step metrics."""
     cfg = scratchllm.resolve(config)
+    if context.run.job_name == "retrain":  # the schedule and the new-data sensor: maybe from the champion
+        cfg = training_run.continue_from_champion(cfg, mlflow.uri(cfg), context.log.info)
     run = training_run.prepare(cfg, mlflow.uri(cfg), tags={
         "dagster.run_id": context.run_id, **data_versions(context.instance, UPSTREAM_OF_TRAINING)})
     context.log.info(f"training {run.key} in {run.out_dir} (MLflow run {run.mlflow_run_id})")

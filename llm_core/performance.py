@@ -11,20 +11,24 @@ import torch
 
 
 def gemm_flops(dtype: torch.dtype, m: int, k: int, n: int, repeats: int = 5, device: str = "cpu") -> float:
-    """FLOP/s of the fastest of `repeats` (m x k) @ (k x n) products: noise (another process, a
-    frequency dip) only ever slows a run down, so the best one is closest to what the hardware does."""
+    """FLOP/s of (m x k) @ (k x n) products: the fastest of `repeats` timings of enough products to
+    take ~10 ms (one small product is microseconds: all noise). Noise (another process, a frequency
+    dip) only ever slows a timing down, so the best one is closest to what the hardware does."""
     a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
+
+    def timed(count: int) -> float:
         if device != "cpu":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        a @ b
+        for _ in range(count):
+            a @ b
         if device != "cpu":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * m * k * n / best
+        return time.perf_counter() - start
+
+    timed(1)  # warm-up
+    count = max(1, min(10_000, int(0.01 / max(min(timed(1) for _ in range(3)), 1e-7))))
+    return 2 * m * k * n * count / min(timed(count) for _ in range(repeats))
 
 
 PEAK_SIZES = (1024, 2048)

@@ -8,8 +8,8 @@ batch 8) it times full training steps (forward, backward, AdamW) of
     LayerNorm, GELU MLP, biases, fp32);
   - scratchllm: llm_core.model.Transformer (RoPE, GQA-ready SDPA attention, SwiGLU, RMSNorm) in
     fp32, and in what `training.mixed_precision: auto` chooses for that size on this machine
-    (llm_core/performance.py: bf16 only with native bf16 units and a measured gain at the model's
-    matmul shape),
+    (llm_core/performance.py: bf16 only with native bf16 units and a measured gain on a training step
+    of the model),
 and prints tokens/s (median of repeats), MFU against the best GEMM measured in this run in the same
 precision, and the speed-up over the reference.
 """
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llm_core.model import ModelArgs, Transformer  # noqa: E402
 from llm_core.performance import choose_precision, measure_peak_flops  # noqa: E402
+from llm_core.train import step_seconds  # noqa: E402
 
 VOCAB = 2048  # the default profile's BPE vocabulary, for both models
 
@@ -121,8 +122,7 @@ def main() -> None:
     for name, s in SIZES.items():
         args = ModelArgs(vocab_size=VOCAB, n_layer=s["n_layer"], n_head=s["n_head"], n_kv_head=s["n_head"],
                          n_embd=s["d"], block_size=s["block"])
-        auto, why = choose_precision("auto", torch.device("cpu"), s["batch"] * s["block"], s["d"],
-                                     args.intermediate_size)
+        auto, why = choose_precision("auto", torch.device("cpu"), lambda dtype: step_seconds(args, s["batch"], dtype))
         decisions.append(f"{name}: auto chose {auto} ({why})")
         ours = Transformer(args)
         ref = ReferenceGPT(s["n_layer"], s["d"], s["n_head"], s["block"])

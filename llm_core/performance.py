@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -55,23 +56,25 @@ def cpu_has_bf16_units() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-BF16_MIN_GAIN = 1.3  # bf16 must beat fp32 by this much at the model's own matmul shape
+BF16_MIN_GAIN = 1.15  # a bf16 training step must be this much faster than an fp32 one
 
 
-def choose_precision(setting: str, device: torch.device, tokens: int, width: int, hidden: int) -> tuple[str, str]:
+def choose_precision(setting: str, device: torch.device,
+                     step_seconds: Callable[[torch.dtype], float]) -> tuple[str, str]:
     """(accelerate's mixed_precision, why) for `training.mixed_precision`. `auto`: bf16 on CUDA (fp16
-    where bf16 is missing); on CPU bf16 only with native bf16 units and when a matmul of the model's MLP
-    shape (tokens x width x hidden) measured here runs BF16_MIN_GAIN times faster in bf16 than in fp32
-    (small models gain nothing: casts cost more than the matmuls save), fp32 otherwise."""
+    where bf16 is missing); on CPU bf16 only with native bf16 units and when a training step of the
+    model itself, `step_seconds(dtype)`, is BF16_MIN_GAIN times faster in bf16 (a small model loses:
+    a matmul alone was 2.2x faster in bf16 at the default model's shape, its training step 11% slower,
+    the casts cost more than the matmuls save); fp32 otherwise."""
     if setting != "auto":
         return setting, "as configured"
     if device.type == "cuda":
         return ("bf16", "CUDA with bf16") if torch.cuda.is_bf16_supported() else ("fp16", "CUDA without bf16")
     if not cpu_has_bf16_units():
         return "no", "this CPU has no bf16 matrix units (avx512_bf16 / amx_bf16)"
-    fp32, bf16 = (gemm_flops(dtype, tokens, width, hidden) for dtype in (torch.float32, torch.bfloat16))
-    measured = f"a {tokens}x{width}x{hidden} matmul ran at {bf16 / 1e9:.0f} GFLOP/s in bf16, {fp32 / 1e9:.0f} in fp32"
-    return ("bf16" if bf16 >= BF16_MIN_GAIN * fp32 else "no"), measured
+    fp32, bf16 = step_seconds(torch.float32), step_seconds(torch.bfloat16)
+    measured = f"a training step of this model took {bf16 * 1e3:.0f} ms in bf16, {fp32 * 1e3:.0f} ms in fp32"
+    return ("bf16" if fp32 >= BF16_MIN_GAIN * bf16 else "no"), measured
 
 
 class PeakMemory:

@@ -85,6 +85,24 @@ def make_optimizers(model: torch.nn.Module, cfg: ScratchConfig) -> list[torch.op
 PRECISION_FILE = "precision.json"
 
 
+def step_seconds(args: ModelArgs, batch_size: int, dtype: torch.dtype, repeats: int = 2) -> float:
+    """The best of `repeats` forward + backward passes of a fresh model of `args` on one random batch
+    on CPU, with bf16 autocast when `dtype` is bf16: what a precision costs this model here."""
+    model = Transformer(args)
+    x = torch.randint(0, args.vocab_size, (batch_size, args.block_size))
+
+    def step() -> float:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            _, loss = model(x, x)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    step()  # warm-up
+    return min(step() for _ in range(repeats))
+
+
 def training_precision(cfg: ScratchConfig, out_dir: Path, device: torch.device) -> tuple[str, str]:
     """(precision, why): `training.mixed_precision`, with `auto` decided once per run by the first rank
     (performance.choose_precision) and kept in out_dir, so that every rank and every resume of the run
@@ -95,8 +113,7 @@ def training_precision(cfg: ScratchConfig, out_dir: Path, device: torch.device) 
     path = out_dir / PRECISION_FILE
     if not path.exists() and int(os.environ.get("RANK", "0")) == 0:
         args = model_args(cfg, cfg.tokenizer.vocab_size)
-        precision, why = choose_precision("auto", device, t.batch_size * args.block_size, args.n_embd,
-                                          args.intermediate_size)
+        precision, why = choose_precision("auto", device, lambda dtype: step_seconds(args, t.batch_size, dtype))
         write_json(path, {"mixed_precision": precision, "why": f"auto: {why}"})
     deadline = time.monotonic() + 120
     while not path.exists():  # another rank: the first one is measuring

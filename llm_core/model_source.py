@@ -15,7 +15,7 @@ from pathlib import Path
 
 from llm_core.checkpoint import CHECKPOINTS, MODEL_CONFIG_FILE, load_model
 from llm_core.config import ScratchConfig, resolve_path
-from llm_core.files import read_json, short_hash
+from llm_core.files import read_json
 from llm_core.layout import MODEL_TOKENIZER_SUBDIR, REGISTRY_CACHE_DIR, TOKENIZER_DIR
 from llm_core.model import ModelArgs
 
@@ -76,7 +76,7 @@ def check_compatible(warm: WarmStart, args: ModelArgs, tokenizer_dir: Path, cfg:
     if differ:
         raise ValueError(f"training.init_from {warm.spec!r} has another architecture: " + "; ".join(differ))
     source_tokenizer = tokenizer_dir_of(warm.model_dir, cfg) / "tokenizer.json"
-    if short_hash(source_tokenizer.read_bytes()) != short_hash((tokenizer_dir / "tokenizer.json").read_bytes()):
+    if source_tokenizer.read_bytes() != (tokenizer_dir / "tokenizer.json").read_bytes():
         raise ValueError(f"training.init_from {warm.spec!r} was trained with another tokenizer ({source_tokenizer} "
                          f"differs from {tokenizer_dir / 'tokenizer.json'}): its weights would mean other tokens")
 

@@ -79,7 +79,7 @@ def run_one(data_dir: Path, out_dir: Path, model: dict, training: dict, vocab_si
     cfg = load_config(overrides={
         "data_dir": str(data_dir), "tokenizer": {"vocab_size": vocab_size},
         "model": {**model, "tie_embeddings": True},
-        "training": {**training, "compile": compile_, "mixed_precision": "auto", "learning_rate": 1e-3,
+        "training": {**training, "compile": compile_, "mixed_precision": "auto",
                      "warmup_steps": max(1, steps // 10), "log_interval": max(1, steps // 10),
                      "eval_interval": steps, "eval_batches": 10, "checkpoint_interval": steps, "num_processes": 1}})
     start = time.perf_counter()

@@ -166,6 +166,19 @@ class ModelConfig(Section):
     rope_theta: float = Field(default=10000.0, gt=0)
     norm_eps: float = Field(default=1e-5, gt=0)
     dropout: float = Field(default=0.0, ge=0, lt=1)
+    fused_projections: bool = Field(default=True, description="q/k/v and gate/up as one matrix product each "
+                                                              "(same weights and outputs, faster).")
+    qk_norm: bool = Field(default=False, description="RMSNorm of each head's queries and keys (exported as "
+                                                     "Qwen3ForCausalLM instead of LlamaForCausalLM).")
+    mlp: str = Field(default="swiglu", description="'swiglu' (Llama), or 'relu2': relu(x)^2 with a 4x hidden "
+                                                   "layer (not exportable to transformers).")
+    zero_init_output: bool = Field(default=False, description="Start the attention and MLP output "
+                                                              "projections at zero.")
+
+    @field_validator("mlp")
+    @classmethod
+    def _mlp(cls, v: str) -> str:
+        return _one_of(v, ("swiglu", "relu2"))
 
     @model_validator(mode="after")
     def _heads(self) -> "ModelConfig":
@@ -182,7 +195,7 @@ class TrainingConfig(Section):
     max_steps: int = Field(default=1000, ge=1, description="Optimizer steps.")
     batch_size: int = Field(default=12, ge=1, description="Sequences per process per micro-step.")
     grad_accum_steps: int = Field(default=1, ge=1, description="Micro-steps per optimizer step.")
-    learning_rate: float = Field(default=1e-3, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(default=3e-3, gt=0, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Final learning rate / peak.")
     lr_schedule: str = Field(default="cosine", description="'cosine' (warmup + cosine) or 'wsd' "
                                                           "(warmup, stable, linear decay).")
@@ -191,9 +204,9 @@ class TrainingConfig(Section):
                                                                      "warmup_fraction of max_steps.")
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1, description="Warmup as a share of max_steps "
                                                                          "when warmup_steps is null.")
-    optimizer: str = Field(default="adamw", description="'adamw', or 'muon': torch.optim.Muon for the hidden "
+    optimizer: str = Field(default="muon", description="'adamw', or 'muon': torch.optim.Muon for the hidden "
                                                         "matrices, AdamW for embeddings, head and gains.")
-    muon_learning_rate: float = Field(default=0.02, gt=0, description="Muon's peak learning rate (same schedule).")
+    muon_learning_rate: float = Field(default=0.01, gt=0, description="Muon's peak learning rate (same schedule).")
     muon_momentum: float = Field(default=0.95, ge=0, lt=1, description="Muon's momentum (Nesterov).")
     weight_decay: float = Field(default=0.1, ge=0, description="AdamW decay of matrices (not norms).")
     beta1: float = Field(default=0.9, ge=0, lt=1)
@@ -236,6 +249,19 @@ class TrainingConfig(Section):
     @classmethod
     def _schedule(cls, v: str) -> str:
         return _one_of(v, ("cosine", "wsd"))
+
+    @model_validator(mode="after")
+    def _muon_needs_whole_matrices(self) -> "TrainingConfig":
+        if self.optimizer != "muon" or not self.accelerate_config:
+            return self
+        path = resolve_path(self.accelerate_config)
+        if not path.is_file():
+            raise ValueError(f"accelerate_config: no file {path}")
+        kind = (yaml.safe_load(path.read_text()) or {}).get("distributed_type")
+        if kind in ("FSDP", "DEEPSPEED"):
+            raise ValueError(f"optimizer: muon orthogonalizes whole matrices, but {self.accelerate_config} shards "
+                             f"them ({kind}): use optimizer: adamw with sharded training, or a DDP profile")
+        return self
 
     @field_validator("warmup_steps")
     @classmethod

@@ -1,4 +1,5 @@
-"""Export a trained model to the Hugging Face transformers format (LlamaForCausalLM).
+"""Export a trained model to the Hugging Face transformers format (LlamaForCausalLM, or
+Qwen3ForCausalLM for a model trained with `model.qk_norm`).
 
     scratchllm export-hf --model data/trained_model/runs/<key> --out my_model
 
@@ -9,7 +10,10 @@
 
 Our model is a Llama (RMSNorm pre-norm, rotate-half RoPE, GQA, SwiGLU, no biases) whose parameter
 names already follow LlamaForCausalLM minus its `model.` prefix, so the export is a rename and
-transformers computes the same logits. transformers is not needed to export, only to load.
+transformers computes the same logits. With QK-norm it is a Qwen3 (the same blocks plus an RMSNorm of
+each head's queries and keys before RoPE, `q_norm`/`k_norm`). A relu2 MLP has no transformers
+architecture around it: such a model is refused, never written as a config that would load with
+other outputs. transformers is not needed to export, only to load.
 """
 
 from __future__ import annotations
@@ -30,11 +34,22 @@ CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
+def hf_architecture(args: ModelArgs) -> str:
+    """The transformers class that computes what our model computes, or ValueError naming the field."""
+    if args.mlp != "swiglu":
+        raise ValueError(f"model.mlp: {args.mlp} has no transformers architecture (Llama and Qwen3 use a SwiGLU MLP): "
+                         "this model cannot be exported; train with model.mlp: swiglu to export it")
+    return "Qwen3ForCausalLM" if args.qk_norm else "LlamaForCausalLM"
+
+
 def hf_config(args: ModelArgs, eos_id: int, pad_id: int, dtype: torch.dtype) -> dict:
-    """config.json of LlamaForCausalLM for a model of these dimensions."""
+    """config.json of LlamaForCausalLM (or Qwen3ForCausalLM) for a model of these dimensions."""
     dtype_name = str(dtype).removeprefix("torch.")
+    architecture = hf_architecture(args)
+    qwen3 = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": args.n_layer,
+             "layer_types": ["full_attention"] * args.n_layer}
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [architecture], "model_type": "qwen3" if args.qk_norm else "llama",
         "vocab_size": args.vocab_size, "hidden_size": args.n_embd, "intermediate_size": args.intermediate_size,
         "num_hidden_layers": args.n_layer, "num_attention_heads": args.n_head,
         "num_key_value_heads": args.n_kv_head, "head_dim": args.head_dim,
@@ -47,6 +62,7 @@ def hf_config(args: ModelArgs, eos_id: int, pad_id: int, dtype: torch.dtype) -> 
         "bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
         "dtype": dtype_name, "torch_dtype": dtype_name,  # `dtype` in transformers 5, `torch_dtype` before
         "use_cache": True,
+        **(qwen3 if args.qk_norm else {}),
     }
 
 
@@ -82,10 +98,11 @@ def check_export_inputs(model_dir: Path, tokenizer_dir: Path, out_dir: Path, ove
 
 def export_hf(model_dir: Path, tokenizer_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     """Write the trained model of `model_dir` and the tokenizer of `tokenizer_dir` as a transformers
-    LlamaForCausalLM directory `out_dir`, built in a temporary directory and renamed into place."""
+    directory `out_dir`, built in a temporary directory and renamed into place."""
     model_dir, tokenizer_dir, out_dir = Path(model_dir), Path(tokenizer_dir), Path(out_dir)
     check_export_inputs(model_dir, tokenizer_dir, out_dir, overwrite)
     model = load_model(model_dir)
+    hf_architecture(model.args)  # refused before anything is written
     tokenizer = bpe.load(tokenizer_dir)
     args = model.args
     if tokenizer.get_vocab_size() != args.vocab_size:

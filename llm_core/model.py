@@ -9,6 +9,15 @@
 
 Parameter names follow Hugging Face's LlamaForCausalLM (minus its `model.` prefix) so the export
 to transformers is a rename. Shapes in comments: B batch, T time, C n_embd, H heads, D head size.
+
+Switches (ModelArgs; what each bought is measured in the README's ablation table):
+- fused_projections: q/k/v, and gate/up, computed as one matrix product each (the weights stay
+  separate tensors, concatenated per step): fewer, larger GEMMs, the same model;
+- qk_norm: RMSNorm over each head's queries and keys before RoPE (as in Qwen3; exported as such);
+- mlp "relu2": down(relu(up(x))^2) with a 4x hidden layer (the speedrun MLP; no transformers
+  architecture has it with the rest of this model, so such a model is not exported);
+- zero_init_output: the attention and MLP output projections start at zero (each block starts as
+  the identity), instead of GPT-2's scaled-down normal init.
 """
 
 from __future__ import annotations
@@ -34,15 +43,32 @@ class ModelArgs:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     dropout: float = 0.0
-    intermediate_size: int = 0  # 0: about 8/3 * n_embd, rounded up to a multiple of 64 (Llama's rule)
+    intermediate_size: int = 0  # 0: swiglu ~8/3 * n_embd rounded up to a multiple of 64 (Llama); relu2 4 * n_embd
+    fused_projections: bool = True
+    qk_norm: bool = False
+    mlp: str = "swiglu"  # or "relu2"
+    zero_init_output: bool = False
 
     def __post_init__(self):
-        if self.intermediate_size == 0:
-            self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        if self.intermediate_size == 0:  # either way about 8 * n_embd^2 MLP weights
+            swiglu = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+            self.intermediate_size = 4 * self.n_embd if self.mlp == "relu2" else swiglu
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+
+# Fields that change how a model trains or computes, not what its weights mean: a model trained with
+# other values of these loads, resumes and warm-starts as the same architecture.
+COMPUTE_ONLY_FIELDS = ("dropout", "fused_projections", "zero_init_output")
+
+
+def linear_fused(x: torch.Tensor, *layers: nn.Linear) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers] as one matrix product with the weights side by side: one large
+    GEMM is faster than several small ones; autograd splits the gradient back to each weight."""
+    weight = torch.cat([layer.weight for layer in layers])  # (sum of outputs, in)
+    return list(F.linear(x, weight).split([layer.out_features for layer in layers], dim=-1))
 
 
 def rope_cache(args: ModelArgs, length: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,13 +94,21 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.n_embd, args.n_kv_head * args.head_dim, bias=False)
         self.v_proj = nn.Linear(args.n_embd, args.n_kv_head * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_head * args.head_dim, args.n_embd, bias=False)
-        self.dropout = args.dropout
+        if args.qk_norm:
+            self.q_norm = nn.RMSNorm(args.head_dim, eps=args.norm_eps)
+            self.k_norm = nn.RMSNorm(args.head_dim, eps=args.norm_eps)
+        self.fused, self.qk_norm, self.dropout = args.fused_projections, args.qk_norm, args.dropout
 
     def forward(self, x, cos, sin, cache: dict | None = None):
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = linear_fused(x, *projections) if self.fused else (proj(x) for proj in projections)
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # generation: append to the keys/values of earlier positions
             if "k" in cache:
@@ -94,12 +128,17 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.n_embd, args.intermediate_size, bias=False)
+        self.kind, self.fused = args.mlp, args.fused_projections
+        if args.mlp == "swiglu":
+            self.gate_proj = nn.Linear(args.n_embd, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.n_embd, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.n_embd, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x):  # (B, T, C) -> (B, T, I) -> (B, T, C)
+        if self.kind == "relu2":
+            return self.down_proj(F.relu(self.up_proj(x)).square())
+        gate, up = linear_fused(x, self.gate_proj, self.up_proj) if self.fused else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -133,10 +172,13 @@ class Transformer(nn.Module):
         self.activation_checkpointing = False
         self.apply(self._init_weights)
         # Residual projections scaled by 1/sqrt(2 * n_layer): the residual stream's variance stays
-        # flat with depth (GPT-2 / nanoGPT).
+        # flat with depth (GPT-2 / nanoGPT); or zero, so that every block starts as the identity.
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layer))
+                if args.zero_init_output:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * args.n_layer))
 
     @staticmethod
     def _init_weights(module):

@@ -17,7 +17,7 @@ from llm_core.checkpoint import CHECKPOINTS, MODEL_CONFIG_FILE, load_model
 from llm_core.config import ScratchConfig, resolve_path
 from llm_core.files import read_json
 from llm_core.layout import MODEL_TOKENIZER_SUBDIR, REGISTRY_CACHE_DIR, TOKENIZER_DIR
-from llm_core.model import ModelArgs
+from llm_core.model import COMPUTE_ONLY_FIELDS, ModelArgs
 
 REGISTERED = re.compile(r"[^/@]+(@[^/@]+|/\d+)")  # NAME@ALIAS or NAME/VERSION
 
@@ -69,10 +69,10 @@ def resolve_init_from(cfg: ScratchConfig) -> WarmStart | None:
 
 def check_compatible(warm: WarmStart, args: ModelArgs, tokenizer_dir: Path, cfg: ScratchConfig) -> None:
     """Refuse a source whose architecture or tokenizer differs from this training's, naming the field."""
-    theirs = read_json(warm.model_dir / MODEL_CONFIG_FILE)["model"]
+    theirs = dataclasses.asdict(ModelArgs(**read_json(warm.model_dir / MODEL_CONFIG_FILE)["model"]))
     ours = dataclasses.asdict(args)
-    differ = [f"{'tokenizer.vocab_size' if k == 'vocab_size' else 'model.' + k}: {theirs.get(k)!r} there, {v!r} here"
-              for k, v in ours.items() if k != "dropout" and theirs.get(k) != v]
+    differ = [f"{'tokenizer.vocab_size' if k == 'vocab_size' else 'model.' + k}: {theirs[k]!r} there, {v!r} here"
+              for k, v in ours.items() if k not in COMPUTE_ONLY_FIELDS and theirs[k] != v]
     if differ:
         raise ValueError(f"training.init_from {warm.spec!r} has another architecture: " + "; ".join(differ))
     source_tokenizer = tokenizer_dir_of(warm.model_dir, cfg) / "tokenizer.json"

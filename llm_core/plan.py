@@ -20,7 +20,11 @@ Memory per device is the sum of four terms (N parameters, G devices sharing the 
   (C: the block input, RMSNorm's normalized input and output, q, the attention output and the same
   three for the MLP's norm, k and v, the SwiGLU's gate, up, silu(gate) and product of width I, the
   attention's log-sum-exp per head and two RMSNorm scales; SDPA's flash kernels keep no T x T
-  matrix; no dropout masks). On top of what is stored, backward needs a working set: at the loss
+  matrix; no dropout masks). The switches change it: a relu2 MLP saves 2 I instead of 4 I; QK-norm
+  adds its inputs, outputs and scales, 2 (H + Hkv) D + H + Hkv; fused projections without QK-norm
+  keep the whole q/k/v product alive through v's view, + (H + Hkv) D, and in fp32 a concatenated
+  copy of the q/k/v and gate/up weights per block (under autocast the half-precision copies of the
+  weights exist either way). On top of what is stored, backward needs a working set: at the loss
   head the logits, log-softmax and their two gradients in fp32 (4 V floats) plus the final norm
   (3 C), in a block the gradients through the MLP and the residual (3 I + 2 C). So
       without checkpointing: L s + max(head, block gradients)
@@ -144,13 +148,26 @@ def count(setup: Setup) -> Model:
 def activation_bytes_per_token(args: ModelArgs, precision: str, checkpointing: bool) -> float:
     """Peak activation memory per token of a micro-batch (see the module docstring)."""
     a, b = args, 4 if precision == "fp32" else 2
-    C, F = a.n_embd, a.intermediate_size
-    saved = 8 * C + 2 * a.n_kv_head * a.head_dim + 4 * F + a.n_head + 2
+    C, F, H, Hkv, D = a.n_embd, a.intermediate_size, a.n_head, a.n_kv_head, a.head_dim
+    saved = 8 * C + 2 * Hkv * D + (4 * F if a.mlp == "swiglu" else 2 * F) + H + 2
+    if a.qk_norm:
+        saved += 2 * (H + Hkv) * D + H + Hkv
+    elif a.fused_projections:
+        saved += (H + Hkv) * D
     block_grads = 3 * F + 2 * C
     head = 4 * a.vocab_size * 4 + 3 * C * b  # the loss is computed in fp32
     if checkpointing:
         return a.n_layer * C * b + max(head, (saved + block_grads) * b)
     return a.n_layer * saved * b + max(head, block_grads * b)
+
+
+def fused_weight_copies(args: ModelArgs, precision: str) -> float:
+    """Bytes of the concatenated q/k/v and gate/up weights that fp32 fused projections save for backward."""
+    if not args.fused_projections or precision != "fp32":
+        return 0.0
+    qkv = (args.n_head + 2 * args.n_kv_head) * args.head_dim * args.n_embd
+    gate_up = 2 * args.intermediate_size * args.n_embd if args.mlp == "swiglu" else 0
+    return args.n_layer * (qkv + gate_up) * 4
 
 
 def plan(setup: Setup) -> list[Row]:
@@ -175,7 +192,7 @@ def plan(setup: Setup) -> list[Row]:
             weights += 2 * model.block_parameters * w  # gathered blocks: computing + prefetched
         for ckpt in (False, True):
             activations = setup.batch_size * setup.args.block_size * activation_bytes_per_token(
-                setup.args, setup.precision, ckpt)
+                setup.args, setup.precision, ckpt) + fused_weight_copies(setup.args, setup.precision)
             row = Row(s.name, ckpt, weights, n * g / shards if s.shard_grads else n * g, optimizer, activations,
                       host, False, run_seconds * (RECOMPUTE if ckpt else 1))
             row.fits = row.total <= USABLE_MEMORY * setup.gpu.memory_gib * GiB

@@ -46,7 +46,9 @@ def model_args(cfg: ScratchConfig, vocab_size: int) -> ModelArgs:
     m = cfg.model
     return ModelArgs(vocab_size=vocab_size, n_layer=m.n_layer, n_head=m.n_head, n_kv_head=m.n_kv_head,
                      n_embd=m.n_embd, block_size=m.block_size, tie_embeddings=m.tie_embeddings,
-                     rope_theta=m.rope_theta, norm_eps=m.norm_eps, dropout=m.dropout)
+                     rope_theta=m.rope_theta, norm_eps=m.norm_eps, dropout=m.dropout,
+                     fused_projections=m.fused_projections, qk_norm=m.qk_norm, mlp=m.mlp,
+                     zero_init_output=m.zero_init_output)
 
 
 def lr_at(step: int, cfg: ScratchConfig) -> float:
@@ -63,6 +65,22 @@ def lr_at(step: int, cfg: ScratchConfig) -> float:
     return 1.0 - (1 - t.min_lr_ratio) * (step - decay_start) / max(t.max_steps - decay_start, 1)
 
 
+def to_device(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """CPU batches onto the training device; to a GPU through pinned memory, so the copy is
+    asynchronous and overlaps the previous step's kernels."""
+    if device.type != "cuda":
+        return list(tensors)
+    return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
+
+
+def use_tensor_cores(device: torch.device) -> None:
+    """fp32 matrix products in TF32 on GPUs that have it (Ampere and later): ~8x the fp32 rate at
+    the precision training needs (nanoGPT and torchtitan do the same); bf16 autocast is unaffected."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def make_optimizers(model: torch.nn.Module, cfg: ScratchConfig) -> list[torch.optim.Optimizer]:
     """[AdamW] (weight decay on matrices only, not on norm gains, as in GPT-2/Llama training), or with
     `training.optimizer: muon` [AdamW, Muon]: torch.optim.Muon takes 2D matrices only and is meant for
@@ -76,7 +94,8 @@ def make_optimizers(model: torch.nn.Module, cfg: ScratchConfig) -> list[torch.op
     rest = [p for _, p in named if id(p) not in hidden_ids]
     adamw = torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": t.weight_decay},
                                {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}],
-                              lr=t.learning_rate, betas=(t.beta1, t.beta2), fused=False)
+                              lr=t.learning_rate, betas=(t.beta1, t.beta2),
+                              fused=True)  # one kernel for all parameters (CPU and GPU): 5x faster here
     if not hidden:
         return [adamw]
     return [adamw, torch.optim.Muon(hidden, lr=t.muon_learning_rate, momentum=t.muon_momentum, weight_decay=0.0)]
@@ -215,7 +234,7 @@ def evaluate_loss(model, dataset_dir: Path, cfg: ScratchConfig, accelerator,
         for i, (x, y) in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
-            _, loss = model(x.to(accelerator.device), y.to(accelerator.device))
+            _, loss = model(*to_device(accelerator.device, x, y))
             n = int((y != -100).sum())
             total += torch.tensor([float(loss) * n, n], dtype=torch.float64)
     total = accelerator.reduce(total.to(accelerator.device), reduction="sum").cpu()
@@ -236,6 +255,7 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     t = cfg.training
     out_dir = Path(out_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    use_tensor_cores(device)
     precision, why = training_precision(cfg, out_dir, device)
     accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum_steps, mixed_precision=precision,
                               step_scheduler_with_optimizer=False,
@@ -301,7 +321,7 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
             x, y = next(iterator)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    _, loss = model(x.to(accelerator.device), y.to(accelerator.device))
+                    _, loss = model(*to_device(accelerator.device, x, y))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and t.grad_clip > 0:
                     accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from accelerate.commands.config.config_args import ClusterConfig
 
-from llm_core.config import CONFIG_DIR, load_config
+from llm_core.config import CONFIG_DIR, ConfigError, load_config
 from pipelines.resources import accelerate_command
 
 PROFILES = sorted((CONFIG_DIR / "accelerate").glob("*.yaml"))
@@ -76,7 +76,17 @@ def test_launch_command_uses_the_named_profile_or_cpu_flags():
     assert command[-3:] == ["-m", "pipelines.train_entry", "--x"] and "pipelines.process_group" in command
     assert "--multi_gpu" in command and command[command.index("--num_processes") + 1] == "2"
 
-    fsdp = load_config(overrides={"training": {"num_processes": 8,
+    fsdp = load_config(overrides={"training": {"num_processes": 8, "optimizer": "adamw",
                                                 "accelerate_config": str(CONFIG_DIR / "accelerate" / "fsdp.yaml")}})
     command = accelerate_command(fsdp, "pipelines.train_entry", [])
     assert command[command.index("--config_file") + 1].endswith("fsdp.yaml") and "--multi_gpu" not in command
+
+
+@pytest.mark.parametrize("profile", ["fsdp", "fsdp_shard_grad_op", "deepspeed_zero1", "deepspeed_zero3"])
+def test_muon_with_a_sharding_profile_is_refused_before_work_starts(profile):
+    """Muon orthogonalizes each whole matrix: sharded (flattened) parameters would break it mid-run."""
+    path = str(CONFIG_DIR / "accelerate" / f"{profile}.yaml")
+    with pytest.raises(ConfigError, match=r"training: .*optimizer: muon .* shards them .*use optimizer: adamw"):
+        load_config(overrides={"training": {"optimizer": "muon", "accelerate_config": path}})
+    assert load_config(overrides={"training": {"optimizer": "muon", "accelerate_config": str(
+        CONFIG_DIR / "accelerate" / "ddp.yaml")}}).training.optimizer == "muon"  # DDP keeps whole matrices

@@ -1,5 +1,5 @@
-"""The Hugging Face export against transformers itself: for MHA/GQA/MQA, tied and untied models,
-LlamaForCausalLM loads without missing or unexpected weights, gives our logits (fp32, 1e-4) and
+"""The Hugging Face export against transformers itself: for MHA/GQA/MQA, tied and untied models, and
+QK-norm models (as Qwen3), transformers loads without missing or unexpected weights, gives our logits (fp32, 1e-4) and
 our greedy generations; AutoTokenizer gives our ids; bad inputs are refused; the CLI."""
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ CONFIGS = {  # name: ModelArgs overrides; theta and eps vary so that a wrong map
     "GQA-untied": {"n_head": 4, "n_kv_head": 2, "tie_embeddings": False, "norm_eps": 1e-6},
     "MQA-untied-3-layers": {"n_layer": 3, "n_head": 8, "n_kv_head": 1, "tie_embeddings": False,
                             "intermediate_size": 96},
+    "QK-norm-GQA-tied": {"n_head": 4, "n_kv_head": 2, "tie_embeddings": True, "qk_norm": True, "norm_eps": 1e-6},
+    "QK-norm-MHA-untied-unfused": {"n_head": 4, "n_kv_head": 4, "tie_embeddings": False, "qk_norm": True,
+                                   "fused_projections": False, "rope_theta": 500.0},
 }
 
 
@@ -99,7 +102,8 @@ def test_transformers_loads_every_weight_with_our_config(exports, name):
     assert info["mismatched_keys"] == set() and not info["error_msgs"]
     assert warnings == []
     a, c = ours.args, hf.config
-    assert type(hf).__name__ == "LlamaForCausalLM" and hf.dtype == torch.float32
+    assert type(hf).__name__ == ("Qwen3ForCausalLM" if ours.args.qk_norm else "LlamaForCausalLM")
+    assert hf.dtype == torch.float32
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == \
            (a.n_embd, a.n_layer, a.n_head, a.n_kv_head, a.head_dim)
     assert (c.intermediate_size, c.vocab_size, c.max_position_embeddings) == \
@@ -182,6 +186,9 @@ def test_bad_inputs_are_refused(tmp_path, tokenizer_dir):
     other_vocab, _ = trained_model_dir(tmp_path / "other", vocab + 5)
     with pytest.raises(ValueError, match="not the tokenizer it was trained with"):
         export_hf(other_vocab, tokenizer_dir, tmp_path / "out")
+    relu2, _ = trained_model_dir(tmp_path / "relu2", vocab, mlp="relu2")
+    with pytest.raises(ValueError, match="model.mlp: relu2 has no transformers architecture"):
+        export_hf(relu2, tokenizer_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
     out = tmp_path / "out"
@@ -192,7 +199,7 @@ def test_bad_inputs_are_refused(tmp_path, tokenizer_dir):
     assert (out / "keep.txt").read_text() == "mine"
     export_hf(model_dir, tokenizer_dir, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "other", "out"]  # no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "other", "out", "relu2"]  # no temporary left
 
 
 def test_cli_export_hf(tmp_path, tokenizer_dir, monkeypatch, capsys):

@@ -96,9 +96,9 @@ def test_a_diverging_or_unhealthy_training_reaches_neither_export_evaluation_nor
                                                 model_evaluation={"evaluation": {"max_new_tokens": 8}}),
                            assets=["trained_model", *DOWNSTREAM])
 
-    # A learning rate of 1e6: the loss is NaN within a few steps. The step fails once (no retry:
+    # Learning rates of 1e6 (AdamW and Muon): the loss is NaN within a few steps. The step fails once (no retry:
     # resuming would diverge again), naming the step; nothing downstream runs.
-    diverged = train_and_downstream(learning_rate=1.0e6)
+    diverged = train_and_downstream(learning_rate=1.0e6, muon_learning_rate=1.0e6)
     assert not diverged.success
     failure = step_events(diverged, "trained_model", "STEP_FAILURE")
     assert len(failure) == 1

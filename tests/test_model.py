@@ -114,6 +114,44 @@ def test_residual_projections_start_smaller():
     assert model.embed_tokens.weight.std().item() == pytest.approx(0.02, rel=0.1)
 
 
+def test_zero_init_output_starts_every_block_as_the_identity():
+    model = make_model(zero_init_output=True)
+    for layer in model.layers:
+        assert not layer.self_attn.o_proj.weight.any() and not layer.mlp.down_proj.weight.any()
+        assert layer.self_attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    x = tokens(2, 32)
+    logits, _ = model(x)
+    expected = model.lm_head(model.norm(model.embed_tokens(x)))  # the blocks add nothing yet
+    torch.testing.assert_close(logits, expected)
+
+
+@pytest.mark.parametrize("switches", [{}, {"qk_norm": True}, {"mlp": "relu2"}, {"n_kv_head": 1}],
+                         ids=["swiglu", "qk_norm", "relu2", "MQA"])
+def test_fused_projections_compute_the_same_model(switches):
+    """Fusing q/k/v and gate/up is one matrix product over the same weights: the same loss and gradients."""
+    fused, separate = make_model(**switches), make_model(**switches, fused_projections=False)
+    separate.load_state_dict(fused.state_dict())
+    assert fused.state_dict().keys() == separate.state_dict().keys()
+    x, y = tokens(2, 32), tokens(2, 32, seed=2)
+    losses = [model.train()(x, y)[1] for model in (fused, separate)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-6)
+    for (name, a), b in zip(fused.named_parameters(), separate.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_qk_norm_and_relu2_change_the_architecture():
+    qk = make_model(qk_norm=True)
+    attn = qk.layers[0].self_attn
+    assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (16,)  # one gain per head dimension
+    assert qk.num_parameters() == make_model().num_parameters() + 2 * 2 * 16
+    relu2 = make_model(mlp="relu2")
+    assert relu2.args.intermediate_size == 4 * 64 and not hasattr(relu2.layers[0].mlp, "gate_proj")
+    x = tokens(2, 32)
+    assert not torch.allclose(relu2(x)[0], make_model()(x)[0])
+
+
 def test_intermediate_size_follows_llama_rule():
     assert ModelArgs(vocab_size=10, n_embd=64).intermediate_size == 192  # 8/3*64 = 170.7 -> 192
     assert ModelArgs(vocab_size=10, n_embd=96).intermediate_size == 256
@@ -138,8 +176,10 @@ def test_causality_later_tokens_never_change_earlier_logits(n_kv_head):
             assert not torch.equal(logits[:, t:], base[:, t:])  # ...and it does change its own position onward
 
 
-def test_overfits_a_single_batch():
-    model = make_model(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, vocab_size=64).train()
+@pytest.mark.parametrize("switches", [{}, {"qk_norm": True, "mlp": "relu2", "zero_init_output": True}],
+                         ids=["llama", "qk_norm-relu2-zero_init"])
+def test_overfits_a_single_batch(switches):
+    model = make_model(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, vocab_size=64, **switches).train()
     batch = tokens(4, 33, vocab=64, seed=3)
     x, y = batch[:, :-1], batch[:, 1:]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

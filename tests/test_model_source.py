@@ -2,15 +2,20 @@
 real MLflow sqlite registry: from the registered champion, a run directory and a checkpoint; refused
 with the differing field named; `automation.retrain_mode: continue`; the parent in the lineage."""
 
+import json
 import shutil
 
 import pytest
+import torch
 from helpers import QUIET, config
 
-from llm_core import registry, tracking, training_run
+from llm_core import model_source, registry, tracking, training_run
+from llm_core.checkpoint import MODEL_CONFIG_FILE, load_model
 from llm_core.config import ConfigError, load_config
+from llm_core.layout import DATASET_DIR
+from llm_core.loader import TokenWindows
 from llm_core.tokenizer import train_tokenizer
-from llm_core.train import lr_at, train
+from llm_core.train import lr_at, model_args, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,10 +52,14 @@ def test_a_warm_start_from_the_champion_continues_from_its_loss(source, register
     warm = train(warm_config(data_dir, "warm@champion"), tmp_path / "warm", log=lines.append)
     first_fresh, first_warm = fresh.history[0]["train_loss"], warm.history[0]["train_loss"]
     assert first_warm < first_fresh - 1.0, (first_warm, first_fresh)
-    assert first_warm == pytest.approx(trained.final_train_loss, abs=0.3)  # where the source left off
+    # Where the source left off: its first batch scored by the source model itself.
+    cfg = warm_config(data_dir, "warm@champion")
+    x, y = next(iter(TokenWindows(data_dir / DATASET_DIR, "train", cfg.model.block_size, cfg.training.batch_size,
+                                  cfg.training.seed, 0, 1, cfg.dataset.packing)))
+    with torch.no_grad():
+        assert first_warm == pytest.approx(load_model(trained.out_dir)(x, y)[1].item(), abs=1e-5)
     # the weights only: step 0, and a fresh schedule with its own warmup
     assert warm.resumed_from_step == 0 and [h["step"] for h in warm.history] == [1, 2, 3, 4, 5]
-    cfg = warm_config(data_dir, "warm@champion")
     assert warm.history[0]["lr"] == pytest.approx(lr_at(1, cfg) * cfg.training.learning_rate)
     assert any("warm start from warm@champion" in line for line in lines)
 
@@ -74,9 +83,25 @@ def test_a_warm_start_from_a_run_directory_or_a_checkpoint(source, data_dir, tmp
 def test_another_architecture_is_refused_naming_the_field(source, data_dir, tmp_path):
     _, trained = source
     cfg = warm_config(data_dir, str(trained.out_dir))
-    cfg.model = {**cfg.model.model_dump(), "n_layer": 3}
-    with pytest.raises(ValueError, match=r"another architecture: model\.n_layer: 2 there, 3 here"):
+    # fused_projections changes how the weights are multiplied, not what they are: not named.
+    cfg.model = {**cfg.model.model_dump(), "n_layer": 3, "qk_norm": True,
+                 "fused_projections": not cfg.model.fused_projections}
+    with pytest.raises(ValueError, match=r"another architecture: model\.n_layer: 2 there, 3 here; "
+                                         r"model\.qk_norm: False there, True here$"):
         train(cfg, tmp_path / "out", log=QUIET)
+
+
+def test_a_model_saved_before_the_architecture_switches_is_compatible(source, data_dir, tmp_path):
+    """model_config.json of a model trained before qk_norm/mlp/... existed: those are its defaults."""
+    cfg, trained = source
+    old = shutil.copytree(trained.out_dir, tmp_path / "old")
+    saved = json.loads((old / MODEL_CONFIG_FILE).read_text())
+    for field in ("fused_projections", "qk_norm", "mlp", "zero_init_output"):
+        del saved["model"][field]
+    (old / MODEL_CONFIG_FILE).write_text(json.dumps(saved))
+    warm = model_source.resolve_init_from(warm_config(data_dir, str(old)))
+    model_source.check_compatible(warm, model_args(cfg, saved["model"]["vocab_size"]), data_dir / "tokenizer", cfg)
+    assert load_model(old).state_dict().keys() == load_model(trained.out_dir).state_dict().keys()
 
 
 def test_another_tokenizer_is_refused(source, data_dir, tmp_path):

@@ -104,9 +104,14 @@ def test_checkpointing_is_off_in_eval_and_generation():
 # the planner's terms
 
 
-def test_saved_activations_per_block_match_the_autograd_graph():
-    """The planner's s = 8C + 2 Hkv D + 4I + H + 2 elements per token is what a Block saves for backward."""
-    args = ModelArgs(vocab_size=64, n_layer=1, n_head=4, n_kv_head=2, n_embd=64, block_size=32)
+@pytest.mark.parametrize("switches", [{"fused_projections": False}, {}, {"qk_norm": True},
+                                      {"qk_norm": True, "fused_projections": False}, {"mlp": "relu2"},
+                                      {"mlp": "relu2", "fused_projections": False}],
+                         ids=["separate", "fused", "qk_norm", "qk_norm-separate", "relu2", "relu2-separate"])
+def test_saved_activations_per_block_match_the_autograd_graph(switches):
+    """The planner's s = 8C + 2 Hkv D + 4I + H + 2 elements per token (and its terms for the switches)
+    is what a Block saves for backward."""
+    args = ModelArgs(vocab_size=64, n_layer=1, n_head=4, n_kv_head=2, n_embd=64, block_size=32, **switches)
     block, model = Block(args), Transformer(args)
     weights = {p.data_ptr() for p in [*block.parameters(), model.rope_cos, model.rope_sin]}
     saved = {}
@@ -118,11 +123,15 @@ def test_saved_activations_per_block_match_the_autograd_graph():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         block(torch.randn(3, 32, 64, requires_grad=True), model.rope_cos, model.rope_sin)
-    tokens = 3 * 32
-    elements = 8 * 64 + 2 * 2 * 16 + 4 * args.intermediate_size + 4 + 2
-    assert sum(saved.values()) == tokens * elements * 4
+    tokens, hidden = 3 * 32, args.intermediate_size
+    elements = 8 * 64 + 2 * 2 * 16 + (2 if args.mlp == "relu2" else 4) * hidden + 4 + 2
+    if args.qk_norm:
+        elements += 2 * (4 + 2) * 16 + 4 + 2
+    elif args.fused_projections:
+        elements += (4 + 2) * 16
+    assert sum(saved.values()) == tokens * elements * 4 + planner.fused_weight_copies(args, "fp32")
     plain = planner.activation_bytes_per_token(args, "fp32", checkpointing=False)
-    assert plain == elements * 4 + max(4 * 64 * 4 + 3 * 64 * 4, (3 * args.intermediate_size + 2 * 64) * 4)
+    assert plain == elements * 4 + max(4 * 64 * 4 + 3 * 64 * 4, (3 * hidden + 2 * 64) * 4)
 
 
 def test_parameters_and_flops_come_from_the_model():
@@ -175,7 +184,7 @@ def test_fits_against_device_memory():
 ])
 def test_a_config_is_planned_with_the_strategy_of_its_accelerate_profile(profile, strategy):
     path = str(CONFIG_DIR / "accelerate" / f"{profile}.yaml") if profile else None
-    cfg = config(CONFIG_DIR, accelerate_config=path, num_processes=8 if profile else 1)
+    cfg = config(CONFIG_DIR, accelerate_config=path, num_processes=8 if profile else 1, optimizer="adamw")
     assert planner.config_strategy(cfg).name == strategy
     on_one_node = "ZeRO-3 / FSDP FULL_SHARD" if profile == "fsdp_hybrid" else strategy
     assert planner.planned_row(cfg).strategy == on_one_node

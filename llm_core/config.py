@@ -287,6 +287,8 @@ class EvaluationConfig(Section):
     max_new_tokens: int = Field(default=100, ge=1)
     temperature: float = Field(default=0.8, ge=0)
     seed: int = 0
+    tasks: list[str] = Field(default_factory=list, description="Multiple-choice task files (JSONL of context, "
+                                                               "choices, label), scored by log-likelihood.")
 
 
 class RegistryConfig(Section):

@@ -1,4 +1,5 @@
-"""Evaluate a trained model: validation loss, perplexity, bits per byte, and seeded samples."""
+"""Evaluate a trained model: validation loss, perplexity, bits per byte, multiple-choice tasks
+(llm_core/tasks.py) and seeded samples."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 
 import torch
 
+from llm_core import tasks as mc
 from llm_core import tracking
 from llm_core.checkpoint import latest_model, load_model
-from llm_core.config import ScratchConfig
+from llm_core.config import ScratchConfig, resolve_path
 from llm_core.files import read_json, write_json
 from llm_core.generate import TextGenerator
 from llm_core.layout import DATASET_DIR, EVALUATION_DIR, MODEL_TOKENIZER_SUBDIR
@@ -27,6 +29,11 @@ class EvalResult:
     val_bpb: float  # bits per UTF-8 byte of validation text
     num_val_tokens: int
     samples: list[dict]  # {"prompt", "completion"}
+    tasks: list[mc.TaskScore]  # one per evaluation.tasks file
+
+    @property
+    def core(self) -> float:
+        return mc.core(self.tasks)
 
 
 def bits_per_byte(mean_loss_nats: float, num_tokens: int, num_bytes: int) -> float:
@@ -48,16 +55,19 @@ def validation_loss(model: Transformer, dataset_dir: Path, batch_size: int) -> t
 
 
 def evaluate(cfg: ScratchConfig, model: Transformer, tokenizer_dir: Path) -> EvalResult:
+    e = cfg.evaluation
+    task_items = {Path(p).stem: mc.load_task(resolve_path(p)) for p in e.tasks}  # bad files refused first
     dataset_dir = cfg.data_path / DATASET_DIR
     text_bytes = val_bytes(read_json(dataset_dir / "manifest.json"))
     loss, scored = validation_loss(model, dataset_dir, cfg.training.batch_size)
-    generator = TextGenerator(model, load_tokenizer(tokenizer_dir))
-    e = cfg.evaluation
+    tokenizer = load_tokenizer(tokenizer_dir)
+    tasks = [mc.score_task(name, items, model, tokenizer) for name, items in task_items.items()]
+    generator = TextGenerator(model, tokenizer)
     samples = [{"prompt": p, "completion": generator.complete(p, max_new_tokens=e.max_new_tokens,
                                                                temperature=e.temperature, seed=e.seed)}
                for p in e.prompts]
     return EvalResult(val_loss=loss, perplexity=math.exp(loss), val_bpb=bits_per_byte(loss, scored, text_bytes),
-                      num_val_tokens=scored, samples=samples)
+                      num_val_tokens=scored, samples=samples, tasks=tasks)
 
 
 REPORT_FILE = "report.json"
@@ -81,7 +91,12 @@ def evaluate_latest(cfg: ScratchConfig, tracking_uri: str) -> Evaluation:
     r = evaluate(cfg, load_model(latest["path"]), Path(latest["path"]) / MODEL_TOKENIZER_SUBDIR)
     scores = {"val_loss": r.val_loss, "perplexity": r.perplexity, "val_bpb": r.val_bpb}
     report = report_path(cfg, latest["key"])
+    task_metrics = {k: v for t in r.tasks for k, v in t.metrics().items()}
+    if r.tasks:
+        task_metrics["eval/core"] = r.core
     write_json(report, {**scores, "num_val_tokens": r.num_val_tokens, "samples": r.samples,
+                        "tasks": [dataclasses.asdict(t) for t in r.tasks], "core": r.core if r.tasks else None,
                         "evaluation": cfg.evaluation.model_dump()})
-    tracking.log_evaluation(latest.get("tracking_uri") or tracking_uri, latest["mlflow_run_id"], scores, r.samples)
+    tracking.log_evaluation(latest.get("tracking_uri") or tracking_uri, latest["mlflow_run_id"], scores, r.samples,
+                            task_metrics)
     return Evaluation(r, report, latest)

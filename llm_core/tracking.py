@@ -93,12 +93,15 @@ def start_training_run(cfg: ScratchConfig, uri: str, tags: dict[str, str], run_n
     return run.info.run_id
 
 
-def log_evaluation(uri: str, run_id: str, metrics: dict[str, float], samples: list[dict]) -> None:
-    """The final evaluation of a training, in its MLflow run: `eval_<name>` metrics and samples.json."""
+def log_evaluation(uri: str, run_id: str, metrics: dict[str, float], samples: list[dict],
+                   task_metrics: dict[str, float] | None = None) -> None:
+    """The final evaluation of a training, in its MLflow run: `eval_<name>` metrics, the task metrics
+    under their own names (`eval/<task>/acc`, ..., `eval/core`) and samples.json."""
     from mlflow.entities import Metric
 
     mlflow_client = client(uri)
-    mlflow_client.log_batch(run_id, metrics=[Metric(f"eval_{k}", float(v), 0, 0) for k, v in metrics.items()])
+    named = {f"eval_{k}": v for k, v in metrics.items()} | (task_metrics or {})
+    mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in named.items()])
     mlflow_client.log_text(run_id, json.dumps(samples, indent=1, ensure_ascii=False), "samples.json")
 
 

@@ -80,8 +80,11 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"  # the working directory, where no MLflow file may appear
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
+    task = tmp_path / "cloze.jsonl"  # a multiple-choice task file, as a user writes one
+    task.write_text(json.dumps({"context": "To be or not to", "choices": [" be", " sea"], "label": 0}) + "\n")
     result = materialize(instance, run_config(tmp_path / "data", corpus, trained_model=TINY_TRAINING,
-                                              model_evaluation={"evaluation": {"max_new_tokens": 8}}),
+                                              model_evaluation={"evaluation": {"max_new_tokens": 8,
+                                                                               "tasks": [str(task)]}}),
                          assets=[*DATA_ASSETS, "trained_model", "model_evaluation", "registered_model",
                                  "hf_export"])
     assert result.success
@@ -100,8 +103,11 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path, monkeypatch):
     evaluation = latest_metadata(instance, "model_evaluation")
     assert evaluation["val_bpb"] == pytest.approx(model["val_bpb"], rel=1e-6)  # same split, same model
     assert evaluation["mlflow_run_id"] == model["mlflow_run_id"] and "| ROMEO: |" in evaluation["samples"]
-    assert MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}").get_run(
-        model["mlflow_run_id"]).data.metrics["eval_val_bpb"] == pytest.approx(evaluation["val_bpb"])
+    metrics = MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}").get_run(
+        model["mlflow_run_id"]).data.metrics
+    assert metrics["eval_val_bpb"] == pytest.approx(evaluation["val_bpb"])
+    assert "| cloze | 1 |" in evaluation["tasks"] and metrics["eval/core"] == evaluation["core"]
+    assert metrics["eval/cloze/acc"] in (0.0, 1.0) and metrics["eval/cloze/centered"] in (-1.0, 1.0)
 
     exported = latest_metadata(instance, "hf_export")
     assert exported["num_parameters"] == model["num_parameters"] and "tokenizer.json" in exported["files"]

@@ -15,14 +15,21 @@ ModelEvaluationConfig = run_config_class("ModelEvaluationConfig", "evaluation")
 @dg.asset(group_name="evaluation", kinds={"pytorch", "mlflow"}, code_version="1", deps=[trained_model])
 def model_evaluation(context: dg.AssetExecutionContext, config: ModelEvaluationConfig,
                      scratchllm: ScratchllmResource, mlflow: MLflowResource) -> dg.MaterializeResult:
-    """Loss, perplexity and bits per byte on the whole validation split, and seeded sample
-    generations for `evaluation.prompts`."""
+    """Loss, perplexity and bits per byte on the whole validation split, the multiple-choice
+    `evaluation.tasks` (accuracy, length-normalized and centered; `core` their mean), and seeded
+    sample generations for `evaluation.prompts`."""
     cfg = scratchllm.resolve(config)
     evaluation = ev.evaluate_latest(cfg, mlflow.uri(cfg))
     r = evaluation.result
     context.log.info(f"val loss {r.val_loss:.4f}, perplexity {r.perplexity:.1f}, {r.val_bpb:.3f} bits/byte")
+    tasks = {}
+    if r.tasks:
+        tasks = {"core": r.core, "tasks": markdown_table(
+            ["task", "items", "acc", "acc_norm", "random", "centered"],
+            [[t.name, t.items, f"{t.acc:.3f}", f"{t.acc_norm:.3f}", f"{t.random:.3f}", f"{t.centered:+.3f}"]
+             for t in r.tasks])}
     return dg.MaterializeResult(
-        metadata={**uri(evaluation.report), "val_loss": r.val_loss, "val_bpb": r.val_bpb,
+        metadata={**uri(evaluation.report), **tasks, "val_loss": r.val_loss, "val_bpb": r.val_bpb,
                   "perplexity": r.perplexity, "num_val_tokens": r.num_val_tokens,
                   "mlflow_run_id": evaluation.latest["mlflow_run_id"],
                   "samples": markdown_table(["prompt", "completion"],

@@ -1,0 +1,102 @@
+"""Multiple-choice tasks (llm_core/tasks.py) on a tiny trained model and its real tokenizer: bad task
+files refused naming file and line; the batched log-likelihoods equal one-at-a-time forward passes;
+accuracy, length-normalized accuracy and the centered score; the evaluation report and MLflow names."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm_core import evaluate as ev
+from llm_core import tasks as mc
+from llm_core.tokenizer import EOT, load
+
+
+def write_task(path, items):
+    path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return path
+
+
+ITEMS = [
+    {"context": "ROMEO: What light through yonder", "choices": [" window breaks", " is it", " banana"], "label": 0},
+    {"context": "To be or not to", "choices": [" be", " sea"], "label": 0, "id": "hamlet"},
+    {"context": "My kingdom for a", "choices": [" horse", " house", " crown", " cat"], "label": 1},
+]
+
+
+@pytest.mark.parametrize("line,message", [
+    ("{not json", "not a JSON object"),
+    ('["a list"]', "not a JSON object"),
+    ('{"context": "", "choices": ["a", "b"], "label": 0}', "'context' must be a non-empty string"),
+    ('{"context": "c", "choices": ["a"], "label": 0}', "'choices' must be a list of at least 2"),
+    ('{"context": "c", "choices": ["a", ""], "label": 0}', "'choices' must be a list of at least 2"),
+    ('{"context": "c", "choices": ["a", "b"], "label": 2}', "'label' must be an integer from 0 to 1, not 2"),
+    ('{"context": "c", "choices": ["a", "b"], "label": true}', "'label' must be an integer"),
+    ('{"context": "c", "choices": ["a", "b"]}', "'label' must be an integer"),
+])
+def test_a_bad_item_is_refused_naming_the_file_and_line(tmp_path, line, message):
+    path = tmp_path / "task.jsonl"
+    path.write_text(json.dumps(ITEMS[0]) + "\n\n" + line + "\n")
+    with pytest.raises(ValueError, match=rf"task\.jsonl:3: {message}"):
+        mc.load_task(path)
+
+
+def test_a_missing_or_empty_task_file_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="evaluation.tasks: no task file .*nowhere.jsonl"):
+        mc.load_task(tmp_path / "nowhere.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match="has no items"):
+        mc.load_task(tmp_path / "empty.jsonl")
+
+
+def test_batched_log_likelihoods_equal_one_forward_per_choice(trained, tmp_path):
+    cfg, _, model = trained
+    tokenizer = load(cfg.data_path / "tokenizer")
+    items = mc.load_task(write_task(tmp_path / "t.jsonl", ITEMS))
+    rows = mc.choice_rows(items, tokenizer, model.args.block_size)
+    assert len(rows) == 9 and all(ids[0] == tokenizer.token_to_id(EOT) for ids, _ in rows)
+    batched = mc.choice_log_likelihoods(model, rows, batch_size=4)  # several batches, padded rows
+    for (ids, n), got in zip(rows, batched):
+        x = torch.tensor([ids[:-1]])
+        with torch.no_grad():
+            logp = F.log_softmax(model(x)[0][0].float(), dim=-1)
+        expected = sum(logp[t, ids[t + 1]].item() for t in range(len(ids) - 1 - n, len(ids) - 1))
+        assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_accuracies_follow_the_log_likelihoods(trained, tmp_path):
+    cfg, _, model = trained
+    tokenizer = load(cfg.data_path / "tokenizer")
+    items = mc.load_task(write_task(tmp_path / "t.jsonl", ITEMS))
+    ll = mc.choice_log_likelihoods(model, mc.choice_rows(items, tokenizer, model.args.block_size))
+    per_item = [ll[0:3], ll[3:5], ll[5:9]]
+    acc = sum(max(range(len(v)), key=v.__getitem__) == item.label for v, item in zip(per_item, items)) / 3
+    score = mc.score_task("t", items, model, tokenizer)
+    assert score.items == 3 and score.acc == acc
+    assert score.random == pytest.approx((1 / 3 + 1 / 2 + 1 / 4) / 3)
+    assert score.centered == pytest.approx((acc - score.random) / (1 - score.random))
+    assert 0 <= score.acc_norm <= 1
+    # Relabelled so that the model's own favourite is right every time: accuracy 1, centered 1.
+    favourite = [dict(item, label=max(range(len(v)), key=v.__getitem__)) for item, v in zip(ITEMS, per_item)]
+    perfect = mc.score_task("p", mc.load_task(write_task(tmp_path / "p.jsonl", favourite)), model, tokenizer)
+    assert perfect.acc == 1.0 and perfect.centered == pytest.approx(1.0)
+    assert mc.core([score, perfect]) == pytest.approx((score.centered + 1.0) / 2)
+
+
+def test_tasks_are_in_the_evaluation_and_a_bad_file_stops_it_before_any_scoring(trained, tmp_path):
+    cfg, _, model = trained
+    good = write_task(tmp_path / "shakespeare_mc.jsonl", ITEMS)
+    with_tasks = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"tasks": [str(good)]})})
+    r = ev.evaluate(with_tasks, model, cfg.data_path / "tokenizer")
+    assert [t.name for t in r.tasks] == ["shakespeare_mc"] and r.core == r.tasks[0].centered
+    assert set(r.tasks[0].metrics()) == {"eval/shakespeare_mc/acc", "eval/shakespeare_mc/acc_norm",
+                                         "eval/shakespeare_mc/centered"}
+    assert math.isnan(ev.evaluate(cfg, model, cfg.data_path / "tokenizer").core)  # no tasks: no score
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "c", "choices": ["a", "b"], "label": 5}\n')
+    broken = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"tasks": [str(good), str(bad)]})})
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: 'label'"):
+        ev.evaluate(broken, model, cfg.data_path / "tokenizer")

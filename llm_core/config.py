@@ -149,6 +149,8 @@ class DatasetConfig(Section):
     seed: int = Field(default=1337, description="Seed of the train/val split.")
     packing: str = Field(default="random", description="Training windows start anywhere ('random') or at "
                                                        "document starts ('document').")
+    builtin_task_items: int = Field(default=500, ge=0, description="Items of the built-in 'continuation' task "
+                                                                   "made from the validation split (0: none).")
 
     @field_validator("packing")
     @classmethod

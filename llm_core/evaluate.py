@@ -56,8 +56,10 @@ def validation_loss(model: Transformer, dataset_dir: Path, batch_size: int) -> t
 
 def evaluate(cfg: ScratchConfig, model: Transformer, tokenizer_dir: Path) -> EvalResult:
     e = cfg.evaluation
-    task_items = {Path(p).stem: mc.load_task(resolve_path(p)) for p in e.tasks}  # bad files refused first
     dataset_dir = cfg.data_path / DATASET_DIR
+    builtin = dataset_dir / "tasks" / f"{mc.BUILTIN_TASK}.jsonl"  # made by tokenized_dataset
+    task_files = ([builtin] if builtin.is_file() else []) + [resolve_path(p) for p in e.tasks]
+    task_items = {path.stem: mc.load_task(path) for path in task_files}  # bad files refused before any work
     text_bytes = val_bytes(read_json(dataset_dir / "manifest.json"))
     loss, scored = validation_loss(model, dataset_dir, cfg.training.batch_size)
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -16,20 +16,31 @@ sequence starts after <|endoftext|> as documents do). Per task:
   numbers of choices average fairly (nanochat's CORE convention); `core` is their mean over tasks.
 
 Every (item, choice) pair is one row of a padded batch: a few thousand items take seconds on a CPU.
+
+The built-in task, `continuation`, needs no download and exists for every corpus: `tokenized_dataset`
+makes it from the validation split (`build_continuation_task`): a passage of a validation document,
+its true next words, and three spans of the same length from other validation documents. Seeded and
+deterministic, and no training text is in it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from llm_core.files import atomic_path
 from llm_core.model import Transformer
 from llm_core.tokenizer import EOT
+
+BUILTIN_TASK = "continuation"
+CONTEXT_WORDS, CONTINUATION_WORDS, CHOICES = 32, 8, 4
 
 
 @dataclasses.dataclass
@@ -139,3 +150,44 @@ def score_task(name: str, items: list[Item], model: Transformer, tokenizer: Toke
 def core(scores: list[TaskScore]) -> float:
     """The mean centered accuracy over tasks."""
     return sum(s.centered for s in scores) / len(scores) if scores else float("nan")
+
+
+def build_continuation_task(val_texts: Iterable[str], path: Path, num_items: int, seed: int) -> int:
+    """Write the built-in task from validation documents: per item, CONTEXT_WORDS words of a document,
+    and as choices its next CONTINUATION_WORDS words plus spans of as many words from CHOICES - 1
+    other documents, in a seeded random order. Returns the number of items (0: too few documents)."""
+    documents = [words for words in (text.split() for text in val_texts)
+                 if len(words) >= CONTEXT_WORDS + CONTINUATION_WORDS]
+    if len(documents) < CHOICES:
+        path.unlink(missing_ok=True)
+        return 0
+    rng = random.Random(seed)
+    items = []
+    for n in range(num_items):
+        doc = rng.randrange(len(documents))
+        others = _sample_others(rng, len(documents), doc)
+        words = documents[doc]
+        start = rng.randrange(len(words) - CONTEXT_WORDS - CONTINUATION_WORDS + 1)
+        context = " ".join(words[start:start + CONTEXT_WORDS])
+        spans = [words[start + CONTEXT_WORDS:start + CONTEXT_WORDS + CONTINUATION_WORDS]]
+        for other in others:
+            o = documents[other]
+            at = rng.randrange(len(o) - CONTINUATION_WORDS + 1)
+            spans.append(o[at:at + CONTINUATION_WORDS])
+        order = list(range(CHOICES))
+        rng.shuffle(order)
+        items.append({"context": context, "choices": [" " + " ".join(spans[i]) for i in order],
+                      "label": order.index(0), "id": f"{BUILTIN_TASK}-{n}"})
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items), encoding="utf-8")
+    return len(items)
+
+
+def _sample_others(rng: random.Random, n: int, exclude: int) -> list[int]:
+    """CHOICES - 1 distinct document indices other than `exclude`, without listing all n."""
+    picked: list[int] = []
+    while len(picked) < CHOICES - 1:
+        i = rng.randrange(n)
+        if i != exclude and i not in picked:
+            picked.append(i)
+    return picked

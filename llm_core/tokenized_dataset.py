@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
+from llm_core import tasks
 from llm_core.config import ScratchConfig
 from llm_core.data.shards import iter_batches
 from llm_core.engine import data_engine
@@ -58,6 +59,7 @@ class DatasetResult:
     num_shards_reused: int
     encode_seconds: float
     tasks_per_node: dict[str, int]  # where the shards were encoded (engine.kind: ray spreads them)
+    builtin_task_items: int  # items of the built-in multiple-choice task (llm_core/tasks.py)
     out_dir: Path
     data_version: str
 
@@ -115,6 +117,30 @@ def tokenizer_hash(tokenizer_dir: Path) -> str:
     return short_hash((tokenizer_dir / "tokenizer.json").read_bytes())
 
 
+VAL_TEXTS_FOR_TASK = 2000  # validation pieces the built-in task draws from: enough variety, bounded reading
+
+
+def builtin_task_path(cfg: ScratchConfig) -> Path:
+    return cfg.data_path / DATASET_DIR / "tasks" / f"{tasks.BUILTIN_TASK}.jsonl"
+
+
+def val_texts(cfg: ScratchConfig, cleaned: list[dict]) -> list[str]:
+    """The first VAL_TEXTS_FOR_TASK validation pieces long enough for the built-in task, in shard order."""
+    texts: list[str] = []
+    if cfg.dataset.builtin_task_items == 0:
+        return texts
+    for part in cleaned:
+        shard = cfg.data_path / CLEANED_SHARDS_DIR / "shards" / part["name"]
+        for batch in iter_batches(shard, ["doc_id", "text"], batch_size=ENCODE_BATCH_DOCS):
+            for doc_id, text in zip(*(batch.column(i).to_pylist() for i in range(2))):
+                if is_validation(doc_id, cfg.dataset.val_fraction, cfg.dataset.seed) and \
+                        len(text.split()) >= tasks.CONTEXT_WORDS + tasks.CONTINUATION_WORDS:
+                    texts.append(text)
+                    if len(texts) == VAL_TEXTS_FOR_TASK:
+                        return texts
+    return texts
+
+
 def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_dir: Path,
                             log: Callable[[str], None] = print) -> DatasetResult:
     vocab_size = tokenizer.get_vocab_size()
@@ -163,12 +189,15 @@ def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_
                          f"{total['val']['documents']} val pieces): the split is by source document, so change "
                          f"dataset.val_fraction, add documents, or list a file of many short texts in "
                          f"corpus.pieces_are_documents")
+    builtin_items = tasks.build_continuation_task(val_texts(cfg, cleaned), builtin_task_path(cfg),
+                                                  cfg.dataset.builtin_task_items, cfg.dataset.seed)
+    log(f"tokenized_dataset: built-in task '{tasks.BUILTIN_TASK}', {builtin_items} items from the validation split")
     return DatasetResult(
         num_train_tokens=total["train"]["tokens"], num_val_tokens=total["val"]["tokens"],
         num_train_documents=total["train"]["documents"], num_val_documents=total["val"]["documents"],
         val_bytes=total["val"]["bytes"], num_bytes=total["train"]["bytes"] + total["val"]["bytes"],
         dtype=dtype.name, num_shards_encoded=encoded, num_shards_reused=reused, encode_seconds=seconds,
-        tasks_per_node=tasks_per_node,
+        tasks_per_node=tasks_per_node, builtin_task_items=builtin_items,
         out_dir=out_dir, data_version=short_hash("".join(e["key"] for e in entries).encode()),
     )
 

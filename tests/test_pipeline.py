@@ -107,6 +107,9 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path, monkeypatch):
         model["mlflow_run_id"]).data.metrics
     assert metrics["eval_val_bpb"] == pytest.approx(evaluation["val_bpb"])
     assert "| cloze | 1 |" in evaluation["tasks"] and metrics["eval/core"] == evaluation["core"]
+    builtin = latest_metadata(instance, "tokenized_dataset")["builtin_task_items"]  # made from the val split
+    assert builtin > 0 and f"| continuation | {builtin} |" in evaluation["tasks"]
+    assert "eval/continuation/acc_norm" in metrics
     assert metrics["eval/cloze/acc"] in (0.0, 1.0) and metrics["eval/cloze/centered"] in (-1.0, 1.0)
 
     exported = latest_metadata(instance, "hf_export")

@@ -4,6 +4,7 @@ accuracy, length-normalized accuracy and the centered score; the evaluation repo
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -11,6 +12,9 @@ import torch.nn.functional as F
 
 from llm_core import evaluate as ev
 from llm_core import tasks as mc
+from llm_core import tokenized_dataset as td
+from llm_core.files import read_json
+from llm_core.layout import CLEANED_SHARDS_DIR
 from llm_core.tokenizer import EOT, load
 
 
@@ -90,13 +94,29 @@ def test_tasks_are_in_the_evaluation_and_a_bad_file_stops_it_before_any_scoring(
     good = write_task(tmp_path / "shakespeare_mc.jsonl", ITEMS)
     with_tasks = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"tasks": [str(good)]})})
     r = ev.evaluate(with_tasks, model, cfg.data_path / "tokenizer")
-    assert [t.name for t in r.tasks] == ["shakespeare_mc"] and r.core == r.tasks[0].centered
-    assert set(r.tasks[0].metrics()) == {"eval/shakespeare_mc/acc", "eval/shakespeare_mc/acc_norm",
+    assert [t.name for t in r.tasks] == ["continuation", "shakespeare_mc"]  # the built-in task first
+    assert r.core == pytest.approx((r.tasks[0].centered + r.tasks[1].centered) / 2)
+    assert set(r.tasks[1].metrics()) == {"eval/shakespeare_mc/acc", "eval/shakespeare_mc/acc_norm",
                                          "eval/shakespeare_mc/centered"}
-    assert math.isnan(ev.evaluate(cfg, model, cfg.data_path / "tokenizer").core)  # no tasks: no score
+    assert math.isnan(mc.core([]))  # no tasks: no score
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "c", "choices": ["a", "b"], "label": 5}\n')
     broken = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"tasks": [str(good), str(bad)]})})
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: 'label'"):
         ev.evaluate(broken, model, cfg.data_path / "tokenizer")
+
+
+def test_the_builtin_task_comes_from_validation_documents_and_is_deterministic(trained, tmp_path):
+    cfg = trained[0]
+    cleaned = read_json(cfg.data_path / CLEANED_SHARDS_DIR / "manifest.json")["parts"]
+    items = mc.load_task(td.builtin_task_path(cfg))
+    assert len(items) == cfg.dataset.builtin_task_items and all(len(item.choices) == mc.CHOICES for item in items)
+    assert min(Counter(item.label for item in items).values()) > len(items) / 8  # the answer is anywhere
+    val = " ".join(" ".join(text.split()) for text in td.val_texts(cfg, cleaned))
+    for item in items:  # the passage and its true next words follow each other in a validation document
+        assert item.context + item.choices[item.label] in val
+    again = tmp_path / "again.jsonl"
+    mc.build_continuation_task(td.val_texts(cfg, cleaned), again, cfg.dataset.builtin_task_items, cfg.dataset.seed)
+    assert again.read_bytes() == td.builtin_task_path(cfg).read_bytes()
+    assert mc.build_continuation_task(["too short"] * 10, again, 5, 0) == 0 and not again.exists()

@@ -62,6 +62,7 @@ def tokenized_dataset(context: dg.AssetExecutionContext, config: TokenizedDatase
             "val_bytes": r.val_bytes, "num_train_documents": r.num_train_documents,
             "num_val_documents": r.num_val_documents, "dtype": r.dtype,
             "num_shards_encoded": r.num_shards_encoded, "num_shards_reused": r.num_shards_reused,
+            "builtin_task_items": r.builtin_task_items,
             "encode_mb_per_second": round(r.num_bytes / 1e6 / r.encode_seconds, 2) if r.encode_seconds else None,
             **engine_metadata(cfg.engine, r.tasks_per_node),
         },

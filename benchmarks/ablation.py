@@ -6,7 +6,8 @@ Every variant is the profile plus a few config overrides (VARIANTS below), train
 same tokenized dataset, each in its own process (`python -m llm_core.train`), one after another so that
 they see the same machine. The dataset is built first if missing (`scratchllm run --select
 *tokenized_dataset`). Prints one row per variant: final val bits/byte (mean over seeds), its change
-against the first variant, training seconds and tokens/s (medians).
+against the first variant, its standard deviation over seeds (and each seed's value), training
+seconds and tokens/s (medians).
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ def main() -> None:
     base_values = base.model_dump(mode="json")
 
     print(f"profile {a.config or 'default.yaml'}, {base.training.max_steps} steps, {a.seeds} seed(s) per variant\n")
-    print("| variant | val bpb | vs first | train s | tokens/s |")
-    print("|---|---|---|---|---|")
+    print("| variant | val bpb | sd over seeds | vs first | train s | tokens/s |")
+    print("|---|---|---|---|---|---|")
     first = None
     with tempfile.TemporaryDirectory(prefix="ablation-") as tmp:
         for name in names:
@@ -78,9 +79,11 @@ def main() -> None:
                 values = deep_merge(values, {"training": {"seed": base.training.seed + seed,
                                                           "checkpoint_interval": base.training.max_steps}})
                 summaries.append(train_variant(values, Path(tmp) / "variant"))
-            bpb = statistics.mean(s["val_bpb"] for s in summaries)
+            bpbs = [s["val_bpb"] for s in summaries]
+            bpb = statistics.mean(bpbs)
             first = bpb if first is None else first
-            print(f"| {name} | {bpb:.3f} | {bpb - first:+.3f} | "
+            spread = f"{statistics.stdev(bpbs):.3f} ({', '.join(f'{b:.3f}' for b in bpbs)})" if len(bpbs) > 1 else "-"
+            print(f"| {name} | {bpb:.3f} | {spread} | {bpb - first:+.3f} | "
                   f"{statistics.median(s['train_seconds'] for s in summaries):.1f} | "
                   f"{statistics.median(s['tokens_per_second'] for s in summaries):,.0f} |", flush=True)
 

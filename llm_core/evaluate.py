@@ -18,7 +18,7 @@ from llm_core.generate import TextGenerator
 from llm_core.layout import DATASET_DIR, EVALUATION_DIR, MODEL_TOKENIZER_SUBDIR
 from llm_core.loader import sequential_batches
 from llm_core.model import Transformer
-from llm_core.tokenized_dataset import val_bytes
+from llm_core.tokenized_dataset import builtin_task_path, val_bytes
 from llm_core.tokenizer import load as load_tokenizer
 
 
@@ -57,7 +57,7 @@ def validation_loss(model: Transformer, dataset_dir: Path, batch_size: int) -> t
 def evaluate(cfg: ScratchConfig, model: Transformer, tokenizer_dir: Path) -> EvalResult:
     e = cfg.evaluation
     dataset_dir = cfg.data_path / DATASET_DIR
-    builtin = dataset_dir / "tasks" / f"{mc.BUILTIN_TASK}.jsonl"  # made by tokenized_dataset
+    builtin = builtin_task_path(cfg)  # made by tokenized_dataset
     task_files = ([builtin] if builtin.is_file() else []) + [resolve_path(p) for p in e.tasks]
     task_items = {path.stem: mc.load_task(path) for path in task_files}  # bad files refused before any work
     text_bytes = val_bytes(read_json(dataset_dir / "manifest.json"))

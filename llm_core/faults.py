@@ -34,7 +34,7 @@ def hold_point(label: str) -> None:
     marker = Path(os.environ.get(HOLD_MARKER_ENV, "scratchllm_held"))
     if marker.exists():
         return
-    tmp = marker.with_name(marker.name + ".tmp")
+    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")  # two processes may reach a hold at once
     tmp.write_text(f"{os.getpid()} {label}\n")
     os.replace(tmp, marker)
     while True:  # until killed

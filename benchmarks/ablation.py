@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -23,7 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from llm_core.config import deep_merge, load_config  # noqa: E402
+from llm_core.checkpoint import load_model  # noqa: E402
+from llm_core.config import deep_merge, load_config, validate_config  # noqa: E402
+from llm_core.evaluate import document_scores  # noqa: E402
 from llm_core.layout import DATASET_DIR  # noqa: E402
 
 # The 2023 recipe, the current default, then the default with one change undone or added.
@@ -48,7 +51,12 @@ def train_variant(cfg_values: dict, work: Path) -> dict:
     (work / "config.json").write_text(json.dumps(cfg_values))
     subprocess.run([sys.executable, "-m", "llm_core.train", "--resolved-config", str(work / "config.json"),
                     "--out-dir", str(work / "run")], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    return json.loads((work / "run" / "training_summary.json").read_text())
+    summary = json.loads((work / "run" / "training_summary.json").read_text())
+    cfg = validate_config(cfg_values)  # the final scores as model_evaluation computes them
+    per_document, _ = document_scores(load_model(work / "run"), cfg.data_path / DATASET_DIR,
+                                      cfg.evaluation.max_val_tokens)
+    nats, num_bytes = (sum(per_document.column(c).to_pylist()) for c in ("nats", "bytes"))
+    return {**summary, "val_bpb": nats / math.log(2) / num_bytes}
 
 
 def main() -> None:

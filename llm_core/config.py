@@ -151,11 +151,20 @@ class DatasetConfig(Section):
                                                        "document starts ('document').")
     builtin_task_items: int = Field(default=500, ge=0, description="Items of the built-in 'continuation' task "
                                                                    "made from the validation split (0: none).")
+    decontamination: str = Field(default="remove", description="Training documents sharing an n-gram with an "
+                                                               "evaluation task item: 'remove' them (listed), "
+                                                               "'fail' the blocking check, or 'off'.")
+    decontamination_ngram: int = Field(default=13, ge=1, description="Words per n-gram of the contamination check.")
 
     @field_validator("packing")
     @classmethod
     def _packing(cls, v: str) -> str:
         return _one_of(v, ("random", "document"))
+
+    @field_validator("decontamination")
+    @classmethod
+    def _decontamination(cls, v: str) -> str:
+        return _one_of(v, ("remove", "fail", "off"))
 
 
 class ModelConfig(Section):
@@ -284,17 +293,39 @@ class TrainingConfig(Section):
                    self.max_steps - 1)
 
 
+class TaskFile(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Names the metrics: eval/<name>/acc ...")
+    path: str = Field(min_length=1, description="JSONL of {\"context\", \"choices\", \"label\"} per line.")
+
+
 class EvaluationConfig(Section):
     prompts: list[str] = Field(default_factory=lambda: ["ROMEO:", "To be or not"])
     max_new_tokens: int = Field(default=100, ge=1)
     temperature: float = Field(default=0.8, ge=0)
     seed: int = 0
-    tasks: list[str] = Field(default_factory=list, description="Multiple-choice task files (JSONL of context, "
-                                                               "choices, label), scored by log-likelihood.")
+    tasks: list[TaskFile] = Field(default_factory=list, description="Multiple-choice tasks scored by "
+                                                                    "log-likelihood, besides the built-in one.")
+    max_val_tokens: int = Field(default=2_000_000, ge=1, description="The final validation scores use at most "
+                                                                     "this many tokens: a fixed sample of whole "
+                                                                     "documents, the same for every model.")
+
+    @field_validator("tasks")
+    @classmethod
+    def _unique_task_names(cls, v: list[TaskFile]) -> list[TaskFile]:
+        names = [t.name for t in v]
+        for name in names:
+            if names.count(name) > 1 or name == "continuation":  # the built-in task's name
+                raise ValueError(f"task name {name!r} is used twice (the built-in task is 'continuation')")
+        return v
 
 
 class RegistryConfig(Section):
     model_name: str = Field(default="scratchllm", min_length=1)
+    promotion_margin_bpb: float = Field(default=0.0, ge=0, description="`champion` moves only when the new "
+                                                                       "version is better by more than this many "
+                                                                       "bits per byte, at promotion_confidence.")
+    promotion_confidence: float = Field(default=0.95, gt=0, lt=1, description="Confidence of the paired "
+                                                                              "bootstrap interval over documents.")
 
 
 class EngineConfig(Section):

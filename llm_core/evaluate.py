@@ -5,21 +5,30 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
+import torch.nn.functional as F
+import xxhash
 
 from llm_core import tasks as mc
 from llm_core import tracking
 from llm_core.checkpoint import latest_model, load_model
-from llm_core.config import ScratchConfig, resolve_path
-from llm_core.files import read_json, write_json
+from llm_core.config import ScratchConfig
+from llm_core.files import atomic_path, read_json, write_json
 from llm_core.generate import TextGenerator
 from llm_core.layout import DATASET_DIR, EVALUATION_DIR, MODEL_TOKENIZER_SUBDIR
-from llm_core.loader import sequential_batches
+from llm_core.loader import _memory_map
 from llm_core.model import Transformer
-from llm_core.tokenized_dataset import builtin_task_path, val_bytes
+from llm_core.tokenized_dataset import task_files, unchecked_tasks
 from llm_core.tokenizer import load as load_tokenizer
+
+
+EVAL_TOKENS_PER_BATCH = 16384  # forward-only, no grad: batches much larger than training's
 
 
 @dataclasses.dataclass
@@ -28,8 +37,12 @@ class EvalResult:
     perplexity: float
     val_bpb: float  # bits per UTF-8 byte of validation text
     num_val_tokens: int
+    num_val_documents: int  # the documents scored: all, or a sample of evaluation.max_val_tokens
+    val_tokens_per_second: float  # the forward-only scoring's throughput
+    per_document: pa.Table  # id, doc_id, tokens, bytes, nats: one row per validation document scored
     samples: list[dict]  # {"prompt", "completion"}
-    tasks: list[mc.TaskScore]  # one per evaluation.tasks file
+    tasks: list[mc.TaskScore]  # the built-in task, then one per evaluation.tasks entry
+    unchecked_tasks: list[str]  # tasks not checked for contamination when tokenized_dataset was built
 
     @property
     def core(self) -> float:
@@ -41,42 +54,99 @@ def bits_per_byte(mean_loss_nats: float, num_tokens: int, num_bytes: int) -> flo
     return mean_loss_nats * num_tokens / math.log(2) / num_bytes
 
 
+def validation_documents(dataset_dir: Path, max_tokens: int) -> tuple[pa.Table, np.ndarray]:
+    """The validation documents to score and their tokens, concatenated: every document when the split
+    has at most max_tokens tokens, else the documents with the smallest hashes of their ids up to
+    max_tokens. The sample depends only on the dataset, so every model is scored on the same documents
+    (paired comparisons), and it grows stably with the corpus."""
+    manifest = read_json(dataset_dir / "manifest.json")
+    if not manifest:
+        raise FileNotFoundError(f"no tokenized dataset under {dataset_dir}: materialize `tokenized_dataset`")
+    tables, arrays = [], []
+    for shard in manifest["shards"]:
+        stem = Path(shard["name"]).stem
+        docs = pa.ipc.open_file(pa.memory_map(str(dataset_dir / "val" / f"{stem}.docs.arrow"))).read_all()
+        tables.append(docs.append_column("shard", pa.array(np.full(len(docs), len(arrays)))))
+        arrays.append(_memory_map(dataset_dir / "val" / f"{stem}.tokens.arrow", "tokens"))
+    docs = pa.concat_tables(tables)
+    lengths = docs.column("length").to_numpy()
+    if lengths.sum() > max_tokens:
+        order = np.argsort([xxhash.xxh3_64_intdigest(i.encode()) for i in docs.column("id").to_pylist()],
+                           kind="stable")
+        keep = order[:max(1, int(np.searchsorted(np.cumsum(lengths[order]), max_tokens, side="right")))]
+        docs = docs.take(np.sort(keep))  # in file order again: reads stay sequential
+    shard, start, length = (docs.column(c).to_numpy() for c in ("shard", "start", "length"))
+    stream = np.concatenate([arrays[a][s:s + n] for a, s, n in zip(shard, start, length)]).astype(np.int64)
+    return docs.select(["id", "doc_id", "length", "num_bytes"]), stream
+
+
 @torch.no_grad()
-def validation_loss(model: Transformer, dataset_dir: Path, batch_size: int) -> tuple[float, int]:
-    """(mean loss per token, tokens scored) over the whole validation split, every token once."""
+def document_scores(model: Transformer, dataset_dir: Path, max_tokens: int) -> tuple[pa.Table, float]:
+    """Nats of every validation document scored (validation_documents): the documents' tokens as one
+    stream cut into non-overlapping block_size windows, each token predicted once (all but the very
+    first). Returns (id, doc_id, tokens, bytes, nats per document; tokens per second)."""
     model.eval()
-    total, count = 0.0, 0
-    for x, y in sequential_batches(dataset_dir, "val", model.args.block_size, batch_size):
-        _, loss = model(x, y)
-        n = int((y != -100).sum())
-        total += float(loss) * n
-        count += n
-    return total / max(count, 1), count
+    docs, stream = validation_documents(dataset_dir, max_tokens)
+    block = model.args.block_size
+    nats = np.zeros(len(stream), dtype=np.float64)  # nats[i]: the loss of predicting stream[i]
+    starts = list(range(0, len(stream) - 1, block))
+    batch = max(1, EVAL_TOKENS_PER_BATCH // block)
+    began = time.perf_counter()
+    for i in range(0, len(starts), batch):
+        chunk = starts[i:i + batch]
+        x = torch.zeros((len(chunk), block), dtype=torch.long)
+        y = torch.full((len(chunk), block), -100, dtype=torch.long)  # -100: past the end, not scored
+        for row, s in enumerate(chunk):
+            piece = torch.from_numpy(stream[s:s + block + 1])
+            x[row, :len(piece) - 1], y[row, :len(piece) - 1] = piece[:-1], piece[1:]
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view(len(chunk), block)
+        for row, s in enumerate(chunk):
+            n = min(block, len(stream) - 1 - s)
+            nats[s + 1:s + 1 + n] = loss[row, :n].double().numpy()
+    seconds = time.perf_counter() - began
+    lengths = docs.column("length").to_numpy()
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    scored = lengths.copy()
+    scored[0] -= 1  # the stream's first token has no context
+    table = pa.table({"id": docs.column("id"), "doc_id": docs.column("doc_id"), "tokens": scored,
+                      "bytes": docs.column("num_bytes"), "nats": np.add.reduceat(nats, offsets)})
+    return table, (len(stream) - 1) / max(seconds, 1e-9)
 
 
 def evaluate(cfg: ScratchConfig, model: Transformer, tokenizer_dir: Path) -> EvalResult:
     e = cfg.evaluation
     dataset_dir = cfg.data_path / DATASET_DIR
-    builtin = builtin_task_path(cfg)  # made by tokenized_dataset
-    task_files = ([builtin] if builtin.is_file() else []) + [resolve_path(p) for p in e.tasks]
-    task_items = {path.stem: mc.load_task(path) for path in task_files}  # bad files refused before any work
-    text_bytes = val_bytes(read_json(dataset_dir / "manifest.json"))
-    loss, scored = validation_loss(model, dataset_dir, cfg.training.batch_size)
+    task_items = {name: mc.load_task(path) for name, path in task_files(cfg).items()}  # bad files: before any work
+    per_document, tokens_per_second = document_scores(model, dataset_dir, e.max_val_tokens)
+    nats, scored, text_bytes = (pc.sum(per_document.column(c)).as_py() for c in ("nats", "tokens", "bytes"))
+    loss = nats / max(scored, 1)
     tokenizer = load_tokenizer(tokenizer_dir)
     tasks = [mc.score_task(name, items, model, tokenizer) for name, items in task_items.items()]
     generator = TextGenerator(model, tokenizer)
     samples = [{"prompt": p, "completion": generator.complete(p, max_new_tokens=e.max_new_tokens,
                                                                temperature=e.temperature, seed=e.seed)}
                for p in e.prompts]
-    return EvalResult(val_loss=loss, perplexity=math.exp(loss), val_bpb=bits_per_byte(loss, scored, text_bytes),
-                      num_val_tokens=scored, samples=samples, tasks=tasks)
+    return EvalResult(val_loss=loss, perplexity=math.exp(loss), val_bpb=nats / math.log(2) / text_bytes,
+                      num_val_tokens=scored, num_val_documents=len(per_document),
+                      val_tokens_per_second=tokens_per_second, per_document=per_document, samples=samples,
+                      tasks=tasks, unchecked_tasks=unchecked_tasks(cfg))
 
 
 REPORT_FILE = "report.json"
+PER_DOCUMENT_FILE = "per_document.parquet"  # id, doc_id, tokens, bytes, nats: paired comparisons of any two models
+TASK_ITEMS_FILE = "task_items.parquet"  # task, id, correct, correct_norm
 
 
 def report_path(cfg: ScratchConfig, training_key: str) -> Path:
     return cfg.data_path / EVALUATION_DIR / training_key / REPORT_FILE
+
+
+def write_parquet(path: Path, table: pa.Table) -> None:
+    import pyarrow.parquet as pq
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 @dataclasses.dataclass
@@ -86,19 +156,31 @@ class Evaluation:
     latest: dict  # the training evaluated (see checkpoint.latest_model)
 
 
+def save_evaluation(cfg: ScratchConfig, r: EvalResult, out_dir: Path) -> Path:
+    """report.json, per_document.parquet and task_items.parquet in out_dir; returns the report's path."""
+    write_parquet(out_dir / PER_DOCUMENT_FILE, r.per_document)
+    write_parquet(out_dir / TASK_ITEMS_FILE, pa.Table.from_pylist(
+        [{"task": t.name, **item} for t in r.tasks for item in t.per_item],
+        schema=pa.schema([("task", pa.string()), ("id", pa.string()), ("correct", pa.bool_()),
+                          ("correct_norm", pa.bool_())])))
+    write_json(out_dir / REPORT_FILE, {
+        "val_loss": r.val_loss, "perplexity": r.perplexity, "val_bpb": r.val_bpb, "num_val_tokens": r.num_val_tokens,
+        "num_val_documents": r.num_val_documents, "val_tokens_per_second": r.val_tokens_per_second,
+        "samples": r.samples, "tasks": [t.summary() for t in r.tasks], "core": r.core if r.tasks else None,
+        "unchecked_tasks": r.unchecked_tasks, "evaluation": cfg.evaluation.model_dump()})
+    return out_dir / REPORT_FILE
+
+
 def evaluate_latest(cfg: ScratchConfig, tracking_uri: str) -> Evaluation:
-    """The model_evaluation stage: evaluate the latest healthy training, write its report, and log
-    the scores and samples into its MLflow run."""
+    """The model_evaluation stage: evaluate the latest healthy training, write its report and scores,
+    and log them with the samples into its MLflow run."""
     latest = latest_model(cfg)
     r = evaluate(cfg, load_model(latest["path"]), Path(latest["path"]) / MODEL_TOKENIZER_SUBDIR)
-    scores = {"val_loss": r.val_loss, "perplexity": r.perplexity, "val_bpb": r.val_bpb}
-    report = report_path(cfg, latest["key"])
+    report = save_evaluation(cfg, r, report_path(cfg, latest["key"]).parent)
     task_metrics = {k: v for t in r.tasks for k, v in t.metrics().items()}
     if r.tasks:
         task_metrics["eval/core"] = r.core
-    write_json(report, {**scores, "num_val_tokens": r.num_val_tokens, "samples": r.samples,
-                        "tasks": [dataclasses.asdict(t) for t in r.tasks], "core": r.core if r.tasks else None,
-                        "evaluation": cfg.evaluation.model_dump()})
-    tracking.log_evaluation(latest.get("tracking_uri") or tracking_uri, latest["mlflow_run_id"], scores, r.samples,
-                            task_metrics)
+    tracking.log_evaluation(latest.get("tracking_uri") or tracking_uri, latest["mlflow_run_id"],
+                            {"val_loss": r.val_loss, "perplexity": r.perplexity, "val_bpb": r.val_bpb}, r.samples,
+                            task_metrics, files=[report.parent / PER_DOCUMENT_FILE, report.parent / TASK_ITEMS_FILE])
     return Evaluation(r, report, latest)

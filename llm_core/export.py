@@ -29,6 +29,7 @@ from llm_core import tokenizer as bpe
 from llm_core.checkpoint import MODEL_CONFIG_FILE, WEIGHTS_FILE, load_model
 from llm_core.files import TMP_MARK, write_json
 from llm_core.model import ModelArgs, Transformer
+from llm_core.model_card import CARD_FILE, write_card
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -96,9 +97,11 @@ def check_export_inputs(model_dir: Path, tokenizer_dir: Path, out_dir: Path, ove
         raise FileExistsError(f"{out_dir} exists and is not empty: choose another directory or overwrite")
 
 
-def export_hf(model_dir: Path, tokenizer_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
+def export_hf(model_dir: Path, tokenizer_dir: Path, out_dir: Path, overwrite: bool = False,
+              card: str | None = None) -> Path:
     """Write the trained model of `model_dir` and the tokenizer of `tokenizer_dir` as a transformers
-    directory `out_dir`, built in a temporary directory and renamed into place."""
+    directory `out_dir`, built in a temporary directory and renamed into place. Its README.md is `card`,
+    else the model directory's own card if it has one (a registered version's)."""
     model_dir, tokenizer_dir, out_dir = Path(model_dir), Path(tokenizer_dir), Path(out_dir)
     check_export_inputs(model_dir, tokenizer_dir, out_dir, overwrite)
     model = load_model(model_dir)
@@ -125,6 +128,10 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out_dir: Path, overwrite: bo
         write_json(tmp / GENERATION_CONFIG_FILE, {"bos_token_id": eos_id, "eos_token_id": eos_id,
                                                   "pad_token_id": pad_id})
         bpe.save(tokenizer, tmp, model_max_length=args.block_size)
+        if card is not None:
+            write_card(card, tmp)
+        elif (model_dir / CARD_FILE).is_file():
+            shutil.copyfile(model_dir / CARD_FILE, tmp / CARD_FILE)
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -65,7 +65,8 @@ def assess(history: list[dict], training: TrainingConfig) -> Health:
         if reference is not None and loss > factor * reference:
             spike_start, spike_length = (spike_start or step), spike_length + 1
             if spike_length >= needed:
-                return Health(False, f"train_loss stayed above {factor:g}x its running median for {needed} steps "
+                return Health(False, f"train_loss stayed above {factor:g}x its running median for {needed} "
+                                     f"step{'s' * (needed != 1)} "
                                      f"from step {spike_start} (loss {loss:.4f} at step {step}, median "
                                      f"{reference:.4f})", bad_step=spike_start,
                               max_train_loss=max(v for _, v in train), final_train_loss=train[-1][1])

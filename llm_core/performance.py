@@ -47,6 +47,21 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> 
     return min(1.0, tokens_per_second * flops_per_token / peak_flops)
 
 
+def hardware(device: torch.device, processes: int) -> str:
+    """What trained: e.g. "2 x NVIDIA H200" or "AMD EPYC (2 cores), 1 process"."""
+    if device.type == "cuda":
+        return f"{processes} x {torch.cuda.get_device_name(device)}"
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    import platform
+
+    return (f"{names[0] if names else platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
+            f"{processes} process{'es' if processes > 1 else ''}")
+
+
 def cpu_has_bf16_units() -> bool:
     """AVX512_BF16 or AMX: native bf16 matrix instructions (without them bf16 is emulated, ~5x slower)."""
     try:

@@ -9,8 +9,9 @@ A registered version generates text:
 Its artifact is a model directory (see llm_core/generate.py: weights as safetensors, model config,
 tokenizer) and its code is this package, so loading it needs no pickle and no network.
 
-Aliases: `champion` is the version with the best validation bits per byte so far; a new version
-takes it when it is at least as good, and otherwise becomes the `challenger`.
+Aliases: `champion` is the best version so far; a new version takes it when it is better beyond the
+noise of a paired comparison over validation documents (llm_core/promotion.py), and otherwise
+becomes the `challenger`.
 """
 
 from __future__ import annotations
@@ -52,37 +53,46 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]
 
 
-def champion(client, name: str) -> tuple[str, float] | None:
-    """(version, val bpb) of the current champion, or None before the first one."""
+def champion_version(client, name: str):
+    """The ModelVersion holding `champion`, or None before the first one."""
     from mlflow.exceptions import MlflowException
 
     try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
+        return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:  # no such model or no such alias yet
         return None
-    return str(version.version), float(version.tags.get(BPB_TAG, "inf"))
 
 
-def log_pyfunc(model_dir: Path, tokenizer_dir: Path, run_id: str):
-    """Log the model directory as a pyfunc in the training's MLflow run; returns its ModelInfo.
-    Runs inside tracking.using(uri)."""
+def champion(client, name: str) -> tuple[str, float] | None:
+    """(version, val bpb) of the current champion, or None before the first one."""
+    version = champion_version(client, name)
+    return (str(version.version), float(version.tags.get(BPB_TAG, "inf"))) if version else None
+
+
+def log_pyfunc(model_dir: Path, tokenizer_dir: Path, run_id: str, card: str | None = None):
+    """Log the model directory (with its model card as README.md) as a pyfunc in the training's MLflow
+    run; returns its ModelInfo. Runs inside tracking.using(uri)."""
     from mlflow.models import infer_signature
 
     from llm_core.generate import package_model
+    from llm_core.model_card import write_card
 
     signature = infer_signature(["a prompt"], ["a continuation"], params=DEFAULT_PARAMS)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # notices about input examples and type hints
         package = package_model(model_dir, tokenizer_dir, Path(tmp) / "model")
+        if card is not None:
+            write_card(card, package)
         return mlflow.pyfunc.log_model(
             name="model", python_model=str(PYFUNC_MODEL), artifacts={"model": str(package)},
             code_paths=[str(Path(__file__).parent)], pip_requirements=pip_requirements(), signature=signature)
 
 
 def register(model_dir: Path, tokenizer_dir: Path, *, tracking_uri: str, run_id: str, name: str, val_bpb: float,
-             tags: dict[str, str]) -> Registration:
-    """Register the model of a training (tags[KEY_TAG] identifies it) and give it an alias:
-    `champion` if its val bpb is at least as good as the current champion's, else `challenger`."""
+             tags: dict[str, str], verdict=None, card: str | None = None) -> Registration:
+    """Register the model of a training (tags[KEY_TAG] identifies it) and give it an alias: `champion`
+    if the verdict (llm_core/promotion.py) promotes it, or without one if its val bpb is at least as
+    good as the current champion's; else `challenger`. The verdict is kept as version tags."""
     from llm_core import tracking
 
     client = tracking.client(tracking_uri)
@@ -93,12 +103,19 @@ def register(model_dir: Path, tokenizer_dir: Path, *, tracking_uri: str, run_id:
         version = existing[0].version
     else:
         with tracking.using(tracking_uri):  # mlflow.pyfunc.log_model only has the fluent API
-            info = log_pyfunc(model_dir, tokenizer_dir, run_id)
+            info = log_pyfunc(model_dir, tokenizer_dir, run_id, card)
             if not has_registered_model(client, name):
                 client.create_registered_model(name, description="Text generation models trained by scratchllm.")
             version = client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
                                                   tags={**tags, BPB_TAG: repr(float(val_bpb))}).version
-    alias = CHAMPION if before is None or val_bpb <= before[1] else CHALLENGER
+    if before is None or before[0] == str(version):  # the first version, or already the champion
+        alias = CHAMPION
+    elif verdict is not None:
+        alias = CHAMPION if verdict.promote else CHALLENGER
+    else:
+        alias = CHAMPION if val_bpb <= before[1] else CHALLENGER
+    for tag, value in (verdict.tags() if verdict else {}).items():
+        client.set_model_version_tag(name, str(version), tag, value)
     client.set_registered_model_alias(name, alias, version)
     previous, previous_bpb = before if before else (None, None)
     return Registration(name=name, version=str(version), alias=alias, val_bpb=float(val_bpb),

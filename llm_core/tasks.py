@@ -59,6 +59,10 @@ class TaskScore:
     acc_norm: float
     random: float
     centered: float
+    per_item: list[dict] = dataclasses.field(default_factory=list, repr=False)  # id, correct, correct_norm
+
+    def summary(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "per_item"}
 
     def metrics(self) -> dict[str, float]:
         """MLflow metrics: eval/<task>/acc, .../acc_norm, .../centered."""
@@ -136,15 +140,16 @@ def score_task(name: str, items: list[Item], model: Transformer, tokenizer: Toke
     rows = choice_rows(items, tokenizer, model.args.block_size)
     pad = tokenizer.token_to_id(EOT)
     likelihoods = iter(choice_log_likelihoods(model, rows, batch_size, pad))
-    correct = correct_norm = 0
+    per_item = []
     for item in items:
         ll = [next(likelihoods) for _ in item.choices]
         per_byte = [v / len(c.encode()) for v, c in zip(ll, item.choices)]
-        correct += max(range(len(ll)), key=ll.__getitem__) == item.label
-        correct_norm += max(range(len(ll)), key=per_byte.__getitem__) == item.label
+        per_item.append({"id": item.id, "correct": max(range(len(ll)), key=ll.__getitem__) == item.label,
+                         "correct_norm": max(range(len(ll)), key=per_byte.__getitem__) == item.label})
     random = sum(1 / len(item.choices) for item in items) / len(items)
-    acc = correct / len(items)
-    return TaskScore(name, len(items), acc, correct_norm / len(items), random, (acc - random) / (1 - random))
+    acc = sum(r["correct"] for r in per_item) / len(items)
+    acc_norm = sum(r["correct_norm"] for r in per_item) / len(items)
+    return TaskScore(name, len(items), acc, acc_norm, random, (acc - random) / (1 - random), per_item)
 
 
 def core(scores: list[TaskScore]) -> float:

@@ -7,7 +7,11 @@ Layout under data_dir/tokenized_dataset/:
                                      loader can memory-map it; every piece ends with <|endoftext|>
   {train,val}/<shard>.docs.arrow     id (of the piece), doc_id, start, length (tokens, EOT included), num_bytes
 
-A shard is re-encoded only when its cleaned content, the tokenizer or the split changed.
+Training pieces that share an n-gram with an evaluation task item are removed (or only listed, for
+the blocking check to fail) as they are encoded: see llm_core/decontamination.py.
+
+A shard is re-encoded only when its cleaned content, the tokenizer, the split or the evaluation
+items changed.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import pyarrow as pa
 from tokenizers import Tokenizer
 
 from llm_core import tasks
-from llm_core.config import ScratchConfig
+from llm_core.config import ScratchConfig, resolve_path
 from llm_core.data.shards import iter_batches
+from llm_core.decontamination import EvalNgrams, eval_ngrams
 from llm_core.engine import data_engine
 from llm_core.files import atomic_path, read_json, remove_stale_files, short_hash, write_json
 from llm_core.layout import CLEANED_SHARDS_DIR, DATASET_DIR
@@ -60,6 +65,7 @@ class DatasetResult:
     encode_seconds: float
     tasks_per_node: dict[str, int]  # where the shards were encoded (engine.kind: ray spreads them)
     builtin_task_items: int  # items of the built-in multiple-choice task (llm_core/tasks.py)
+    contamination: dict  # see contamination_summary
     out_dir: Path
     data_version: str
 
@@ -77,18 +83,39 @@ def _encoder(tokenizer_json: str) -> Tokenizer:
     return tokenizer
 
 
-def encode_shard(tokenizer_json: str, shard: Path, out_dir: Path, cfg: ScratchConfig, dtype: np.dtype) -> dict:
-    """Encode one cleaned shard into train and val token files; returns its counts. A task of the
-    data engine (it may run on another machine: the tokenizer travels as JSON)."""
+def contaminated_pieces(shard: Path, cfg: ScratchConfig, ngrams: EvalNgrams) -> list[dict]:
+    """The training pieces of a shard that share an n-gram with an evaluation item."""
+    found = []
+    for batch in iter_batches(shard, ["id", "doc_id", "text"], batch_size=ENCODE_BATCH_DOCS):
+        for piece_id, doc_id, text in zip(*(batch.column(i).to_pylist() for i in range(3))):
+            if not is_validation(doc_id, cfg.dataset.val_fraction, cfg.dataset.seed):
+                item = ngrams.match(text)
+                if item:
+                    found.append({"id": piece_id, "doc_id": doc_id, "item": item,
+                                  "removed": cfg.dataset.decontamination == "remove"})
+    return found
+
+
+def encode_shard(tokenizer_json: str, shard: Path, out_dir: Path, cfg: ScratchConfig, dtype: np.dtype,
+                 ngrams: EvalNgrams | None, base_key: str, previous: dict | None) -> dict:
+    """Check one cleaned shard for contamination, then encode it into train and val token files unless
+    the previous encoding stands (same inputs, same pieces removed); returns its manifest entry.
+    A task of the data engine (it may run on another machine: the tokenizer travels as JSON)."""
+    contaminated = contaminated_pieces(shard, cfg, ngrams) if ngrams else []
+    removed = {c["id"] for c in contaminated if c["removed"]}
+    entry = {"key": short_hash([base_key, sorted(removed)]), "base_key": base_key,
+             "scan_key": scan_key(cfg, ngrams), "contaminated": contaminated}
+    if previous and previous["key"] == entry["key"] and all(f.exists() for f in _shard_files(out_dir, shard)):
+        return {**previous, **entry, "encoded": False}
     tokenizer = _encoder(tokenizer_json)
     eot = tokenizer.token_to_id(EOT)
     tokens: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     docs: dict[str, dict[str, list]] = {s: {name: [] for name in DOCS_SCHEMA.names} for s in SPLITS}
     position = {s: 0 for s in SPLITS}
     for batch in iter_batches(shard, ["id", "doc_id", "text"], batch_size=ENCODE_BATCH_DOCS):
-        ids, doc_ids, texts = (batch.column(i).to_pylist() for i in range(3))
-        encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
-        for piece_id, doc_id, text, encoding in zip(ids, doc_ids, texts, encodings):
+        rows = [row for row in zip(*(batch.column(i).to_pylist() for i in range(3))) if row[0] not in removed]
+        encodings = tokenizer.encode_batch_fast([text for _, _, text in rows], add_special_tokens=False)
+        for (piece_id, doc_id, text), encoding in zip(rows, encodings):
             split = "val" if is_validation(doc_id, cfg.dataset.val_fraction, cfg.dataset.seed) else "train"
             array = np.empty(len(encoding.ids) + 1, dtype=dtype)
             array[:-1] = encoding.ids
@@ -98,19 +125,22 @@ def encode_shard(tokenizer_json: str, shard: Path, out_dir: Path, cfg: ScratchCo
             for name, value in zip(DOCS_SCHEMA.names, row):
                 docs[split][name].append(value)
             position[split] += len(array)
-    counts = {}
     for split in SPLITS:
         flat = np.concatenate(tokens[split]) if tokens[split] else np.empty(0, dtype=dtype)
         _write_ipc(out_dir / split / f"{shard.stem}.tokens.arrow", pa.table({"tokens": pa.array(flat)}))
         _write_ipc(out_dir / split / f"{shard.stem}.docs.arrow", pa.table(docs[split], schema=DOCS_SCHEMA))
-        counts[split] = {"tokens": int(len(flat)), "documents": len(docs[split]["id"]),
-                         "bytes": int(sum(docs[split]["num_bytes"])), "max_id": int(flat.max()) if len(flat) else -1}
-    return counts
+        entry[split] = {"tokens": int(len(flat)), "documents": len(docs[split]["id"]),
+                        "bytes": int(sum(docs[split]["num_bytes"])), "max_id": int(flat.max()) if len(flat) else -1}
+    return {**entry, "encoded": True}
 
 
-def val_bytes(manifest: dict) -> int:
-    """UTF-8 bytes of the validation text: the denominator of bits per byte."""
-    return sum(shard["val"]["bytes"] for shard in manifest["shards"])
+def scan_key(cfg: ScratchConfig, ngrams: EvalNgrams | None) -> str:
+    """What a shard's contamination check depends on besides its content."""
+    return f"{cfg.dataset.decontamination}:{ngrams.fingerprint if ngrams else None}"
+
+
+def _shard_files(out_dir: Path, shard: Path) -> list[Path]:
+    return [out_dir / split / f"{shard.stem}.{kind}.arrow" for split in SPLITS for kind in ("tokens", "docs")]
 
 
 def tokenizer_hash(tokenizer_dir: Path) -> str:
@@ -122,6 +152,43 @@ VAL_TEXTS_FOR_TASK = 2000  # validation pieces the built-in task draws from: eno
 
 def builtin_task_path(cfg: ScratchConfig) -> Path:
     return cfg.data_path / DATASET_DIR / "tasks" / f"{tasks.BUILTIN_TASK}.jsonl"
+
+
+def task_files(cfg: ScratchConfig) -> dict[str, Path]:
+    """name -> JSONL of every evaluation task: the built-in one (once made) and evaluation.tasks."""
+    builtin = builtin_task_path(cfg)
+    return {**({tasks.BUILTIN_TASK: builtin} if builtin.is_file() else {}),
+            **{t.name: resolve_path(t.path) for t in cfg.evaluation.tasks}}
+
+
+def unchecked_tasks(cfg: ScratchConfig) -> list[str]:
+    """Tasks whose current file was not checked for contamination when tokenized_dataset was built
+    (added or edited since, or dataset.decontamination: off)."""
+    checked = read_json(cfg.data_path / DATASET_DIR / "manifest.json").get("decontamination", {}).get("tasks", {})
+    return [name for name, path in task_files(cfg).items() if checked.get(name) != short_hash(path.read_bytes())]
+
+
+def contamination_summary(manifest: dict) -> dict:
+    """What the decontamination found, from the manifest: mode, n, items checked, and the contaminated
+    training pieces (id, doc_id, the item matched, removed or kept)."""
+    found = [c for e in manifest["shards"] for c in e.get("contaminated", [])]
+    return {**manifest.get("decontamination", {}), "documents": found, "num_contaminated_documents": len(found),
+            "num_removed": sum(c["removed"] for c in found)}
+
+
+def verify_decontamination(cfg: ScratchConfig) -> tuple[bool, str]:
+    """No training piece that shares an n-gram with an evaluation item is left in the training split."""
+    c = contamination_summary(read_json(cfg.data_path / DATASET_DIR / "manifest.json"))
+    if c.get("mode") == "off":
+        return True, "not checked: dataset.decontamination is off"
+    kept = [d for d in c["documents"] if not d["removed"]]
+    listed = "; ".join(f"{d['id']} (document {d['doc_id']}) matches {d['item']}" for d in (kept or c["documents"])[:10])
+    head = (f"{c['items_checked']} evaluation items checked for shared {c['ngram']}-grams "
+            f"({c['items_too_short']} too short to check)")
+    if kept:
+        return False, (f"{head}: {len(kept)} contaminated training documents kept (dataset.decontamination: fail): "
+                       f"{listed}")
+    return True, f"{head}: {c['num_removed']} contaminated training documents removed" + (f": {listed}" * bool(listed))
 
 
 def val_texts(cfg: ScratchConfig, cleaned: list[dict]) -> list[str]:
@@ -151,35 +218,56 @@ def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_
         raise FileNotFoundError(f"cleaned_shards has not been materialized under {cfg.data_path / CLEANED_SHARDS_DIR}")
     tok_hash = tokenizer_hash(tokenizer_dir)
     previous = {e["name"]: e for e in read_json(out_dir / "manifest.json").get("shards", [])}
+    builtin_items = tasks.build_continuation_task(val_texts(cfg, cleaned), builtin_task_path(cfg),
+                                                  cfg.dataset.builtin_task_items, cfg.dataset.seed)
+    log(f"tokenized_dataset: built-in task '{tasks.BUILTIN_TASK}', {builtin_items} items from the validation split")
+    d = cfg.dataset
+    ngrams = None if d.decontamination == "off" else eval_ngrams(task_files(cfg), d.decontamination_ngram)
+    if ngrams:
+        log(f"tokenized_dataset: {ngrams.items_checked} evaluation items, {len(ngrams.hashes)} distinct "
+            f"{ngrams.n}-grams to look for in the training split ({d.decontamination})")
 
     tokenizer_json = tokenizer.to_str()
     entries: list[dict] = []
     jobs, job_entry, job_bytes = [], [], []
     for part in cleaned:
         shard = cfg.data_path / CLEANED_SHARDS_DIR / "shards" / part["name"]
-        key = short_hash([part["cache"], part["removed_key"], tok_hash, dtype.name, cfg.dataset.val_fraction,
-                          cfg.dataset.seed])
-        files = [out_dir / s / f"{shard.stem}.{kind}.arrow" for s in SPLITS for kind in ("tokens", "docs")]
+        base_key = short_hash([part["cache"], part["removed_key"], tok_hash, dtype.name, cfg.dataset.val_fraction,
+                               cfg.dataset.seed])
         old = previous.get(part["name"])
-        if old and old["key"] == key and all(f.exists() for f in files):
+        if old and (old.get("base_key"), old.get("scan_key")) == (base_key, scan_key(cfg, ngrams)) and \
+                all(f.exists() for f in _shard_files(out_dir, shard)):
             entries.append(old)
             continue
-        jobs.append((tokenizer_json, shard, out_dir, cfg, dtype))
+        # Re-checked against the evaluation items; re-encoded only if its tokens or removed pieces changed.
+        jobs.append((tokenizer_json, shard, out_dir, cfg, dtype, ngrams, base_key, old))
         job_entry.append(len(entries))
         job_bytes.append(part["num_bytes_out"])
-        entries.append({"name": part["name"], "key": key})
-    log(f"tokenized_dataset: {len(cleaned)} shards, {len(jobs)} to encode, {len(cleaned) - len(jobs)} unchanged")
+        entries.append({"name": part["name"]})
+    log(f"tokenized_dataset: {len(cleaned)} shards, {len(jobs)} to check and encode, "
+        f"{len(cleaned) - len(jobs)} unchanged")
     start = time.perf_counter()
     with data_engine(cfg.engine, log, cfg.data_path) as engine:
-        for i, counts in engine.map(encode_shard, jobs, what="tokenized shards", total=len(jobs), sizes=job_bytes):
-            entries[job_entry[i]].update(counts)
+        for i, entry in engine.map(encode_shard, jobs, what="tokenized shards", total=len(jobs), sizes=job_bytes):
+            entries[job_entry[i]].update(entry)
         tasks_per_node = dict(engine.tasks_per_node)
     seconds = time.perf_counter() - start
-    encoded, reused = len(jobs), len(cleaned) - len(jobs)
+    encoded = sum(entries[i].pop("encoded") for i in job_entry)
+    reused = len(cleaned) - encoded
 
     total = {s: {k: sum(e[s][k] for e in entries) for k in ("tokens", "documents", "bytes")} for s in SPLITS}
-    write_json(out_dir / "manifest.json", {"shards": entries, "dtype": dtype.name, "vocab_size": vocab_size,
-                                           "eot_id": tokenizer.token_to_id(EOT), "tokenizer_hash": tok_hash})
+    manifest = {"shards": entries, "dtype": dtype.name, "vocab_size": vocab_size,
+                "eot_id": tokenizer.token_to_id(EOT), "tokenizer_hash": tok_hash,
+                "decontamination": {"mode": d.decontamination, "ngram": d.decontamination_ngram,
+                                    "items_checked": ngrams.items_checked if ngrams else 0,
+                                    "items_too_short": ngrams.items_too_short if ngrams else 0,
+                                    "tasks": {name: short_hash(path.read_bytes())
+                                              for name, path in task_files(cfg).items()} if ngrams else {}}}
+    write_json(out_dir / "manifest.json", manifest)
+    contamination = contamination_summary(manifest)
+    if contamination["documents"]:
+        log(f"tokenized_dataset: {contamination['num_contaminated_documents']} training documents share an "
+            f"n-gram with an evaluation item; {contamination['num_removed']} removed")
     for split in SPLITS:
         remove_stale_files(out_dir / split, {f"{Path(e['name']).stem}.{kind}.arrow"
                                              for e in entries for kind in ("tokens", "docs")})
@@ -189,15 +277,12 @@ def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_
                          f"{total['val']['documents']} val pieces): the split is by source document, so change "
                          f"dataset.val_fraction, add documents, or list a file of many short texts in "
                          f"corpus.pieces_are_documents")
-    builtin_items = tasks.build_continuation_task(val_texts(cfg, cleaned), builtin_task_path(cfg),
-                                                  cfg.dataset.builtin_task_items, cfg.dataset.seed)
-    log(f"tokenized_dataset: built-in task '{tasks.BUILTIN_TASK}', {builtin_items} items from the validation split")
     return DatasetResult(
         num_train_tokens=total["train"]["tokens"], num_val_tokens=total["val"]["tokens"],
         num_train_documents=total["train"]["documents"], num_val_documents=total["val"]["documents"],
         val_bytes=total["val"]["bytes"], num_bytes=total["train"]["bytes"] + total["val"]["bytes"],
         dtype=dtype.name, num_shards_encoded=encoded, num_shards_reused=reused, encode_seconds=seconds,
-        tasks_per_node=tasks_per_node, builtin_task_items=builtin_items,
+        tasks_per_node=tasks_per_node, builtin_task_items=builtin_items, contamination=contamination,
         out_dir=out_dir, data_version=short_hash("".join(e["key"] for e in entries).encode()),
     )
 

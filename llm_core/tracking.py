@@ -93,16 +93,43 @@ def start_training_run(cfg: ScratchConfig, uri: str, tags: dict[str, str], run_n
     return run.info.run_id
 
 
+EVALUATION_ARTIFACTS = "evaluation"  # the run's artifact folder of per-document and per-item scores
+
+
 def log_evaluation(uri: str, run_id: str, metrics: dict[str, float], samples: list[dict],
-                   task_metrics: dict[str, float] | None = None) -> None:
+                   task_metrics: dict[str, float] | None = None, files: list[Path] = ()) -> None:
     """The final evaluation of a training, in its MLflow run: `eval_<name>` metrics, the task metrics
-    under their own names (`eval/<task>/acc`, ..., `eval/core`) and samples.json."""
+    under their own names (`eval/<task>/acc`, ..., `eval/core`), samples.json, and `files` under
+    evaluation/ (the scores that let any two versions be compared later)."""
     from mlflow.entities import Metric
 
     mlflow_client = client(uri)
     named = {f"eval_{k}": v for k, v in metrics.items()} | (task_metrics or {})
     mlflow_client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in named.items()])
     mlflow_client.log_text(run_id, json.dumps(samples, indent=1, ensure_ascii=False), "samples.json")
+    for path in files:
+        mlflow_client.log_artifact(run_id, str(path), EVALUATION_ARTIFACTS)
+
+
+def download_evaluation(uri: str, run_id: str, target: Path) -> Path | None:
+    """The evaluation/ artifacts of a run (log_evaluation's files) downloaded into target; None if it has none."""
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp, using(uri):
+            local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=EVALUATION_ARTIFACTS,
+                                                             dst_path=tmp))
+            if not any(local.iterdir()):
+                return None
+            target.mkdir(parents=True, exist_ok=True)
+            for path in local.iterdir():
+                os.replace(path, target / path.name)
+    except (MlflowException, OSError):
+        return None
+    return target
 
 
 class MetricsLogger:

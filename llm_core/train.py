@@ -30,13 +30,11 @@ import torch
 from llm_core import health, model_source
 from llm_core.checkpoint import checkpoint_dirs, checkpoint_step, model_config, resume, save_checkpoint, save_final
 from llm_core.config import ScratchConfig, load_config, validate_config
-from llm_core.evaluate import bits_per_byte
 from llm_core.files import read_json, write_json
 from llm_core.layout import DATASET_DIR, MODEL_DIR, TOKENIZER_DIR
 from llm_core.loader import TokenWindows, sequential_batches
 from llm_core.model import ModelArgs, Transformer
-from llm_core.performance import PeakMemory, choose_precision, measure_peak_flops, mfu
-from llm_core.tokenized_dataset import val_bytes
+from llm_core.performance import PeakMemory, choose_precision, hardware, measure_peak_flops, mfu
 
 # ---------------------------------------------------------------------------------------------
 # pieces
@@ -203,8 +201,7 @@ class TrainingProgress:
 class TrainResult:
     num_parameters: int
     final_train_loss: float
-    final_val_loss: float
-    val_bpb: float  # bits per UTF-8 byte of validation text, from the final full evaluation
+    final_val_loss: float  # on eval_batches, as every periodic evaluation (model_evaluation scores the final model)
     tokens_per_second: float
     train_seconds: float
     world_size: int
@@ -213,6 +210,7 @@ class TrainResult:
     resumed_from_step: int
     peak_memory_mb: float  # of the main rank, see PeakMemory; `scratchllm plan` estimates it
     peak_flops: float  # the MFU denominator: the best GEMM measured on this machine in the training precision
+    hardware: str  # what trained (the model card says it)
     mixed_precision: str  # what the training ran in (`auto` decided once per run, see training_precision)
     history: list[dict]
     out_dir: Path
@@ -270,7 +268,6 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     manifest = read_json(dataset_dir / "manifest.json")
     if not manifest:
         raise FileNotFoundError(f"no tokenized dataset under {dataset_dir}: materialize `tokenized_dataset` first")
-    text_bytes = val_bytes(manifest)
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     peak_flops = measure_peak_flops(dtype, device.type) if main else 1.0  # before PeakMemory: not the model's
@@ -309,7 +306,8 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
             + (f"; warm start from {warm.spec} ({warm.model_dir})" if warm else ""))
 
     model.train()
-    train_seconds, window_start, window_tokens = 0.0, time.perf_counter(), 0
+    # Throughput counts the training steps only: evaluations and checkpoints run between them.
+    train_seconds, window_seconds, window_tokens = 0.0, 0.0, 0
     loop_start, print_every = time.perf_counter(), progress_every(cfg)
     last_loss = float("nan")
     val_loss = float("nan")
@@ -333,6 +331,7 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
             scheduler.step()
         last_loss = float(accelerator.reduce(step_loss, reduction="mean"))  # the global batch's loss
         train_seconds += time.perf_counter() - step_start
+        window_seconds += time.perf_counter() - step_start
         window_tokens += tokens_per_step
         done = step + 1
         metrics = {"train_loss": last_loss, "lr": schedulers[0].get_last_lr()[0]}
@@ -341,19 +340,16 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
                           progress.history + [{"step": done, **metrics}])
 
         if done % t.eval_interval == 0 or done == t.max_steps:
-            full = done == t.max_steps
-            val_loss, scored = evaluate_loss(model, dataset_dir, cfg, accelerator, None if full else t.eval_batches)
+            # Short (eval_batches) to the end: model_evaluation scores the final model once, in full.
+            val_loss, _ = evaluate_loss(model, dataset_dir, cfg, accelerator, t.eval_batches)
             metrics["val_loss"] = val_loss
             if not math.isfinite(val_loss):
                 stop_diverged(accelerator, out_dir, done, f"the validation loss is {val_loss}",
                               progress.history + [{"step": done, **metrics}])
-            if full:  # nats over every scored token -> bits per byte of the val text
-                metrics["val_bpb"] = bits_per_byte(val_loss, scored, text_bytes)
         if done % t.log_interval == 0 or done == t.max_steps or "val_loss" in metrics:
-            elapsed = time.perf_counter() - window_start
-            metrics["tokens_per_second"] = window_tokens / max(elapsed, 1e-9)
+            metrics["tokens_per_second"] = window_tokens / max(window_seconds, 1e-9)
             metrics["mfu"] = mfu(metrics["tokens_per_second"], flops_per_token, peak_flops)
-            window_start, window_tokens = time.perf_counter(), 0
+            window_seconds, window_tokens = 0.0, 0
         # The first step, ~20 lines over the run, every evaluation and the last step.
         if main and (done == start_step + 1 or done % print_every == 0 or "val_loss" in metrics
                      or done == t.max_steps):
@@ -362,7 +358,6 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
                 + (f" {metrics['tokens_per_second']:.0f} tok/s mfu {metrics['mfu']:.1%}"
                    if "tokens_per_second" in metrics else "")
                 + (f" val {metrics['val_loss']:.4f}" if "val_loss" in metrics else "")
-                + (f" val_bpb {metrics['val_bpb']:.3f}" if "val_bpb" in metrics else "")
                 + (f" ETA {format_duration(seconds_per_step * (t.max_steps - done))}" if done < t.max_steps else ""))
         progress.history.append({"step": done, **metrics})
         if main and on_metrics:
@@ -380,12 +375,11 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     median_tokens_per_second = measured[len(measured) // 2] if measured else 0.0
     result = TrainResult(
         num_parameters=num_params, final_train_loss=last_loss, final_val_loss=val_loss,
-        val_bpb=next((h["val_bpb"] for h in reversed(progress.history) if "val_bpb" in h), float("nan")),
         tokens_per_second=median_tokens_per_second,
         train_seconds=train_seconds, world_size=accelerator.num_processes,
         mfu=mfu(median_tokens_per_second, flops_per_token, peak_flops),
         steps=t.max_steps, resumed_from_step=start_step, peak_memory_mb=memory.peak_mb(), peak_flops=peak_flops,
-        mixed_precision=precision,
+        mixed_precision=precision, hardware=hardware(accelerator.device, accelerator.num_processes),
         history=progress.history, out_dir=out_dir)
     # The full weights: gathered from the shards under FSDP / ZeRO-3 (every rank takes part).
     state = accelerator.get_state_dict(model)

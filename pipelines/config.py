@@ -5,6 +5,8 @@ happens once, in llm_core, when an asset starts."""
 
 from __future__ import annotations
 
+import typing
+
 import dagster as dg
 import pydantic
 
@@ -36,10 +38,19 @@ def dagster_config_class(values: pydantic.BaseModel, name: str) -> type[dg.Confi
         if isinstance(value, pydantic.BaseModel):
             nested = dagster_config_class(value, name + field_name.title())
             fields[field_name] = (nested, pydantic.Field(default_factory=nested, description=info.description))
+        elif _is_model_list(info.annotation):  # e.g. evaluation.tasks: a list of {name, path} maps
+            fields[field_name] = (list[dict[str, str]], pydantic.Field(
+                default=[v.model_dump() for v in value], description=info.description))
         else:
             fields[field_name] = (info.annotation, pydantic.Field(default=value, description=info.description))
     doc = (type(values).__doc__ or "").strip()
     return pydantic.create_model(name, __base__=dg.Config, __doc__=doc or None, **fields)
+
+
+def _is_model_list(annotation) -> bool:
+    args = typing.get_args(annotation)
+    return typing.get_origin(annotation) is list and bool(args) and isinstance(args[0], type) and \
+        issubclass(args[0], pydantic.BaseModel)
 
 
 def run_config_class(name: str, *sections: str) -> type[dg.Config]:

@@ -61,7 +61,7 @@ def main() -> None:
                                  f"{' + activation checkpointing' if cfg.training.activation_checkpointing else ''}"
                                  f"\n\n{table}", "type": "md"},
             "num_parameters": result.num_parameters, "final_train_loss": result.final_train_loss,
-            "final_val_loss": result.final_val_loss, "val_bpb": result.val_bpb,
+            "final_val_loss": result.final_val_loss,
             "tokens_per_second": round(result.tokens_per_second, 1),
             "train_seconds": round(result.train_seconds, 2), "world_size": result.world_size,
             "mfu": round(result.mfu, 4), "peak_flops": round(result.peak_flops),

@@ -75,21 +75,12 @@ def make_cfg(tmp_path):
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """The ci profile's corpus, cleaned, a 512-token BPE, and the tokenized dataset: built once."""
-    from helpers import CI_PROFILE, QUIET
+    from helpers import CI_PROFILE, build_dataset
 
-    from llm_core import tokenizer as tok
-    from llm_core.data.cleaned_shards import build_cleaned_shards
-    from llm_core.data.raw_corpus import build_raw_corpus
     from llm_core.layout import DATASET_DIR
-    from llm_core.tokenized_dataset import build_tokenized_dataset
 
     root = tmp_path_factory.mktemp("train_data")
-    cfg = load_config(CI_PROFILE, {"data_dir": str(root)})
-    build_raw_corpus(cfg, QUIET)
-    build_cleaned_shards(cfg, QUIET)
-    shards = sorted((cfg.data_path / "cleaned_shards" / "shards").glob("*.parquet"))
-    tok.train_tokenizer(cfg, shards, cfg.data_path / "tokenizer", log=QUIET)
-    build_tokenized_dataset(cfg, tok.load(cfg.data_path / "tokenizer"), cfg.data_path / "tokenizer", log=QUIET)
+    build_dataset(load_config(CI_PROFILE, {"data_dir": str(root)}))
     assert (root / DATASET_DIR / "manifest.json").exists()
     return root
 

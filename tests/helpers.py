@@ -44,6 +44,16 @@ def config(data_dir: Path, **training) -> ScratchConfig:
     return load_config(CI_PROFILE, {"data_dir": str(data_dir), "training": {**base, **training}})
 
 
+def build_dataset(cfg: ScratchConfig) -> None:
+    """raw_corpus, cleaned_shards, tokenizer (at <data_dir>/tokenizer) and tokenized_dataset of a profile."""
+    from llm_core import tokenizer as tok
+    from llm_core.tokenized_dataset import build_tokenized_dataset
+
+    shards = build_shards(cfg)
+    tok.train_tokenizer(cfg, shards, cfg.data_path / "tokenizer", log=QUIET)
+    build_tokenized_dataset(cfg, tok.load(cfg.data_path / "tokenizer"), cfg.data_path / "tokenizer", log=QUIET)
+
+
 def summary(out_dir: Path) -> dict:
     from llm_core.checkpoint import SUMMARY_FILE
 

@@ -183,11 +183,11 @@ def test_when_no_checkpoint_loads_the_next_start_trains_from_scratch(reference_r
 
 
 def val_loss(model: Transformer, cfg: ScratchConfig) -> float:
-    """evaluate_loss on one rank, without accelerate: mean loss per token over the val split."""
+    """evaluate_loss on one rank, without accelerate: mean loss per token over the first eval_batches."""
     total, count = 0.0, 0
     with torch.no_grad():
-        for x, y in sequential_batches(cfg.data_path / DATASET_DIR, "val", cfg.model.block_size,
-                                       cfg.training.batch_size):
+        batches = sequential_batches(cfg.data_path / DATASET_DIR, "val", cfg.model.block_size, cfg.training.batch_size)
+        for _, (x, y) in zip(range(cfg.training.eval_batches), batches):
             _, loss = model(x, y)
             n = int((y != -100).sum())
             total, count = total + float(loss) * n, count + n
@@ -200,7 +200,7 @@ def test_load_model_reproduces_the_trained_val_loss(reference_run):
     assert not model.training
     assert model.args == model_args(cfg, 512)
     assert model.lm_head.weight is model.embed_tokens.weight  # tying survives the reload
-    # the whole val split: exactly what training measured at its last step
+    # the val batches of training's evaluations: exactly what training measured at its last step
     assert val_loss(model, cfg) == pytest.approx(result.final_val_loss, rel=0, abs=1e-9)
 
     # and one fixed val batch: the same logits as the weights of the last checkpoint

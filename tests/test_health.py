@@ -111,17 +111,17 @@ def test_a_diverging_or_unhealthy_training_reaches_neither_export_evaluation_nor
     assert f"training diverged at step {step}: the train loss is nan" in message
     assert not list(marker.parent.glob("checkpoints/step_*"))  # no checkpoint of NaN weights
 
-    # A too-high learning rate whose loss jumps and stays up (here 7.6 -> 13.1, 13.8, 18.1, ...), with
-    # a health check that calls a 1.1x jump held for 2 steps unhealthy (a 1.3x factor passed or failed
-    # by 3%, depending on the machine's float rounding): trained_model materializes, its check fails.
-    # AdamW alone, as measured: with Muon (the default) only the embeddings and head get this rate, and
-    # whether the loss stays up is then a matter of rounding.
+    # A too-high learning rate whose loss jumps (7.6 -> 11-13 within 2 steps), with a health check that
+    # calls any step 1.1x above the running median unhealthy: trained_model materializes, its check
+    # fails. (Whether such a loss then *stays* up for several steps is a matter of the machine's float
+    # rounding: measured both ways, so the check here needs the jump only.) AdamW alone: with Muon (the
+    # default) only the embeddings and head would get this rate.
     unhealthy = train_and_downstream(optimizer="adamw", learning_rate=1.0, health_spike_factor=1.1,
-                                     health_spike_steps=2)
+                                     health_spike_steps=1)
     assert not unhealthy.success
     checks = unhealthy.get_asset_check_evaluations()
     assert [(c.check_name, c.passed) for c in checks] == [("training_health", False)]
-    assert "running median for 2 steps" in checks[0].metadata["details"].value
+    assert "running median for 1 step from step" in checks[0].metadata["details"].value
     assert instance.get_latest_materialization_event(dg.AssetKey("trained_model")) is not None
 
     for result in (diverged, unhealthy):

@@ -17,6 +17,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from llm_core import registry
 from llm_core.checkpoint import load_model
 from llm_core.config import PROJECT_ROOT, load_config
 from llm_core.data.ingest import read_source
@@ -80,13 +81,15 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"  # the working directory, where no MLflow file may appear
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    task = tmp_path / "cloze.jsonl"  # a multiple-choice task file, as a user writes one
+    task = tmp_path / "cloze.jsonl"  # a multiple-choice task file, as a user writes one, listed in the profile
     task.write_text(json.dumps({"context": "To be or not to", "choices": [" be", " sea"], "label": 0}) + "\n")
-    result = materialize(instance, run_config(tmp_path / "data", corpus, trained_model=TINY_TRAINING,
-                                              model_evaluation={"evaluation": {"max_new_tokens": 8,
-                                                                               "tasks": [str(task)]}}),
-                         assets=[*DATA_ASSETS, "trained_model", "model_evaluation", "registered_model",
-                                 "hf_export"])
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(yaml.safe_dump({"evaluation": {"tasks": [{"name": "cloze", "path": str(task)}]}}))
+    config = run_config(tmp_path / "data", corpus, trained_model=TINY_TRAINING,
+                        model_evaluation={"evaluation": {"max_new_tokens": 8}})
+    config["resources"]["scratchllm"]["config"]["profile"] = str(profile)
+    result = materialize(instance, config, assets=[*DATA_ASSETS, "trained_model", "model_evaluation",
+                                                   "registered_model", "hf_export"])
     assert result.success
 
     model = latest_metadata(instance, "trained_model")
@@ -101,19 +104,25 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path, monkeypatch):
         model["mlflow_run_id"], "train_loss")) == 6  # every step
 
     evaluation = latest_metadata(instance, "model_evaluation")
-    assert evaluation["val_bpb"] == pytest.approx(model["val_bpb"], rel=1e-6)  # same split, same model
+    assert "val_bpb" not in model and 0 < evaluation["val_bpb"]  # the final scores: computed once, here
+    assert evaluation["num_val_documents"] > 0 and evaluation["val_tokens_per_second"] > 0
+    assert (Path(evaluation["dagster/uri"]).parent / "per_document.parquet").exists()
     assert evaluation["mlflow_run_id"] == model["mlflow_run_id"] and "| ROMEO: |" in evaluation["samples"]
     metrics = MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}").get_run(
         model["mlflow_run_id"]).data.metrics
     assert metrics["eval_val_bpb"] == pytest.approx(evaluation["val_bpb"])
-    assert "| cloze | 1 |" in evaluation["tasks"] and metrics["eval/core"] == evaluation["core"]
+    assert "| cloze | 1 |" in evaluation["task_scores"] and metrics["eval/core"] == evaluation["core"]
     builtin = latest_metadata(instance, "tokenized_dataset")["builtin_task_items"]  # made from the val split
-    assert builtin > 0 and f"| continuation | {builtin} |" in evaluation["tasks"]
+    assert builtin > 0 and f"| continuation | {builtin} |" in evaluation["task_scores"]
     assert "eval/continuation/acc_norm" in metrics
     assert metrics["eval/cloze/acc"] in (0.0, 1.0) and metrics["eval/cloze/centered"] in (-1.0, 1.0)
 
     exported = latest_metadata(instance, "hf_export")
     assert exported["num_parameters"] == model["num_parameters"] and "tokenizer.json" in exported["files"]
+    card = (Path(exported["dagster/uri"]) / "README.md").read_text()  # the model card, from lineage
+    assert f"**{evaluation['val_bpb']:.4f} bits per byte**" in card and "| cloze | 1 |" in card
+    assert f"{model['num_parameters']:,} parameters" in card and "Decontamination (remove, 13-grams" in card
+    assert "## Intended use and limits" in card
     # The trained model, loaded by transformers: our logits.
     from transformers import AutoModelForCausalLM
 
@@ -138,7 +147,8 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path, monkeypatch):
     assert "min_chars" in clean["filters"] and "| id | source | text |" in clean["preview"]
     checks = {c.asset_check_key.name: c.passed for c in result.get_asset_check_evaluations()}  # all blocking
     assert checks == {"raw_corpus_counts": True, "cleaned_shards_invariant": True, "tokenizer_roundtrip": True,
-                      "token_ids_fit": True, "token_accounting": True, "training_health": True, "beats_champion": True}
+                      "token_ids_fit": True, "token_accounting": True, "no_eval_contamination": True,
+                      "training_health": True, "beats_champion": True}
 
     registered = latest_metadata(instance, "registered_model")
     assert (registered["model_name"], registered["model_version"], registered["alias"]) == ("scratchllm", 1, "champion")
@@ -146,6 +156,8 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path, monkeypatch):
     assert version.run_id == model["mlflow_run_id"] and version.tags["dagster.run_id"] == result.run_id
     assert {"data_version.cleaned_shards", "data_version.tokenized_dataset", "config_hash", "code_version"} \
         <= set(version.tags)
+    version_dir = registry.download("scratchllm/1", f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}", tmp_path / "v")
+    assert (version_dir / "README.md").read_text() == card  # the registered version carries the same card
 
     # A training that barely moves the weights is a worse model: the challenger; the champion stays.
     worse = {**TINY_TRAINING, "training": {**TINY_TRAINING["training"], "learning_rate": 1e-7}}
@@ -157,6 +169,9 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path, monkeypatch):
     assert (registered["model_version"], registered["alias"]) == (2, "challenger")
     assert {c.check_name: c.passed for c in again.get_asset_check_evaluations()} == {"training_health": True,
                                                                                     "beats_champion": False}
+    check = next(c for c in again.get_asset_check_evaluations() if c.check_name == "beats_champion").metadata
+    assert check["paired_documents"].value > 0 and 0 < check["interval_low"].value <= check["delta_bpb"].value
+    assert "| continuation |" in check["task_deltas"].value and "not better beyond the margin" in check["details"].value
 
     quarantine = (tmp_path / "data" / "quarantine" / "raw_corpus")
     entries = [json.loads(line) for f in quarantine.glob("*.jsonl") for line in f.read_text().splitlines()]

@@ -13,9 +13,15 @@ import torch.nn.functional as F
 from llm_core import evaluate as ev
 from llm_core import tasks as mc
 from llm_core import tokenized_dataset as td
+from llm_core.config import TaskFile
 from llm_core.files import read_json
 from llm_core.layout import CLEANED_SHARDS_DIR
 from llm_core.tokenizer import EOT, load
+
+
+def task_file(path):
+    """An evaluation.tasks entry named after its file."""
+    return TaskFile(name=path.stem, path=str(path))
 
 
 def write_task(path, items):
@@ -92,7 +98,7 @@ def test_accuracies_follow_the_log_likelihoods(trained, tmp_path):
 def test_tasks_are_in_the_evaluation_and_a_bad_file_stops_it_before_any_scoring(trained, tmp_path):
     cfg, _, model = trained
     good = write_task(tmp_path / "shakespeare_mc.jsonl", ITEMS)
-    with_tasks = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"tasks": [str(good)]})})
+    with_tasks = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"tasks": [task_file(good)]})})
     r = ev.evaluate(with_tasks, model, cfg.data_path / "tokenizer")
     assert [t.name for t in r.tasks] == ["continuation", "shakespeare_mc"]  # the built-in task first
     assert r.core == pytest.approx((r.tasks[0].centered + r.tasks[1].centered) / 2)
@@ -102,7 +108,8 @@ def test_tasks_are_in_the_evaluation_and_a_bad_file_stops_it_before_any_scoring(
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "c", "choices": ["a", "b"], "label": 5}\n')
-    broken = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"tasks": [str(good), str(bad)]})})
+    tasks = [task_file(good), task_file(bad)]
+    broken = cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"tasks": tasks})})
     with pytest.raises(ValueError, match=r"bad\.jsonl:1: 'label'"):
         ev.evaluate(broken, model, cfg.data_path / "tokenizer")
 
@@ -120,3 +127,33 @@ def test_the_builtin_task_comes_from_validation_documents_and_is_deterministic(t
     mc.build_continuation_task(td.val_texts(cfg, cleaned), again, cfg.dataset.builtin_task_items, cfg.dataset.seed)
     assert again.read_bytes() == td.builtin_task_path(cfg).read_bytes()
     assert mc.build_continuation_task(["too short"] * 10, again, 5, 0) == 0 and not again.exists()
+
+
+@pytest.mark.slow
+def test_the_default_profiles_model_beats_chance_on_the_builtin_task_and_an_untrained_one_does_not(tmp_path):
+    """The shipped default profile, trained as `make run` trains it (~90 s here), on the built-in task of
+    its own validation split; the same architecture untrained. Chance is 0.25 (4 choices): "clearly
+    above" is more than 3 standard errors of a 500-item accuracy at chance, "near" within 3."""
+    from helpers import QUIET, build_dataset
+
+    from llm_core.checkpoint import load_model
+    from llm_core.config import load_config
+    from llm_core.model import Transformer
+    from llm_core.train import model_args, train
+
+    cfg = load_config(None, {"data_dir": str(tmp_path)})  # default.yaml, only the data directory moved
+    build_dataset(cfg)
+    items = mc.load_task(td.builtin_task_path(cfg))
+    tokenizer = load(cfg.data_path / "tokenizer")
+    torch.manual_seed(cfg.training.seed)
+    untrained = Transformer(model_args(cfg, tokenizer.get_vocab_size()))  # the default model, random weights
+    train(cfg, tmp_path / "model", log=QUIET)
+    trained = load_model(tmp_path / "model")
+    chance = mc.score_task("continuation", items, untrained.eval(), tokenizer)
+    learned = mc.score_task("continuation", items, trained, tokenizer)
+    stderr = math.sqrt(0.25 * 0.75 / len(items))
+    print(f"continuation: untrained acc {chance.acc:.3f} / acc_norm {chance.acc_norm:.3f}, default profile "
+          f"{learned.acc:.3f} / {learned.acc_norm:.3f}, random {learned.random:.3f}")
+    assert learned.random == chance.random == 0.25 and len(items) == cfg.dataset.builtin_task_items
+    assert abs(chance.acc - 0.25) < 3 * stderr and abs(chance.acc_norm - 0.25) < 3 * stderr
+    assert learned.acc_norm > 0.25 + 3 * stderr and learned.acc > 0.25 + 2 * stderr

@@ -132,8 +132,31 @@ def test_progress_prints_about_20_step_lines_with_percent_and_eta(data_dir, tmp_
     assert [int(line.split()[1].split("/")[0]) for line in step_lines] == [1, *range(5, 101, 5)]
     assert step_lines[9].startswith("step 45/100 (45%) loss ")
     assert all(" ETA " in line for line in step_lines[:-1]) and " ETA " not in step_lines[-1]
-    assert " val " in step_lines[10] and " val_bpb " in step_lines[-1]  # steps 50 and 100 evaluate
+    assert " val " in step_lines[10] and " val " in step_lines[-1]  # steps 50 and 100 evaluate
     assert len(sent) == 100 and all("tokens_per_second" in m and "train_loss" in m for m in sent)
+
+
+def test_throughput_excludes_evaluation_and_checkpoint_time(data_dir, tmp_path, monkeypatch):
+    """Evaluations and checkpoints made 3 s slower each: the tokens/s of the steps they follow does not drop."""
+    import statistics
+    import time
+
+    from llm_core import train as train_module
+
+    def slow(original):
+        def wrapper(*args, **kwargs):
+            time.sleep(3)
+            return original(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(train_module, "evaluate_loss", slow(train_module.evaluate_loss))
+    monkeypatch.setattr(train_module, "save_checkpoint", slow(train_module.save_checkpoint))
+    cfg = config(data_dir, max_steps=12, warmup_steps=None, log_interval=1, eval_interval=4, checkpoint_interval=3)
+    result = train(cfg, tmp_path / "out", log=lambda line: None)
+    rates = {h["step"]: h["tokens_per_second"] for h in result.history}
+    after_pauses = [rates[s + 1] for s in (3, 4, 6, 8, 9)]  # the steps right after a checkpoint or an evaluation
+    assert min(after_pauses) > 0.3 * statistics.median(rates.values())
+    assert result.tokens_per_second > 0.3 * statistics.median(rates.values())
 
 
 def test_a_diverging_training_stops_at_the_first_non_finite_value(data_dir, tmp_path):

@@ -87,8 +87,8 @@ def test_ui_launches_the_whole_graph_through_graphql_and_mlflow_shows_the_champi
                                           f'evaluation {{ checkName success }} }} }} }} }} }}')["logsForRun"]["events"]
     checks = {e["evaluation"]["checkName"]: e["evaluation"]["success"] for e in events if e}
     assert checks == {"raw_corpus_counts": True, "cleaned_shards_invariant": True, "tokenizer_roundtrip": True,
-                      "token_ids_fit": True, "token_accounting": True, "training_health": True,
-                      "beats_champion": True}
+                      "token_ids_fit": True, "token_accounting": True, "no_eval_contamination": True,
+                      "training_health": True, "beats_champion": True}
     mlflow = f"http://127.0.0.1:{ui_run.mlflow_port}"
     champion = get_json(f"{mlflow}/api/2.0/mlflow/registered-models/alias?name=scratchllm&alias=champion")[
         "model_version"]

@@ -15,22 +15,27 @@ ModelEvaluationConfig = run_config_class("ModelEvaluationConfig", "evaluation")
 @dg.asset(group_name="evaluation", kinds={"pytorch", "mlflow"}, code_version="1", deps=[trained_model])
 def model_evaluation(context: dg.AssetExecutionContext, config: ModelEvaluationConfig,
                      scratchllm: ScratchllmResource, mlflow: MLflowResource) -> dg.MaterializeResult:
-    """Loss, perplexity and bits per byte on the whole validation split, the multiple-choice
+    """Loss, perplexity and bits per byte on the validation split (at most evaluation.max_val_tokens of
+    it: a fixed sample of whole documents), kept per document for paired comparisons; the multiple-choice
     `evaluation.tasks` (accuracy, length-normalized and centered; `core` their mean), and seeded
     sample generations for `evaluation.prompts`."""
     cfg = scratchllm.resolve(config)
     evaluation = ev.evaluate_latest(cfg, mlflow.uri(cfg))
     r = evaluation.result
     context.log.info(f"val loss {r.val_loss:.4f}, perplexity {r.perplexity:.1f}, {r.val_bpb:.3f} bits/byte")
+    for name in r.unchecked_tasks:
+        context.log.warning(f"task {name} was not checked for contamination: list it in the profile's "
+                            f"evaluation.tasks and materialize tokenized_dataset again")
     tasks = {}
     if r.tasks:
-        tasks = {"core": r.core, "tasks": markdown_table(
-            ["task", "items", "acc", "acc_norm", "random", "centered"],
-            [[t.name, t.items, f"{t.acc:.3f}", f"{t.acc_norm:.3f}", f"{t.random:.3f}", f"{t.centered:+.3f}"]
-             for t in r.tasks])}
+        tasks = {"core": r.core, "task_scores": markdown_table(
+            ["task", "items", "acc", "acc_norm", "random", "centered", "decontaminated"],
+            [[t.name, t.items, f"{t.acc:.3f}", f"{t.acc_norm:.3f}", f"{t.random:.3f}", f"{t.centered:+.3f}",
+              "no" if t.name in r.unchecked_tasks else "yes"] for t in r.tasks])}
     return dg.MaterializeResult(
         metadata={**uri(evaluation.report), **tasks, "val_loss": r.val_loss, "val_bpb": r.val_bpb,
                   "perplexity": r.perplexity, "num_val_tokens": r.num_val_tokens,
+                  "num_val_documents": r.num_val_documents, "val_tokens_per_second": round(r.val_tokens_per_second),
                   "mlflow_run_id": evaluation.latest["mlflow_run_id"],
                   "samples": markdown_table(["prompt", "completion"],
                                             [[s["prompt"], s["completion"]] for s in r.samples], max_cell=400)},

@@ -1,17 +1,19 @@
 """registered_model: the evaluated model as a version in the MLflow model registry, with lineage
-tags, and the `champion` alias moved only when it is at least as good as the current champion."""
+tags, and the `champion` alias moved only when it beats the current champion beyond noise
+(llm_core/promotion.py)."""
 
 from pathlib import Path
 
 import dagster as dg
 
-from llm_core import evaluate, registry, tracking, training_run
+from llm_core import evaluate, model_card, promotion, registry, tracking, training_run
 from llm_core.checkpoint import latest_model
 from llm_core.files import read_json
 from llm_core.layout import MODEL_TOKENIZER_SUBDIR
 from pipelines.assets.evaluation import model_evaluation
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.lineage import data_versions
+from pipelines.metadata import markdown_table
 from pipelines.resources import MLflowResource
 
 RegisteredModelConfig = run_config_class("RegisteredModelConfig", "registry")
@@ -20,8 +22,10 @@ RegisteredModelConfig = run_config_class("RegisteredModelConfig", "registry")
 @dg.asset(group_name="evaluation", kinds={"mlflow"}, code_version="1", deps=[model_evaluation],
           check_specs=[dg.AssetCheckSpec(
               "beats_champion", asset="registered_model", blocking=True,
-              description="The new version's val bits per byte is at least as good as the current champion's; "
-                          "only then does the `champion` alias move (otherwise the version is the `challenger`).")])
+              description="The new version is better than the current champion in val bits per byte by more "
+                          "than registry.promotion_margin_bpb, with the whole paired bootstrap interval over "
+                          "validation documents beyond it, and no task worse beyond its noise; only then does "
+                          "the `champion` alias move (otherwise the version is the `challenger`).")])
 def registered_model(context: dg.AssetExecutionContext, config: RegisteredModelConfig, scratchllm: ScratchllmResource,
                      mlflow: MLflowResource):
     """The latest trained model as an MLflow pyfunc that generates text, registered under
@@ -38,12 +42,14 @@ def registered_model(context: dg.AssetExecutionContext, config: RegisteredModelC
     run_tags = tracking.client(tracking_uri).get_run(latest["mlflow_run_id"]).data.tags
     tags.update({k: run_tags[k] for k in (training_run.PARENT_TAG, training_run.PARENT_RUN_TAG) if k in run_tags})
     model_dir = Path(latest["path"])
+    verdict = promotion.against_champion(cfg, tracking_uri, latest["key"], report["val_bpb"])
     r = registry.register(model_dir, model_dir / MODEL_TOKENIZER_SUBDIR, tracking_uri=tracking_uri,
                           run_id=latest["mlflow_run_id"], name=cfg.registry.model_name, val_bpb=report["val_bpb"],
-                          tags=tags)
+                          tags=tags, verdict=verdict, card=model_card.render(cfg, model_dir, report, verdict))
     champion = (f"version {r.previous_champion} ({r.previous_champion_bpb:.4f} bits/byte)"
                 if r.previous_champion else "none yet")
-    verdict = "`champion` moves to it" if r.promoted else "the champion stays; this version is the `challenger`"
+    outcome = ("first version, becomes champion" if not r.previous_champion else
+               "`champion` moves to it" if r.promoted else "the champion stays; this version is the `challenger`")
     context.log.info(f"{r.name} version {r.version}: {r.val_bpb:.4f} bits/byte; champion before: {champion}; "
                      f"{'champion' if r.promoted else 'challenger'}")
     yield dg.MaterializeResult(metadata={
@@ -52,9 +58,20 @@ def registered_model(context: dg.AssetExecutionContext, config: RegisteredModelC
         "reused_version": r.reused, "tracking_uri": tracking_uri, **{k: v for k, v in tags.items() if v}})
     yield dg.AssetCheckResult(
         check_name="beats_champion", passed=r.promoted, severity=dg.AssetCheckSeverity.WARN,
-        metadata={"val_bpb": r.val_bpb, "champion_before": champion,
-                  "details": f"{r.val_bpb:.4f} bits/byte vs champion {champion}: "
-                             f"{verdict if r.previous_champion else 'first version, becomes champion'}"})
+        metadata={"val_bpb": r.val_bpb, "champion_before": champion, **verdict_metadata(verdict),
+                  "details": f"{r.val_bpb:.4f} bits/byte vs champion {champion}: {outcome}"
+                             + (f" ({verdict.reason})" if verdict else "")})
+
+
+def verdict_metadata(verdict: promotion.Verdict | None) -> dict:
+    if verdict is None:
+        return {}
+    return {"delta_bpb": verdict.delta_bpb, "interval_low": verdict.low, "interval_high": verdict.high,
+            "confidence": verdict.confidence, "margin_bpb": verdict.margin, "paired_documents": verdict.num_documents,
+            **({"task_deltas": markdown_table(
+                ["task", "items", "acc_norm change", "interval"],
+                [[t.task, t.items, f"{t.delta:+.4f}", f"[{t.low:+.4f}, {t.high:+.4f}]"] for t in verdict.task_deltas])}
+               if verdict.task_deltas else {})}
 
 
 registry_assets = [registered_model]

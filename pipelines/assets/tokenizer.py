@@ -8,6 +8,7 @@ from llm_core.layout import TOKENIZER_DIR
 from llm_core.tokenized_dataset import (
     build_tokenized_dataset,
     tokenizer_hash,
+    verify_decontamination,
     verify_token_accounting,
     verify_token_ids,
 )
@@ -63,6 +64,14 @@ def tokenized_dataset(context: dg.AssetExecutionContext, config: TokenizedDatase
             "num_val_documents": r.num_val_documents, "dtype": r.dtype,
             "num_shards_encoded": r.num_shards_encoded, "num_shards_reused": r.num_shards_reused,
             "builtin_task_items": r.builtin_task_items,
+            "num_contaminated_documents": r.contamination["num_contaminated_documents"],
+            "num_contaminated_removed": r.contamination["num_removed"],
+            "decontamination": f"{r.contamination['mode']}, {r.contamination['ngram']}-grams of "
+                               f"{r.contamination['items_checked']} evaluation items",
+            **({"contaminated_documents": markdown_table(
+                ["training document", "source document", "matches item", "removed"],
+                [[c["id"], c["doc_id"], c["item"], c["removed"]] for c in r.contamination["documents"][:50]])}
+               if r.contamination["documents"] else {}),
             "encode_mb_per_second": round(r.num_bytes / 1e6 / r.encode_seconds, 2) if r.encode_seconds else None,
             **engine_metadata(cfg.engine, r.tasks_per_node),
         },
@@ -82,5 +91,12 @@ def token_accounting(scratchllm: ScratchllmResource) -> dg.AssetCheckResult:
     return check_result(*verify_token_accounting(cfg, bpe.load(cfg.data_path / TOKENIZER_DIR)))
 
 
+@dg.asset_check(asset=tokenized_dataset, blocking=True)
+def no_eval_contamination(scratchllm: ScratchllmResource) -> dg.AssetCheckResult:
+    """No training document shares a word n-gram (dataset.decontamination_ngram) with an evaluation
+    task item; with dataset.decontamination: fail, any that does fails this check (and training waits)."""
+    return check_result(*verify_decontamination(scratchllm.data_config()))
+
+
 tokenizer_assets = [tokenizer, tokenized_dataset]
-tokenizer_checks = [tokenizer_roundtrip, token_ids_fit, token_accounting]
+tokenizer_checks = [tokenizer_roundtrip, token_ids_fit, token_accounting, no_eval_contamination]

@@ -15,6 +15,7 @@ in model_evaluation, as before evaluation.max_val_tokens).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,8 @@ def main() -> None:
     corpus = work / f"corpus-{a.mb:g}mb"
     if not (corpus / "corpus").is_dir():
         make_sized_corpus(corpus, a.mb)
+    for stale in (work / "data", work / "run"):  # every stage from scratch: no shard or checkpoint reused
+        shutil.rmtree(stale, ignore_errors=True)
     cfg = load_config(None, {"data_dir": str(work / "data"),
                              "corpus": {"sources": [str(corpus / "corpus")], "pieces_are_documents": []},
                              "training": {"max_steps": a.steps, "checkpoint_interval": a.steps,

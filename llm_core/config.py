@@ -305,9 +305,9 @@ class EvaluationConfig(Section):
     seed: int = 0
     tasks: list[TaskFile] = Field(default_factory=list, description="Multiple-choice tasks scored by "
                                                                     "log-likelihood, besides the built-in one.")
-    max_val_tokens: int = Field(default=2_000_000, ge=1, description="The final validation scores use at most "
-                                                                     "this many tokens: a fixed sample of whole "
-                                                                     "documents, the same for every model.")
+    max_val_tokens: int = Field(default=500_000, ge=1, description="The final validation scores use at most "
+                                                                   "this many tokens: a fixed sample of whole "
+                                                                   "documents, the same for every model.")
 
     @field_validator("tasks")
     @classmethod

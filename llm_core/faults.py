@@ -5,9 +5,9 @@
 When the code reaches a point whose label matches SCRATCHLLM_HOLD_AT (an fnmatch pattern, with an
 optional `#N` for the N-th match in this process), it writes its pid to SCRATCHLLM_HOLD_MARKER and
 waits there until it is killed. The test waits for the marker, then does what a user or the OS
-would do at that moment (kill -9, Ctrl-C, a second run). A process holds only while the marker does
-not exist yet: the run after the kill (same environment) goes through. Unset, a hold point costs one
-dict lookup.
+would do at that moment (kill -9, Ctrl-C, a second run). Only the process that creates the marker
+holds: the run after the kill (same environment), and any other process reaching the point, go
+through. Unset, a hold point costs one dict lookup.
 """
 
 from __future__ import annotations
@@ -34,8 +34,15 @@ def hold_point(label: str) -> None:
     marker = Path(os.environ.get(HOLD_MARKER_ENV, "scratchllm_held"))
     if marker.exists():
         return
-    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")  # two processes may reach a hold at once
+    # Two processes may reach a hold at once (Ray tasks on two nodes): the marker is created with its
+    # content by one atomic link, which only one of them wins; the other goes through.
+    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
     tmp.write_text(f"{os.getpid()} {label}\n")
-    os.replace(tmp, marker)
+    try:
+        os.link(tmp, marker)
+    except FileExistsError:
+        return
+    finally:
+        tmp.unlink()
     while True:  # until killed
         time.sleep(3600)

@@ -381,6 +381,10 @@ class AutomationConfig(Section):
         return v
 
 
+SWEEP_MODES = ("grid", "list")  # every combination, or the i-th values of every list together
+SWEEPABLE_SECTIONS = ("model", "training")  # what a training reads: the data is shared
+
+
 class ScratchConfig(Section):
     data_dir: str = Field(default="data/run", description="Where every stage writes; relative to the project root. "
                                                           "A local path: on a Ray cluster, a mount every node shares.")
@@ -395,6 +399,35 @@ class ScratchConfig(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     automation: AutomationConfig = Field(default_factory=AutomationConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    sweep: dict[str, Any] = Field(default_factory=dict, description="Dotted fields -> lists of values: one training "
+                                                                   "per variant (llm_core/sweep.py); empty: none.")
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep(cls, v: dict[str, Any]) -> dict[str, Any]:
+        mode = v.get("mode", "grid")
+        if mode not in SWEEP_MODES:
+            raise ValueError(f"mode must be one of {list(SWEEP_MODES)}, got {mode!r}")
+        fields = {k: values for k, values in v.items() if k not in ("name", "mode")}
+        for field, values in fields.items():
+            if "." not in field or field.split(".", 1)[0] not in SWEEPABLE_SECTIONS:
+                raise ValueError(f"{field}: only fields of {', '.join(SWEEPABLE_SECTIONS)} can vary (e.g. "
+                                 f"training.learning_rate); the data stages run once for every variant")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"{field}: must be a non-empty list of values, got {values!r}")
+        if mode == "list" and len({len(values) for values in fields.values()}) > 1:
+            raise ValueError("mode list needs lists of one length, got "
+                             + ", ".join(f"{k}: {len(values)}" for k, values in fields.items()))
+        return v
+
+    @model_validator(mode="after")
+    def _sweep_variants(self) -> "ScratchConfig":
+        """Every variant of the sweep is a valid config: refused here, before any work starts."""
+        if self.sweep:
+            from llm_core.sweep import variants  # sweep.py builds on this module
+
+            variants(self)
+        return self
 
     @field_validator("data_dir")
     @classmethod
@@ -410,7 +443,7 @@ class ScratchConfig(Section):
 
     def section_hash(self, *sections: str) -> str:
         """A short stable hash of some sections: part of cache keys and data versions."""
-        return short_hash({name: getattr(self, name).model_dump(mode="json") for name in sections})
+        return short_hash(self.model_dump(mode="json", include=set(sections)))
 
     def config_hash(self) -> str:
         """The hash of every section (where the data lives and which engine made it excepted: outputs are

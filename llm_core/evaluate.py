@@ -172,9 +172,13 @@ def save_evaluation(cfg: ScratchConfig, r: EvalResult, out_dir: Path) -> Path:
 
 
 def evaluate_latest(cfg: ScratchConfig, tracking_uri: str) -> Evaluation:
-    """The model_evaluation stage: evaluate the latest healthy training, write its report and scores,
-    and log them with the samples into its MLflow run."""
-    latest = latest_model(cfg)
+    """The model_evaluation stage: evaluate the latest healthy training (see evaluate_training)."""
+    return evaluate_training(cfg, latest_model(cfg), tracking_uri)
+
+
+def evaluate_training(cfg: ScratchConfig, latest: dict, tracking_uri: str) -> Evaluation:
+    """Evaluate a training ({"key", "path", "mlflow_run_id", "tracking_uri"}), write its report and
+    scores, and log them with the samples into its MLflow run."""
     r = evaluate(cfg, load_model(latest["path"]), Path(latest["path"]) / MODEL_TOKENIZER_SUBDIR)
     report = save_evaluation(cfg, r, report_path(cfg, latest["key"]).parent)
     task_metrics = {k: v for t in r.tasks for k, v in t.metrics().items()}

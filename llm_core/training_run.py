@@ -47,6 +47,11 @@ def training_key(cfg: ScratchConfig, dataset_version: str) -> str:
     return short_hash(payload, length=12)
 
 
+def dataset_version(cfg: ScratchConfig) -> str:
+    """The identity of the tokenized data a training reads."""
+    return short_hash(read_json(cfg.data_path / DATASET_DIR / "manifest.json"))
+
+
 def prepare(cfg: ScratchConfig, tracking_uri: str, tags: dict[str, str]) -> TrainingRun:
     """The run directory and MLflow run of the training `cfg` describes (created, or found again to
     resume), with the resolved config written for the ranks. `tags` go on a new MLflow run.
@@ -60,14 +65,13 @@ def prepare(cfg: ScratchConfig, tracking_uri: str, tags: dict[str, str]) -> Trai
         cfg.training.init_from = str(warm.model_dir)
         tags = {**tags, PARENT_TAG: warm.registered_version or warm.spec,
                 **({PARENT_RUN_TAG: warm.registered_run_id} if warm.registered_run_id else {})}
-    dataset_version = short_hash(read_json(cfg.data_path / DATASET_DIR / "manifest.json"))
-    key = training_key(cfg, dataset_version)
+    key = training_key(cfg, dataset_version(cfg))
     out_dir = cfg.data_path / MODEL_DIR / "runs" / key
     out_dir.mkdir(parents=True, exist_ok=True)
     run_id = read_json(out_dir / MLFLOW_RUN_FILE).get("run_id")  # a resumed training keeps its MLflow run
     if run_id is None:
         run_id = tracking.start_training_run(cfg, tracking_uri, run_name=f"train-{key}", tags={
-            **tags, "scratchllm.training_key": key, "scratchllm.dataset_version": dataset_version,
+            **tags, "scratchllm.training_key": key, "scratchllm.dataset_version": dataset_version(cfg),
             "scratchllm.config_hash": cfg.section_hash("model", "training", "dataset")})
         write_json(out_dir / MLFLOW_RUN_FILE, {"run_id": run_id, "tracking_uri": tracking_uri})
     run = TrainingRun(key, out_dir, run_id, tracking_uri)

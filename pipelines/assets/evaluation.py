@@ -4,6 +4,8 @@ logged to the training's MLflow run."""
 import dagster as dg
 
 from llm_core import evaluate as ev
+from llm_core import sweep
+from llm_core.files import read_json
 from pipelines.assets.training import trained_model
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.metadata import markdown_table, uri
@@ -20,6 +22,8 @@ def model_evaluation(context: dg.AssetExecutionContext, config: ModelEvaluationC
     `evaluation.tasks` (accuracy, length-normalized and centered; `core` their mean), and seeded
     sample generations for `evaluation.prompts`."""
     cfg = scratchllm.resolve(config)
+    if cfg.sweep:
+        return evaluate_sweep(context, cfg, mlflow.uri(cfg))
     evaluation = ev.evaluate_latest(cfg, mlflow.uri(cfg))
     r = evaluation.result
     context.log.info(f"val loss {r.val_loss:.4f}, perplexity {r.perplexity:.1f}, {r.val_bpb:.3f} bits/byte")
@@ -40,6 +44,22 @@ def model_evaluation(context: dg.AssetExecutionContext, config: ModelEvaluationC
                   "samples": markdown_table(["prompt", "completion"],
                                             [[s["prompt"], s["completion"]] for s in r.samples], max_cell=400)},
     )
+
+
+def evaluate_sweep(context: dg.AssetExecutionContext, cfg, tracking_uri: str) -> dg.MaterializeResult:
+    """Every healthy variant of the sweep evaluated; the best one by val bits per byte goes on to the registry."""
+    record, rows, best = sweep.evaluate_variants(cfg, tracking_uri, context.log.info)
+    report_file = ev.report_path(cfg, record["variants"][best]["key"])
+    report = read_json(report_file)
+    context.log.info(f"sweep {record['name']}: best {best} ({record['variants'][best]['label']}), "
+                     f"{report['val_bpb']:.4f} bits/byte")
+    return dg.MaterializeResult(metadata={
+        **uri(report_file), "sweep": record["name"], "best_variant": best,
+        "best_values": record["variants"][best]["label"], "mlflow_parent_run_id": record["parent_run_id"],
+        "mlflow_run_id": record["variants"][best]["mlflow_run_id"],
+        "sweep_comparison": markdown_table(sweep.COMPARISON_COLUMNS, rows),
+        **{k: report[k] for k in ("val_bpb", "val_loss", "perplexity", "num_val_tokens", "num_val_documents")},
+        **({"core": report["core"]} if report.get("core") is not None else {})})
 
 
 evaluation_assets = [model_evaluation]

@@ -4,11 +4,11 @@ import dataclasses
 
 import dagster as dg
 
-from llm_core import health, tracking, training_run
+from llm_core import health, sweep, tracking, training_run
 from pipelines.assets.tokenizer import tokenized_dataset
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.lineage import UPSTREAM_OF_TRAINING, data_versions
-from pipelines.metadata import loss_curve_plot, uri
+from pipelines.metadata import loss_curve_plot, markdown_table, uri
 from pipelines.resources import MLflowResource, accelerate_command, rank_environment
 
 TrainedModelConfig = run_config_class("TrainedModelConfig", "model", "training")
@@ -24,22 +24,17 @@ TrainedModelConfig = run_config_class("TrainedModelConfig", "model", "training")
 def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig, scratchllm: ScratchllmResource,
                   mlflow: MLflowResource, pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     """A Llama-style decoder trained with accelerate (one process per rank), checkpointed and
-    resumable; every run is an MLflow run with the full config as params and per-step metrics."""
+    resumable; every run is an MLflow run with the full config as params and per-step metrics.
+    With a `sweep:` in the profile, one training per variant, one after another, as child runs of
+    one MLflow parent run; finished variants are reused."""
     cfg = scratchllm.resolve(config)
     if context.run.job_name == "retrain":  # the schedule and the new-data sensor: maybe from the champion
         cfg = training_run.continue_from_champion(cfg, mlflow.uri(cfg), context.log.info)
-    run = training_run.prepare(cfg, mlflow.uri(cfg), tags={
-        "dagster.run_id": context.run_id, **data_versions(context.instance, UPSTREAM_OF_TRAINING)})
-    context.log.info(f"training {run.key} in {run.out_dir} (MLflow run {run.mlflow_run_id})")
-    command = accelerate_command(cfg, "pipelines.train_entry", run.entry_args())
-    try:
-        result = pipes_subprocess_client.run(context=context, command=command, env=rank_environment(cfg))
-    except Exception:
-        diverged = health.divergence(run.out_dir)
-        if diverged:  # a retry would resume from the last good checkpoint and diverge the same way
-            raise dg.Failure(description=diverged["message"], allow_retries=False,
-                             metadata={"step": diverged["step"], **uri(run.out_dir)}) from None
-        raise
+    tags = {"dagster.run_id": context.run_id, **data_versions(context.instance, UPSTREAM_OF_TRAINING)}
+    if cfg.sweep:
+        return train_sweep(context, cfg, mlflow.uri(cfg), tags, pipes_subprocess_client)
+    run = training_run.prepare(cfg, mlflow.uri(cfg), tags=tags)
+    result = launch(context, cfg, run, pipes_subprocess_client)
     verdict = training_run.finish(cfg, run)
     experiment = tracking.experiment_id(run.tracking_uri, tracking.artifact_location(cfg))
     return dg.MaterializeResult(
@@ -51,6 +46,62 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
             "details": verdict.description,
             **{k: v for k, v in dataclasses.asdict(verdict).items()
                if k not in ("passed", "description") and v is not None}})],
+    )
+
+
+def launch(context: dg.AssetExecutionContext, cfg, run: training_run.TrainingRun,
+           pipes_subprocess_client: dg.PipesSubprocessClient):
+    """`accelerate launch` of one training through Dagster Pipes; a divergence fails without retries."""
+    context.log.info(f"training {run.key} in {run.out_dir} (MLflow run {run.mlflow_run_id})")
+    command = accelerate_command(cfg, "pipelines.train_entry", run.entry_args())
+    try:
+        return pipes_subprocess_client.run(context=context, command=command, env=rank_environment(cfg))
+    except Exception:
+        diverged = health.divergence(run.out_dir)
+        if diverged:  # a retry would resume from the last good checkpoint and diverge the same way
+            raise dg.Failure(description=diverged["message"], allow_retries=False,
+                             metadata={"step": diverged["step"], **uri(run.out_dir)}) from None
+        raise
+
+
+def train_sweep(context: dg.AssetExecutionContext, cfg, tracking_uri: str, tags: dict,
+                pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
+    """Every variant of the sweep (all validated first), one after another; a variant that diverges
+    or is unhealthy is recorded and the sweep goes on. The check passes when one variant is healthy."""
+    variants = sweep.variants(cfg)
+    record = sweep.start(cfg, tracking_uri, training_run.dataset_version(cfg), tags)
+    context.log.info(f"sweep {record['name']}: {len(variants)} variants (MLflow parent run {record['parent_run_id']})")
+    for variant in variants:
+        run = training_run.prepare(variant.config, tracking_uri, tags={
+            **tags, "mlflow.parentRunId": record["parent_run_id"], "scratchllm.variant": variant.name})
+        status = "reused"
+        if not sweep.finished(run.out_dir, variant.config):
+            context.log.info(f"sweep {record['name']} {variant.name}: {variant.label}")
+            try:
+                launch(context, variant.config, run, pipes_subprocess_client)
+                status = "trained"
+            except dg.Failure as failure:  # diverged: the other variants still train
+                status = f"diverged: {failure.description}"
+        if status.startswith("diverged"):
+            healthy, health_text = False, status
+        else:
+            verdict = training_run.finish(variant.config, run)
+            healthy, health_text = verdict.passed, "healthy" if verdict.passed else verdict.description
+        record["variants"][variant.name] = {
+            "values": variant.values, "label": variant.label, "key": run.key, "path": str(run.out_dir),
+            "mlflow_run_id": run.mlflow_run_id, "healthy": healthy, "status": status, "health": health_text}
+        sweep.save(cfg, record)
+    rows = [[name, v["label"], v["key"], v["status"].split(":")[0], v["health"]]
+            for name, v in record["variants"].items()]
+    healthy = [name for name, v in record["variants"].items() if v["healthy"]]
+    return dg.MaterializeResult(
+        metadata={"sweep": record["name"], "mlflow_parent_run_id": record["parent_run_id"],
+                  "num_variants": len(variants), "num_trained": sum(r[3] == "trained" for r in rows),
+                  "num_reused": sum(r[3] == "reused" for r in rows),
+                  "variants": markdown_table(["variant", "values", "training key", "this run", "health"], rows)},
+        data_version=dg.DataVersion(record["key"]),
+        check_results=[dg.AssetCheckResult(check_name="training_health", passed=bool(healthy), metadata={
+            "details": f"{len(healthy)} of {len(variants)} variants healthy: {', '.join(healthy) or 'none'}"})],
     )
 
 

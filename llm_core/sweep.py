@@ -1,0 +1,234 @@
+"""Sweeps: one profile, several trainings that differ in a few fields, on the same data.
+
+A profile's `sweep:` section maps dotted config fields to lists of values:
+
+    sweep:
+      name: lr-and-depth              # optional; names the MLflow parent run
+      mode: grid                      # grid (default): every combination; list: the i-th values together
+      training.learning_rate: [3.0e-4, 1.0e-3, 3.0e-3]
+      model.n_layer: [2, 4]
+
+Each variant is the profile with its values set, validated before any work starts (an error names
+the variant and the field). Only fields of the model and training sections may vary (checked by the
+config): the data stages run once and every variant shares their outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from llm_core import tracking
+from llm_core.checkpoint import SUMMARY_FILE, WEIGHTS_FILE
+from llm_core.config import ConfigError, ScratchConfig, deep_merge, validate_config
+from llm_core.files import read_json, short_hash, write_json
+from llm_core.layout import EVALUATION_DIR, LATEST_FILE, MODEL_DIR
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str  # "v0", "v1", ... in sweep order
+    values: dict[str, Any]  # dotted field -> value
+    config: ScratchConfig  # the profile with these values, without its sweep section
+
+    @property
+    def label(self) -> str:
+        """e.g. "training.learning_rate=0.001, model.n_layer=2"."""
+        return ", ".join(f"{k}={v}" for k, v in self.values.items()) or "the profile as it is"
+
+
+def swept_fields(cfg: ScratchConfig) -> dict[str, list]:
+    return {k: v for k, v in cfg.sweep.items() if k not in ("name", "mode")}
+
+
+def sweep_name(cfg: ScratchConfig) -> str:
+    return cfg.sweep.get("name") or "sweep-" + "-".join(f.rsplit(".", 1)[-1] for f in swept_fields(cfg))
+
+
+def _nested(dotted: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def variants(cfg: ScratchConfig) -> list[Variant]:
+    """The variants of a config's sweep, each validated; without a sweep, one variant: the config."""
+    fields = swept_fields(cfg)
+    base = cfg.model_dump(mode="json", exclude={"sweep"})
+    if not fields:
+        return [Variant("v0", {}, validate_config(base))]
+    rows = itertools.product(*fields.values()) if cfg.sweep.get("mode", "grid") == "grid" else zip(*fields.values())
+    out = []
+    for i, row in enumerate(rows):
+        values = dict(zip(fields, row))
+        for field in values:
+            if not _has_field(cfg, field):
+                raise ConfigError(f"sweep.{field}: no such config field")
+        merged = base
+        for field, value in values.items():
+            merged = deep_merge(merged, _nested(field, value))
+        label = ", ".join(f"{k}={v}" for k, v in values.items())
+        out.append(Variant(f"v{i}", values, validate_config(merged, f"sweep variant v{i} ({label})")))
+    return out
+
+
+def _has_field(cfg: ScratchConfig, dotted: str) -> bool:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not hasattr(node, "model_fields") or part not in type(node).model_fields:
+            return False
+        node = getattr(node, part)
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# a sweep's bookkeeping: its MLflow parent run and what each variant became
+
+SWEEP_FILE = "sweep.json"  # trained_model/sweep.json: the last sweep trained
+COMPARISON_COLUMNS = ["variant", "values", "val bpb", "core", "tokens/s", "train s", "training"]
+
+
+def sweep_key(cfg: ScratchConfig, dataset_version: str) -> str:
+    """Changes when the sweep, anything its trainings read, or the data change."""
+    return short_hash([cfg.model_dump(mode="json", include={"sweep", "model", "training", "evaluation", "dataset"}),
+                       dataset_version])
+
+
+def record_path(cfg: ScratchConfig) -> Path:
+    return cfg.data_path / MODEL_DIR / SWEEP_FILE
+
+
+def start(cfg: ScratchConfig, tracking_uri: str, dataset_version: str, tags: dict[str, str]) -> dict:
+    """The record of this sweep: found again (a re-run keeps its parent run and finished variants) or
+    new, with an MLflow parent run whose params are the swept fields."""
+    key = sweep_key(cfg, dataset_version)
+    record = read_json(record_path(cfg))
+    if record.get("key") == key and record.get("tracking_uri") == tracking_uri:
+        return record
+    client = tracking.client(tracking_uri)
+    run = client.create_run(tracking.experiment_id(tracking_uri, tracking.artifact_location(cfg)),
+                            run_name=sweep_name(cfg), tags={**tags, "scratchllm.sweep": sweep_name(cfg)})
+    for field, values in swept_fields(cfg).items():
+        client.log_param(run.info.run_id, field, json.dumps(values))
+    record = {"key": key, "name": sweep_name(cfg), "parent_run_id": run.info.run_id, "tracking_uri": tracking_uri,
+              "variants": {}}
+    save(cfg, record)
+    return record
+
+
+def save(cfg: ScratchConfig, record: dict) -> None:
+    write_json(record_path(cfg), record)
+
+
+def load(cfg: ScratchConfig) -> dict:
+    """The record of the last sweep trained, or an error when it is not this config's sweep."""
+    record = read_json(record_path(cfg))
+    if not record or not record.get("variants"):
+        raise FileNotFoundError(f"no sweep trained under {cfg.data_path / MODEL_DIR}: materialize `trained_model`")
+    return record
+
+
+def finished(out_dir: Path, cfg: ScratchConfig) -> bool:
+    """A training directory that holds the final model of all of cfg's steps: nothing left to train."""
+    summary = read_json(out_dir / SUMMARY_FILE)
+    return summary.get("steps") == cfg.training.max_steps and (out_dir / WEIGHTS_FILE).exists()
+
+
+def compare(record: dict, reports: dict[str, dict]) -> tuple[list[list], str | None]:
+    """(comparison rows, name of the best variant by val bpb among the evaluated ones)."""
+    rows, best, best_bpb = [], None, math.inf
+    for name, v in record["variants"].items():
+        report, summary = reports.get(name, {}), read_json(Path(v["path"]) / SUMMARY_FILE)
+        bpb = report.get("val_bpb")
+        if bpb is not None and bpb < best_bpb:
+            best, best_bpb = name, bpb
+        rows.append([name, v["label"], f"{bpb:.4f}" if bpb is not None else "-",
+                     f"{report['core']:+.3f}" if report.get("core") is not None else "-",
+                     f"{summary.get('tokens_per_second', 0):,.0f}", f"{summary.get('train_seconds', 0):.1f}",
+                     v["health"]])
+    return rows, best
+
+
+def plot(record: dict, reports: dict[str, dict], out_dir: Path) -> list[Path]:
+    """val_bpb_by_variant.png and loss_curves.png (every variant's train loss, overlaid)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [n for n in record["variants"] if n in reports]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.bar(names, [reports[n]["val_bpb"] for n in names])
+    ax.set_ylabel("val bits per byte")
+    ax.set_title(record["name"])
+    ax.set_ylim(min(reports[n]["val_bpb"] for n in names) * 0.95 if names else 0, None)
+    fig.tight_layout()
+    fig.savefig(out_dir / "val_bpb_by_variant.png")
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for name, v in record["variants"].items():
+        history = read_json(Path(v["path"]) / SUMMARY_FILE).get("history", [])
+        ax.plot([h["step"] for h in history], [h["train_loss"] for h in history], linewidth=1,
+                label=f"{name}: {v['label']}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss_curves.png")
+    plt.close(fig)
+    return [out_dir / "val_bpb_by_variant.png", out_dir / "loss_curves.png"]
+
+
+def log_comparison(record: dict, rows: list[list], best: str | None, files: list[Path]) -> None:
+    """The comparison table (markdown and CSV), the plots and the best variant on the parent run."""
+    client = tracking.client(record["tracking_uri"])
+    run_id = record["parent_run_id"]
+    table = "\n".join(["| " + " | ".join(COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
+                      + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+    client.log_text(run_id, table + "\n", "sweep_comparison.md")
+    client.log_text(run_id, "\n".join(",".join(f'"{c}"' for c in row)
+                                      for row in [COMPARISON_COLUMNS, *rows]) + "\n", "sweep_comparison.csv")
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    if best is not None:
+        client.set_tag(run_id, "scratchllm.best_variant", best)
+        client.set_tag(run_id, "scratchllm.best_training_key", record["variants"][best]["key"])
+
+
+def evaluate_variants(cfg: ScratchConfig, tracking_uri: str, log) -> tuple[dict, list[list], str]:
+    """model_evaluation of a sweep: every healthy variant evaluated once (a report already written is
+    reused), the comparison logged on the parent run, and the best variant by val bpb made the latest
+    model (registry and export take it). Returns (record, comparison rows, best variant)."""
+    from llm_core import evaluate as ev
+
+    record = load(cfg)
+    reports = {}
+    by_name = {v.name: v for v in variants(cfg)}
+    for name, v in record["variants"].items():
+        if not v["healthy"]:
+            continue
+        entry = {"key": v["key"], "path": v["path"], "mlflow_run_id": v["mlflow_run_id"],
+                 "tracking_uri": record["tracking_uri"]}
+        report = read_json(ev.report_path(cfg, v["key"]))
+        if "val_bpb" not in report:
+            log(f"sweep {record['name']} {name}: evaluating {v['label']}")
+            ev.evaluate_training(by_name[name].config, entry, tracking_uri)
+            report = read_json(ev.report_path(cfg, v["key"]))
+        reports[name] = report
+    rows, best = compare(record, reports)
+    if best is None:
+        raise ValueError(f"sweep {record['name']}: no healthy variant to evaluate")
+    files = plot(record, reports, cfg.data_path / EVALUATION_DIR / "sweeps" / record["key"])
+    log_comparison(record, rows, best, files)
+    v = record["variants"][best]
+    write_json(cfg.data_path / MODEL_DIR / LATEST_FILE, {"key": v["key"], "path": v["path"],
+                                                         "mlflow_run_id": v["mlflow_run_id"],
+                                                         "tracking_uri": record["tracking_uri"]})
+    return record, rows, best

@@ -1,0 +1,120 @@
+"""Sweep definitions (llm_core/sweep.py): a grid or a list of values over dotted fields, each variant
+validated before any work starts, naming the variant and the field; data fields refused."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+from helpers import subprocess_env
+
+from llm_core import sweep
+from llm_core.config import ConfigError, load_config
+
+
+def config(**sweep_section):
+    return load_config(None, {"sweep": sweep_section})
+
+
+def test_a_grid_is_every_combination_and_a_list_goes_value_by_value():
+    grid = sweep.variants(config(**{"training.learning_rate": [1e-3, 3e-3], "model.n_layer": [2, 4]}))
+    assert [v.name for v in grid] == ["v0", "v1", "v2", "v3"]
+    assert [(v.config.training.learning_rate, v.config.model.n_layer) for v in grid] == \
+        [(1e-3, 2), (1e-3, 4), (3e-3, 2), (3e-3, 4)]
+    assert grid[1].values == {"training.learning_rate": 1e-3, "model.n_layer": 4}
+    assert grid[1].label == "training.learning_rate=0.001, model.n_layer=4"
+    assert all(v.config.sweep == {} and v.config.model.n_embd == 128 for v in grid)  # the rest is the profile
+    listed = sweep.variants(config(mode="list", name="sizes", **{"model.n_layer": [2, 4], "model.n_embd": [64, 96]}))
+    assert [(v.config.model.n_layer, v.config.model.n_embd) for v in listed] == [(2, 64), (4, 96)]
+    assert sweep.sweep_name(config(name="sizes", **{"model.n_layer": [2]})) == "sizes"
+    assert [v.label for v in sweep.variants(load_config(None))] == ["the profile as it is"]  # no sweep: one
+
+
+@pytest.mark.parametrize("section,message", [
+    ({"tokenizer.vocab_size": [512, 1024]}, "sweep: Value error, tokenizer.vocab_size: only fields of model, "
+                                            "training can vary"),
+    ({"evaluation.max_val_tokens": [1000]}, "evaluation.max_val_tokens: only fields of model, training can vary"),
+    ({"training.learning_rate": 0.001}, "training.learning_rate: must be a non-empty list"),
+    ({"training.learning_rate": []}, "training.learning_rate: must be a non-empty list"),
+    ({"mode": "random", "model.n_layer": [2]}, "mode must be one of"),
+    ({"mode": "list", "model.n_layer": [2, 4], "model.n_embd": [64]}, "mode list needs lists of one length"),
+])
+def test_a_bad_sweep_section_is_refused_by_the_config(section, message):
+    with pytest.raises(ConfigError, match=message):
+        config(**section)
+
+
+def test_a_bad_value_is_refused_with_the_profile_naming_the_variant_and_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"sweep variant v1 \(model.n_head=3\)[\s\S]*model: .*n_head \(3\) "
+                                          r"must divide n_embd"):
+        config(**{"model.n_head": [4, 3]})  # 128 is not divisible by 3
+    with pytest.raises(ConfigError, match=r"sweep variant v0 \(training.learning_rate=-1\)[\s\S]*"
+                                          r"training.learning_rate: Input should be greater than 0"):
+        config(**{"training.learning_rate": [-1]})
+    with pytest.raises(ConfigError, match="sweep.training.nope: no such config field"):
+        config(**{"training.nope": [1]})
+    # `scratchllm check-config` (and so `scratchllm run`) refuses it before any work, exit status 2
+    profile = tmp_path / "bad_sweep.yaml"
+    profile.write_text("sweep:\n  model.n_head: [4, 3]\n")
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "check-config", str(profile)],
+                          capture_output=True, text=True, cwd=tmp_path, env=subprocess_env())
+    assert done.returncode == 2 and "sweep variant v1 (model.n_head=3)" in done.stderr
+
+
+@pytest.mark.slow
+def test_a_2x2_sweep_materializes_end_to_end_and_a_rerun_trains_nothing(instance, tmp_path):
+    """Materialize every asset with a 2x2 sweep in the profile: 4 trainings as child runs of one MLflow
+    parent (distinct params, searchable), the comparison table and plots on the parent, the best variant
+    registered; materializing again reuses every variant."""
+    import dagster as dg
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from test_pipeline import TINY_TRAINING, materialize, run_config, write_corpus
+
+    corpus = write_corpus(tmp_path, n_files=2)
+    profile = tmp_path / "sweep.yaml"
+    profile.write_text(yaml.safe_dump({**TINY_TRAINING, "evaluation": {"max_new_tokens": 4},
+                                       "sweep": {"name": "lr-and-width", "training.learning_rate": [1e-4, 3e-3],
+                                                 "model.n_embd": [32, 64]}}))
+    config = run_config(tmp_path / "data", corpus)
+    config["resources"]["scratchllm"]["config"]["profile"] = str(profile)
+    assets = ["raw_corpus", "cleaned_shards", "tokenizer", "tokenized_dataset", "trained_model", "model_evaluation",
+              "registered_model", "hf_export"]
+    result = materialize(instance, config, assets=assets)
+    assert result.success
+
+    def metadata(key):
+        event = instance.get_latest_materialization_event(dg.AssetKey(key))
+        return {k: v.value for k, v in event.asset_materialization.metadata.items()}
+
+    trained = metadata("trained_model")
+    assert (trained["num_variants"], trained["num_trained"], trained["num_reused"]) == (4, 4, 0)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}")
+    parent = client.get_run(trained["mlflow_parent_run_id"])
+    assert parent.info.run_name == "lr-and-width"
+    assert parent.data.params == {"training.learning_rate": "[0.0001, 0.003]", "model.n_embd": "[32, 64]"}
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4
+    assert {(c.data.params["training.learning_rate"], c.data.params["model.n_embd"]) for c in children} == \
+        {("0.0001", "32"), ("0.0001", "64"), ("0.003", "32"), ("0.003", "64")}
+    found = client.search_runs([parent.info.experiment_id], "params.\"training.learning_rate\" = '0.003'")
+    assert len(found) == 2  # the MLflow search of the issue
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep_comparison.md", "sweep_comparison.csv", "val_bpb_by_variant.png", "loss_curves.png"} <= artifacts
+
+    evaluation = metadata("model_evaluation")
+    best = evaluation["best_variant"]
+    assert len(re.findall(r"^\| v\d \|", evaluation["sweep_comparison"], re.M)) == 4
+    bpbs = {c.data.tags["scratchllm.variant"]: c.data.metrics["eval_val_bpb"] for c in children}
+    assert best == min(bpbs, key=bpbs.get) and evaluation["val_bpb"] == pytest.approx(bpbs[best])
+    assert parent.info.run_id and client.get_run(parent.info.run_id).data.tags["scratchllm.best_variant"] == best
+    registered = metadata("registered_model")
+    best_run = next(c for c in children if c.data.tags["scratchllm.variant"] == best)
+    assert registered["mlflow_run_id"] == best_run.info.run_id and registered["alias"] == "champion"
+
+    again = materialize(instance, config, assets=["trained_model", "model_evaluation"])
+    assert again.success
+    trained = metadata("trained_model")
+    assert (trained["num_trained"], trained["num_reused"]) == (0, 4)
+    assert len(client.search_runs([parent.info.experiment_id])) == 5  # no new run: the parent and 4 children

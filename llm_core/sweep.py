@@ -133,6 +133,17 @@ def load(cfg: ScratchConfig) -> dict:
     return record
 
 
+def adopt(record: dict, run_id: str, variant: str) -> None:
+    """Make a variant's MLflow run a child of the sweep's parent run. A run created for this sweep is
+    one already; a training reused from before the sweep (same config, same data) becomes one unless
+    another sweep holds it."""
+    client = tracking.client(record["tracking_uri"])
+    tags = client.get_run(run_id).data.tags
+    if "mlflow.parentRunId" not in tags:
+        client.set_tag(run_id, "mlflow.parentRunId", record["parent_run_id"])
+        client.set_tag(run_id, "scratchllm.variant", variant)
+
+
 def finished(out_dir: Path, cfg: ScratchConfig) -> bool:
     """A training directory that holds the final model of all of cfg's steps: nothing left to train."""
     summary = read_json(out_dir / SUMMARY_FILE)

@@ -38,6 +38,7 @@ class UiRun:
     mlflow_port: int
     run_id: str
     status: str | None  # the Dagster run's final status
+    profile: Path  # the profile `scratchllm ui` was started with (a run reads it when it starts)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def ui_run(tmp_path_factory):
             if status in ("SUCCESS", "FAILURE", "CANCELED"):
                 break
             time.sleep(2)
-        yield UiRun(ui, servers, dagster_port, mlflow_port, run_id, status)
+        yield UiRun(ui, servers, dagster_port, mlflow_port, run_id, status, tmp_path / "profile.yaml")
     finally:
         if ui.poll() is None:  # test_ctrl_c_stops_every_server did not run (or failed)
             ui.send_signal(signal.SIGINT)
@@ -208,6 +209,46 @@ def test_the_loss_curve_renders_on_the_asset_page_and_links_its_mlflow_run(ui_ru
         browser.wait_for(mlflow_page, f"document.body.innerText.includes({json.dumps(run_name)})")
     finally:
         browser.close()
+
+
+def wait_for_run(port: int, run_id: str) -> str:
+    deadline, status = time.monotonic() + RUN_TIMEOUT_SECONDS, None
+    while time.monotonic() < deadline:
+        status = run_status(port, run_id)
+        if status in ("SUCCESS", "FAILURE", "CANCELED"):
+            break
+        time.sleep(2)
+    return status
+
+
+def test_a_sweep_added_to_the_profile_trains_every_variant_from_one_launch(ui_run):
+    """The user adds a sweep to the profile and clicks "Materialize" on the training assets (the same
+    GraphQL launch, no run config): both variants train as children of one MLflow parent run, and the
+    best one is registered."""
+    assert ui_run.status == "SUCCESS"
+    profile = yaml.safe_load(ui_run.profile.read_text())
+    profile["sweep"] = {"name": "ui-sweep", "training.learning_rate": [1.0e-3, 3.0e-3]}
+    ui_run.profile.write_text(yaml.safe_dump(profile))
+    run_id = launch_assets(ui_run.dagster_port, ["trained_model", "model_evaluation", "registered_model"])
+    assert wait_for_run(ui_run.dagster_port, run_id) == "SUCCESS"
+    mlflow = f"http://127.0.0.1:{ui_run.mlflow_port}"
+    search = f"{mlflow}/api/2.0/mlflow/runs/search"
+    parent = get_json(search, {"experiment_ids": ["1"], "filter": "attributes.run_name = 'ui-sweep'"})["runs"]
+    assert len(parent) == 1
+    parent_id = parent[0]["info"]["run_id"]
+    children = get_json(search, {"experiment_ids": ["1"],
+                                 "filter": f"tags.mlflow.parentRunId = '{parent_id}'"})["runs"]
+    rates = sorted(next(p["value"] for p in c["data"]["params"] if p["key"] == "training.learning_rate")
+                   for c in children)
+    assert rates == ["0.001", "0.003"]
+    best = {t["key"]: t["value"] for t in get_json(f"{mlflow}/api/2.0/mlflow/runs/get?run_id={parent_id}")["run"][
+        "data"]["tags"]}["scratchllm.best_variant"]
+    versions = get_json(f"{mlflow}/api/2.0/mlflow/model-versions/search?filter=name%3D%27scratchllm%27")[
+        "model_versions"]
+    newest = max(versions, key=lambda v: int(v["version"]))
+    best_run = next(c for c in children if {t["key"]: t["value"] for t in c["data"]["tags"]}[
+        "scratchllm.variant"] == best)
+    assert newest["run_id"] == best_run["info"]["run_id"]  # the best variant went on to the registry
 
 
 def test_ctrl_c_stops_every_server(ui_run):

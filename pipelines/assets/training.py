@@ -74,6 +74,7 @@ def train_sweep(context: dg.AssetExecutionContext, cfg, tracking_uri: str, tags:
     for variant in variants:
         run = training_run.prepare(variant.config, tracking_uri, tags={
             **tags, "mlflow.parentRunId": record["parent_run_id"], "scratchllm.variant": variant.name})
+        sweep.adopt(record, run.mlflow_run_id, variant.name)
         status = "reused"
         if not sweep.finished(run.out_dir, variant.config):
             context.log.info(f"sweep {record['name']} {variant.name}: {variant.label}")

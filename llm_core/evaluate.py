@@ -22,7 +22,7 @@ from llm_core.config import ScratchConfig
 from llm_core.files import atomic_path, read_json, write_json
 from llm_core.generate import TextGenerator
 from llm_core.layout import DATASET_DIR, EVALUATION_DIR, MODEL_TOKENIZER_SUBDIR
-from llm_core.loader import _memory_map
+from llm_core.loader import memory_map
 from llm_core.model import Transformer
 from llm_core.tokenized_dataset import task_files, unchecked_tasks
 from llm_core.tokenizer import load as load_tokenizer
@@ -49,11 +49,6 @@ class EvalResult:
         return mc.core(self.tasks)
 
 
-def bits_per_byte(mean_loss_nats: float, num_tokens: int, num_bytes: int) -> float:
-    """Bits per UTF-8 byte of text from the mean loss per token: comparable across tokenizers."""
-    return mean_loss_nats * num_tokens / math.log(2) / num_bytes
-
-
 def validation_documents(dataset_dir: Path, max_tokens: int) -> tuple[pa.Table, np.ndarray]:
     """The validation documents to score and their tokens, concatenated: every document when the split
     has at most max_tokens tokens, else the documents with the smallest hashes of their ids up to
@@ -67,7 +62,7 @@ def validation_documents(dataset_dir: Path, max_tokens: int) -> tuple[pa.Table, 
         stem = Path(shard["name"]).stem
         docs = pa.ipc.open_file(pa.memory_map(str(dataset_dir / "val" / f"{stem}.docs.arrow"))).read_all()
         tables.append(docs.append_column("shard", pa.array(np.full(len(docs), len(arrays)))))
-        arrays.append(_memory_map(dataset_dir / "val" / f"{stem}.tokens.arrow", "tokens"))
+        arrays.append(memory_map(dataset_dir / "val" / f"{stem}.tokens.arrow", "tokens"))
     docs = pa.concat_tables(tables)
     lengths = docs.column("length").to_numpy()
     if lengths.sum() > max_tokens:

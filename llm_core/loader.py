@@ -25,7 +25,7 @@ from llm_core.files import read_json
 PACKING_MODES = ("random", "document")
 
 
-def _memory_map(path: Path, column: str) -> np.ndarray:
+def memory_map(path: Path, column: str) -> np.ndarray:
     """A column of an uncompressed Arrow IPC file as a zero-copy numpy view of the mapped file."""
     table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
     chunks = table.column(column).chunks
@@ -49,12 +49,12 @@ class TokenSplit:
         self.doc_starts: list[np.ndarray] = []
         for shard in manifest["shards"]:
             stem = Path(shard["name"]).stem
-            tokens = _memory_map(dataset_dir / split / f"{stem}.tokens.arrow", "tokens")
+            tokens = memory_map(dataset_dir / split / f"{stem}.tokens.arrow", "tokens")
             if tokens.dtype != self.dtype:
                 raise ValueError(f"{stem}: tokens are {tokens.dtype}, the manifest says {self.dtype}")
             if len(tokens):
                 self.arrays.append(tokens)
-                self.doc_starts.append(_memory_map(dataset_dir / split / f"{stem}.docs.arrow", "start"))
+                self.doc_starts.append(memory_map(dataset_dir / split / f"{stem}.docs.arrow", "start"))
         self.num_tokens = sum(len(a) for a in self.arrays)
 
 

@@ -1,6 +1,7 @@
 """How much memory and time a training needs, before renting the GPUs: `scratchllm plan`.
 
     scratchllm plan --config assets_config/default.yaml
+    scratchllm plan --config assets_config/sweeps/size_ladder.yaml --budget 1e15   # from a sweep's scaling fit
     scratchllm plan --layers 12 --width 768 --heads 12 --vocab 50304 --seq-len 1024 --batch 16 \\
         --precision bf16 --gpu H100-80GB --gpus 8
 
@@ -319,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--gpu", default="A100-80GB", choices=sorted(GPUS), help="peak FLOP/s and memory")
     parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization to assume")
+    parser.add_argument("--budget", help="a compute budget (FLOPs, e.g. 1e15, or GPU hours of --gpu, e.g. 2gpu-h): "
+                                         "the model size and tokens a sweep's scaling fit recommends")
+    parser.add_argument("--fit", help="the scaling fit to use (default: <data_dir>/model_evaluation/scaling_fit.json "
+                                      "of --config, written by a sweep over model sizes)")
     a = parser.parse_args(argv)
 
     if a.config:
@@ -339,8 +344,51 @@ def main(argv: list[str] | None = None) -> int:
                                 num_parameters=int(a.params) if a.params else None)
     if args.n_embd % args.n_head or args.n_head % args.n_kv_head or not 0 < setup.mfu <= 1:
         parser.error("--heads must divide --width, --kv-heads must divide --heads, 0 < --mfu <= 1")
+    if a.budget:
+        recommendation = recommend(a, setup, parser)
+        print(recommendation["text"] + "\n")
+        setup = dataclasses.replace(setup, num_parameters=int(recommendation["params"]))
     print(format_plan(setup, plan(setup)))
     return 0
+
+
+def budget_flops(budget: str, setup: Setup) -> float:
+    """"1e15" (FLOPs) or "2gpu-h" (hours of the planned GPU at its peak for the precision, times the MFU)."""
+    text = budget.lower().replace(" ", "")
+    for suffix in ("gpu-hours", "gpu-h", "h"):
+        if text.endswith(suffix):
+            hours = float(text[:-len(suffix)])
+            return hours * 3600 * setup.gpu.peak_flops[setup.precision] * setup.mfu * setup.gpus
+    return float(text)
+
+
+def recommend(a: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser) -> dict:
+    """The scaling fit's recommendation for --budget, as text and numbers."""
+    from llm_core import scaling
+
+    if a.fit:
+        path = Path(a.fit)
+    else:
+        from llm_core.config import load_config
+        from llm_core.layout import EVALUATION_DIR
+
+        path = load_config(a.config).data_path / EVALUATION_DIR / scaling.FIT_FILE
+    if not path.is_file():
+        parser.error(f"--budget: no scaling fit at {path}: run a sweep over model sizes first "
+                     f"(e.g. scratchllm run --config assets_config/sweeps/size_ladder.yaml) or name one with --fit")
+    try:
+        flops = budget_flops(a.budget, setup)
+    except (ValueError, KeyError):
+        parser.error(f"--budget: {a.budget!r} is neither FLOPs (1e15) nor GPU hours (2gpu-h)")
+    fit = scaling.load(path)
+    r = fit.recommend(flops)
+    r["text"] = (f"budget {flops:.3g} FLOPs: about {r['params'] / 1e6:.2f}M parameters on {r['tokens'] / 1e6:.1f}M "
+                 f"tokens ({fit.tokens_per_param:.0f} tokens per parameter, as the sweep's points); predicted val "
+                 f"{r['val_bpb']:.3f} bits/byte, 90% interval [{r['val_bpb_low']:.3f}, {r['val_bpb_high']:.3f}] "
+                 f"(fit over {len(fit.points)} variants, exponent {fit.b:.3f} [{fit.b_low:.3f}, {fit.b_high:.3f}]"
+                 + (f"; {r['extrapolation']:.0f}x the largest point's compute: an extrapolation"
+                    if r["extrapolation"] > 1 else "") + f"; {path})")
+    return r
 
 
 if __name__ == "__main__":

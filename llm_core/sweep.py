@@ -236,10 +236,34 @@ def evaluate_variants(cfg: ScratchConfig, tracking_uri: str, log) -> tuple[dict,
     rows, best = compare(record, reports)
     if best is None:
         raise ValueError(f"sweep {record['name']}: no healthy variant to evaluate")
-    files = plot(record, reports, cfg.data_path / EVALUATION_DIR / "sweeps" / record["key"])
+    out_dir = cfg.data_path / EVALUATION_DIR / "sweeps" / record["key"]
+    files = plot(record, reports, out_dir)
     log_comparison(record, rows, best, files)
+    if any(f.startswith("model.") or f == "training.max_steps" for f in swept_fields(cfg)):
+        fit_scaling(cfg, record, reports, out_dir, log)
     v = record["variants"][best]
     write_json(cfg.data_path / MODEL_DIR / LATEST_FILE, {"key": v["key"], "path": v["path"],
                                                          "mlflow_run_id": v["mlflow_run_id"],
                                                          "tracking_uri": record["tracking_uri"]})
     return record, rows, best
+
+
+def fit_scaling(cfg: ScratchConfig, record: dict, reports: dict[str, dict], out_dir: Path, log) -> None:
+    """A sweep over sizes or steps: the power law of val bpb in compute (llm_core/scaling.py), plotted,
+    logged on the parent run, and saved where `scratchllm plan --budget` reads it."""
+    from llm_core import scaling
+
+    fitted = scaling.fit(scaling.points(record, reports))
+    if fitted is None:
+        log(f"sweep {record['name']}: fewer than {scaling.MIN_POINTS} compute values, no scaling fit")
+        return
+    png = scaling.plot(fitted, out_dir / "scaling_fit.png")
+    scaling.save(fitted, out_dir / scaling.FIT_FILE)
+    scaling.save(fitted, cfg.data_path / EVALUATION_DIR / scaling.FIT_FILE)  # the latest: for plan --budget
+    client = tracking.client(record["tracking_uri"])
+    for name in ("a", "b", "c", "b_low", "b_high", "tokens_per_param"):
+        client.log_metric(record["parent_run_id"], f"scaling/{name}", float(getattr(fitted, name)))
+    client.log_artifact(record["parent_run_id"], str(png))
+    client.log_artifact(record["parent_run_id"], str(out_dir / scaling.FIT_FILE))
+    log(f"sweep {record['name']}: val bpb = {fitted.a:.3g} (C/{fitted.scale:.3g})^-{fitted.b:.3f} + {fitted.c:.3f} "
+        f"(exponent 90% interval [{fitted.b_low:.3f}, {fitted.b_high:.3f}]) over {len(fitted.points)} variants")

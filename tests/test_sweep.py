@@ -118,3 +118,34 @@ def test_a_2x2_sweep_materializes_end_to_end_and_a_rerun_trains_nothing(instance
     trained = metadata("trained_model")
     assert (trained["num_trained"], trained["num_reused"]) == (0, 4)
     assert len(client.search_runs([parent.info.experiment_id])) == 5  # no new run: the parent and 4 children
+
+
+@pytest.mark.slow
+def test_a_size_sweep_fits_the_scaling_law_that_plan_budget_reads(instance, tmp_path):
+    """Three sizes in list mode: the fit's plot, coefficients and JSON on the parent run, and
+    `scratchllm plan --config <the sweep profile> --budget` recommends from it."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from test_pipeline import TINY_TRAINING, materialize, run_config, write_corpus
+
+    corpus = write_corpus(tmp_path, n_files=2)
+    profile = tmp_path / "ladder.yaml"
+    profile.write_text(yaml.safe_dump({
+        **TINY_TRAINING, "data_dir": str(tmp_path / "data"), "evaluation": {"max_new_tokens": 4},
+        "corpus": {"sources": [str(corpus)], "shard_size_mb": 0.05, "max_document_bytes": 2048,
+                   "pieces_are_documents": [str(corpus)]},
+        "dataset": {"val_fraction": 0.2},
+        "sweep": {"name": "ladder", "mode": "list", "model.n_embd": [16, 32, 64], "model.n_head": [2, 2, 4]}}))
+    config = run_config(tmp_path / "data", corpus)
+    config["resources"]["scratchllm"]["config"]["profile"] = str(profile)
+    assert materialize(instance, config, assets=["raw_corpus", "cleaned_shards", "tokenizer", "tokenized_dataset",
+                                                 "trained_model", "model_evaluation"]).success
+    client = MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}")
+    parent = client.search_runs([client.get_experiment_by_name("scratchllm").experiment_id],
+                                "attributes.run_name = 'ladder'")[0]
+    assert {"scaling/a", "scaling/b", "scaling/c", "scaling/b_low", "scaling/b_high"} <= set(parent.data.metrics)
+    assert {"scaling_fit.png", "scaling_fit.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "plan", "--config", str(profile), "--budget",
+                           "1e13"], capture_output=True, text=True, cwd=tmp_path, env=subprocess_env())
+    assert done.returncode == 0, done.stderr
+    assert "fit over 3 variants" in done.stdout and "predicted val" in done.stdout

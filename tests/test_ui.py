@@ -41,6 +41,17 @@ class UiRun:
     profile: Path  # the profile `scratchllm ui` was started with (a run reads it when it starts)
 
 
+def wait_for_run(port: int, run_id: str) -> str:
+    """The Dagster run's final status (or its last one after RUN_TIMEOUT_SECONDS)."""
+    deadline, status = time.monotonic() + RUN_TIMEOUT_SECONDS, None
+    while time.monotonic() < deadline:
+        status = run_status(port, run_id)
+        if status in ("SUCCESS", "FAILURE", "CANCELED"):
+            break
+        time.sleep(2)
+    return status
+
+
 @pytest.fixture(scope="module")
 def ui_run(tmp_path_factory):
     """`scratchllm ui` on a tiny profile, with the whole graph launched through GraphQL and finished."""
@@ -63,12 +74,7 @@ def ui_run(tmp_path_factory):
         run_id = launch_assets(dagster_port, ["raw_corpus", "cleaned_shards", "tokenizer", "tokenized_dataset",
                                               "trained_model", "model_evaluation", "registered_model", "hf_export"])
 
-        deadline, status = time.monotonic() + RUN_TIMEOUT_SECONDS, None
-        while time.monotonic() < deadline:
-            status = run_status(dagster_port, run_id)
-            if status in ("SUCCESS", "FAILURE", "CANCELED"):
-                break
-            time.sleep(2)
+        status = wait_for_run(dagster_port, run_id)
         yield UiRun(ui, servers, dagster_port, mlflow_port, run_id, status, tmp_path / "profile.yaml")
     finally:
         if ui.poll() is None:  # test_ctrl_c_stops_every_server did not run (or failed)
@@ -209,16 +215,6 @@ def test_the_loss_curve_renders_on_the_asset_page_and_links_its_mlflow_run(ui_ru
         browser.wait_for(mlflow_page, f"document.body.innerText.includes({json.dumps(run_name)})")
     finally:
         browser.close()
-
-
-def wait_for_run(port: int, run_id: str) -> str:
-    deadline, status = time.monotonic() + RUN_TIMEOUT_SECONDS, None
-    while time.monotonic() < deadline:
-        status = run_status(port, run_id)
-        if status in ("SUCCESS", "FAILURE", "CANCELED"):
-            break
-        time.sleep(2)
-    return status
 
 
 def test_a_2x2_sweep_added_to_the_profile_trains_every_variant_from_one_launch(ui_run):

@@ -4,8 +4,10 @@ Both models' per-document scores (model_evaluation/<key>/per_document.parquet) a
 document id. The difference in bits per byte, new minus champion over the shared documents, gets a
 paired bootstrap interval (documents resampled with replacement, BOOTSTRAP_SAMPLES times, seeded).
 `champion` moves only when the whole interval is below -registry.promotion_margin_bpb, i.e. the new
-model is better by more than the margin at registry.promotion_confidence. Two trainings that differ
-only in their seed land inside each other's interval and do not swap the champion.
+model is better by more than the margin at registry.promotion_confidence. The interval measures the
+noise of the evaluation documents, not of training: two trainings that differ only in their seed can
+still differ beyond it (measured on the default profile: 1 pair of 3), which a margin of about twice
+the seed-to-seed spread absorbs.
 
 The downstream tasks veto: if, on a task both models answered, the new model's accuracy
 (length-normalized, paired by item) is lower with its whole interval below zero, it is not promoted.
@@ -48,10 +50,6 @@ class Verdict:
     num_documents: int  # paired documents (0: means compared, unpaired)
     task_deltas: list[TaskDelta]
     reason: str
-
-    @property
-    def paired(self) -> bool:
-        return self.num_documents > 0
 
     def tags(self) -> dict[str, str]:
         """MLflow model version tags."""

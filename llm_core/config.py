@@ -24,6 +24,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "assets_config"
 DEFAULT_PROFILE = CONFIG_DIR / "default.yaml"
 CONFIG_ENV_VAR = "SCRATCHLLM_CONFIG"
+# Fields that change when and where work runs, not what it makes: left out of every key and hash.
+SCHEDULING_FIELDS = {"training": {"max_parallel_variants"}}
 
 
 class ConfigError(ValueError):
@@ -245,6 +247,8 @@ class TrainingConfig(Section):
                                                              "schedule. null: random weights.")
     accelerate_config: str | None = Field(default=None, description="An accelerate config YAML "
                                                                     "(assets_config/accelerate/*.yaml); null = CPU.")
+    max_parallel_variants: int = Field(default=1, ge=1, description="Sweep variants trained at once: on GPUs each "
+                                       "gets num_processes devices of its own, on CPU an equal share of the cores.")
 
     @field_validator("mixed_precision")
     @classmethod
@@ -441,9 +445,14 @@ class ScratchConfig(Section):
     def data_path(self) -> Path:
         return resolve_path(self.data_dir)
 
+    def identity(self, *sections: str) -> dict:
+        """Some sections as plain values, without the fields that only schedule work (how many sweep
+        variants train at once): what cache keys, training keys and data versions are made of."""
+        return self.model_dump(mode="json", include=set(sections), exclude=SCHEDULING_FIELDS)
+
     def section_hash(self, *sections: str) -> str:
         """A short stable hash of some sections: part of cache keys and data versions."""
-        return short_hash(self.model_dump(mode="json", include=set(sections)))
+        return short_hash(self.identity(*sections))
 
     def config_hash(self) -> str:
         """The hash of every section (where the data lives and which engine made it excepted: outputs are

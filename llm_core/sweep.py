@@ -95,7 +95,7 @@ COMPARISON_COLUMNS = ["variant", "values", "val bpb", "core", "tokens/s", "train
 
 def sweep_key(cfg: ScratchConfig, dataset_version: str) -> str:
     """Changes when the sweep, anything its trainings read, or the data change."""
-    return short_hash([cfg.model_dump(mode="json", include={"sweep", "model", "training", "evaluation", "dataset"}),
+    return short_hash([cfg.identity("sweep", "model", "training", "evaluation", "dataset"),
                        dataset_version])
 
 

@@ -42,7 +42,7 @@ class TrainingRun:
 
 
 def training_key(cfg: ScratchConfig, dataset_version: str) -> str:
-    payload = {"config": cfg.model_dump(mode="json", include={"model", "training", "dataset"}),
+    payload = {"config": cfg.identity("model", "training", "dataset"),
                "dataset": dataset_version}
     return short_hash(payload, length=12)
 

@@ -1,12 +1,18 @@
 """Typed resources: MLflow tracking, and the launcher of distributed training (Dagster Pipes)."""
 
+import contextlib
 import os
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Callable, Sequence
 
 import dagster as dg
+import yaml
 
 from llm_core import tracking
-from llm_core.config import ScratchConfig
+from llm_core.config import ScratchConfig, resolve_path
 
 
 class MLflowResource(dg.ConfigurableResource):
@@ -19,13 +25,15 @@ class MLflowResource(dg.ConfigurableResource):
         return self.tracking_uri or tracking.tracking_uri(cfg)
 
 
-def accelerate_command(cfg: ScratchConfig, module: str, args: list[str]) -> list[str]:
+def accelerate_command(cfg: ScratchConfig, module: str, args: list[str], free_port: bool = False) -> list[str]:
     """`accelerate launch` for the training config: an accelerate config file when one is named
-    (GPUs, FSDP, multi-node), else N CPU processes through torchrun + gloo (`--cpu` would start one process only)."""
+    (GPUs, FSDP, multi-node), else N CPU processes through torchrun + gloo (`--cpu` would start one process only).
+    free_port: a port of its own for the ranks' rendezvous (trainings side by side on one machine)."""
     t = cfg.training
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
     if t.accelerate_config:
         launch += ["--config_file", t.accelerate_config, "--num_processes", str(t.num_processes)]
+        launch += ["--main_process_port", "0"] if free_port else []
     else:
         if t.num_processes > 1:
             launch += ["--multi_gpu"]  # on CPU this is torchrun with the gloo backend
@@ -37,7 +45,82 @@ def accelerate_command(cfg: ScratchConfig, module: str, args: list[str]) -> list
     return [sys.executable, "-m", "pipelines.process_group", "--", *launch, "-m", module, *args]
 
 
-def rank_environment(cfg: ScratchConfig) -> dict[str, str]:
-    """Threads per rank = cores / ranks: oversubscribed CPUs run several times slower."""
-    threads = max(1, (os.cpu_count() or 1) // cfg.training.num_processes)
+def rank_environment(cfg: ScratchConfig, trainings: int = 1) -> dict[str, str]:
+    """Threads per rank = cores / (ranks x trainings side by side): oversubscribed CPUs run several times slower."""
+    threads = max(1, (os.cpu_count() or 1) // (cfg.training.num_processes * trainings))
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES would name them."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    listed = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return (listed or [str(i) for i in range(count)])[:count]
+
+
+Environment = Callable[[ScratchConfig], dict[str, str]]  # a training's config -> its processes' environment
+
+
+def slot_environments(configs: Sequence[ScratchConfig], slots: int, gpus: list[str]) -> list[Environment]:
+    """For each of `slots` trainings side by side, the environment of what trains there: on GPUs,
+    devices of its own (as many as the most processes any of `configs` launches); on CPU, threads
+    from an equal share of the cores. Refused, naming the field, when the GPUs are too few or a
+    training spans machines."""
+    if slots == 1:
+        return [rank_environment]
+    for cfg in configs:
+        launcher = cfg.training.accelerate_config
+        if launcher and (yaml.safe_load(resolve_path(launcher).read_text()) or {}).get("num_machines", 1) > 1:
+            raise ValueError(f"training.max_parallel_variants: {slots} variants at once, but {launcher} spans "
+                             f"several machines; set max_parallel_variants: 1")
+    if not gpus:
+        return [lambda cfg: rank_environment(cfg, trainings=slots)] * slots
+    per_slot = max(cfg.training.num_processes for cfg in configs)
+    if slots * per_slot > len(gpus):
+        raise ValueError(f"training.max_parallel_variants: {slots} variants at once x {per_slot} processes need "
+                         f"{slots * per_slot} GPUs, {len(gpus)} are visible ({','.join(gpus)})")
+
+    def on_devices(ids: str) -> Environment:
+        return lambda cfg: {**rank_environment(cfg), "CUDA_VISIBLE_DEVICES": ids}
+
+    return [on_devices(",".join(gpus[i * per_slot:(i + 1) * per_slot])) for i in range(slots)]
+
+
+def run_side_by_side(context: dg.AssetExecutionContext, jobs: Sequence[tuple[str, ScratchConfig, list[str]]],
+                     slots: list[Environment], on_exit: Callable[[str, int], None], poll_seconds: float = 0.5) -> None:
+    """Run each (name, config, command) through Dagster Pipes, one per slot at a time, as soon as a
+    slot is free, with that slot's environment; on_exit(name, exit code) as each ends. A cancelled
+    Dagster run (or any error here) stops every command still running, as PipesSubprocessClient does."""
+    waiting, free = list(jobs), list(range(len(slots)))
+    running: dict[int, tuple[str, subprocess.Popen, contextlib.ExitStack]] = {}
+    try:
+        while waiting or running:
+            while waiting and free:
+                slot, (name, cfg, command) = free.pop(0), waiting.pop(0)
+                session_scope = contextlib.ExitStack()
+                session = session_scope.enter_context(dg.open_pipes_session(
+                    context=context, context_injector=dg.PipesTempFileContextInjector(),
+                    message_reader=dg.PipesTempFileMessageReader()))
+                process = subprocess.Popen(command, env={**os.environ, **slots[slot](cfg),
+                                                         **session.get_bootstrap_env_vars()})
+                running[slot] = (name, process, session_scope)
+            time.sleep(poll_seconds)
+            for slot, (name, process, session_scope) in list(running.items()):
+                if process.poll() is not None:
+                    session_scope.close()  # reads the command's last messages
+                    del running[slot]
+                    free.append(slot)
+                    on_exit(name, process.returncode)
+    finally:
+        for name, process, session_scope in running.values():
+            context.log.info(f"[pipes] stopping {name}: sending SIGINT")
+            process.send_signal(signal.SIGINT)  # pipelines.process_group stops the ranks
+        for name, process, session_scope in running.values():
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            with contextlib.suppress(Exception):
+                session_scope.close()

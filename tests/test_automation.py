@@ -9,6 +9,7 @@ import dagster as dg
 import pytest
 from helpers import write_jsonl
 
+from llm_core import registry
 from llm_core.config import AutomationConfig, ConfigError, load_config
 from llm_core.data.raw_corpus import build_raw_corpus
 from pipelines.automation import new_data_sensor, retrain_schedule
@@ -73,3 +74,52 @@ def test_sensor_requests_a_retrain_for_new_or_changed_files_only(tmp_path, prose
     changed = evaluate()
     assert isinstance(changed, dg.RunRequest) and changed.tags["scratchllm/changes"] == \
         "0 new, 1 changed, 0 removed files"
+
+
+@pytest.mark.slow
+def test_a_retrain_on_new_data_continues_from_the_champion_and_records_its_parent(instance, tmp_path):
+    """What the schedule and the new-data sensor start: the `retrain` job, run by Dagster with
+    `automation.retrain_mode: continue` after a first run registered a champion and new files were
+    added. Its training warm-starts from the champion (the first logged loss is far below the first
+    run's), on the champion's tokenizer, and the new version and its MLflow run name their parents."""
+    import json
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from test_pipeline import (SHAKESPEARE, TINY_TRAINING, latest_metadata, materialize, run_config,
+                               write_corpus)
+
+    from pipelines.definitions import defs
+
+    corpus = write_corpus(tmp_path, n_files=2)
+    profile = tmp_path / "continue.yaml"
+    profile.write_text(yaml.safe_dump({
+        **TINY_TRAINING, "training": {**TINY_TRAINING["training"], "max_steps": 60, "learning_rate": 3e-3,
+                                      "checkpoint_interval": 60, "eval_interval": 60},
+        "evaluation": {"max_new_tokens": 4}, "automation": {"retrain_mode": "continue"}}))
+    config = run_config(tmp_path / "data", corpus)
+    config["resources"]["scratchllm"]["config"]["profile"] = str(profile)
+    everything = ["raw_corpus", "cleaned_shards", "tokenizer", "tokenized_dataset", "trained_model",
+                  "model_evaluation", "registered_model"]
+    assert materialize(instance, config, assets=everything).success
+    first = latest_metadata(instance, "registered_model")
+    assert (first["model_version"], first["alias"]) == (1, "champion")
+    tokenizer_before = (tmp_path / "data" / "tokenizer" / "tokenizer.json").read_bytes()
+
+    (corpus / "play_new.txt").write_text(SHAKESPEARE[300_000:340_000])  # what the sensor would see
+    retrain = defs.resolve_job_def("retrain").execute_in_process(instance=instance, run_config=config,
+                                                                 raise_on_error=False)
+    assert retrain.success
+    second = latest_metadata(instance, "registered_model")
+    assert second["model_version"] == 2
+    assert second["scratchllm.parent"] == "scratchllm/1"
+    assert second["scratchllm.parent_run_id"] == first["mlflow_run_id"]
+    run = MlflowClient(second["tracking_uri"]).get_run(second["mlflow_run_id"])
+    assert run.data.tags["scratchllm.parent_run_id"] == first["mlflow_run_id"]
+    assert (tmp_path / "data" / "tokenizer" / "tokenizer.json").read_bytes() == tokenizer_before
+
+    def first_loss(metadata):
+        run_dir = tmp_path / "data" / "trained_model" / "runs" / metadata[registry.KEY_TAG]
+        return json.loads((run_dir / "training_summary.json").read_text())["history"][0]["train_loss"]
+
+    assert first_loss(second) < first_loss(first) - 1.0

@@ -1,10 +1,14 @@
 """Sweep definitions (llm_core/sweep.py): a grid or a list of values over dotted fields, each variant
 validated before any work starts, naming the variant and the field; data fields refused."""
 
+import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
+import dagster as dg
 import pytest
 from helpers import subprocess_env
 
@@ -149,3 +153,89 @@ def test_a_size_sweep_fits_the_scaling_law_that_plan_budget_reads(instance, tmp_
                            "1e13"], capture_output=True, text=True, cwd=tmp_path, env=subprocess_env())
     assert done.returncode == 0, done.stderr
     assert "fit over 3 variants" in done.stdout and "predicted val" in done.stdout
+
+
+def test_side_by_side_variants_get_their_own_devices_or_a_share_of_the_cores(tmp_path):
+    """training.max_parallel_variants: on GPUs each slot gets num_processes devices of its own
+    (CUDA_VISIBLE_DEVICES as the machine names them); on CPU an equal share of the threads; too few
+    GPUs, or a launch over several machines, is refused naming the field."""
+    from pipelines.resources import slot_environments
+
+    two_ranks = load_config(None, {"training": {"num_processes": 2}})
+    one_rank = load_config(None)
+    on_gpus = slot_environments([two_ranks, one_rank], 2, ["2", "3", "5", "7"])
+    assert [slot(two_ranks)["CUDA_VISIBLE_DEVICES"] for slot in on_gpus] == ["2,3", "5,7"]
+    with pytest.raises(ValueError, match=r"training.max_parallel_variants: 3 variants at once x 2 processes need "
+                                         r"6 GPUs, 4 are visible"):
+        slot_environments([two_ranks], 3, ["0", "1", "2", "3"])
+    on_cpu = slot_environments([one_rank], 2, [])
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert [slot(one_rank)["OMP_NUM_THREADS"] for slot in on_cpu] == [str(threads)] * 2
+    two_machines = load_config(None, {"training": {"accelerate_config": "assets_config/accelerate/multi_node.yaml",
+                                                   "optimizer": "adamw"}})
+    with pytest.raises(ValueError, match="training.max_parallel_variants: 2 variants at once, but "
+                                         ".*multi_node.yaml spans several machines"):
+        slot_environments([two_machines], 2, ["0", "1"])
+    # how many train at once is not what they train: the training keys stay the same
+    from llm_core.training_run import training_key
+    parallel = load_config(None, {"training": {"max_parallel_variants": 4}})
+    assert training_key(parallel, "data") == training_key(one_rank, "data")
+    assert parallel.config_hash() == one_rank.config_hash()
+
+
+@pytest.mark.slow
+def test_variants_train_side_by_side_and_a_killed_one_resumes_alone(instance, tmp_path, monkeypatch):
+    """With training.max_parallel_variants: 2, a variant held at its first step (a test hold point)
+    does not stop the other, which finishes meanwhile (one at a time, the sweep would wait for ever).
+    The held one is then killed with kill -9: the other stays recorded, and a re-run trains only what
+    is missing."""
+    import signal
+    import threading
+
+    import yaml
+    from helpers import held_pid, wait_until
+    from test_pipeline import TINY_TRAINING, latest_metadata, materialize, run_config, write_corpus
+
+    corpus = write_corpus(tmp_path, n_files=2)
+    profile = tmp_path / "side_by_side.yaml"
+    tiny = {**TINY_TRAINING, "training": {**TINY_TRAINING["training"], "max_parallel_variants": 2}}
+    profile.write_text(yaml.safe_dump({**tiny, "sweep": {"training.learning_rate": [1e-4, 3e-3]}}))
+    config = run_config(tmp_path / "data", corpus)
+    config["resources"]["scratchllm"]["config"]["profile"] = str(profile)
+    assert materialize(instance, config).success
+
+    runs_dir, marker = tmp_path / "data" / "trained_model" / "runs", tmp_path / "held"
+    monkeypatch.setenv("SCRATCHLLM_HOLD_AT", "step:1")
+    monkeypatch.setenv("SCRATCHLLM_HOLD_MARKER", str(marker))
+
+    def one_variant_finished() -> bool:
+        return any(sweep.finished(d, load_config(profile)) for d in runs_dir.glob("*"))
+
+    waited = {}
+
+    def kill_the_held_one_once_the_other_is_done():
+        try:
+            wait_until(lambda: marker.exists() and one_variant_finished(),
+                       what="variant finishing while the other is held", timeout=240)
+        except AssertionError as error:  # trained one at a time: the held one blocks the sweep
+            waited["error"] = error
+        finally:
+            wait_until(marker.exists, what="a variant held", timeout=240)
+            os.kill(held_pid(marker), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_the_held_one_once_the_other_is_done)
+    killer.start()
+    first = materialize(instance, config, assets=["trained_model"])
+    killer.join()
+    assert "error" not in waited, waited["error"]
+    # The step failed once the other variant was recorded, and its retry trained the killed one.
+    events = instance.all_logs(first.run_id, of_type={dg.DagsterEventType.STEP_FAILURE,
+                                                      dg.DagsterEventType.STEP_UP_FOR_RETRY})
+    assert any("(exit code" in str(e.dagster_event.event_specific_data) for e in events)
+    assert first.success
+    trained = latest_metadata(instance, "trained_model")
+    assert (trained["num_variants"], trained["num_trained"], trained["num_reused"]) == (2, 1, 1)
+    assert trained["max_parallel_variants"] == 1  # the retry had one variant left
+    record = json.loads((tmp_path / "data" / "trained_model" / "sweep.json").read_text())
+    assert [v["healthy"] for v in record["variants"].values()] == [True, True]
+    assert all(sweep.finished(Path(v["path"]), load_config(profile)) for v in record["variants"].values())

@@ -9,7 +9,8 @@ from pipelines.assets.tokenizer import tokenized_dataset
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.lineage import UPSTREAM_OF_TRAINING, data_versions
 from pipelines.metadata import loss_curve_plot, markdown_table, uri
-from pipelines.resources import MLflowResource, accelerate_command, rank_environment
+from pipelines.resources import (MLflowResource, accelerate_command, rank_environment, run_side_by_side,
+                                 slot_environments, visible_gpus)
 
 TrainedModelConfig = run_config_class("TrainedModelConfig", "model", "training")
 
@@ -25,14 +26,14 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
                   mlflow: MLflowResource, pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     """A Llama-style decoder trained with accelerate (one process per rank), checkpointed and
     resumable; every run is an MLflow run with the full config as params and per-step metrics.
-    With a `sweep:` in the profile, one training per variant, one after another, as child runs of
-    one MLflow parent run; finished variants are reused."""
+    With a `sweep:` in the profile, one training per variant (training.max_parallel_variants at
+    once), as child runs of one MLflow parent run; finished variants are reused."""
     cfg = scratchllm.resolve(config)
     if context.run.job_name == "retrain":  # the schedule and the new-data sensor: maybe from the champion
         cfg = training_run.continue_from_champion(cfg, mlflow.uri(cfg), context.log.info)
     tags = {"dagster.run_id": context.run_id, **data_versions(context.instance, UPSTREAM_OF_TRAINING)}
     if cfg.sweep:
-        return train_sweep(context, cfg, mlflow.uri(cfg), tags, pipes_subprocess_client)
+        return train_sweep(context, cfg, mlflow.uri(cfg), tags)
     run = training_run.prepare(cfg, mlflow.uri(cfg), tags=tags)
     result = launch(context, cfg, run, pipes_subprocess_client)
     verdict = training_run.finish(cfg, run)
@@ -64,41 +65,59 @@ def launch(context: dg.AssetExecutionContext, cfg, run: training_run.TrainingRun
         raise
 
 
-def train_sweep(context: dg.AssetExecutionContext, cfg, tracking_uri: str, tags: dict,
-                pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
-    """Every variant of the sweep (all validated first), one after another; a variant that diverges
-    or is unhealthy is recorded and the sweep goes on. The check passes when one variant is healthy."""
-    variants = sweep.variants(cfg)
+def train_sweep(context: dg.AssetExecutionContext, cfg, tracking_uri: str, tags: dict) -> dg.MaterializeResult:
+    """Every variant of the sweep (all validated first), training.max_parallel_variants at a time; a
+    variant that diverges or is unhealthy is recorded and the sweep goes on. The check passes when
+    one variant is healthy. A variant that failed otherwise fails the step once the others are done."""
+    variants = {v.name: v for v in sweep.variants(cfg)}
     record = sweep.start(cfg, tracking_uri, training_run.dataset_version(cfg), tags)
     context.log.info(f"sweep {record['name']}: {len(variants)} variants (MLflow parent run {record['parent_run_id']})")
-    for variant in variants:
-        run = training_run.prepare(variant.config, tracking_uri, tags={
+    runs = {}
+    for variant in variants.values():
+        runs[variant.name] = training_run.prepare(variant.config, tracking_uri, tags={
             **tags, "mlflow.parentRunId": record["parent_run_id"], "scratchllm.variant": variant.name})
-        sweep.adopt(record, run.mlflow_run_id, variant.name)
-        status = "reused"
-        if not sweep.finished(run.out_dir, variant.config):
-            context.log.info(f"sweep {record['name']} {variant.name}: {variant.label}")
-            try:
-                launch(context, variant.config, run, pipes_subprocess_client)
-                status = "trained"
-            except dg.Failure as failure:  # diverged: the other variants still train
-                status = f"diverged: {failure.description}"
-        if status.startswith("diverged"):
-            healthy, health_text = False, status
+        sweep.adopt(record, runs[variant.name].mlflow_run_id, variant.name)
+    to_train = [v for v in variants.values() if not sweep.finished(runs[v.name].out_dir, v.config)]
+    statuses, failed = {v.name: "reused" for v in variants.values() if v not in to_train}, []
+
+    def record_variant(name: str, exit_code: int) -> None:
+        """As each training ends (a reused one as if it had just ended well)."""
+        variant, run = variants[name], runs[name]
+        diverged = health.divergence(run.out_dir) if exit_code else None
+        if exit_code and not diverged:  # killed, out of memory...: a re-run resumes it
+            failed.append(f"{name} (exit code {exit_code})")
+            return
+        statuses[name] = f"diverged: {diverged['message']}" if diverged else statuses.get(name, "trained")
+        if diverged:
+            healthy, health_text = False, statuses[name]
         else:
             verdict = training_run.finish(variant.config, run)
             healthy, health_text = verdict.passed, "healthy" if verdict.passed else verdict.description
-        record["variants"][variant.name] = {
+        record["variants"][name] = {
             "values": variant.values, "label": variant.label, "key": run.key, "path": str(run.out_dir),
-            "mlflow_run_id": run.mlflow_run_id, "healthy": healthy, "status": status, "health": health_text}
+            "mlflow_run_id": run.mlflow_run_id, "healthy": healthy, "status": statuses[name], "health": health_text}
+        record["variants"] = {n: record["variants"][n] for n in variants if n in record["variants"]}  # sweep order
         sweep.save(cfg, record)
+
+    for name in statuses:  # the reused ones
+        record_variant(name, 0)
+    slots = min(cfg.training.max_parallel_variants, len(to_train)) or 1
+    environments = slot_environments([v.config for v in to_train], slots, visible_gpus() if slots > 1 else [])
+    for variant in to_train:
+        context.log.info(f"sweep {record['name']} {variant.name}: {variant.label}")
+    run_side_by_side(context, [(v.name, v.config, accelerate_command(v.config, "pipelines.train_entry",
+                                                                     runs[v.name].entry_args(), free_port=slots > 1))
+                               for v in to_train], environments, record_variant)
+    if failed:
+        raise RuntimeError(f"sweep {record['name']}: {', '.join(failed)} failed; the other variants are kept and "
+                           f"a re-run resumes the failed ones")
     rows = [[name, v["label"], v["key"], v["status"].split(":")[0], v["health"]]
             for name, v in record["variants"].items()]
     healthy = [name for name, v in record["variants"].items() if v["healthy"]]
     return dg.MaterializeResult(
         metadata={"sweep": record["name"], "mlflow_parent_run_id": record["parent_run_id"],
                   "num_variants": len(variants), "num_trained": sum(r[3] == "trained" for r in rows),
-                  "num_reused": sum(r[3] == "reused" for r in rows),
+                  "num_reused": sum(r[3] == "reused" for r in rows), "max_parallel_variants": slots,
                   "variants": markdown_table(["variant", "values", "training key", "this run", "health"], rows)},
         data_version=dg.DataVersion(record["key"]),
         check_results=[dg.AssetCheckResult(check_name="training_health", passed=bool(healthy), metadata={

@@ -122,24 +122,38 @@ def load(out_dir: Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
-def train_tokenizer(cfg: ScratchConfig, shards: list[Path], out_dir: Path,
-                    log: Callable[[str], None] = print) -> TokenizerResult:
-    special = list(dict.fromkeys([EOT, PAD, *cfg.tokenizer.special_tokens]))
-    trainer = trainers.BpeTrainer(
-        vocab_size=cfg.tokenizer.vocab_size, special_tokens=special, min_frequency=2, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
-    )
-    tokenizer = new_tokenizer()
-    counter = {"bytes": 0, "documents": 0}
-    start = time.perf_counter()
-    tokenizer.train_from_iterator(_training_texts(shards, cfg, counter), trainer=trainer)
-    seconds = time.perf_counter() - start
-    if counter["documents"] == 0:
-        raise ValueError("no training documents for the tokenizer (is every document in the validation split?)")
-    log(f"tokenizer: trained on {counter['documents']} documents, {counter['bytes'] / 1e6:.1f} MB "
-        f"in {seconds:.1f} s ({counter['bytes'] / 1e6 / max(seconds, 1e-9):.1f} MB/s), "
-        f"vocab {tokenizer.get_vocab_size()}")
-    path = save(tokenizer, out_dir, cfg.model.block_size)
+def train_tokenizer(cfg: ScratchConfig, shards: list[Path], out_dir: Path, log: Callable[[str], None] = print,
+                    keep: Path | None = None) -> TokenizerResult:
+    """A byte-level BPE trained on the training split of `shards`, saved to out_dir. `keep`: the
+    tokenizer directory of a model that a training warm-starts from, copied instead (new data must
+    not give the model other tokens)."""
+    counter, seconds = {"bytes": 0, "documents": 0}, 0.0
+    if keep is not None:
+        tokenizer = load(keep)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json"):
+            with atomic_path(out_dir / name) as tmp:
+                tmp.write_bytes((keep / name).read_bytes())
+        path = out_dir / TOKENIZER_FILE
+        log(f"tokenizer: kept the warm start's tokenizer ({keep}), vocab {tokenizer.get_vocab_size()}"
+            + (f" (tokenizer.vocab_size {cfg.tokenizer.vocab_size} does not apply to a warm start)"
+               if tokenizer.get_vocab_size() != cfg.tokenizer.vocab_size else ""))
+    else:
+        special = list(dict.fromkeys([EOT, PAD, *cfg.tokenizer.special_tokens]))
+        trainer = trainers.BpeTrainer(
+            vocab_size=cfg.tokenizer.vocab_size, special_tokens=special, min_frequency=2, show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
+        )
+        tokenizer = new_tokenizer()
+        start = time.perf_counter()
+        tokenizer.train_from_iterator(_training_texts(shards, cfg, counter), trainer=trainer)
+        seconds = time.perf_counter() - start
+        if counter["documents"] == 0:
+            raise ValueError("no training documents for the tokenizer (is every document in the validation split?)")
+        log(f"tokenizer: trained on {counter['documents']} documents, {counter['bytes'] / 1e6:.1f} MB "
+            f"in {seconds:.1f} s ({counter['bytes'] / 1e6 / max(seconds, 1e-9):.1f} MB/s), "
+            f"vocab {tokenizer.get_vocab_size()}")
+        path = save(tokenizer, out_dir, cfg.model.block_size)
 
     held_out = held_out_texts(shards, cfg)
     failures = roundtrip_failures(tokenizer, held_out + TRICKY_TEXTS)

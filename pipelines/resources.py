@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import dagster as dg
 import yaml
 
-from llm_core import tracking
+from llm_core import tracking, training_run
 from llm_core.config import ScratchConfig, resolve_path
 
 
@@ -23,6 +23,15 @@ class MLflowResource(dg.ConfigurableResource):
 
     def uri(self, cfg: ScratchConfig) -> str:
         return self.tracking_uri or tracking.tracking_uri(cfg)
+
+
+def with_warm_start(context: dg.AssetExecutionContext, cfg: ScratchConfig, tracking_uri: str) -> ScratchConfig:
+    """The retrain job (the schedule, the new-data sensor) with `automation.retrain_mode: continue`
+    starts from the registered champion: training.init_from set for this run, for the tokenizer
+    (which keeps the champion's) and the training alike."""
+    if context.run.job_name != "retrain":
+        return cfg
+    return training_run.continue_from_champion(cfg, tracking_uri, context.log.info)
 
 
 def accelerate_command(cfg: ScratchConfig, module: str, args: list[str], free_port: bool = False) -> list[str]:

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from llm_core import model_source
 from llm_core import tokenizer as bpe
 from llm_core.data.cleaned_shards import cleaned_shard_paths
 from llm_core.layout import TOKENIZER_DIR
@@ -15,19 +16,24 @@ from llm_core.tokenized_dataset import (
 from pipelines.assets.corpus import cleaned_shards
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.metadata import check_result, engine_metadata, markdown_table, uri
+from pipelines.resources import MLflowResource, with_warm_start
 
 TokenizerConfig = run_config_class("TokenizerConfig", "tokenizer")
 TokenizedDatasetConfig = run_config_class("TokenizedDatasetConfig", "dataset", "engine")
 
 
 @dg.asset(group_name="tokenizer", kinds={"huggingface"}, code_version="1", deps=[cleaned_shards])
-def tokenizer(context: dg.AssetExecutionContext, config: TokenizerConfig,
-              scratchllm: ScratchllmResource) -> dg.MaterializeResult:
+def tokenizer(context: dg.AssetExecutionContext, config: TokenizerConfig, scratchllm: ScratchllmResource,
+              mlflow: MLflowResource) -> dg.MaterializeResult:
     """Byte-level BPE (HF `tokenizers`) trained on the training split of the cleaned shards;
-    loadable with `transformers.AutoTokenizer`. Validation documents are held out."""
+    loadable with `transformers.AutoTokenizer`. Validation documents are held out. When the
+    training warm-starts (training.init_from, or a retrain that continues from the champion), the
+    source model's tokenizer is kept instead: its weights mean those tokens."""
     cfg = scratchllm.resolve(config)
+    warm = model_source.resolve_init_from(with_warm_start(context, cfg, mlflow.uri(cfg)))
     out_dir = cfg.data_path / TOKENIZER_DIR
-    r = bpe.train_tokenizer(cfg, cleaned_shard_paths(cfg), out_dir, log=context.log.info)
+    r = bpe.train_tokenizer(cfg, cleaned_shard_paths(cfg), out_dir, log=context.log.info,
+                            keep=model_source.tokenizer_dir_of(warm.model_dir, cfg) if warm else None)
     examples = [[text, " ".join(tokens)] for text, tokens in r.examples]
     return dg.MaterializeResult(
         data_version=dg.DataVersion(tokenizer_hash(out_dir)),
@@ -36,6 +42,7 @@ def tokenizer(context: dg.AssetExecutionContext, config: TokenizerConfig,
             "train_seconds": round(r.train_seconds, 2), "num_training_bytes": r.num_training_bytes,
             "num_training_documents": r.num_training_documents,
             "num_roundtrip_failures": len(r.roundtrip_failures),
+            "kept_from": warm.registered_version or warm.spec if warm else "trained here",
             "examples": markdown_table(["text", "tokens (Ġ = space, Ċ = newline)"], examples),
         },
     )

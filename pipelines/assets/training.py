@@ -10,7 +10,7 @@ from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.lineage import UPSTREAM_OF_TRAINING, data_versions
 from pipelines.metadata import loss_curve_plot, markdown_table, uri
 from pipelines.resources import (MLflowResource, accelerate_command, rank_environment, run_side_by_side,
-                                 slot_environments, visible_gpus)
+                                 slot_environments, visible_gpus, with_warm_start)
 
 TrainedModelConfig = run_config_class("TrainedModelConfig", "model", "training")
 
@@ -29,8 +29,7 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
     With a `sweep:` in the profile, one training per variant (training.max_parallel_variants at
     once), as child runs of one MLflow parent run; finished variants are reused."""
     cfg = scratchllm.resolve(config)
-    if context.run.job_name == "retrain":  # the schedule and the new-data sensor: maybe from the champion
-        cfg = training_run.continue_from_champion(cfg, mlflow.uri(cfg), context.log.info)
+    cfg = with_warm_start(context, cfg, mlflow.uri(cfg))
     tags = {"dagster.run_id": context.run_id, **data_versions(context.instance, UPSTREAM_OF_TRAINING)}
     if cfg.sweep:
         return train_sweep(context, cfg, mlflow.uri(cfg), tags)

@@ -235,7 +235,7 @@ def test_variants_train_side_by_side_and_a_killed_one_resumes_alone(instance, tm
     assert first.success
     trained = latest_metadata(instance, "trained_model")
     assert (trained["num_variants"], trained["num_trained"], trained["num_reused"]) == (2, 1, 1)
-    assert trained["max_parallel_variants"] == 1  # the retry had one variant left
+    assert trained["variants_at_once"] == 1  # the retry had one variant left
     record = json.loads((tmp_path / "data" / "trained_model" / "sweep.json").read_text())
     assert [v["healthy"] for v in record["variants"].values()] == [True, True]
     assert all(sweep.finished(Path(v["path"]), load_config(profile)) for v in record["variants"].values())

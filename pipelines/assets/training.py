@@ -116,7 +116,7 @@ def train_sweep(context: dg.AssetExecutionContext, cfg, tracking_uri: str, tags:
     return dg.MaterializeResult(
         metadata={"sweep": record["name"], "mlflow_parent_run_id": record["parent_run_id"],
                   "num_variants": len(variants), "num_trained": sum(r[3] == "trained" for r in rows),
-                  "num_reused": sum(r[3] == "reused" for r in rows), "max_parallel_variants": slots,
+                  "num_reused": sum(r[3] == "reused" for r in rows), "variants_at_once": slots,
                   "variants": markdown_table(["variant", "values", "training key", "this run", "health"], rows)},
         data_version=dg.DataVersion(record["key"]),
         check_results=[dg.AssetCheckResult(check_name="training_health", passed=bool(healthy), metadata={

@@ -215,3 +215,38 @@ def test_kill_9_of_a_run_from_the_ui_then_launch_again_resumes(project, tmp_path
     resumed = json.loads((run_dir / "training_summary.json").read_text())
     assert resumed["resumed_from_step"] == 4
     assert resumed["final_train_loss"] == pytest.approx(reference_loss(run_dir, tmp_path / "reference"), abs=1e-6)
+
+
+def test_ctrl_c_stops_a_sweep_training_variants_side_by_side(project, tmp_path):
+    """A sweep with training.max_parallel_variants: 2 under `scratchllm run`: Ctrl-C while a variant
+    is held mid-training stops the CLI and every rank within seconds (none trains on as an orphan);
+    running again finishes both variants."""
+    profile, env, elsewhere = project
+    values = yaml.safe_load(profile.read_text())
+    values["training"]["max_parallel_variants"] = 2
+    values["sweep"] = {"training.learning_rate": [1e-3, 3e-3]}
+    profile.write_text(yaml.safe_dump(values))
+    proc, log = start(project, "--select", DATA_ASSETS)
+    assert finish(proc, log) and proc.returncode == 0, log.read_text()[-3000:]
+
+    marker = tmp_path / "held"
+    proc, log = start(project, "--select", "trained_model", hold="step:6", marker=marker)
+    wait_until(marker.exists, proc, what="a variant held at step 6")
+    rank = held_pid(marker)
+    proc.send_signal(signal.SIGINT)
+    output = finish(proc, log, timeout=STOP_SECONDS)
+    assert proc.returncode == 130 and "stopped" in output.splitlines()[-1], output[-2000:]
+    assert gone_within(rank, 5)
+    # A launcher the step's retry started in the last instant notices that the CLI is gone and
+    # takes its ranks down (pipelines/process_group.py): within a second, nothing of this sweep trains.
+    of_this_sweep = [p for p in psutil.process_iter(["cmdline"])
+                     if str(tmp_path / "data") in " ".join(p.info["cmdline"] or [])]
+    _, alive = psutil.wait_procs(of_this_sweep, timeout=5)
+    assert not alive, [p.cmdline() for p in alive]
+
+    proc, log = start(project, "--select", "trained_model")
+    output = finish(proc, log)
+    assert proc.returncode == 0, output[-3000:]
+    record = json.loads((tmp_path / "data" / "trained_model" / "sweep.json").read_text())
+    assert [(v["healthy"], v["status"] in ("trained", "reused")) for v in record["variants"].values()] == \
+        [(True, True), (True, True)]

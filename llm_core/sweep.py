@@ -77,6 +77,16 @@ def variants(cfg: ScratchConfig) -> list[Variant]:
     return out
 
 
+def training_flops(cfg: ScratchConfig) -> float:
+    """About what a variant's training computes (FLOPs per token x tokens, from its config): when
+    several train at once the biggest start first, so that the last one running is a short one."""
+    from llm_core import plan
+
+    t = cfg.training
+    tokens = t.max_steps * t.batch_size * t.grad_accum_steps * t.num_processes * cfg.model.block_size
+    return plan.count(plan.setup_from_config(cfg)).flops_per_token * tokens
+
+
 def _has_field(cfg: ScratchConfig, dotted: str) -> bool:
     node: Any = cfg
     for part in dotted.split("."):

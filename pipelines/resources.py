@@ -115,6 +115,7 @@ def run_side_by_side(context: dg.AssetExecutionContext, jobs: Sequence[tuple[str
                 process = subprocess.Popen(command, env={**os.environ, **slots[slot](cfg),
                                                          **session.get_bootstrap_env_vars()})
                 running[slot] = (name, process, session_scope)
+                context.log.info(f"{name}: started ({len(running)} of {len(slots)} at once, {len(waiting)} waiting)")
             time.sleep(poll_seconds)
             for slot, (name, process, session_scope) in list(running.items()):
                 if process.poll() is not None:

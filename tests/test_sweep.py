@@ -239,3 +239,18 @@ def test_variants_train_side_by_side_and_a_killed_one_resumes_alone(instance, tm
     record = json.loads((tmp_path / "data" / "trained_model" / "sweep.json").read_text())
     assert [v["healthy"] for v in record["variants"].values()] == [True, True]
     assert all(sweep.finished(Path(v["path"]), load_config(profile)) for v in record["variants"].values())
+
+
+def test_the_biggest_variants_start_first_when_several_train_at_once():
+    """training_flops ranks the size ladder's variants by what they compute (~6 N D), so that the
+    last variant still training when the others are done is a short one."""
+    from llm_core.config import CONFIG_DIR
+    from llm_core.model import Transformer
+    from llm_core.train import model_args
+
+    ladder = sweep.variants(load_config(CONFIG_DIR / "sweeps" / "size_ladder.yaml"))
+    flops = [sweep.training_flops(v.config) for v in ladder]
+    assert flops == sorted(flops) and flops[-1] > 20 * flops[0]
+    v = ladder[2].config
+    tokens = v.training.max_steps * v.training.batch_size * v.model.block_size
+    assert flops[2] == pytest.approx(Transformer(model_args(v, v.tokenizer.vocab_size)).flops_per_token() * tokens)

@@ -102,6 +102,8 @@ def train_sweep(context: dg.AssetExecutionContext, cfg, tracking_uri: str, tags:
         record_variant(name, 0)
     slots = min(cfg.training.max_parallel_variants, len(to_train)) or 1
     environments = slot_environments([v.config for v in to_train], slots, visible_gpus() if slots > 1 else [])
+    if slots > 1:
+        to_train.sort(key=lambda v: -sweep.training_flops(v.config))  # biggest first
     for variant in to_train:
         context.log.info(f"sweep {record['name']} {variant.name}: {variant.label}")
     run_side_by_side(context, [(v.name, v.config, accelerate_command(v.config, "pipelines.train_entry",

@@ -105,6 +105,7 @@ def test_a_retrain_on_new_data_continues_from_the_champion_and_records_its_paren
     first = latest_metadata(instance, "registered_model")
     assert (first["model_version"], first["alias"]) == (1, "champion")
     tokenizer_before = (tmp_path / "data" / "tokenizer" / "tokenizer.json").read_bytes()
+    tokens_before = latest_metadata(instance, "tokenized_dataset")["num_train_tokens"]
 
     (corpus / "play_new.txt").write_text(SHAKESPEARE[300_000:340_000])  # what the sensor would see
     retrain = defs.resolve_job_def("retrain").execute_in_process(instance=instance, run_config=config,
@@ -117,6 +118,8 @@ def test_a_retrain_on_new_data_continues_from_the_champion_and_records_its_paren
     run = MlflowClient(second["tracking_uri"]).get_run(second["mlflow_run_id"])
     assert run.data.tags["scratchllm.parent_run_id"] == first["mlflow_run_id"]
     assert (tmp_path / "data" / "tokenizer" / "tokenizer.json").read_bytes() == tokenizer_before
+    assert latest_metadata(instance, "tokenizer")["kept_from"] == "scratchllm/1"
+    assert latest_metadata(instance, "tokenized_dataset")["num_train_tokens"] > tokens_before  # the new file
 
     def first_loss(metadata):
         run_dir = tmp_path / "data" / "trained_model" / "runs" / metadata[registry.KEY_TAG]

@@ -101,14 +101,9 @@ def reference_loss(run_dir: Path, out_dir: Path) -> float:
     return json.loads((out_dir / "training_summary.json").read_text())["final_train_loss"]
 
 
-def test_kill_9_during_training_then_run_again_resumes_to_the_same_loss(project, tmp_path):
-    profile, env, elsewhere = project
-    proc, log = start(project, "--select", DATA_ASSETS)  # a comma list, as `dagster asset materialize` takes
-    output = finish(proc, log)
-    assert proc.returncode == 0, output[-3000:]
-
-    # Ctrl-C while training: the CLI and its rank stop within seconds, the run is not left STARTED.
-    marker = tmp_path / "held-1"
+def ctrl_c_while_training(project, marker: Path) -> None:
+    """`scratchllm run --select trained_model` held at step 6, then Ctrl-C: the CLI stops within
+    seconds (exit 130, "stopped"), and so does the held rank."""
     proc, log = start(project, "--select", "trained_model", hold="step:6", marker=marker)
     wait_until(marker.exists, proc, what="the hold at step 6")
     rank = held_pid(marker)
@@ -116,6 +111,16 @@ def test_kill_9_during_training_then_run_again_resumes_to_the_same_loss(project,
     output = finish(proc, log, timeout=STOP_SECONDS)
     assert proc.returncode == 130 and "stopped" in output.splitlines()[-1], output[-2000:]
     assert gone_within(rank, 5)
+
+
+def test_kill_9_during_training_then_run_again_resumes_to_the_same_loss(project, tmp_path):
+    profile, env, elsewhere = project
+    proc, log = start(project, "--select", DATA_ASSETS)  # a comma list, as `dagster asset materialize` takes
+    output = finish(proc, log)
+    assert proc.returncode == 0, output[-3000:]
+
+    # Ctrl-C while training: the CLI and its rank stop within seconds, the run is not left STARTED.
+    ctrl_c_while_training(project, tmp_path / "held-1")
     interrupted = run_ids(env)[-1]
     assert instance_status(env, interrupted) in (dg.DagsterRunStatus.CANCELED, dg.DagsterRunStatus.FAILURE)
 
@@ -229,14 +234,7 @@ def test_ctrl_c_stops_a_sweep_training_variants_side_by_side(project, tmp_path):
     proc, log = start(project, "--select", DATA_ASSETS)
     assert finish(proc, log) and proc.returncode == 0, log.read_text()[-3000:]
 
-    marker = tmp_path / "held"
-    proc, log = start(project, "--select", "trained_model", hold="step:6", marker=marker)
-    wait_until(marker.exists, proc, what="a variant held at step 6")
-    rank = held_pid(marker)
-    proc.send_signal(signal.SIGINT)
-    output = finish(proc, log, timeout=STOP_SECONDS)
-    assert proc.returncode == 130 and "stopped" in output.splitlines()[-1], output[-2000:]
-    assert gone_within(rank, 5)
+    ctrl_c_while_training(project, tmp_path / "held")
     # A launcher the step's retry started in the last instant notices that the CLI is gone and
     # takes its ranks down (pipelines/process_group.py): within a second, nothing of this sweep trains.
     of_this_sweep = [p for p in psutil.process_iter(["cmdline"])

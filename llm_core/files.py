@@ -34,6 +34,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def copy_file(source: Path, target: Path) -> None:
+    """shutil.copyfile, atomically."""
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
 def save_npy(path: Path, array) -> None:
     """np.save, atomically."""
     import numpy as np

@@ -11,14 +11,13 @@ A model directory holds everything generation needs, and nothing else is read:
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from tokenizers import Tokenizer
 
-from llm_core.files import atomic_path
+from llm_core.files import copy_file
 from llm_core.layout import MODEL_TOKENIZER_SUBDIR
 from llm_core.model import Transformer
 from llm_core.tokenizer import EOT
@@ -87,8 +86,3 @@ def copy_tokenizer(tokenizer_dir: Path, model_dir: Path) -> None:
     for f in Path(tokenizer_dir).iterdir():
         if f.is_file():
             copy_file(f, Path(model_dir) / MODEL_TOKENIZER_SUBDIR / f.name)
-
-
-def copy_file(source: Path, target: Path) -> None:
-    with atomic_path(target) as tmp:
-        shutil.copyfile(source, tmp)

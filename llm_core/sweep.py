@@ -22,11 +22,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from llm_core import tracking
+from llm_core import tracking, training_run
 from llm_core.checkpoint import SUMMARY_FILE, WEIGHTS_FILE
 from llm_core.config import ConfigError, ScratchConfig, deep_merge, validate_config
 from llm_core.files import read_json, short_hash, write_json
-from llm_core.layout import EVALUATION_DIR, LATEST_FILE, MODEL_DIR
+from llm_core.layout import EVALUATION_DIR, MODEL_DIR
 
 
 @dataclasses.dataclass
@@ -235,12 +235,10 @@ def evaluate_variants(cfg: ScratchConfig, tracking_uri: str, log) -> tuple[dict,
     for name, v in record["variants"].items():
         if not v["healthy"]:
             continue
-        entry = {"key": v["key"], "path": v["path"], "mlflow_run_id": v["mlflow_run_id"],
-                 "tracking_uri": record["tracking_uri"]}
         report = read_json(ev.report_path(cfg, v["key"]))
         if "val_bpb" not in report:
             log(f"sweep {record['name']} {name}: evaluating {v['label']}")
-            ev.evaluate_training(by_name[name].config, entry, tracking_uri)
+            ev.evaluate_training(by_name[name].config, training_of(record, name).entry(), tracking_uri)
             report = read_json(ev.report_path(cfg, v["key"]))
         reports[name] = report
     rows, best = compare(record, reports)
@@ -251,11 +249,13 @@ def evaluate_variants(cfg: ScratchConfig, tracking_uri: str, log) -> tuple[dict,
     log_comparison(record, rows, best, files)
     if any(f.startswith("model.") or f == "training.max_steps" for f in swept_fields(cfg)):
         fit_scaling(cfg, record, reports, out_dir, log)
-    v = record["variants"][best]
-    write_json(cfg.data_path / MODEL_DIR / LATEST_FILE, {"key": v["key"], "path": v["path"],
-                                                         "mlflow_run_id": v["mlflow_run_id"],
-                                                         "tracking_uri": record["tracking_uri"]})
+    training_run.make_latest(cfg, training_of(record, best))
     return record, rows, best
+
+
+def training_of(record: dict, name: str) -> training_run.TrainingRun:
+    v = record["variants"][name]
+    return training_run.TrainingRun(v["key"], Path(v["path"]), v["mlflow_run_id"], record["tracking_uri"])
 
 
 def fit_scaling(cfg: ScratchConfig, record: dict, reports: dict[str, dict], out_dir: Path, log) -> None:

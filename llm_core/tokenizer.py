@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llm_core.config import ScratchConfig
 from llm_core.data.shards import iter_batches
-from llm_core.files import atomic_path
+from llm_core.files import atomic_path, copy_file
 from llm_core.layout import TOKENIZER_DIR
 from llm_core.split import is_validation
 
@@ -132,8 +132,7 @@ def train_tokenizer(cfg: ScratchConfig, shards: list[Path], out_dir: Path, log: 
         tokenizer = load(keep)
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json"):
-            with atomic_path(out_dir / name) as tmp:
-                tmp.write_bytes((keep / name).read_bytes())
+            copy_file(keep / name, out_dir / name)
         path = out_dir / TOKENIZER_FILE
         log(f"tokenizer: kept the warm start's tokenizer ({keep}), vocab {tokenizer.get_vocab_size()}"
             + (f" (tokenizer.vocab_size {cfg.tokenizer.vocab_size} does not apply to a warm start)"

@@ -35,6 +35,11 @@ class TrainingRun:
     def resolved_config(self) -> Path:
         return self.out_dir / RESOLVED_CONFIG_FILE
 
+    def entry(self) -> dict:
+        """As latest.json and a sweep record hold it."""
+        return {"key": self.key, "path": str(self.out_dir), "mlflow_run_id": self.mlflow_run_id,
+                "tracking_uri": self.tracking_uri}
+
     def entry_args(self) -> list[str]:
         """The arguments of the training entry point (pipelines/train_entry.py) on every rank."""
         return ["--resolved-config", str(self.resolved_config), "--out-dir", str(self.out_dir),
@@ -65,13 +70,14 @@ def prepare(cfg: ScratchConfig, tracking_uri: str, tags: dict[str, str]) -> Trai
         cfg.training.init_from = str(warm.model_dir)
         tags = {**tags, PARENT_TAG: warm.registered_version or warm.spec,
                 **({PARENT_RUN_TAG: warm.registered_run_id} if warm.registered_run_id else {})}
-    key = training_key(cfg, dataset_version(cfg))
+    data_version = dataset_version(cfg)
+    key = training_key(cfg, data_version)
     out_dir = cfg.data_path / MODEL_DIR / "runs" / key
     out_dir.mkdir(parents=True, exist_ok=True)
     run_id = read_json(out_dir / MLFLOW_RUN_FILE).get("run_id")  # a resumed training keeps its MLflow run
     if run_id is None:
         run_id = tracking.start_training_run(cfg, tracking_uri, run_name=f"train-{key}", tags={
-            **tags, "scratchllm.training_key": key, "scratchllm.dataset_version": dataset_version(cfg),
+            **tags, "scratchllm.training_key": key, "scratchllm.dataset_version": data_version,
             "scratchllm.config_hash": cfg.section_hash("model", "training", "dataset")})
         write_json(out_dir / MLFLOW_RUN_FILE, {"run_id": run_id, "tracking_uri": tracking_uri})
     run = TrainingRun(key, out_dir, run_id, tracking_uri)
@@ -105,7 +111,10 @@ def finish(cfg: ScratchConfig, run: TrainingRun) -> health.Health:
     copy_tokenizer(cfg.data_path / TOKENIZER_DIR, run.out_dir)
     verdict = health.assess(read_json(run.out_dir / SUMMARY_FILE)["history"], cfg.training)
     if verdict.passed:
-        write_json(cfg.data_path / MODEL_DIR / LATEST_FILE, {"key": run.key, "path": str(run.out_dir),
-                                                             "mlflow_run_id": run.mlflow_run_id,
-                                                             "tracking_uri": run.tracking_uri})
+        make_latest(cfg, run)
     return verdict
+
+
+def make_latest(cfg: ScratchConfig, run: TrainingRun) -> None:
+    """The model that evaluation, registry and export take next."""
+    write_json(cfg.data_path / MODEL_DIR / LATEST_FILE, run.entry())

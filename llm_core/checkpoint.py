@@ -15,6 +15,7 @@ load (truncated files) is set aside as `step_N.corrupt` and the one before is us
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import shutil
@@ -49,6 +50,17 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
 
 def checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.split("_")[1])
+
+
+class _TiedHeadIsExpected(logging.Filter):
+    """accelerate warns on every save that it dropped `lm_head.weight`, a tensor shared with the
+    embedding: with model.tie_embeddings that is the model, and loading ties them again."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor {'lm_head.weight'}" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedHeadIsExpected())
 
 
 def save_checkpoint(accelerator, out_dir: Path, step: int, model_config: dict, keep: int = 2) -> None:

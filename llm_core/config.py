@@ -147,7 +147,8 @@ class TokenizerConfig(Section):
 
 
 class DatasetConfig(Section):
-    val_fraction: float = Field(default=0.1, gt=0, lt=1, description="Share of documents in the validation split.")
+    val_fraction: float = Field(default=0.1, gt=0, lt=1, description="Share of the text held out for validation: "
+                                "whole documents, or pieces when a few documents cannot give it (llm_core/split.py).")
     seed: int = Field(default=1337, description="Seed of the train/val split.")
     packing: str = Field(default="random", description="Training windows start anywhere ('random') or at "
                                                        "document starts ('document').")
@@ -502,10 +503,27 @@ def validate_config(raw: dict[str, Any], origin: str = "config") -> ScratchConfi
         raise ConfigError(f"invalid {origin}:\n" + "\n".join(problems)) from None
 
 
+def find_profile(profile: str | Path) -> Path:
+    """The file a profile names: an absolute path; a relative one in the working directory, else in the
+    project's assets_config/ (`--config ci.yaml`, `--config sweeps/size_ladder`), else in the project
+    (`--config assets_config/ci.yaml` from anywhere); ConfigError if none has it."""
+    path = Path(profile).expanduser()
+    if path.is_absolute():
+        candidates = [path]
+    else:
+        candidates = [Path.cwd() / path, CONFIG_DIR / path, PROJECT_ROOT / path]
+        if not path.suffix:
+            candidates.append(CONFIG_DIR / path.with_suffix(".yaml"))
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"config profile not found: {profile} (looked at {', '.join(map(str, candidates))})")
+
+
 def active_profile_path() -> Path | None:
     """The profile chosen by SCRATCHLLM_CONFIG, or None for the default."""
     value = os.environ.get(CONFIG_ENV_VAR)
-    return Path(value).expanduser().resolve() if value else None
+    return find_profile(value) if value else None
 
 
 def profile_values(profile: str | Path | None = None) -> tuple[dict, str]:
@@ -513,7 +531,7 @@ def profile_values(profile: str | Path | None = None) -> tuple[dict, str]:
     from): the raw values of a profile, read once, not validated yet."""
     raw = _read_yaml(DEFAULT_PROFILE)
     origin = str(DEFAULT_PROFILE)
-    path = Path(profile).expanduser().resolve() if profile else active_profile_path()
+    path = find_profile(profile) if profile else active_profile_path()
     if path is not None and path != DEFAULT_PROFILE:
         raw = deep_merge(raw, _read_yaml(path))
         origin = str(path)

@@ -7,6 +7,7 @@ Qwen3ForCausalLM for a model trained with `model.qk_norm`).
     model.safetensors         the weights under transformers' names
     generation_config.json    bos/eos/pad token ids (generation stops at <|endoftext|>)
     tokenizer.json, tokenizer_config.json, special_tokens_map.json     for AutoTokenizer
+    README.md                 the model card (llm_core/model_card.py), as the hf_export asset writes it
 
 Our model is a Llama (RMSNorm pre-norm, rotate-half RoPE, GQA, SwiGLU, no biases) whose parameter
 names already follow LlamaForCausalLM minus its `model.` prefix, so the export is a rename and
@@ -25,11 +26,12 @@ from pathlib import Path
 
 import torch
 
+from llm_core import model_card
 from llm_core import tokenizer as bpe
 from llm_core.checkpoint import MODEL_CONFIG_FILE, WEIGHTS_FILE, load_model
+from llm_core.config import ScratchConfig
 from llm_core.files import TMP_MARK, write_json
 from llm_core.model import ModelArgs, Transformer
-from llm_core.model_card import CARD_FILE, write_card
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -94,14 +96,17 @@ def check_export_inputs(model_dir: Path, tokenizer_dir: Path, out_dir: Path, ove
     if out_dir.is_file():
         raise FileExistsError(f"{out_dir} is a file, not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty: choose another directory or overwrite")
+        raise FileExistsError(f"{out_dir} exists and is not empty: choose another directory, or replace its "
+                              "contents with overwrite=True (--overwrite on the command line)")
 
 
 def export_hf(model_dir: Path, tokenizer_dir: Path, out_dir: Path, overwrite: bool = False,
-              card: str | None = None) -> Path:
+              cfg: ScratchConfig | None = None) -> Path:
     """Write the trained model of `model_dir` and the tokenizer of `tokenizer_dir` as a transformers
-    directory `out_dir`, built in a temporary directory and renamed into place. Its README.md is `card`,
-    else the model directory's own card if it has one (a registered version's)."""
+    directory `out_dir`, built in a temporary directory and renamed into place. Its README.md is the
+    model directory's own card if it has one (a registered version's, with its promotion verdict), else,
+    given the profile `cfg`, the card of the model's lineage in cfg's data_dir, with its evaluation when
+    it was evaluated (model_card.evaluation_report)."""
     model_dir, tokenizer_dir, out_dir = Path(model_dir), Path(tokenizer_dir), Path(out_dir)
     check_export_inputs(model_dir, tokenizer_dir, out_dir, overwrite)
     model = load_model(model_dir)
@@ -114,6 +119,9 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out_dir: Path, overwrite: bo
     eos_id, pad_id = tokenizer.token_to_id(bpe.EOT), tokenizer.token_to_id(bpe.PAD)
     if eos_id is None or pad_id is None:
         raise ValueError(f"the tokenizer in {tokenizer_dir} lacks {bpe.EOT} or {bpe.PAD}")
+    own_card = model_dir / model_card.CARD_FILE  # a registered version's: it has the promotion verdict
+    card = own_card.read_text(encoding="utf-8") if own_card.is_file() else \
+        model_card.render(cfg, model_dir, model_card.evaluation_report(cfg, model_dir)) if cfg else None
 
     from safetensors.torch import save_file
 
@@ -129,9 +137,7 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out_dir: Path, overwrite: bo
                                                   "pad_token_id": pad_id})
         bpe.save(tokenizer, tmp, model_max_length=args.block_size)
         if card is not None:
-            write_card(card, tmp)
-        elif (model_dir / CARD_FILE).is_file():
-            shutil.copyfile(model_dir / CARD_FILE, tmp / CARD_FILE)
+            model_card.write_card(card, tmp)
         replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

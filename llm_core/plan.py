@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 
 import torch
@@ -309,7 +310,8 @@ def format_plan(setup: Setup, rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scratchllm plan", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="a scratchllm profile: its model, batch, precision and processes")
+    parser.add_argument("--config", help="a scratchllm profile: its model, batch, precision and processes "
+                                         "(default: the profile in force, $SCRATCHLLM_CONFIG or default.yaml)")
     for flag, kind, what in [
         ("--params", float, "parameter count to plan for (overrides the count of the shape below)"),
         ("--layers", int, "transformer blocks"), ("--width", int, "n_embd"), ("--heads", int, "attention heads"),
@@ -326,12 +328,13 @@ def main(argv: list[str] | None = None) -> int:
                                       "of --config, written by a sweep over model sizes)")
     a = parser.parse_args(argv)
 
-    if a.config:
-        from llm_core.config import load_config
+    from llm_core.config import ConfigError, load_config
 
+    try:  # the profile in force: --config, else $SCRATCHLLM_CONFIG, else default.yaml; flags override it
         setup = setup_from_config(load_config(a.config))
-    else:
-        setup = Setup(ModelArgs(vocab_size=50304, n_layer=12, n_head=12, n_kv_head=12, n_embd=768, block_size=1024))
+    except ConfigError as exc:
+        print(f"scratchllm plan: {exc}", file=sys.stderr)
+        return 2
     m = setup.args
     args = ModelArgs(vocab_size=a.vocab or m.vocab_size, n_layer=a.layers or m.n_layer, n_head=a.heads or m.n_head,
                      n_kv_head=a.kv_heads or (a.heads if a.heads else m.n_kv_head), n_embd=a.width or m.n_embd,

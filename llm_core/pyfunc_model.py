@@ -5,7 +5,9 @@ MLflow runs this file when it loads the model. See llm_core/registry.py.
     -> the continuations, without the prompts; temperature 0 is greedy, top_k 0 means no top-k.
 
 Bad params are refused before any generation with an MlflowException naming the param
-(INVALID_PARAMETER_VALUE: `mlflow models serve` answers it with HTTP 400).
+(INVALID_PARAMETER_VALUE: `mlflow models serve` answers it with HTTP 400). Over REST, MLflow drops
+the params the signature does not declare before predict sees them: `scratchllm serve` refuses
+those itself (pipelines/serve.py).
 """
 
 import math

@@ -1,5 +1,5 @@
 """Encode the cleaned shards into Arrow IPC token files, train/val split by source document (all
-pieces of a document on the same side).
+pieces of a document on the same side), or by piece for a corpus of a few documents (llm_core/split.py).
 
 Layout under data_dir/tokenized_dataset/:
   manifest.json                      per shard counts + the dtype, vocab size and EOT id
@@ -31,9 +31,10 @@ from llm_core.config import ScratchConfig, resolve_path
 from llm_core.data.shards import iter_batches
 from llm_core.decontamination import EvalNgrams, eval_ngrams
 from llm_core.engine import data_engine
+from llm_core.errors import DataError
 from llm_core.files import atomic_path, read_json, remove_stale_files, short_hash, write_json
 from llm_core.layout import CLEANED_SHARDS_DIR, DATASET_DIR
-from llm_core.split import is_validation
+from llm_core.split import Split, SplitPlan, as_asked, plan_split
 from llm_core.tokenizer import EOT
 
 SPLITS = ("train", "val")
@@ -66,6 +67,7 @@ class DatasetResult:
     tasks_per_node: dict[str, int]  # where the shards were encoded (engine.kind: ray spreads them)
     builtin_task_items: int  # items of the built-in multiple-choice task (llm_core/tasks.py)
     contamination: dict  # see contamination_summary
+    split: dict  # see split_report
     out_dir: Path
     data_version: str
 
@@ -83,12 +85,12 @@ def _encoder(tokenizer_json: str) -> Tokenizer:
     return tokenizer
 
 
-def contaminated_pieces(shard: Path, cfg: ScratchConfig, ngrams: EvalNgrams) -> list[dict]:
+def contaminated_pieces(shard: Path, cfg: ScratchConfig, split: Split, ngrams: EvalNgrams) -> list[dict]:
     """The training pieces of a shard that share an n-gram with an evaluation item."""
     found = []
     for batch in iter_batches(shard, ["id", "doc_id", "text"], batch_size=ENCODE_BATCH_DOCS):
         for piece_id, doc_id, text in zip(*(batch.column(i).to_pylist() for i in range(3))):
-            if not is_validation(doc_id, cfg.dataset.val_fraction, cfg.dataset.seed):
+            if not split.is_validation(piece_id, doc_id):
                 item = ngrams.match(text)
                 if item:
                     found.append({"id": piece_id, "doc_id": doc_id, "item": item,
@@ -96,12 +98,12 @@ def contaminated_pieces(shard: Path, cfg: ScratchConfig, ngrams: EvalNgrams) -> 
     return found
 
 
-def encode_shard(tokenizer_json: str, shard: Path, out_dir: Path, cfg: ScratchConfig, dtype: np.dtype,
-                 ngrams: EvalNgrams | None, base_key: str, previous: dict | None) -> dict:
+def encode_shard(tokenizer_json: str, shard: Path, out_dir: Path, cfg: ScratchConfig, split: Split,
+                 dtype: np.dtype, ngrams: EvalNgrams | None, base_key: str, previous: dict | None) -> dict:
     """Check one cleaned shard for contamination, then encode it into train and val token files unless
     the previous encoding stands (same inputs, same pieces removed); returns its manifest entry.
     A task of the data engine (it may run on another machine: the tokenizer travels as JSON)."""
-    contaminated = contaminated_pieces(shard, cfg, ngrams) if ngrams else []
+    contaminated = contaminated_pieces(shard, cfg, split, ngrams) if ngrams else []
     removed = {c["id"] for c in contaminated if c["removed"]}
     entry = {"key": short_hash([base_key, sorted(removed)]), "base_key": base_key,
              "scan_key": scan_key(cfg, ngrams), "contaminated": contaminated}
@@ -116,21 +118,21 @@ def encode_shard(tokenizer_json: str, shard: Path, out_dir: Path, cfg: ScratchCo
         rows = [row for row in zip(*(batch.column(i).to_pylist() for i in range(3))) if row[0] not in removed]
         encodings = tokenizer.encode_batch_fast([text for _, _, text in rows], add_special_tokens=False)
         for (piece_id, doc_id, text), encoding in zip(rows, encodings):
-            split = "val" if is_validation(doc_id, cfg.dataset.val_fraction, cfg.dataset.seed) else "train"
+            side = "val" if split.is_validation(piece_id, doc_id) else "train"
             array = np.empty(len(encoding.ids) + 1, dtype=dtype)
             array[:-1] = encoding.ids
             array[-1] = eot  # the boundary after every piece
-            tokens[split].append(array)
-            row = (piece_id, doc_id, position[split], len(array), len(text.encode()))
+            tokens[side].append(array)
+            row = (piece_id, doc_id, position[side], len(array), len(text.encode()))
             for name, value in zip(DOCS_SCHEMA.names, row):
-                docs[split][name].append(value)
-            position[split] += len(array)
-    for split in SPLITS:
-        flat = np.concatenate(tokens[split]) if tokens[split] else np.empty(0, dtype=dtype)
-        _write_ipc(out_dir / split / f"{shard.stem}.tokens.arrow", pa.table({"tokens": pa.array(flat)}))
-        _write_ipc(out_dir / split / f"{shard.stem}.docs.arrow", pa.table(docs[split], schema=DOCS_SCHEMA))
-        entry[split] = {"tokens": int(len(flat)), "documents": len(docs[split]["id"]),
-                        "bytes": int(sum(docs[split]["num_bytes"])), "max_id": int(flat.max()) if len(flat) else -1}
+                docs[side][name].append(value)
+            position[side] += len(array)
+    for side in SPLITS:
+        flat = np.concatenate(tokens[side]) if tokens[side] else np.empty(0, dtype=dtype)
+        _write_ipc(out_dir / side / f"{shard.stem}.tokens.arrow", pa.table({"tokens": pa.array(flat)}))
+        _write_ipc(out_dir / side / f"{shard.stem}.docs.arrow", pa.table(docs[side], schema=DOCS_SCHEMA))
+        entry[side] = {"tokens": int(len(flat)), "documents": len(docs[side]["id"]),
+                       "bytes": int(sum(docs[side]["num_bytes"])), "max_id": int(flat.max()) if len(flat) else -1}
     return {**entry, "encoded": True}
 
 
@@ -191,16 +193,15 @@ def verify_decontamination(cfg: ScratchConfig) -> tuple[bool, str]:
     return True, f"{head}: {c['num_removed']} contaminated training documents removed" + (f": {listed}" * bool(listed))
 
 
-def val_texts(cfg: ScratchConfig, cleaned: list[dict]) -> list[str]:
+def val_texts(cfg: ScratchConfig, shards: list[Path], split: Split) -> list[str]:
     """The first VAL_TEXTS_FOR_TASK validation pieces long enough for the built-in task, in shard order."""
     texts: list[str] = []
     if cfg.dataset.builtin_task_items == 0:
         return texts
-    for part in cleaned:
-        shard = cfg.data_path / CLEANED_SHARDS_DIR / "shards" / part["name"]
-        for batch in iter_batches(shard, ["doc_id", "text"], batch_size=ENCODE_BATCH_DOCS):
-            for doc_id, text in zip(*(batch.column(i).to_pylist() for i in range(2))):
-                if is_validation(doc_id, cfg.dataset.val_fraction, cfg.dataset.seed) and \
+    for shard in shards:
+        for batch in iter_batches(shard, ["id", "doc_id", "text"], batch_size=ENCODE_BATCH_DOCS):
+            for piece_id, doc_id, text in zip(*(batch.column(i).to_pylist() for i in range(3))):
+                if split.is_validation(piece_id, doc_id) and \
                         len(text.split()) >= tasks.CONTEXT_WORDS + tasks.CONTINUATION_WORDS:
                     texts.append(text)
                     if len(texts) == VAL_TEXTS_FOR_TASK:
@@ -208,17 +209,37 @@ def val_texts(cfg: ScratchConfig, cleaned: list[dict]) -> list[str]:
     return texts
 
 
+def split_report(plan: SplitPlan, total: dict) -> dict:
+    """The split as made: its unit and why, and per side source documents, pieces, bytes and tokens."""
+    tokens = total["train"]["tokens"] + total["val"]["tokens"]
+    num_bytes = total["train"]["bytes"] + total["val"]["bytes"]
+    return {"unit": plan.split.unit, "reason": plan.reason, "val_fraction": plan.split.fraction,
+            "train_documents": plan.train_documents, "val_documents": plan.val_documents,
+            "train_pieces": total["train"]["documents"], "val_pieces": total["val"]["documents"],
+            "train_bytes": total["train"]["bytes"], "val_bytes": total["val"]["bytes"],
+            "train_tokens": total["train"]["tokens"], "val_tokens": total["val"]["tokens"],
+            "val_share_documents": plan.val_documents / max(plan.num_documents, 1),
+            "val_share_bytes": total["val"]["bytes"] / max(num_bytes, 1),
+            "val_share_tokens": total["val"]["tokens"] / max(tokens, 1),
+            "as_asked": as_asked(total["val"]["bytes"], num_bytes, plan.split.fraction)}
+
+
 def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_dir: Path,
-                            log: Callable[[str], None] = print) -> DatasetResult:
+                            log: Callable[[str], None] = print,
+                            warn: Callable[[str], None] | None = None) -> DatasetResult:
+    warn = warn or log
     vocab_size = tokenizer.get_vocab_size()
     dtype = token_dtype(vocab_size)
     out_dir = cfg.data_path / DATASET_DIR
     cleaned = read_json(cfg.data_path / CLEANED_SHARDS_DIR / "manifest.json").get("parts")
     if not cleaned:
         raise FileNotFoundError(f"cleaned_shards has not been materialized under {cfg.data_path / CLEANED_SHARDS_DIR}")
+    shards = [cfg.data_path / CLEANED_SHARDS_DIR / "shards" / part["name"] for part in cleaned]
+    plan = plan_split(cfg, shards)
+    log(f"tokenized_dataset: split {plan.reason}")
     tok_hash = tokenizer_hash(tokenizer_dir)
     previous = {e["name"]: e for e in read_json(out_dir / "manifest.json").get("shards", [])}
-    builtin_items = tasks.build_continuation_task(val_texts(cfg, cleaned), builtin_task_path(cfg),
+    builtin_items = tasks.build_continuation_task(val_texts(cfg, shards, plan.split), builtin_task_path(cfg),
                                                   cfg.dataset.builtin_task_items, cfg.dataset.seed)
     log(f"tokenized_dataset: built-in task '{tasks.BUILTIN_TASK}', {builtin_items} items from the validation split")
     d = cfg.dataset
@@ -230,17 +251,15 @@ def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_
     tokenizer_json = tokenizer.to_str()
     entries: list[dict] = []
     jobs, job_entry, job_bytes = [], [], []
-    for part in cleaned:
-        shard = cfg.data_path / CLEANED_SHARDS_DIR / "shards" / part["name"]
-        base_key = short_hash([part["cache"], part["removed_key"], tok_hash, dtype.name, cfg.dataset.val_fraction,
-                               cfg.dataset.seed])
+    for part, shard in zip(cleaned, shards):
+        base_key = short_hash([part["cache"], part["removed_key"], tok_hash, dtype.name, *plan.split.key])
         old = previous.get(part["name"])
         if old and (old.get("base_key"), old.get("scan_key")) == (base_key, scan_key(cfg, ngrams)) and \
                 all(f.exists() for f in _shard_files(out_dir, shard)):
             entries.append(old)
             continue
         # Re-checked against the evaluation items; re-encoded only if its tokens or removed pieces changed.
-        jobs.append((tokenizer_json, shard, out_dir, cfg, dtype, ngrams, base_key, old))
+        jobs.append((tokenizer_json, shard, out_dir, cfg, plan.split, dtype, ngrams, base_key, old))
         job_entry.append(len(entries))
         job_bytes.append(part["num_bytes_out"])
         entries.append({"name": part["name"]})
@@ -256,7 +275,8 @@ def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_
     reused = len(cleaned) - encoded
 
     total = {s: {k: sum(e[s][k] for e in entries) for k in ("tokens", "documents", "bytes")} for s in SPLITS}
-    manifest = {"shards": entries, "dtype": dtype.name, "vocab_size": vocab_size,
+    report = split_report(plan, total)
+    manifest = {"shards": entries, "split": report, "dtype": dtype.name, "vocab_size": vocab_size,
                 "eot_id": tokenizer.token_to_id(EOT), "tokenizer_hash": tok_hash,
                 "decontamination": {"mode": d.decontamination, "ngram": d.decontamination_ngram,
                                     "items_checked": ngrams.items_checked if ngrams else 0,
@@ -271,13 +291,21 @@ def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_
     for split in SPLITS:
         remove_stale_files(out_dir / split, {f"{Path(e['name']).stem}.{kind}.arrow"
                                              for e in entries for kind in ("tokens", "docs")})
+    if not report["as_asked"]:
+        warn(f"tokenized_dataset: the split holds out {report['val_share_bytes']:.1%} of the bytes, "
+             f"{report['val_share_tokens']:.1%} of the tokens and {report['val_pieces']} of "
+             f"{report['val_pieces'] + report['train_pieces']} pieces, far from dataset.val_fraction "
+             f"{d.val_fraction:g} (training split {total['train']['bytes'] / 1e3:.1f} KB, validation "
+             f"{total['val']['bytes'] / 1e3:.1f} KB): scores on so uneven a split mean little; add text to "
+             f"corpus.sources for a split as asked")
     if total["train"]["tokens"] == 0 or total["val"]["tokens"] == 0:
         empty = "train" if total["train"]["tokens"] == 0 else "val"
-        raise ValueError(f"the {empty} split is empty ({total['train']['documents']} train / "
-                         f"{total['val']['documents']} val pieces): the split is by source document, so change "
-                         f"dataset.val_fraction, add documents, or list a file of many short texts in "
-                         f"corpus.pieces_are_documents")
+        raise DataError(f"the {empty} split is empty ({total['train']['documents']} train / "
+                        f"{total['val']['documents']} val pieces, split {plan.split.unit})",
+                        next_step="add text to corpus.sources or change dataset.val_fraction "
+                                  f"(now {d.val_fraction:g})")
     return DatasetResult(
+        split=report,
         num_train_tokens=total["train"]["tokens"], num_val_tokens=total["val"]["tokens"],
         num_train_documents=total["train"]["documents"], num_val_documents=total["val"]["documents"],
         val_bytes=total["val"]["bytes"], num_bytes=total["train"]["bytes"] + total["val"]["bytes"],

@@ -17,9 +17,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from llm_core.config import ScratchConfig
 from llm_core.data.shards import iter_batches
+from llm_core.errors import DataError
 from llm_core.files import atomic_path, copy_file
 from llm_core.layout import TOKENIZER_DIR
-from llm_core.split import is_validation
+from llm_core.split import Split, plan_split
 
 EOT, PAD = "<|endoftext|>", "<|pad|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -35,6 +36,7 @@ TRICKY_TEXTS = [
 class TokenizerResult:
     path: Path
     vocab_size: int
+    vocab_size_requested: int  # tokenizer.vocab_size; a small text supports fewer merges
     bytes_per_token: float  # on held-out documents
     num_training_bytes: int
     num_training_documents: int
@@ -50,17 +52,17 @@ def new_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def iter_documents(shards: list[Path], columns=("doc_id", "text")) -> Iterator[tuple[str, str]]:
+def iter_documents(shards: list[Path], columns=("doc_id", "text")) -> Iterator[tuple]:
     """(doc_id, text) of every piece of the shards (or other `columns`), streamed batch by batch."""
     for shard in shards:
         for batch in iter_batches(shard, list(columns)):
-            yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
+            yield from zip(*(batch.column(i).to_pylist() for i in range(len(columns))))
 
 
-def _training_texts(shards: list[Path], cfg: ScratchConfig, counter: dict) -> Iterator[str]:
+def _training_texts(shards: list[Path], cfg: ScratchConfig, split: Split, counter: dict) -> Iterator[str]:
     cap = int(cfg.tokenizer.max_training_bytes_mb * 1e6)
-    for doc_id, text in iter_documents(shards):
-        if is_validation(doc_id, cfg.dataset.val_fraction, cfg.dataset.seed):
+    for piece_id, doc_id, text in iter_documents(shards, ("id", "doc_id", "text")):
+        if split.is_validation(piece_id, doc_id):
             continue
         if counter["bytes"] >= cap:
             return
@@ -71,11 +73,12 @@ def _training_texts(shards: list[Path], cfg: ScratchConfig, counter: dict) -> It
 
 def held_out_texts(shards: list[Path], cfg: ScratchConfig, max_bytes: int = 2_000_000) -> list[str]:
     """Validation documents (up to `max_bytes`): never seen by the tokenizer's training."""
+    split = plan_split(cfg, shards).split
     texts, size = [], 0
-    for doc_id, text in iter_documents(shards):
+    for piece_id, doc_id, text in iter_documents(shards, ("id", "doc_id", "text")):
         if size >= max_bytes:
             break
-        if is_validation(doc_id, cfg.dataset.val_fraction, cfg.dataset.seed):
+        if split.is_validation(piece_id, doc_id):
             texts.append(text)
             size += len(text.encode())
     return texts
@@ -123,7 +126,7 @@ def load(out_dir: Path) -> Tokenizer:
 
 
 def train_tokenizer(cfg: ScratchConfig, shards: list[Path], out_dir: Path, log: Callable[[str], None] = print,
-                    keep: Path | None = None) -> TokenizerResult:
+                    keep: Path | None = None, warn: Callable[[str], None] | None = None) -> TokenizerResult:
     """A byte-level BPE trained on the training split of `shards`, saved to out_dir. `keep`: the
     tokenizer directory of a model that a training warm-starts from, copied instead (new data must
     not give the model other tokens)."""
@@ -145,13 +148,19 @@ def train_tokenizer(cfg: ScratchConfig, shards: list[Path], out_dir: Path, log: 
         )
         tokenizer = new_tokenizer()
         start = time.perf_counter()
-        tokenizer.train_from_iterator(_training_texts(shards, cfg, counter), trainer=trainer)
+        split = plan_split(cfg, shards).split
+        tokenizer.train_from_iterator(_training_texts(shards, cfg, split, counter), trainer=trainer)
         seconds = time.perf_counter() - start
         if counter["documents"] == 0:
-            raise ValueError("no training documents for the tokenizer (is every document in the validation split?)")
+            raise DataError("no training documents for the tokenizer: every document is in the validation split",
+                            next_step="lower dataset.val_fraction or add documents")
         log(f"tokenizer: trained on {counter['documents']} documents, {counter['bytes'] / 1e6:.1f} MB "
             f"in {seconds:.1f} s ({counter['bytes'] / 1e6 / max(seconds, 1e-9):.1f} MB/s), "
             f"vocab {tokenizer.get_vocab_size()}")
+        if tokenizer.get_vocab_size() < cfg.tokenizer.vocab_size:
+            (warn or log)(f"tokenizer: tokenizer.vocab_size {cfg.tokenizer.vocab_size} requested, but the training "
+                          f"text ({counter['bytes'] / 1e3:.1f} KB) supports only {tokenizer.get_vocab_size()} tokens "
+                          f"(no pair of tokens left that occurs twice); the vocabulary is that size")
         path = save(tokenizer, out_dir, cfg.model.block_size)
 
     held_out = held_out_texts(shards, cfg)
@@ -159,7 +168,8 @@ def train_tokenizer(cfg: ScratchConfig, shards: list[Path], out_dir: Path, log: 
     examples = [(text, [tokenizer.id_to_token(i) for i in tokenizer.encode(text).ids])
                 for text in ([held_out[0][:80]] if held_out else []) + TRICKY_TEXTS[:6]]
     return TokenizerResult(
-        path=path, vocab_size=tokenizer.get_vocab_size(), bytes_per_token=bytes_per_token(tokenizer, held_out),
+        path=path, vocab_size=tokenizer.get_vocab_size(), vocab_size_requested=cfg.tokenizer.vocab_size,
+        bytes_per_token=bytes_per_token(tokenizer, held_out),
         num_training_bytes=counter["bytes"], num_training_documents=counter["documents"], train_seconds=seconds,
         examples=examples, roundtrip_failures=failures,
     )

@@ -12,12 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 
 from llm_core.config import ScratchConfig
 
 EXPERIMENT = "scratchllm"
+# What MLflow prints that nobody acts on: progress bars of local artifact copies, the system-metrics
+# monitor starting and stopping, the tables of a new sqlite store being created.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+for _chatty in ("mlflow.system_metrics.system_metrics_monitor", "mlflow.store.db.utils"):
+    logging.getLogger(_chatty).setLevel(logging.WARNING)
 
 
 def tracking_uri(cfg: ScratchConfig) -> str:

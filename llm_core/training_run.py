@@ -57,6 +57,22 @@ def dataset_version(cfg: ScratchConfig) -> str:
     return short_hash(read_json(cfg.data_path / DATASET_DIR / "manifest.json"))
 
 
+# More passes than this over the training split and a small model mostly memorizes it.
+MANY_PASSES = 20
+
+
+def repetition_warning(cfg: ScratchConfig) -> str | None:
+    """A warning when the training would read its training split many times over (a small corpus)."""
+    train_tokens = read_json(cfg.data_path / DATASET_DIR / "manifest.json").get("split", {}).get("train_tokens")
+    t = cfg.training
+    planned = t.max_steps * t.batch_size * cfg.model.block_size * t.grad_accum_steps * t.num_processes
+    if not train_tokens or planned < MANY_PASSES * train_tokens:
+        return None
+    return (f"training: {t.max_steps} steps read {planned / 1e6:.2f}M tokens, {planned / train_tokens:.0f} passes "
+            f"over the {train_tokens:,} tokens of the training split: expect the model to memorize them (the "
+            f"validation loss rises); add text to corpus.sources, or lower training.max_steps")
+
+
 def prepare(cfg: ScratchConfig, tracking_uri: str, tags: dict[str, str]) -> TrainingRun:
     """The run directory and MLflow run of the training `cfg` describes (created, or found again to
     resume), with the resolved config written for the ranks. `tags` go on a new MLflow run.

@@ -1,19 +1,21 @@
 """The `scratchllm` command: run the graph, check a profile, open the UI, export a model.
 
     scratchllm run [--config P] [--select SEL]   materialize assets (default: all) with progress
-    scratchllm check-config [P]                  validate a profile and print the resolved values
-    scratchllm ui                                Dagster UI on http://127.0.0.1:3000, MLflow UI on :5000
+    scratchllm check-config [--config P]         validate a profile, check its sources, print the resolved values
+    scratchllm ui [--config P]                   Dagster UI on http://127.0.0.1:3000, MLflow UI on :5000
     scratchllm generate --model M --prompt TEXT  stream text from a model (directory, NAME@ALIAS, NAME/VERSION)
     scratchllm export-hf --out DIR [--model M]   a trained model as a transformers LlamaForCausalLM
     scratchllm serve [--model M] [--port P]      a registered model over REST on http://127.0.0.1:5001
     scratchllm plan [--config P] [--gpus N ...]  memory per GPU and time of a training, by strategy
+
+Every subcommand takes `--config P` alike: a relative P is looked up in the working directory, then
+in the project's assets_config/; without it, $SCRATCHLLM_CONFIG, else assets_config/default.yaml.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import shlex
 import sys
 import warnings
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from llm_core.config import CONFIG_ENV_VAR, PROJECT_ROOT, ConfigError, load_config
+from llm_core.config import CONFIG_ENV_VAR, PROJECT_ROOT, ConfigError, find_profile, load_config
 from llm_core.run_lock import DirectoryLock
 
 DEFAULT_DAGSTER_HOME = PROJECT_ROOT / ".dagster_home"
@@ -39,7 +41,11 @@ concurrency:
 def prepare_environment(profile: str | None) -> None:
     """Choose the profile and the Dagster instance before any Dagster code is imported."""
     if profile:
-        os.environ[CONFIG_ENV_VAR] = str(Path(profile).expanduser().resolve())
+        try:
+            os.environ[CONFIG_ENV_VAR] = str(find_profile(profile))
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            raise SystemExit(2) from None
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(DEFAULT_DAGSTER_HOME)))
     home.mkdir(parents=True, exist_ok=True)
     settings = home / "dagster.yaml"
@@ -53,14 +59,20 @@ def load_profile(profile: str | None = None):
     try:
         return load_config(profile)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        print(f"scratchllm: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    cfg = load_profile(args.profile)
+    from llm_core.data.sources import source_problems
+
+    cfg = load_profile(args.config or args.profile)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
-    print(f"# valid; data_dir resolves to {cfg.data_path}", file=sys.stderr)
+    problems = source_problems(cfg.corpus.sources, cfg.corpus.extensions)
+    if problems:
+        print("# invalid: " + "\n# invalid: ".join(problems), file=sys.stderr)
+        return 2
+    print(f"# valid; every source gives files; data_dir resolves to {cfg.data_path}", file=sys.stderr)
     return 0
 
 
@@ -77,9 +89,9 @@ def parse_selection(select: str, asset_graph) -> set:
     return keys
 
 
-def failure_reason(message: str) -> str:
-    """The last line of an error, without its exception class ("dagster...Failure: training diverged...")."""
-    return re.sub(r"^[\w.]+: ", "", message.strip().splitlines()[-1])
+def profile_flag(profile: str | None) -> str:
+    """` --config P` for the hints printed after a command that was given a profile."""
+    return f" --config {shlex.quote(profile)}" if profile else ""
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -89,6 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from pipelines import runs
     from pipelines.definitions import defs
+    from pipelines.failures import step_cause
 
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
 
@@ -119,24 +132,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         outcome = "passed" if check.passed else "FAILED" if check.severity == dg.AssetCheckSeverity.ERROR else "warning"
         print(f"  check {check.asset_check_key.to_user_string()}: {outcome}"
               f" {check.metadata.get('details').value if 'details' in check.metadata else ''}", file=sys.stderr)
+    profile = os.environ[CONFIG_ENV_VAR] if args.config else None  # absolute: `make ui` runs in the project
+    ui_hint = f"make ui CONFIG={shlex.quote(profile)}` or `scratchllm ui{profile_flag(profile)}" \
+        if profile else "make ui"
     if not result.success:
         failures = [e for e in result.all_events if e.is_step_failure]
-        reasons = "".join(f"\n  {e.step_key}: {failure_reason(e.event_specific_data.error.message)}"
-                          for e in failures if e.event_specific_data and e.event_specific_data.error)
+        causes = "".join(f"\n  {e.step_key}: " + "\n    ".join(step_cause(e)) for e in failures)
         print(f"scratchllm: run {result.run_id} FAILED at {', '.join(e.step_key for e in failures) or 'a check'}"
-              f"{reasons}\nsee the log above or the Dagster UI (make ui)", file=sys.stderr)
+              f"{causes}\nthe full trace is in the log above and in the Dagster UI (`{ui_hint}`)", file=sys.stderr)
         return 1
-    print(f"scratchllm: run {result.run_id} succeeded. Outputs under {cfg.data_path}; "
-          f"browse them with `make ui` (Dagster http://127.0.0.1:3000, MLflow http://127.0.0.1:5000).",
-          file=sys.stderr)
+    print(f"scratchllm: run {result.run_id} succeeded. Outputs under {cfg.data_path}; browse them with "
+          f"`{ui_hint}` (Dagster http://127.0.0.1:3000, MLflow http://127.0.0.1:5000).", file=sys.stderr)
     for event in result.get_asset_materialization_events():
         if event.asset_key == dg.AssetKey("registered_model"):
             m = {k: v.value for k, v in event.step_materialization_data.materialization.metadata.items()}
             prompt = next((p for p in cfg.evaluation.prompts if p), "")
             print(f"scratchllm: registered {m['model_name']} version {m['model_version']} "
                   f"({m['val_bpb']:.3f} bits/byte) as `{m['alias']}`; try: scratchllm generate --model "
-                  f"{m['model_name']}@{m['alias']} --prompt {shlex.quote(prompt)}"
-                  + (f" --config {shlex.quote(args.config)}" if args.config else ""), file=sys.stderr)
+                  f"{m['model_name']}@{m['alias']} --prompt {shlex.quote(prompt)}{profile_flag(profile)}",
+                  file=sys.stderr)
     return 0
 
 
@@ -191,15 +205,18 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
         model_dir = resolve_model_dir(args.model, cfg)
         tokenizer_dir = Path(args.tokenizer).expanduser() if args.tokenizer else tokenizer_dir_of(model_dir, cfg)
-        out = export_hf(model_dir, tokenizer_dir, Path(args.out).expanduser(), overwrite=args.overwrite)
+        # cfg: the model card (README.md), from the profile's lineage, as the hf_export asset writes it
+        out = export_hf(model_dir, tokenizer_dir, Path(args.out).expanduser(), overwrite=args.overwrite, cfg=cfg)
     except (OSError, ValueError) as exc:  # missing/existing files, a bad profile (ConfigError), bad inputs
         print(f"scratchllm export-hf: {exc}", file=sys.stderr)
         return 2
-    print(f"scratchllm: exported {model_dir} to {out}; load it with "
+    print(f"scratchllm: exported {model_dir} to {out} (its model card: README.md); load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})", file=sys.stderr)
     return 0
 
 
+CONFIG_HELP = (f"YAML profile, deep-merged over default.yaml; a relative path is looked up in the working directory, "
+               f"then in the project's assets_config/ (default: ${CONFIG_ENV_VAR}, else default.yaml)")
 MODEL_HELP = ("a model directory (trained_model/runs/<key>, or one of its checkpoints/step_N), or a registered "
               "model NAME@ALIAS (e.g. scratchllm@champion) or NAME/VERSION; default: the latest trained_model")
 
@@ -214,11 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scratchllm", description="An LLM foundry as a Dagster asset graph.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="materialize assets (default: the whole graph)")
-    run.add_argument("--config", help=f"YAML profile, deep-merged over default.yaml (else ${CONFIG_ENV_VAR})")
+    run.add_argument("--config", help=CONFIG_HELP)
     run.add_argument("--select", default="*", help="Dagster asset selection, e.g. 'cleaned_shards' or '+tokenizer'")
     run.set_defaults(func=cmd_run)
-    check = sub.add_parser("check-config", help="validate a profile and print the resolved config")
-    check.add_argument("profile", nargs="?", help="YAML profile (default: $SCRATCHLLM_CONFIG or default.yaml)")
+    check = sub.add_parser("check-config", help="validate a profile, check that its sources give files, "
+                                                 "print the resolved config")
+    check.add_argument("--config", help=CONFIG_HELP)
+    check.add_argument("profile", nargs="?", help="the profile, as --config (kept for older scripts)")
     check.set_defaults(func=cmd_check_config)
     ui = sub.add_parser("ui", help="start the Dagster UI and the MLflow UI (Ctrl-C stops both)")
     ui.add_argument("--config", help="YAML profile the UI's runs default to")

@@ -1,6 +1,6 @@
 """The Hugging Face export against transformers itself: for MHA/GQA/MQA, tied and untied models, and
 QK-norm models (as Qwen3), transformers loads without missing or unexpected weights, gives our logits (fp32, 1e-4) and
-our greedy generations; AutoTokenizer gives our ids; bad inputs are refused; the CLI."""
+our greedy generations; AutoTokenizer gives our ids; bad inputs are refused; the CLI, with the model card."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ import torch
 import yaml
 from helpers import MORE_TRICKY, QUIET, build_shards, make_config, random_unicode, write_jsonl
 
+from llm_core import evaluate, model_card
 from llm_core.checkpoint import save_model_files
 from llm_core.config import load_config
 from llm_core.export import export_hf, num_parameters
-from llm_core.layout import LATEST_FILE, MODEL_DIR
+from llm_core.files import write_json
+from llm_core.layout import (CLEANED_SHARDS_DIR, DATASET_DIR, LATEST_FILE, MODEL_DIR, RAW_CORPUS_DIR,
+                             TOKENIZER_DIR)
 from llm_core.model import ModelArgs, Transformer
 from llm_core.tokenizer import EOT, PAD, TOKENIZER_FILE, TRICKY_TEXTS, load, train_tokenizer
 
@@ -195,7 +198,7 @@ def test_bad_inputs_are_refused(tmp_path, tokenizer_dir):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(FileExistsError, match="not empty.*overwrite=True"):
         export_hf(model_dir, tokenizer_dir, out)
     assert (out / "keep.txt").read_text() == "mine"
     export_hf(model_dir, tokenizer_dir, out, overwrite=True)
@@ -211,8 +214,12 @@ def test_cli_export_hf(tmp_path, tokenizer_dir, monkeypatch, capsys):
     out = tmp_path / "out"
     assert main(["export-hf", "--model", str(model_dir), "--tokenizer", str(tokenizer_dir), "--out", str(out)]) == 0
     assert (out / "model.safetensors").is_file() and str(out) in capsys.readouterr().err
+    # A bare model directory (no training summary, no evaluation) still gets a card saying so.
+    card = (out / "README.md").read_text()
+    assert "Not evaluated" in card and "not recorded (no training_summary.json" in card and "| n_embd | 64 |" in card
     assert main(["export-hf", "--model", str(model_dir), "--tokenizer", str(tokenizer_dir), "--out", str(out)]) == 2
-    assert "not empty" in capsys.readouterr().err
+    refusal = capsys.readouterr().err
+    assert "not empty" in refusal and "--overwrite" in refusal  # the flag that replaces it, by name
     assert main(["export-hf", "--model", str(model_dir), "--tokenizer", str(tokenizer_dir), "--out", str(out),
                  "--overwrite"]) == 0
 
@@ -227,3 +234,36 @@ def test_cli_export_hf(tmp_path, tokenizer_dir, monkeypatch, capsys):
     (data / "tokenizer").symlink_to(tokenizer_dir)
     assert main(["export-hf", "--config", str(profile), "--out", str(tmp_path / "out2")]) == 0
     assert (tmp_path / "out2" / "tokenizer.json").is_file()
+
+
+def test_cli_export_writes_the_model_card_of_the_asset(trained, tmp_path, capsys):
+    """`scratchllm export-hf` writes the card the hf_export asset writes: the profile's data lineage and,
+    for an evaluated training run, its evaluation. Without a report or lineage the card says what is missing."""
+    from pipelines.cli import main
+
+    cfg, result, _ = trained
+    data = tmp_path / "data"  # the fixture's lineage, with its model as an evaluated training run `k`
+    data.mkdir()
+    for stage in (RAW_CORPUS_DIR, CLEANED_SHARDS_DIR, DATASET_DIR, TOKENIZER_DIR):
+        (data / stage).symlink_to(cfg.data_path / stage)
+    run_dir = data / MODEL_DIR / "runs" / "k"
+    run_dir.parent.mkdir(parents=True)
+    run_dir.symlink_to(result.out_dir)
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(yaml.safe_dump({"data_dir": str(data), "registry": {"model_name": "tiny"}}))
+    report = {"val_bpb": 1.2345, "val_loss": 0.8765, "num_val_documents": 7, "num_val_tokens": 4321, "tasks": []}
+    write_json(evaluate.report_path(load_config(profile), "k"), report)
+
+    assert main(["export-hf", "--config", str(profile), "--model", str(run_dir), "--out", str(tmp_path / "hf")]) == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert card == model_card.render(load_config(profile), run_dir, report)  # the asset's card
+    assert card.startswith("# tiny\n") and "**1.2345 bits per byte** (loss 0.8765" in card
+    assert "Sources (1 file)" in card and "## Tokenizer" in card and "parameters." in card
+
+    # The same weights outside any run directory, with a profile whose data_dir holds nothing.
+    (tmp_path / "empty.yaml").write_text(yaml.safe_dump({"data_dir": str(tmp_path / "nothing")}))
+    assert main(["export-hf", "--config", str(tmp_path / "empty.yaml"), "--model", str(result.out_dir),
+                 "--tokenizer", str(cfg.data_path / TOKENIZER_DIR), "--out", str(tmp_path / "bare")]) == 0
+    card = (tmp_path / "bare" / "README.md").read_text()
+    assert "Not evaluated" in card and "Not recorded: no `tokenized_dataset` manifest" in card
+    assert "## Training" in card and "## Intended use and limits" in card and "README.md" in capsys.readouterr().err

@@ -314,3 +314,14 @@ def wait_for(marker: Path, *procs: subprocess.Popen, timeout: float = 300) -> st
         assert time.monotonic() < deadline, f"no {marker} after {timeout} s"
         time.sleep(0.05)
     return marker.read_text()
+
+
+def test_a_failed_step_shows_its_cause_and_next_step_as_a_dagster_failure(instance, tmp_path):
+    """What the Dagster UI shows of a step that fails on the user's data: a Failure whose description is
+    the cause (not "Error occurred while executing op") and whose metadata has the next step."""
+    config = run_config(tmp_path / "data", tmp_path / "no_such_corpus")
+    result = materialize(instance, config, ["raw_corpus"])
+    failure = next(e for e in result.all_events if e.is_step_failure).step_failure_data
+    assert failure.error.cls_name == "Failure"
+    assert failure.user_failure_data.description.startswith("the corpus is empty: no usable document in corpus.sources")
+    assert "check-config" in failure.user_failure_data.metadata["next step"].value

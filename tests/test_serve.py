@@ -1,6 +1,7 @@
 """Serving: `scratchllm serve` runs MLflow's REST scoring server for a registered model, found
 through the profile's store from any working directory; bad generation params get a 400 that
-names the param, from the server and from the python pyfunc alike."""
+names the param, from the server and from the python pyfunc alike; the server also refuses
+unknown params (MLflow would drop them) and malformed bodies with a short 400."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 
 import mlflow
 import psutil
@@ -60,9 +62,9 @@ def served_store(trained, tmp_path, monkeypatch):
     return profile, uri
 
 
-def post(url: str, payload: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
+def post(url: str, payload: dict | bytes) -> tuple[int, dict]:
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -109,6 +111,14 @@ def test_serve_answers_from_another_directory_refuses_bad_params_and_stops_on_si
         for params, name in BAD_PARAMS:
             status, body = post(url, {"inputs": ["ROMEO:"], "params": params})
             assert 400 <= status < 500 and name in body["message"], (params, status, body)
+        # A misspelt param is refused, not dropped (MLflow drops what the signature does not declare).
+        status, body = post(url, {"inputs": ["hi"], "params": {"max_new_token": 5}})
+        assert status == 400 and "unknown param(s) ['max_new_token']; known: [" in body["message"], body
+        for malformed in ({"prompt": "hi"}, b"not json", {"inputs": "hi"}, {"inputs": ["hi"], "param": {}}):
+            status, body = post(url, malformed)
+            assert status == 400 and 'expected a JSON body {"inputs": ["prompt", ...]' in body["message"], body
+            assert len(body["message"]) < 200, body  # not MLflow's protocol text
+        assert "Add type hints" not in log.read_text()  # MLflow's advice, printed when the model loads
     finally:
         server.send_signal(signal.SIGTERM)
         started = time.monotonic()
@@ -121,6 +131,21 @@ def test_serve_answers_from_another_directory_refuses_bad_params_and_stops_on_si
     _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive, [p.cmdline() for p in alive]
     assert list(workdir.iterdir()) == []  # no mlflow.db, no mlruns where it was started
+
+
+def test_logging_the_model_prints_no_mlflow_advice(trained, tmp_path):
+    """MLflow advises type hints on predict and an input example whenever the model is logged; ours has
+    an explicit signature (it declares the params) on purpose, so the advice is noise for our users."""
+    cfg, result, _ = trained
+    store = cfg.model_copy(update={"data_dir": str(tmp_path / "data")})
+    uri = tracking.tracking_uri(store)
+    run_id = tracking.start_training_run(store, uri, tags={registry.KEY_TAG: "a"})
+    warnings.onceregistry.clear()  # MLflow shows its type-hint advice once per process: maybe already
+    with warnings.catch_warnings(record=True) as caught, tracking.using(uri):
+        warnings.simplefilter("always")
+        registry.log_pyfunc(result.out_dir, cfg.data_path / "tokenizer", run_id)
+    shown = [str(w.message) for w in caught]
+    assert not [m for m in shown if "type hints" in m or "input example" in m], shown
 
 
 def test_serve_refuses_a_model_the_registry_does_not_hold(served_store, capsys):

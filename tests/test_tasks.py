@@ -16,6 +16,7 @@ from llm_core import tokenized_dataset as td
 from llm_core.config import TaskFile
 from llm_core.files import read_json
 from llm_core.layout import CLEANED_SHARDS_DIR
+from llm_core.split import plan_split
 from llm_core.tokenizer import EOT, load
 
 
@@ -117,14 +118,17 @@ def test_tasks_are_in_the_evaluation_and_a_bad_file_stops_it_before_any_scoring(
 def test_the_builtin_task_comes_from_validation_documents_and_is_deterministic(trained, tmp_path):
     cfg = trained[0]
     cleaned = read_json(cfg.data_path / CLEANED_SHARDS_DIR / "manifest.json")["parts"]
+    shards = [cfg.data_path / CLEANED_SHARDS_DIR / "shards" / part["name"] for part in cleaned]
+    split = plan_split(cfg, shards).split
     items = mc.load_task(td.builtin_task_path(cfg))
     assert len(items) == cfg.dataset.builtin_task_items and all(len(item.choices) == mc.CHOICES for item in items)
     assert min(Counter(item.label for item in items).values()) > len(items) / 8  # the answer is anywhere
-    val = " ".join(" ".join(text.split()) for text in td.val_texts(cfg, cleaned))
+    val = " ".join(" ".join(text.split()) for text in td.val_texts(cfg, shards, split))
     for item in items:  # the passage and its true next words follow each other in a validation document
         assert item.context + item.choices[item.label] in val
     again = tmp_path / "again.jsonl"
-    mc.build_continuation_task(td.val_texts(cfg, cleaned), again, cfg.dataset.builtin_task_items, cfg.dataset.seed)
+    texts = td.val_texts(cfg, shards, split)
+    mc.build_continuation_task(texts, again, cfg.dataset.builtin_task_items, cfg.dataset.seed)
     assert again.read_bytes() == td.builtin_task_path(cfg).read_bytes()
     assert mc.build_continuation_task(["too short"] * 10, again, 5, 0) == 0 and not again.exists()
 

@@ -309,7 +309,8 @@ def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsR
         f"{result.num_quarantined} quarantined; {written} shards written")
     if result.num_kept == 0:
         raise EmptyCorpusError(f"cleaning kept no document of {result.num_documents_in}: "
-                               f"filtered by rule {result.filtered_by_rule}; check the `cleaning` settings")
+                               f"filtered by rule {result.filtered_by_rule}",
+                               next_step="loosen the `cleaning` rules that removed them (null turns a rule off)")
     return result
 
 

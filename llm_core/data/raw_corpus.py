@@ -24,12 +24,13 @@ from llm_core.data.ingest import BadFile, BadRecord, ReadOptions, read_source
 from llm_core.data.progress import Log
 from llm_core.data.shards import ShardWriter
 from llm_core.engine import data_engine
+from llm_core.errors import DataError
 from llm_core.data.sources import SourceFile, discover
 from llm_core.files import Quarantine, read_json, remove_stale_files, short_hash, write_json
 from llm_core.layout import QUARANTINE_DIR, RAW_CORPUS_DIR
 
 
-class EmptyCorpusError(RuntimeError):
+class EmptyCorpusError(DataError):
     """A stage produced no documents at all (raw_corpus, or cleaned_shards when cleaning keeps nothing)."""
 
 
@@ -111,7 +112,8 @@ def _build_raw_shard(shard_id: str, files: list[SourceFile], opts: ReadOptions, 
             "num_quarantined_files": bad_files, "quarantine_reasons": quarantine.reasons()}
 
 
-def build_raw_corpus(cfg: ScratchConfig, log: Log = print) -> RawCorpusResult:
+def build_raw_corpus(cfg: ScratchConfig, log: Log = print, warn: Log | None = None) -> RawCorpusResult:
+    warn = warn or log
     root = cfg.data_path / RAW_CORPUS_DIR
     shards_dir, manifest_path = root / "shards", root / "manifest.json"
     quarantine_dir = cfg.data_path / QUARANTINE_DIR / RAW_CORPUS_DIR
@@ -121,6 +123,8 @@ def build_raw_corpus(cfg: ScratchConfig, log: Log = print) -> RawCorpusResult:
     found = discover(cfg.corpus.sources, cfg.corpus.extensions)
     log(f"found {len(found.files)} files ({sum(f.size for f in found.files) / 1e6:.1f} MB) in "
         f"{len(cfg.corpus.sources)} sources; {len(found.missing)} missing, {len(found.skipped)} skipped by extension")
+    for source, reason in found.missing:  # a typo next to a good source must not pass unnoticed
+        warn(f"corpus.sources: {source!r} gives no file ({reason}); it is skipped and quarantined")
     current = {f.uri: f for f in found.files}
     # Files that are collections of short texts (the bundled plays): each piece counts as a document.
     pieces_are_documents = {f.uri for f in discover(cfg.corpus.pieces_are_documents, cfg.corpus.extensions).files}
@@ -194,9 +198,12 @@ def build_raw_corpus(cfg: ScratchConfig, log: Log = print) -> RawCorpusResult:
         f"documents, {result.num_bytes / 1e6:.1f} MB, "
         f"{result.num_quarantined} quarantined, shards built {built}, reused {reused}")
     if result.num_documents == 0:
+        missing = ", ".join(f"{source!r} ({reason})" for source, reason in found.missing)
         raise EmptyCorpusError(
-            f"the corpus is empty: no usable document in {cfg.corpus.sources} "
-            f"({result.num_quarantined} quarantined: {dict(reasons)}; see {quarantine_dir})")
+            f"the corpus is empty: no usable document in corpus.sources {cfg.corpus.sources}"
+            + (f"; missing: {missing}" if missing else "")
+            + f" ({result.num_quarantined} quarantined: {dict(reasons)}; see {quarantine_dir})",
+            next_step="fix corpus.sources (`scratchllm check-config --config P` checks every source)")
     return result
 
 

@@ -124,6 +124,27 @@ def discover(sources: list[str], extensions: list[str]) -> Discovery:
     return Discovery(files=list(found.values()), missing=missing, skipped=skipped)
 
 
+def source_problems(sources: list[str], extensions: list[str]) -> list[str]:
+    """Why each source that gives no file gives none (`scratchllm check-config`). Local paths and globs
+    are looked up (relative ones in the project root, as at run time); URIs are checked for syntax only:
+    no network before a run."""
+    problems = []
+    for i, source in enumerate(sources):
+        field = f"corpus.sources[{i}] {source!r}"
+        if "://" in source:
+            protocol, _ = fsspec.core.split_protocol(source)
+            if protocol not in fsspec.available_protocols():
+                problems.append(f"{field}: unknown protocol {protocol!r} (known: s3, gs, https, memory, ...)")
+            continue
+        found = discover([source], extensions)
+        if found.missing:
+            problems.append(f"{field}: {found.missing[0][1]} (looked at {_resolve(source)})")
+        elif not found.files:
+            problems.append(f"{field}: no file with an extension of corpus.extensions {extensions} "
+                            f"({len(found.skipped)} other files, e.g. {found.skipped[0]})")
+    return problems
+
+
 def open_binary(uri: str):
     """Open a source for reading raw (still compressed) bytes."""
     return fsspec.open(uri, "rb").open()

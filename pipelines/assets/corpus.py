@@ -13,6 +13,7 @@ from llm_core.data.cleaned_shards import build_cleaned_shards
 from llm_core.data.raw_corpus import build_raw_corpus
 from llm_core.layout import RAW_CORPUS_DIR
 from pipelines.config import ScratchllmResource, run_config_class
+from pipelines.failures import user_errors
 from pipelines.metadata import check_result, engine_metadata, markdown_table, uri
 
 RawCorpusConfig = run_config_class("RawCorpusConfig", "corpus", "engine")
@@ -20,12 +21,13 @@ CleanedShardsConfig = run_config_class("CleanedShardsConfig", "cleaning", "dedup
 
 
 @dg.asset(group_name="data", kinds={"parquet"}, code_version="1")
+@user_errors
 def raw_corpus(context: dg.AssetExecutionContext, config: RawCorpusConfig,
                scratchllm: ScratchllmResource) -> dg.MaterializeResult:
     """Every source file read into Parquet shards of documents (id, source, text); unusable files
     and records are quarantined with their reason under `data_dir/quarantine/raw_corpus`."""
     cfg = scratchllm.resolve(config)
-    r = build_raw_corpus(cfg, log=context.log.info)
+    r = build_raw_corpus(cfg, log=context.log.info, warn=context.log.warning)
     reasons = sorted(r.quarantine_reasons.items(), key=lambda kv: -kv[1])
     return dg.MaterializeResult(
         data_version=dg.DataVersion(r.data_version),
@@ -44,6 +46,7 @@ def raw_corpus(context: dg.AssetExecutionContext, config: RawCorpusConfig,
 
 
 @dg.asset(group_name="data", kinds={"parquet"}, code_version="1", deps=[raw_corpus])
+@user_errors
 def cleaned_shards(context: dg.AssetExecutionContext, config: CleanedShardsConfig,
                    scratchllm: ScratchllmResource) -> dg.MaterializeResult:
     """raw_corpus normalized (unicode, control characters, whitespace), PII scrubbed, filtered by

@@ -8,6 +8,7 @@ from llm_core import sweep
 from llm_core.files import read_json
 from pipelines.assets.training import trained_model
 from pipelines.config import ScratchllmResource, run_config_class
+from pipelines.failures import user_errors
 from pipelines.metadata import markdown_table, uri
 from pipelines.resources import MLflowResource
 
@@ -15,6 +16,7 @@ ModelEvaluationConfig = run_config_class("ModelEvaluationConfig", "evaluation")
 
 
 @dg.asset(group_name="evaluation", kinds={"pytorch", "mlflow"}, code_version="1", deps=[trained_model])
+@user_errors
 def model_evaluation(context: dg.AssetExecutionContext, config: ModelEvaluationConfig,
                      scratchllm: ScratchllmResource, mlflow: MLflowResource) -> dg.MaterializeResult:
     """Loss, perplexity and bits per byte on the validation split (at most evaluation.max_val_tokens of

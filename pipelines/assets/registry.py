@@ -12,6 +12,7 @@ from llm_core.files import read_json
 from llm_core.layout import MODEL_TOKENIZER_SUBDIR
 from pipelines.assets.evaluation import model_evaluation
 from pipelines.config import ScratchllmResource, run_config_class
+from pipelines.failures import user_errors
 from pipelines.lineage import data_versions
 from pipelines.metadata import markdown_table
 from pipelines.resources import MLflowResource
@@ -26,6 +27,7 @@ RegisteredModelConfig = run_config_class("RegisteredModelConfig", "registry")
                           "than registry.promotion_margin_bpb, with the whole paired bootstrap interval over "
                           "validation documents beyond it, and no task worse beyond its noise; only then does "
                           "the `champion` alias move (otherwise the version is the `challenger`).")])
+@user_errors
 def registered_model(context: dg.AssetExecutionContext, config: RegisteredModelConfig, scratchllm: ScratchllmResource,
                      mlflow: MLflowResource):
     """The latest trained model as an MLflow pyfunc that generates text, registered under

@@ -15,6 +15,7 @@ from llm_core.tokenized_dataset import (
 )
 from pipelines.assets.corpus import cleaned_shards
 from pipelines.config import ScratchllmResource, run_config_class
+from pipelines.failures import user_errors
 from pipelines.metadata import check_result, engine_metadata, markdown_table, uri
 from pipelines.resources import MLflowResource, with_warm_start
 
@@ -23,6 +24,7 @@ TokenizedDatasetConfig = run_config_class("TokenizedDatasetConfig", "dataset", "
 
 
 @dg.asset(group_name="tokenizer", kinds={"huggingface"}, code_version="1", deps=[cleaned_shards])
+@user_errors
 def tokenizer(context: dg.AssetExecutionContext, config: TokenizerConfig, scratchllm: ScratchllmResource,
               mlflow: MLflowResource) -> dg.MaterializeResult:
     """Byte-level BPE (HF `tokenizers`) trained on the training split of the cleaned shards;
@@ -33,12 +35,14 @@ def tokenizer(context: dg.AssetExecutionContext, config: TokenizerConfig, scratc
     warm = model_source.resolve_init_from(with_warm_start(context, cfg, mlflow.uri(cfg)))
     out_dir = cfg.data_path / TOKENIZER_DIR
     r = bpe.train_tokenizer(cfg, cleaned_shard_paths(cfg), out_dir, log=context.log.info,
-                            keep=model_source.tokenizer_dir_of(warm.model_dir, cfg) if warm else None)
+                            keep=model_source.tokenizer_dir_of(warm.model_dir, cfg) if warm else None,
+                            warn=context.log.warning)
     examples = [[text, " ".join(tokens)] for text, tokens in r.examples]
     return dg.MaterializeResult(
         data_version=dg.DataVersion(tokenizer_hash(out_dir)),
         metadata={
-            **uri(r.path), "vocab_size": r.vocab_size, "bytes_per_token": round(r.bytes_per_token, 4),
+            **uri(r.path), "vocab_size": r.vocab_size, "vocab_size_requested": r.vocab_size_requested,
+            "bytes_per_token": round(r.bytes_per_token, 4),
             "train_seconds": round(r.train_seconds, 2), "num_training_bytes": r.num_training_bytes,
             "num_training_documents": r.num_training_documents,
             "num_roundtrip_failures": len(r.roundtrip_failures),
@@ -56,13 +60,15 @@ def tokenizer_roundtrip(scratchllm: ScratchllmResource) -> dg.AssetCheckResult:
 
 
 @dg.asset(group_name="tokenizer", kinds={"arrow"}, code_version="1", deps=[tokenizer, cleaned_shards])
+@user_errors
 def tokenized_dataset(context: dg.AssetExecutionContext, config: TokenizedDatasetConfig,
                       scratchllm: ScratchllmResource) -> dg.MaterializeResult:
     """The cleaned shards encoded into memory-mappable Arrow IPC token files (uint16 when the
     vocabulary fits), split train/val by document, each document ended by <|endoftext|>."""
     cfg = scratchllm.resolve(config)
     tok_dir = cfg.data_path / TOKENIZER_DIR
-    r = build_tokenized_dataset(cfg, bpe.load(tok_dir), tok_dir, log=context.log.info)
+    r = build_tokenized_dataset(cfg, bpe.load(tok_dir), tok_dir, log=context.log.info, warn=context.log.warning)
+    s = r.split
     return dg.MaterializeResult(
         data_version=dg.DataVersion(r.data_version),
         metadata={
@@ -71,6 +77,12 @@ def tokenized_dataset(context: dg.AssetExecutionContext, config: TokenizedDatase
             "num_val_documents": r.num_val_documents, "dtype": r.dtype,
             "num_shards_encoded": r.num_shards_encoded, "num_shards_reused": r.num_shards_reused,
             "builtin_task_items": r.builtin_task_items,
+            "split_unit": s["unit"], "split_as_asked": s["as_asked"], "split_reason": s["reason"],
+            "val_fraction_requested": s["val_fraction"],
+            **{f"val_share_{k}": round(s[f"val_share_{k}"], 4) for k in ("documents", "bytes", "tokens")},
+            "split": markdown_table(["", "source documents", "pieces", "bytes", "tokens"], [
+                [side, s[f"{side}_documents"], s[f"{side}_pieces"], s[f"{side}_bytes"], s[f"{side}_tokens"]]
+                for side in ("train", "val")]),
             "num_contaminated_documents": r.contamination["num_contaminated_documents"],
             "num_contaminated_removed": r.contamination["num_removed"],
             "decontamination": f"{r.contamination['mode']}, {r.contamination['ngram']}-grams of "

@@ -7,6 +7,7 @@ import dagster as dg
 from llm_core import health, sweep, tracking, training_run
 from pipelines.assets.tokenizer import tokenized_dataset
 from pipelines.config import ScratchllmResource, run_config_class
+from pipelines.failures import user_errors
 from pipelines.lineage import UPSTREAM_OF_TRAINING, data_versions
 from pipelines.metadata import loss_curve_plot, markdown_table, uri
 from pipelines.resources import (MLflowResource, accelerate_command, rank_environment, run_side_by_side,
@@ -22,6 +23,7 @@ TrainedModelConfig = run_config_class("TrainedModelConfig", "model", "training")
               description="Every loss is finite and the train loss never stays far above its running median "
                           "(training.health_spike_factor, training.health_spike_steps); otherwise export, "
                           "evaluation and registry are skipped.")])
+@user_errors
 def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig, scratchllm: ScratchllmResource,
                   mlflow: MLflowResource, pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
     """A Llama-style decoder trained with accelerate (one process per rank), checkpointed and
@@ -30,6 +32,8 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
     once), as child runs of one MLflow parent run; finished variants are reused."""
     cfg = scratchllm.resolve(config)
     cfg = with_warm_start(context, cfg, mlflow.uri(cfg))
+    if warning := training_run.repetition_warning(cfg):
+        context.log.warning(warning)
     tags = {"dagster.run_id": context.run_id, **data_versions(context.instance, UPSTREAM_OF_TRAINING)}
     if cfg.sweep:
         return train_sweep(context, cfg, mlflow.uri(cfg), tags)

@@ -1,0 +1,55 @@
+"""What a failed step tells the user: the cause in its own words, and the next step where one is known.
+
+An asset that hits a problem with the user's data or settings (llm_core's DataError, ConfigError)
+fails with a `dg.Failure` carrying that message and the next step as metadata, so the Dagster UI
+shows the cause first rather than a wrapped ValueError; `scratchllm run` prints the same under each
+failed step. The stack trace stays in the log.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import dagster as dg
+
+from llm_core.config import ConfigError
+from llm_core.errors import DataError
+
+NEXT_STEP = "next step"
+
+
+def user_errors(asset_fn):
+    """Decorate an asset's function (under @dg.asset): its user-facing errors become a dg.Failure."""
+    @functools.wraps(asset_fn)
+    def run(*args, **kwargs):
+        try:
+            return asset_fn(*args, **kwargs)
+        except (DataError, ConfigError) as exc:
+            next_step = getattr(exc, "next_step", None)
+            raise dg.Failure(description=exc.args[0], allow_retries=False,
+                             metadata={NEXT_STEP: next_step} if next_step else {}) from exc
+    return run
+
+
+def step_cause(event: dg.DagsterEvent) -> list[str]:
+    """The cause of a step failure in at most 2 lines: the innermost error's first line (without its
+    class name) or the Failure's description, and the next step when one is known."""
+    data = event.event_specific_data
+    failure = getattr(data, "user_failure_data", None)
+    if failure is not None and failure.description:
+        next_step = failure.metadata.get(NEXT_STEP)
+        return [first_line(failure.description)] + ([f"next step: {next_step.value}"] if next_step else [])
+    error = getattr(data, "error", None)
+    if error is None:
+        return []
+    while error.cause is not None:  # Dagster wraps the user's error: "Error occurred while executing op ..."
+        error = error.cause
+    return [first_line(error.message)]
+
+
+def first_line(message: str) -> str:
+    """The first non-empty line of an error message, without a leading exception class name."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()] or [""]
+    line = re.sub(r"^[\w.]+(Error|Exception|Failure|Diverged): ", "", lines[0])
+    return f"{line} {lines[1]}" if line.endswith(":") and len(lines) > 1 else line  # "invalid P:\n  field: why"

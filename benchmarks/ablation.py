@@ -3,7 +3,7 @@
     python benchmarks/ablation.py [--config assets_config/default.yaml] [--variants all] [--seeds 1]
 
 Every variant is the profile plus a few config overrides (VARIANTS below), trained from scratch on the
-same tokenized dataset, each in its own process (`python -m llm_core.train`), one after another so that
+same tokenized dataset, each in its own process (`python -m llm_core.training.train`), one after another so that
 they see the same machine. The dataset is built first if missing (`scratchllm run --select
 *tokenized_dataset`). Prints one row per variant: final val bits/byte (mean over seeds), its change
 against the first variant, its standard deviation over seeds (and each seed's value), training
@@ -24,9 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from llm_core.checkpoint import load_model  # noqa: E402
+from llm_core.model_files import load_model  # noqa: E402
 from llm_core.config import deep_merge, load_config, validate_config  # noqa: E402
-from llm_core.evaluate import document_scores  # noqa: E402
+from llm_core.evaluation.evaluate import document_scores  # noqa: E402
 from llm_core.layout import DATASET_DIR  # noqa: E402
 
 # The 2023 recipe, the current default, then the default with one change undone or added.
@@ -49,7 +49,7 @@ def train_variant(cfg_values: dict, work: Path) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     (work / "config.json").write_text(json.dumps(cfg_values))
-    subprocess.run([sys.executable, "-m", "llm_core.train", "--resolved-config", str(work / "config.json"),
+    subprocess.run([sys.executable, "-m", "llm_core.training.train", "--resolved-config", str(work / "config.json"),
                     "--out-dir", str(work / "run")], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((work / "run" / "training_summary.json").read_text())
     cfg = validate_config(cfg_values)  # the final scores as model_evaluation computes them

@@ -23,15 +23,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # import benchmarks.* and llm_core
 
 from benchmarks.make_corpus import make_sized_corpus  # noqa: E402
-from llm_core import evaluate as ev  # noqa: E402
-from llm_core import tokenizer as bpe  # noqa: E402
-from llm_core.checkpoint import load_model  # noqa: E402
+from llm_core.evaluation import evaluate as ev  # noqa: E402
+from llm_core.data import tokenizer as bpe  # noqa: E402
+from llm_core.model_files import load_model  # noqa: E402
 from llm_core.config import load_config  # noqa: E402
 from llm_core.data.cleaned_shards import build_cleaned_shards, cleaned_shard_paths  # noqa: E402
 from llm_core.data.raw_corpus import build_raw_corpus  # noqa: E402
 from llm_core.layout import TOKENIZER_DIR  # noqa: E402
-from llm_core.tokenized_dataset import build_tokenized_dataset  # noqa: E402
-from llm_core.train import train  # noqa: E402
+from llm_core.data.tokenized_dataset import build_tokenized_dataset  # noqa: E402
+from llm_core.training.train import train  # noqa: E402
 
 
 def main() -> None:

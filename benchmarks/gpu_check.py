@@ -1,4 +1,4 @@
-"""The project's own model and training loop (llm_core.train, through accelerate) on one GPU, without
+"""The project's own model and training loop (llm_core.training.train, through accelerate) on one GPU, without
 Dagster or MLflow: tokens/s, MFU, peak memory against `scratchllm plan`, and the loss after N steps,
 eager vs torch.compile, for a ~10M and a GPT-2-small-shaped (~124M) model.
 
@@ -47,7 +47,7 @@ def byte_dataset(out_dir: Path, vocab_size: int, val_fraction: float = 0.1) -> P
     import numpy as np
     import pyarrow as pa
 
-    from llm_core.tokenized_dataset import DOCS_SCHEMA, _write_ipc
+    from llm_core.data.tokenized_dataset import DOCS_SCHEMA, _write_ipc
 
     scenes = [s.encode() for s in (ROOT / "data" / "tinyshakespeare.txt").read_text().split("\n\n") if s.strip()]
     eot = 0  # NUL never occurs in the text
@@ -72,8 +72,8 @@ def byte_dataset(out_dir: Path, vocab_size: int, val_fraction: float = 0.1) -> P
 
 def run_one(data_dir: Path, out_dir: Path, model: dict, training: dict, vocab_size: int, compile_: bool) -> dict:
     from llm_core.config import load_config
-    from llm_core.plan import planned_row
-    from llm_core.train import train
+    from llm_core.experiments.plan import planned_row
+    from llm_core.training.train import train
 
     steps = training["max_steps"]
     cfg = load_config(overrides={
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--one", nargs=5, metavar=("SIZE", "MODE", "DATA_DIR", "VOCAB", "OUT"), help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
     if a.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # llm_core.train takes CUDA whenever it sees one
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # llm_core.training.train takes CUDA whenever it sees one
     import torch
 
     if a.one:

@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # import benchm
 
 from benchmarks.make_corpus import make_planted_corpus
 from benchmarks.outcomes import Outcomes, score_pairs
-from llm_core.config import load_config
-from llm_core.data.checks import verify_cleaned_shards
-from llm_core.data.cleaned_shards import build_cleaned_shards
-from llm_core.data.raw_corpus import build_raw_corpus
+from llm_core.config import load_config  # noqa: E402
+from llm_core.data.checks import verify_cleaned_shards  # noqa: E402
+from llm_core.data.cleaned_shards import build_cleaned_shards  # noqa: E402
+from llm_core.data.raw_corpus import build_raw_corpus  # noqa: E402
 
 
 def run(work_dir: Path, n_files: int, seed: int, overrides: dict | None = None, verbose: bool = False) -> dict:

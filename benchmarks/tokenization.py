@@ -111,7 +111,7 @@ def train_child(work_dir: Path, shard_mb: float, vocab: int, megabytes: float) -
 
     from llm_core.files import read_json
     from llm_core.layout import CLEANED_SHARDS_DIR
-    from llm_core.tokenizer import train_tokenizer
+    from llm_core.data.tokenizer import train_tokenizer
 
     cfg = make_config(work_dir, shard_mb, vocab, max_training_mb=megabytes)
     parts = read_json(cfg.data_path / CLEANED_SHARDS_DIR / "manifest.json")["parts"]
@@ -159,9 +159,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from llm_core.data.cleaned_shards import build_cleaned_shards
     from llm_core.data.raw_corpus import build_raw_corpus
-    from llm_core.loader import TokenWindows
-    from llm_core.tokenized_dataset import build_tokenized_dataset
-    from llm_core.tokenizer import iter_documents, load, train_tokenizer
+    from llm_core.training.loader import TokenWindows
+    from llm_core.data.tokenized_dataset import build_tokenized_dataset
+    from llm_core.data.tokenizer import iter_documents, load, train_tokenizer
 
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"cores {os.cpu_count()}, RAYON_NUM_THREADS unset, TOKENIZERS_PARALLELISM="

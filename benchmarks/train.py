@@ -10,7 +10,7 @@ For two sizes (~1M: 4 layers, 128 wide, block 64, batch 12; ~10M: nanoGPT's shak
     at its shakespeare_char vocabulary of 65 characters, and at our 2,048 BPE tokens;
   - scratchllm: llm_core.model.Transformer (RoPE, SDPA attention, SwiGLU, RMSNorm, vocabulary 2,048)
     in fp32, and in what `training.mixed_precision: auto` chooses for that size on this machine
-    (llm_core/performance.py: bf16 only with native bf16 units and a measured gain on a training step
+    (llm_core/training/performance.py: bf16 only with native bf16 units and a measured gain on a training step
     of the model),
 and prints tokens/s (median of repeats, interleaved), MFU against the best GEMM measured in this run
 in the same precision, and the ratio to nanoGPT at 65 characters (the issue's baseline).
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llm_core.model import ModelArgs, Transformer  # noqa: E402
-from llm_core.performance import choose_precision, measure_peak_flops  # noqa: E402
-from llm_core.train import step_seconds  # noqa: E402
+from llm_core.training.performance import choose_precision, measure_peak_flops  # noqa: E402
+from llm_core.training.train import step_seconds  # noqa: E402
 
 VOCAB = 2048  # the default profile's BPE vocabulary
 CHAR_VOCAB = 65  # nanoGPT's shakespeare_char

@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 
-from llm_core.config import CleaningConfig
-from llm_core.data import clean, dedup
+from llm_core.config import CleaningConfig  # noqa: E402
+from llm_core.data import clean, dedup  # noqa: E402
 
 # ---- reference implementations (the code before the fast paths) ----------------------------
 

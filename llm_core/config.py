@@ -11,6 +11,8 @@ behaves the same from the CLI, from `dagster dev` and from tests, whatever the w
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -148,7 +150,7 @@ class TokenizerConfig(Section):
 
 class DatasetConfig(Section):
     val_fraction: float = Field(default=0.1, gt=0, lt=1, description="Share of the text held out for validation: "
-                                "whole documents, or pieces when a few documents cannot give it (llm_core/split.py).")
+                                "whole documents, or pieces when a few documents cannot give it (data/split.py).")
     seed: int = Field(default=1337, description="Seed of the train/val split.")
     packing: str = Field(default="random", description="Training windows start anywhere ('random') or at "
                                                        "document starts ('document').")
@@ -405,7 +407,7 @@ class ScratchConfig(Section):
     automation: AutomationConfig = Field(default_factory=AutomationConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sweep: dict[str, Any] = Field(default_factory=dict, description="Dotted fields -> lists of values: one training "
-                                                                   "per variant (llm_core/sweep.py); empty: none.")
+                                                                   "per variant (experiments/sweep.py); empty: none.")
 
     @field_validator("sweep")
     @classmethod
@@ -429,8 +431,6 @@ class ScratchConfig(Section):
     def _sweep_variants(self) -> "ScratchConfig":
         """Every variant of the sweep is a valid config: refused here, before any work starts."""
         if self.sweep:
-            from llm_core.sweep import variants  # sweep.py builds on this module
-
             variants(self)
         return self
 
@@ -554,3 +554,64 @@ def changed_values(new: dict, old: dict) -> dict:
         elif key not in old or old[key] != value:
             changed[key] = value
     return changed
+
+
+# ---------------------------------------------------------------------------------------------
+# sweeps: the variants of a profile (the grammar only; llm_core/experiments/sweep.py trains them)
+
+
+@dataclasses.dataclass
+class Variant:
+    name: str  # "v0", "v1", ... in sweep order
+    values: dict[str, Any]  # dotted field -> value
+    config: ScratchConfig  # the profile with these values, without its sweep section
+
+    @property
+    def label(self) -> str:
+        """e.g. "training.learning_rate=0.001, model.n_layer=2"."""
+        return ", ".join(f"{k}={v}" for k, v in self.values.items()) or "the profile as it is"
+
+
+def swept_fields(cfg: ScratchConfig) -> dict[str, list]:
+    return {k: v for k, v in cfg.sweep.items() if k not in ("name", "mode")}
+
+
+def sweep_name(cfg: ScratchConfig) -> str:
+    return cfg.sweep.get("name") or "sweep-" + "-".join(f.rsplit(".", 1)[-1] for f in swept_fields(cfg))
+
+
+def _nested(dotted: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def variants(cfg: ScratchConfig) -> list[Variant]:
+    """The variants of a config's sweep, each validated; without a sweep, one variant: the config."""
+    fields = swept_fields(cfg)
+    base = cfg.model_dump(mode="json", exclude={"sweep"})
+    if not fields:
+        return [Variant("v0", {}, validate_config(base))]
+    rows = itertools.product(*fields.values()) if cfg.sweep.get("mode", "grid") == "grid" else zip(*fields.values())
+    out = []
+    for i, row in enumerate(rows):
+        values = dict(zip(fields, row))
+        for field in values:
+            if not _has_field(cfg, field):
+                raise ConfigError(f"sweep.{field}: no such config field")
+        merged = base
+        for field, value in values.items():
+            merged = deep_merge(merged, _nested(field, value))
+        label = ", ".join(f"{k}={v}" for k, v in values.items())
+        out.append(Variant(f"v{i}", values, validate_config(merged, f"sweep variant v{i} ({label})")))
+    return out
+
+
+def _has_field(cfg: ScratchConfig, dotted: str) -> bool:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not hasattr(node, "model_fields") or part not in type(node).model_fields:
+            return False
+        node = getattr(node, part)
+    return True

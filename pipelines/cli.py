@@ -169,17 +169,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def resolve_model_dir(spec: str | None, cfg) -> Path:
-    """The model directory `--model` names (llm_core/model_source.py), or (no --model) the latest
+    """The model directory `--model` names (llm_core/training/model_source.py), or (no --model) the latest
     trained_model of the profile's data_dir."""
-    from llm_core.checkpoint import latest_model
-    from llm_core.model_source import model_dir_of
+    from llm_core.model_files import latest_model
+    from llm_core.training.model_source import model_dir_of
 
     return Path(latest_model(cfg)["path"]) if spec is None else model_dir_of(spec, cfg)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from llm_core.generate import load_generator
-    from llm_core.model_source import tokenizer_dir_of
+    from llm_core.registry.generate import load_generator
+    from llm_core.training.model_source import tokenizer_dir_of
 
     try:
         cfg = load_config(args.config)
@@ -198,8 +198,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    from llm_core.export import export_hf
-    from llm_core.model_source import tokenizer_dir_of
+    from llm_core.registry.export import export_hf
+    from llm_core.training.model_source import tokenizer_dir_of
 
     try:
         cfg = load_config(args.config)
@@ -224,8 +224,8 @@ MODEL_HELP = ("a model directory (trained_model/runs/<key>, or one of its checkp
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # library notices, not the user's business
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["plan"]:  # its own flags, see llm_core/plan.py
-        from llm_core import plan
+    if argv[:1] == ["plan"]:  # its own flags, see llm_core/experiments/plan.py
+        from llm_core.experiments import plan
 
         return plan.main(argv[1:])
     parser = argparse.ArgumentParser(prog="scratchllm", description="An LLM foundry as a Dagster asset graph.")

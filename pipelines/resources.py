@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 import dagster as dg
 import yaml
 
-from llm_core import tracking, training_run
+from llm_core import tracking
+from llm_core.training import training_run
 from llm_core.config import ScratchConfig, resolve_path
 
 
@@ -47,7 +48,7 @@ def accelerate_command(cfg: ScratchConfig, module: str, args: list[str], free_po
         if t.num_processes > 1:
             launch += ["--multi_gpu"]  # on CPU this is torchrun with the gloo backend
         launch += ["--num_processes", str(t.num_processes), "--num_machines", "1", "--main_process_port", "0",
-                   # auto is decided by the training itself (llm_core/train.py), once per run
+                   # auto is decided by the training itself (llm_core/training/train.py), once per run
                    "--mixed_precision", "no" if t.mixed_precision == "auto" else t.mixed_precision,
                    "--dynamo_backend", "no"]
     # In its own process group, so that cancelling the Dagster run stops every rank.

@@ -21,7 +21,8 @@ import subprocess
 import sys
 import time
 
-from llm_core import registry, tracking
+from llm_core.registry import versions
+from llm_core import tracking
 from llm_core.config import PROJECT_ROOT, ScratchConfig
 from pipelines.ui import default_signals, interrupt, stop, wait_until_up
 
@@ -36,7 +37,7 @@ def check_registered(spec: str, uri: str) -> None:
     or a model the registry does not hold (FileNotFoundError)."""
     if not re.fullmatch(r"[^/@]+(@[^/@]+|/\d+)", spec):
         raise ValueError(f"--model {spec!r}: expected a registered model NAME@ALIAS or NAME/VERSION")
-    registry.find_version(spec, uri)
+    versions.find_version(spec, uri)
 
 
 def serve_command(host: str, port: int) -> list[str]:
@@ -49,7 +50,7 @@ def scoring_app():
     $SCRATCHLLM_SERVE_MODEL names, behind RequestCheck with the params its signature declares."""
     from mlflow.pyfunc import scoring_server
 
-    with registry.without_mlflow_notices():  # loading runs pyfunc_model.py: MLflow's type-hint advice
+    with versions.without_mlflow_notices():  # loading runs pyfunc_model.py: MLflow's type-hint advice
         model = scoring_server.load_model_with_mlflow_config(os.environ[MODEL_URI_ENV])
     params = model.metadata.get_params_schema()
     return RequestCheck(scoring_server.init(model), [p.name for p in params.params] if params else None)

@@ -1,4 +1,4 @@
-"""What `accelerate launch` runs for the trained_model asset: llm_core.train under Dagster Pipes.
+"""What `accelerate launch` runs for the trained_model asset: llm_core.training.train under Dagster Pipes.
 
 Only the main rank talks to Dagster (a second `open_dagster_pipes()` would report a second
 materialization) and to MLflow; the other ranks just train.
@@ -13,8 +13,8 @@ from pathlib import Path
 from llm_core import tracking
 from llm_core.config import validate_config
 from llm_core.faults import hold_point
-from llm_core.plan import config_strategy, plan_vs_measured
-from llm_core.train import train
+from llm_core.experiments.plan import config_strategy, plan_vs_measured
+from llm_core.training.train import train
 
 
 def main() -> None:

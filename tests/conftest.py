@@ -91,7 +91,7 @@ def reference_run(data_dir, tmp_path_factory):
     (module scope: it trains under the module's one_thread)."""
     from helpers import QUIET, config
 
-    from llm_core.train import train
+    from llm_core.training.train import train
 
     cfg = config(data_dir)
     out = tmp_path_factory.mktemp("reference") / "out"
@@ -105,10 +105,10 @@ def trained(tmp_path_factory):
     tokenizer at <data_dir>/tokenizer and tokenized dataset, shared by the tests that need one."""
     from helpers import QUIET, build_shards
 
-    from llm_core.checkpoint import load_model
-    from llm_core.tokenized_dataset import build_tokenized_dataset
-    from llm_core.tokenizer import load, train_tokenizer
-    from llm_core.train import train
+    from llm_core.model_files import load_model
+    from llm_core.data.tokenized_dataset import build_tokenized_dataset
+    from llm_core.data.tokenizer import load, train_tokenizer
+    from llm_core.training.train import train
 
     root = tmp_path_factory.mktemp("trained")
     cfg = load_config(PROJECT_ROOT / "assets_config" / "ci.yaml", {

@@ -46,8 +46,8 @@ def config(data_dir: Path, **training) -> ScratchConfig:
 
 def build_dataset(cfg: ScratchConfig) -> None:
     """raw_corpus, cleaned_shards, tokenizer (at <data_dir>/tokenizer) and tokenized_dataset of a profile."""
-    from llm_core import tokenizer as tok
-    from llm_core.tokenized_dataset import build_tokenized_dataset
+    from llm_core.data import tokenizer as tok
+    from llm_core.data.tokenized_dataset import build_tokenized_dataset
 
     shards = build_shards(cfg)
     tok.train_tokenizer(cfg, shards, cfg.data_path / "tokenizer", log=QUIET)
@@ -55,7 +55,7 @@ def build_dataset(cfg: ScratchConfig) -> None:
 
 
 def summary(out_dir: Path) -> dict:
-    from llm_core.checkpoint import SUMMARY_FILE
+    from llm_core.model_files import SUMMARY_FILE
 
     return json.loads((out_dir / SUMMARY_FILE).read_text())
 
@@ -74,7 +74,7 @@ def train_command(cfg: ScratchConfig, out_dir: Path) -> list[str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     resolved = out_dir.parent / f"{out_dir.name}.config.json"
     resolved.write_text(json.dumps(cfg.model_dump(mode="json")))
-    return ["-m", "llm_core.train", "--resolved-config", str(resolved), "--out-dir", str(out_dir)]
+    return ["-m", "llm_core.training.train", "--resolved-config", str(resolved), "--out-dir", str(out_dir)]
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess:

@@ -55,7 +55,7 @@ def test_deepspeed_profiles_become_the_plugin_accelerate_builds(path: Path, monk
     from accelerate.utils.launch import prepare_deepspeed_cmd_env
 
     args, defaults, _ = _validate_launch_command(
-        launch_command_parser().parse_args(["--config_file", str(path), "-m", "llm_core.train"]))
+        launch_command_parser().parse_args(["--config_file", str(path), "-m", "llm_core.training.train"]))
     args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command does
     _, env = prepare_deepspeed_cmd_env(args)
     for key, value in env.items():

@@ -9,7 +9,7 @@ import dagster as dg
 import pytest
 from helpers import write_jsonl
 
-from llm_core import registry
+from llm_core.registry import versions
 from llm_core.config import AutomationConfig, ConfigError, load_config
 from llm_core.data.raw_corpus import build_raw_corpus
 from pipelines.automation import new_data_sensor, retrain_schedule
@@ -122,7 +122,7 @@ def test_a_retrain_on_new_data_continues_from_the_champion_and_records_its_paren
     assert latest_metadata(instance, "tokenized_dataset")["num_train_tokens"] > tokens_before  # the new file
 
     def first_loss(metadata):
-        run_dir = tmp_path / "data" / "trained_model" / "runs" / metadata[registry.KEY_TAG]
+        run_dir = tmp_path / "data" / "trained_model" / "runs" / metadata[versions.KEY_TAG]
         return json.loads((run_dir / "training_summary.json").read_text())["history"][0]["train_loss"]
 
     assert first_loss(second) < first_loss(first) - 1.0

@@ -1,4 +1,4 @@
-"""Checkpoints (llm_core/checkpoint.py) on real trainings of the ci profile: kill -9 and resume on
+"""Checkpoints (llm_core/training/checkpoint.py) on real trainings of the ci profile: kill -9 and resume on
 the uninterrupted curve, a truncated or half-loading checkpoint set aside, and reloading the
 trained model (and a checkpoint's weights) with its exact validation loss."""
 
@@ -16,12 +16,13 @@ import pytest
 import torch
 from helpers import QUIET, SUBPROCESS_TIMEOUT, config, losses, run, subprocess_env, summary, train_command
 
-from llm_core.checkpoint import FILE_SIZES, SUMMARY_FILE, checkpoint_dirs, load_model
+from llm_core.training.checkpoint import FILE_SIZES, checkpoint_dirs
+from llm_core.model_files import SUMMARY_FILE, load_model
 from llm_core.config import PROJECT_ROOT, ScratchConfig
 from llm_core.layout import DATASET_DIR
-from llm_core.loader import sequential_batches
+from llm_core.training.loader import sequential_batches
 from llm_core.model import Transformer
-from llm_core.train import model_args, train
+from llm_core.training.train import model_args, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

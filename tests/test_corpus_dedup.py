@@ -19,7 +19,7 @@ from llm_core.data.cleaned_shards import _cache_files, build_cleaned_shards
 from llm_core.data.corpus_dedup import CorpusDedup
 from llm_core.data.sharded_dedup import ShardedDedup
 from llm_core.data.raw_corpus import build_raw_corpus, raw_parts
-from llm_core.engine import LocalEngine
+from llm_core.data.engine import LocalEngine
 
 
 def single_pass_removals(cfg) -> tuple[dict[str, tuple[str, str | None]], int]:

@@ -1,4 +1,4 @@
-"""Decontamination (llm_core/decontamination.py, run by tokenized_dataset): a task file whose items
+"""Decontamination (llm_core/data/decontamination.py, run by tokenized_dataset): a task file whose items
 are planted inside training documents of a real corpus; the check removes exactly those documents,
 or keeps them and fails the blocking check, by configuration; near misses and validation documents
 are left alone."""
@@ -11,11 +11,11 @@ import pyarrow as pa
 import pytest
 from helpers import QUIET, build_shards, make_config, write_jsonl
 
-from llm_core.decontamination import eval_ngrams, ngram_hashes, words
+from llm_core.data.decontamination import eval_ngrams, ngram_hashes, words
 from llm_core.layout import CLEANED_SHARDS_DIR, DATASET_DIR
-from llm_core.split import is_validation
-from llm_core.tokenized_dataset import build_tokenized_dataset, verify_decontamination, verify_token_accounting
-from llm_core.tokenizer import load, train_tokenizer
+from llm_core.data.split import is_validation
+from llm_core.data.tokenized_dataset import build_tokenized_dataset, verify_decontamination, verify_token_accounting
+from llm_core.data.tokenizer import load, train_tokenizer
 
 ITEMS = 4  # task items, each from a paragraph that is not in the corpus
 

@@ -1,4 +1,4 @@
-"""The data engine (llm_core/engine.py) without a cluster: the `engine` section is validated like every
+"""The data engine (llm_core/data/engine.py) without a cluster: the `engine` section is validated like every
 section, never changes what a model was made with, the local engine maps with progress lines, and a
 Ray address that nobody listens on fails at once, naming it. The real 2-node cluster is in
 test_ray_engine.py."""
@@ -9,7 +9,7 @@ import pytest
 from helpers import free_port
 
 from llm_core.config import ConfigError, load_config
-from llm_core.engine import EngineError, LocalEngine, data_engine
+from llm_core.data.engine import EngineError, LocalEngine, data_engine
 
 
 @pytest.mark.parametrize("engine, field", [({"kind": "spark"}, "engine.kind"),

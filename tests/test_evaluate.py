@@ -1,4 +1,4 @@
-"""llm_core.evaluate on a tiny trained model: per-document scores that add up to the split's, computed
+"""llm_core.evaluation.evaluate on a tiny trained model: per-document scores that add up to the split's, computed
 token by token the plain way; the evaluation.max_val_tokens sample (whole documents, fixed, nested).
 Tasks: test_tasks.py. Generation: test_generate.py."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm_core import evaluate as ev
+from llm_core.evaluation import evaluate as ev
 from llm_core.layout import DATASET_DIR
 
 

@@ -13,15 +13,15 @@ import torch
 import yaml
 from helpers import MORE_TRICKY, QUIET, build_shards, make_config, random_unicode, write_jsonl
 
-from llm_core import evaluate, model_card
-from llm_core.checkpoint import save_model_files
+from llm_core.evaluation import evaluate
+from llm_core.registry import model_card
+from llm_core.model_files import save_model_files
 from llm_core.config import load_config
-from llm_core.export import export_hf, num_parameters
+from llm_core.registry.export import export_hf, num_parameters
 from llm_core.files import write_json
-from llm_core.layout import (CLEANED_SHARDS_DIR, DATASET_DIR, LATEST_FILE, MODEL_DIR, RAW_CORPUS_DIR,
-                             TOKENIZER_DIR)
+from llm_core.layout import CLEANED_SHARDS_DIR, DATASET_DIR, LATEST_FILE, MODEL_DIR, RAW_CORPUS_DIR, TOKENIZER_DIR
 from llm_core.model import ModelArgs, Transformer
-from llm_core.tokenizer import EOT, PAD, TOKENIZER_FILE, TRICKY_TEXTS, load, train_tokenizer
+from llm_core.data.tokenizer import EOT, PAD, TOKENIZER_FILE, TRICKY_TEXTS, load, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()

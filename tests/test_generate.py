@@ -1,11 +1,11 @@
-"""llm_core.generate: seeded and greedy sampling, streaming, UTF-8-safe pieces, packaged model directories."""
+"""llm_core.registry.generate: seeded and greedy sampling, streaming, UTF-8-safe pieces, packaged model directories."""
 
 import pytest
 import torch
 
-from llm_core.generate import TextGenerator, load_generator, package_model
+from llm_core.registry.generate import TextGenerator, load_generator, package_model
 from llm_core.model import ModelArgs, Transformer
-from llm_core.tokenizer import EOT, load
+from llm_core.data.tokenizer import EOT, load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,4 +1,4 @@
-"""Training health: the loss-history check (llm_core.health), and through Dagster a diverging training
+"""Training health: the loss-history check (llm_core.training.health), and through Dagster a diverging training
 that fails without a retry and an unhealthy one whose blocking `training_health` check stops
 export, evaluation and the registry."""
 
@@ -15,13 +15,13 @@ from mlflow.tracking import MlflowClient
 from test_pipeline import TINY_TRAINING, materialize, run_config, write_corpus
 
 from llm_core.config import TrainingConfig
-from llm_core.health import DIVERGED_FILE, RunningMedian, assess
+from llm_core.training.health import DIVERGED_FILE, RunningMedian, assess
 
 DOWNSTREAM = ["model_evaluation", "registered_model", "hf_export"]
 
 
 def history(train_losses: list[float], **at_step: dict) -> list[dict]:
-    """A per-step history as llm_core.train records it; `at_step={"s5": {...}}` adds values at step 5."""
+    """A per-step history as llm_core.training.train records it; `at_step={"s5": {...}}` adds values at step 5."""
     rows = [{"step": i, "train_loss": loss, "lr": 1e-3} for i, loss in enumerate(train_losses, 1)]
     for key, values in at_step.items():
         rows[int(key[1:]) - 1].update(values)

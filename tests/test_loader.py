@@ -16,9 +16,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 from llm_core.config import DEFAULT_PROFILE, PROJECT_ROOT, load_config
 from llm_core.data.cleaned_shards import build_cleaned_shards
 from llm_core.data.raw_corpus import build_raw_corpus
-from llm_core.loader import TokenSplit, TokenWindows, sequential_batches
-from llm_core.tokenized_dataset import build_tokenized_dataset
-from llm_core.tokenizer import load, train_tokenizer
+from llm_core.training.loader import TokenSplit, TokenWindows, sequential_batches
+from llm_core.data.tokenized_dataset import build_tokenized_dataset
+from llm_core.data.tokenizer import load, train_tokenizer
 
 QUIET = lambda msg: None  # noqa: E731
 BLOCK, BATCH = 256, 8

@@ -1,4 +1,4 @@
-"""Warm starts (`training.init_from`, llm_core/model_source.py) on real trainings of the ci profile and a
+"""Warm starts (`training.init_from`, llm_core/training/model_source.py) on real trainings of the ci profile and a
 real MLflow sqlite registry: from the registered champion, a run directory and a checkpoint; refused
 with the differing field named; `automation.retrain_mode: continue`; the parent in the lineage."""
 
@@ -9,13 +9,15 @@ import pytest
 import torch
 from helpers import QUIET, config
 
-from llm_core import model_source, registry, tracking, training_run
-from llm_core.checkpoint import MODEL_CONFIG_FILE, load_model
+from llm_core.training import model_source, training_run
+from llm_core.registry import versions
+from llm_core import tracking
+from llm_core.model_files import MODEL_CONFIG_FILE, load_model
 from llm_core.config import ConfigError, load_config
 from llm_core.layout import DATASET_DIR
-from llm_core.loader import TokenWindows
-from llm_core.tokenizer import train_tokenizer
-from llm_core.train import lr_at, model_args, train
+from llm_core.training.loader import TokenWindows
+from llm_core.data.tokenizer import train_tokenizer
+from llm_core.training.train import lr_at, model_args, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,9 +36,9 @@ def registered(source, data_dir, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     store_cfg = cfg.model_copy(update={"data_dir": str(tmp_path)})  # its artifacts under tmp_path
-    run_id = tracking.start_training_run(store_cfg, uri, tags={registry.KEY_TAG: "source"})
-    registry.register(result.out_dir, data_dir / "tokenizer", tracking_uri=uri, run_id=run_id, name="warm",
-                      val_bpb=2.0, tags={registry.KEY_TAG: "source"})
+    run_id = tracking.start_training_run(store_cfg, uri, tags={versions.KEY_TAG: "source"})
+    versions.register(result.out_dir, data_dir / "tokenizer", tracking_uri=uri, run_id=run_id, name="warm",
+                      val_bpb=2.0, tags={versions.KEY_TAG: "source"})
     return uri, run_id
 
 

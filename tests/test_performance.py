@@ -1,4 +1,4 @@
-"""llm_core/performance.py: the MFU denominator and `training.mixed_precision: auto`, measured on this
+"""llm_core/training/performance.py: the MFU denominator and `training.mixed_precision: auto`, measured on this
 machine's real CPU (only a CPU without bf16 units, which this one may not be, is simulated)."""
 
 import re
@@ -6,10 +6,10 @@ import re
 import pytest
 import torch
 
-from llm_core import performance
+from llm_core.training import performance
 from llm_core.model import ModelArgs
-from llm_core.performance import choose_precision, gemm_flops, measure_peak_flops, mfu
-from llm_core.train import step_seconds
+from llm_core.training.performance import choose_precision, gemm_flops, measure_peak_flops, mfu
+from llm_core.training.train import step_seconds
 
 CPU = torch.device("cpu")
 

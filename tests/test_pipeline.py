@@ -17,8 +17,8 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from llm_core import registry
-from llm_core.checkpoint import load_model
+from llm_core.registry import versions
+from llm_core.model_files import load_model
 from llm_core.config import PROJECT_ROOT, load_config
 from llm_core.data.ingest import read_source
 from llm_core.data.raw_corpus import _read_options, build_raw_corpus
@@ -156,7 +156,7 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path, monkeypatch):
     assert version.run_id == model["mlflow_run_id"] and version.tags["dagster.run_id"] == result.run_id
     assert {"data_version.cleaned_shards", "data_version.tokenized_dataset", "config_hash", "code_version"} \
         <= set(version.tags)
-    version_dir = registry.download("scratchllm/1", f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}", tmp_path / "v")
+    version_dir = versions.download("scratchllm/1", f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}", tmp_path / "v")
     assert (version_dir / "README.md").read_text() == card  # the registered version carries the same card
 
     # A training that barely moves the weights is a worse model: the challenger; the champion stays.

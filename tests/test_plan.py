@@ -22,7 +22,7 @@ import pytest
 import torch
 from helpers import config, losses, subprocess_env, summary, train_command
 
-from llm_core import plan as planner
+from llm_core.experiments import plan as planner
 from llm_core.config import CONFIG_DIR
 from llm_core.model import Block, ModelArgs, Transformer
 

@@ -1,4 +1,4 @@
-"""Promotion that survives noise (llm_core/promotion.py) with real trainings and a real MLflow store:
+"""Promotion that survives noise (llm_core/evaluation/promotion.py) with real trainings and a real MLflow store:
 a re-run that differs only in its seed, whose difference is inside the paired interval, does not take
 `champion`; a clearly better model does; a model worse on a task beyond noise does not; a champion
 evaluated elsewhere is compared through the scores its MLflow run keeps."""
@@ -13,12 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import CI_PROFILE, QUIET, build_dataset, config
 
-from llm_core import evaluate as ev
-from llm_core import promotion, registry, tracking
-from llm_core.checkpoint import load_model
+from llm_core.evaluation import evaluate as ev
+from llm_core.evaluation import promotion
+from llm_core.registry import versions
+from llm_core import tracking
+from llm_core.model_files import load_model
 from llm_core.config import load_config
 from llm_core.layout import EVALUATION_DIR
-from llm_core.train import train
+from llm_core.training.train import train
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
@@ -51,14 +53,14 @@ def store(evaluated, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     store_cfg = cfg.model_copy(update={"data_dir": str(tmp_path)})
 
-    def register(name: str, verdict=None) -> registry.Registration:
-        run_id = tracking.start_training_run(store_cfg, uri, tags={registry.KEY_TAG: name})
+    def register(name: str, verdict=None) -> versions.Registration:
+        run_id = tracking.start_training_run(store_cfg, uri, tags={versions.KEY_TAG: name})
         eval_dir = cfg.data_path / EVALUATION_DIR / name
         tracking.log_evaluation(uri, run_id, {"val_bpb": bpb[name]}, [],
                                 files=[eval_dir / ev.PER_DOCUMENT_FILE, eval_dir / ev.TASK_ITEMS_FILE])
-        return registry.register(cfg.data_path / "runs" / name, cfg.data_path / "tokenizer", tracking_uri=uri,
+        return versions.register(cfg.data_path / "runs" / name, cfg.data_path / "tokenizer", tracking_uri=uri,
                                  run_id=run_id, name=cfg.registry.model_name, val_bpb=bpb[name],
-                                 tags={registry.KEY_TAG: name}, verdict=verdict)
+                                 tags={versions.KEY_TAG: name}, verdict=verdict)
 
     return register, uri
 

@@ -230,7 +230,7 @@ def test_every_node_must_see_data_dir(ray_cluster, tmp_path, monkeypatch):
     the driver writes its probe there, and no node's worker finds it."""
     import ray
 
-    from llm_core.engine import EngineError, check_shared_directory
+    from llm_core.data.engine import EngineError, check_shared_directory
 
     monkeypatch.chdir(tmp_path)
     for name, value in ray_cluster.env().items():

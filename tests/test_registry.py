@@ -8,9 +8,11 @@ import sys
 import mlflow
 import pytest
 
-from llm_core import registry, tracking
+from llm_core.registry import versions
+from llm_core import tracking
 from llm_core.config import PROJECT_ROOT
-from llm_core.generate import copy_tokenizer, load_generator
+from llm_core.model_files import copy_tokenizer
+from llm_core.registry.generate import load_generator
 
 
 @pytest.fixture
@@ -20,10 +22,10 @@ def store(trained, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     store_cfg = cfg.model_copy(update={"data_dir": str(tmp_path)})  # artifacts go under tmp_path
 
-    def register(key: str, val_bpb: float) -> registry.Registration:
-        run_id = tracking.start_training_run(store_cfg, uri, tags={registry.KEY_TAG: key})
-        return registry.register(result.out_dir, cfg.data_path / "tokenizer", tracking_uri=uri, run_id=run_id,
-                                 name="tiny", val_bpb=val_bpb, tags={registry.KEY_TAG: key, "lineage": "x"})
+    def register(key: str, val_bpb: float) -> versions.Registration:
+        run_id = tracking.start_training_run(store_cfg, uri, tags={versions.KEY_TAG: key})
+        return versions.register(result.out_dir, cfg.data_path / "tokenizer", tracking_uri=uri, run_id=run_id,
+                                 name="tiny", val_bpb=val_bpb, tags={versions.KEY_TAG: key, "lineage": "x"})
 
     return register, uri
 
@@ -134,13 +136,14 @@ def test_registry_paths_need_no_environment_and_write_nothing_in_the_working_dir
     script = f"""
 import os
 os.chdir({str(elsewhere)!r})
-from llm_core import registry, tracking
+from llm_core import tracking
+from llm_core.registry import versions
 from llm_core.config import load_config
 cfg = load_config({str(profile)!r})
 uri = tracking.tracking_uri(cfg)
-run_id = tracking.start_training_run(cfg, uri, tags={{registry.KEY_TAG: "k"}})
-r = registry.register({str(result.out_dir)!r}, {str(cfg.data_path / 'tokenizer')!r}, tracking_uri=uri,
-                      run_id=run_id, name="tiny", val_bpb=2.0, tags={{registry.KEY_TAG: "k"}})
+run_id = tracking.start_training_run(cfg, uri, tags={{versions.KEY_TAG: "k"}})
+r = versions.register({str(result.out_dir)!r}, {str(cfg.data_path / 'tokenizer')!r}, tracking_uri=uri,
+                      run_id=run_id, name="tiny", val_bpb=2.0, tags={{versions.KEY_TAG: "k"}})
 print(r.version, r.alias, uri)
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, env=env, capture_output=True, text=True,

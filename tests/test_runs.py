@@ -96,8 +96,9 @@ def reference_loss(run_dir: Path, out_dir: Path) -> float:
     """The final train loss of an uninterrupted training of the same resolved config, with the
     same thread count as the asset's ranks."""
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1), "MKL_NUM_THREADS": str(os.cpu_count() or 1)}
-    subprocess.run([sys.executable, "-m", "llm_core.train", "--resolved-config", str(run_dir / "resolved_config.json"),
-                    "--out-dir", str(out_dir)], check=True, env=env, capture_output=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "llm_core.training.train",
+                    "--resolved-config", str(run_dir / "resolved_config.json"), "--out-dir", str(out_dir)],
+                   check=True, env=env, capture_output=True, timeout=600)
     return json.loads((out_dir / "training_summary.json").read_text())["final_train_loss"]
 
 

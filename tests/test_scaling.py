@@ -1,4 +1,4 @@
-"""Scaling fits (llm_core/scaling.py) and `scratchllm plan --budget`: a known power law is recovered with
+"""Scaling fits (llm_core/experiments/scaling.py) and `scratchllm plan --budget`: a known power law is recovered with
 an interval that holds its exponent; a budget is split into parameters and tokens at the points' ratio."""
 
 import subprocess
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import subprocess_env
 
-from llm_core import scaling
+from llm_core.experiments import scaling
 
 
 def law(flops):

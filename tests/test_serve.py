@@ -20,10 +20,11 @@ import pytest
 from helpers import free_port
 from mlflow.exceptions import MlflowException
 
-from llm_core import registry, tracking
+from llm_core.registry import versions
+from llm_core import tracking
 from llm_core.config import PROJECT_ROOT
-from llm_core.generate import load_generator
-from llm_core.pyfunc_model import MAX_NEW_TOKENS, validated_params
+from llm_core.registry.generate import load_generator
+from llm_core.registry.pyfunc_model import MAX_NEW_TOKENS, validated_params
 from pipelines.serve import STARTUP_TIMEOUT_SECONDS
 
 # (params, the param the refusal must name)
@@ -43,8 +44,8 @@ def test_bad_params_are_refused_naming_the_param(params, name):
 
 def test_good_params_are_filled_in_from_the_defaults():
     assert validated_params({"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0}) == \
-        {**registry.DEFAULT_PARAMS, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.0}
-    assert validated_params(None) == registry.DEFAULT_PARAMS
+        {**versions.DEFAULT_PARAMS, "max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.0}
+    assert validated_params(None) == versions.DEFAULT_PARAMS
 
 
 @pytest.fixture
@@ -54,9 +55,9 @@ def served_store(trained, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     store_cfg = cfg.model_copy(update={"data_dir": str(tmp_path / "data")})
     uri = tracking.tracking_uri(store_cfg)  # the profile's own store: what `scratchllm serve` must find
-    run_id = tracking.start_training_run(store_cfg, uri, tags={registry.KEY_TAG: "a"})
-    registry.register(result.out_dir, cfg.data_path / "tokenizer", tracking_uri=uri, run_id=run_id, name="tiny",
-                      val_bpb=2.0, tags={registry.KEY_TAG: "a"})
+    run_id = tracking.start_training_run(store_cfg, uri, tags={versions.KEY_TAG: "a"})
+    versions.register(result.out_dir, cfg.data_path / "tokenizer", tracking_uri=uri, run_id=run_id, name="tiny",
+                      val_bpb=2.0, tags={versions.KEY_TAG: "a"})
     profile = tmp_path / "profile.yaml"
     profile.write_text(f"data_dir: {store_cfg.data_path}\nregistry: {{model_name: tiny}}\n")
     return profile, uri
@@ -139,11 +140,11 @@ def test_logging_the_model_prints_no_mlflow_advice(trained, tmp_path):
     cfg, result, _ = trained
     store = cfg.model_copy(update={"data_dir": str(tmp_path / "data")})
     uri = tracking.tracking_uri(store)
-    run_id = tracking.start_training_run(store, uri, tags={registry.KEY_TAG: "a"})
+    run_id = tracking.start_training_run(store, uri, tags={versions.KEY_TAG: "a"})
     warnings.onceregistry.clear()  # MLflow shows its type-hint advice once per process: maybe already
     with warnings.catch_warnings(record=True) as caught, tracking.using(uri):
         warnings.simplefilter("always")
-        registry.log_pyfunc(result.out_dir, cfg.data_path / "tokenizer", run_id)
+        versions.log_pyfunc(result.out_dir, cfg.data_path / "tokenizer", run_id)
     shown = [str(w.message) for w in caught]
     assert not [m for m in shown if "type hints" in m or "input example" in m], shown
 

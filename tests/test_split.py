@@ -1,4 +1,4 @@
-"""llm_core.split: a document's side of the train/validation split depends on its id and the seed only;
+"""llm_core.data.split: a document's side of the train/validation split depends on its id and the seed only;
 a corpus of a few documents is split by piece instead."""
 
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 from helpers import write_parquet
 from llm_core.config import load_config
 from llm_core.errors import DataError
-from llm_core.split import as_asked, is_validation, plan_split
+from llm_core.data.split import as_asked, is_validation, plan_split
 
 IDS = [f"source.jsonl:{i}" for i in range(10_000)]
 

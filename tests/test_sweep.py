@@ -1,4 +1,4 @@
-"""Sweep definitions (llm_core/sweep.py): a grid or a list of values over dotted fields, each variant
+"""Sweep definitions (llm_core/experiments/sweep.py): a grid or a list of values over dotted fields, each variant
 validated before any work starts, naming the variant and the field; data fields refused."""
 
 import json
@@ -12,7 +12,7 @@ import dagster as dg
 import pytest
 from helpers import subprocess_env
 
-from llm_core import sweep
+from llm_core.experiments import sweep
 from llm_core.config import ConfigError, load_config
 
 
@@ -177,7 +177,7 @@ def test_side_by_side_variants_get_their_own_devices_or_a_share_of_the_cores(tmp
                                          ".*multi_node.yaml spans several machines"):
         slot_environments([two_machines], 2, ["0", "1"])
     # how many train at once is not what they train: the training keys stay the same
-    from llm_core.training_run import training_key
+    from llm_core.training.training_run import training_key
     parallel = load_config(None, {"training": {"max_parallel_variants": 4}})
     assert training_key(parallel, "data") == training_key(one_rank, "data")
     assert parallel.config_hash() == one_rank.config_hash()
@@ -246,7 +246,7 @@ def test_the_biggest_variants_start_first_when_several_train_at_once():
     last variant still training when the others are done is a short one."""
     from llm_core.config import CONFIG_DIR
     from llm_core.model import Transformer
-    from llm_core.train import model_args
+    from llm_core.training.train import model_args
 
     ladder = sweep.variants(load_config(CONFIG_DIR / "sweeps" / "size_ladder.yaml"))
     flops = [sweep.training_flops(v.config) for v in ladder]

@@ -1,4 +1,4 @@
-"""Multiple-choice tasks (llm_core/tasks.py) on a tiny trained model and its real tokenizer: bad task
+"""Multiple-choice tasks (llm_core/evaluation/tasks.py) on a tiny trained model and its real tokenizer: bad task
 files refused naming file and line; the batched log-likelihoods equal one-at-a-time forward passes;
 accuracy, length-normalized accuracy and the centered score; the evaluation report and MLflow names."""
 
@@ -10,14 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm_core import evaluate as ev
-from llm_core import tasks as mc
-from llm_core import tokenized_dataset as td
+from llm_core.data import task_items
+from llm_core.evaluation import evaluate as ev
+from llm_core.evaluation import tasks as mc
+from llm_core.data import tokenized_dataset as td
 from llm_core.config import TaskFile
 from llm_core.files import read_json
 from llm_core.layout import CLEANED_SHARDS_DIR
-from llm_core.split import plan_split
-from llm_core.tokenizer import EOT, load
+from llm_core.data.split import plan_split
+from llm_core.data.tokenizer import EOT, load
 
 
 def task_file(path):
@@ -51,21 +52,21 @@ def test_a_bad_item_is_refused_naming_the_file_and_line(tmp_path, line, message)
     path = tmp_path / "task.jsonl"
     path.write_text(json.dumps(ITEMS[0]) + "\n\n" + line + "\n")
     with pytest.raises(ValueError, match=rf"task\.jsonl:3: {message}"):
-        mc.load_task(path)
+        task_items.load_task(path)
 
 
 def test_a_missing_or_empty_task_file_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="evaluation.tasks: no task file .*nowhere.jsonl"):
-        mc.load_task(tmp_path / "nowhere.jsonl")
+        task_items.load_task(tmp_path / "nowhere.jsonl")
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="has no items"):
-        mc.load_task(tmp_path / "empty.jsonl")
+        task_items.load_task(tmp_path / "empty.jsonl")
 
 
 def test_batched_log_likelihoods_equal_one_forward_per_choice(trained, tmp_path):
     cfg, _, model = trained
     tokenizer = load(cfg.data_path / "tokenizer")
-    items = mc.load_task(write_task(tmp_path / "t.jsonl", ITEMS))
+    items = task_items.load_task(write_task(tmp_path / "t.jsonl", ITEMS))
     rows = mc.choice_rows(items, tokenizer, model.args.block_size)
     assert len(rows) == 9 and all(ids[0] == tokenizer.token_to_id(EOT) for ids, _ in rows)
     batched = mc.choice_log_likelihoods(model, rows, batch_size=4)  # several batches, padded rows
@@ -80,7 +81,7 @@ def test_batched_log_likelihoods_equal_one_forward_per_choice(trained, tmp_path)
 def test_accuracies_follow_the_log_likelihoods(trained, tmp_path):
     cfg, _, model = trained
     tokenizer = load(cfg.data_path / "tokenizer")
-    items = mc.load_task(write_task(tmp_path / "t.jsonl", ITEMS))
+    items = task_items.load_task(write_task(tmp_path / "t.jsonl", ITEMS))
     ll = mc.choice_log_likelihoods(model, mc.choice_rows(items, tokenizer, model.args.block_size))
     per_item = [ll[0:3], ll[3:5], ll[5:9]]
     acc = sum(max(range(len(v)), key=v.__getitem__) == item.label for v, item in zip(per_item, items)) / 3
@@ -91,7 +92,7 @@ def test_accuracies_follow_the_log_likelihoods(trained, tmp_path):
     assert 0 <= score.acc_norm <= 1
     # Relabelled so that the model's own favourite is right every time: accuracy 1, centered 1.
     favourite = [dict(item, label=max(range(len(v)), key=v.__getitem__)) for item, v in zip(ITEMS, per_item)]
-    perfect = mc.score_task("p", mc.load_task(write_task(tmp_path / "p.jsonl", favourite)), model, tokenizer)
+    perfect = mc.score_task("p", task_items.load_task(write_task(tmp_path / "p.jsonl", favourite)), model, tokenizer)
     assert perfect.acc == 1.0 and perfect.centered == pytest.approx(1.0)
     assert mc.core([score, perfect]) == pytest.approx((score.centered + 1.0) / 2)
 
@@ -120,17 +121,18 @@ def test_the_builtin_task_comes_from_validation_documents_and_is_deterministic(t
     cleaned = read_json(cfg.data_path / CLEANED_SHARDS_DIR / "manifest.json")["parts"]
     shards = [cfg.data_path / CLEANED_SHARDS_DIR / "shards" / part["name"] for part in cleaned]
     split = plan_split(cfg, shards).split
-    items = mc.load_task(td.builtin_task_path(cfg))
-    assert len(items) == cfg.dataset.builtin_task_items and all(len(item.choices) == mc.CHOICES for item in items)
+    items = task_items.load_task(td.builtin_task_path(cfg))
+    assert len(items) == cfg.dataset.builtin_task_items
+    assert all(len(item.choices) == task_items.CHOICES for item in items)
     assert min(Counter(item.label for item in items).values()) > len(items) / 8  # the answer is anywhere
     val = " ".join(" ".join(text.split()) for text in td.val_texts(cfg, shards, split))
     for item in items:  # the passage and its true next words follow each other in a validation document
         assert item.context + item.choices[item.label] in val
     again = tmp_path / "again.jsonl"
     texts = td.val_texts(cfg, shards, split)
-    mc.build_continuation_task(texts, again, cfg.dataset.builtin_task_items, cfg.dataset.seed)
+    task_items.build_continuation_task(texts, again, cfg.dataset.builtin_task_items, cfg.dataset.seed)
     assert again.read_bytes() == td.builtin_task_path(cfg).read_bytes()
-    assert mc.build_continuation_task(["too short"] * 10, again, 5, 0) == 0 and not again.exists()
+    assert task_items.build_continuation_task(["too short"] * 10, again, 5, 0) == 0 and not again.exists()
 
 
 @pytest.mark.slow
@@ -140,14 +142,14 @@ def test_the_default_profiles_model_beats_chance_on_the_builtin_task_and_an_untr
     above" is more than 3 standard errors of a 500-item accuracy at chance, "near" within 3."""
     from helpers import QUIET, build_dataset
 
-    from llm_core.checkpoint import load_model
+    from llm_core.model_files import load_model
     from llm_core.config import load_config
     from llm_core.model import Transformer
-    from llm_core.train import model_args, train
+    from llm_core.training.train import model_args, train
 
     cfg = load_config(None, {"data_dir": str(tmp_path)})  # default.yaml, only the data directory moved
     build_dataset(cfg)
-    items = mc.load_task(td.builtin_task_path(cfg))
+    items = task_items.load_task(td.builtin_task_path(cfg))
     tokenizer = load(cfg.data_path / "tokenizer")
     torch.manual_seed(cfg.training.seed)
     untrained = Transformer(model_args(cfg, tokenizer.get_vocab_size()))  # the default model, random weights

@@ -16,15 +16,15 @@ from helpers import QUIET, build_shards, make_config, write_jsonl
 from llm_core.data.cleaned_shards import build_cleaned_shards
 from llm_core.data.raw_corpus import build_raw_corpus
 from llm_core.layout import DATASET_DIR
-from llm_core.loader import TokenWindows
-from llm_core.split import is_validation
-from llm_core.tokenized_dataset import (
+from llm_core.training.loader import TokenWindows
+from llm_core.data.split import is_validation
+from llm_core.data.tokenized_dataset import (
     build_tokenized_dataset,
     token_dtype,
     verify_token_accounting,
     verify_token_ids,
 )
-from llm_core.tokenizer import EOT, held_out_texts, iter_documents, load, train_tokenizer
+from llm_core.data.tokenizer import EOT, held_out_texts, iter_documents, load, train_tokenizer
 
 VOCAB = 300
 LITERAL = "<|endoftext|>"

@@ -12,8 +12,8 @@ from helpers import MORE_TRICKY, QUIET, build_shards, make_config, random_unicod
 from tokenizers import Tokenizer
 
 from llm_core.data.raw_corpus import build_raw_corpus, raw_parts
-from llm_core.split import is_validation
-from llm_core.tokenizer import EOT, PAD, TRICKY_TEXTS, held_out_texts, iter_documents, load, train_tokenizer
+from llm_core.data.split import is_validation
+from llm_core.data.tokenizer import EOT, PAD, TRICKY_TEXTS, held_out_texts, iter_documents, load, train_tokenizer
 
 VOCAB = 512
 VAL_WORD = "zqxvjwk"  # planted in validation documents only

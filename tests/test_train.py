@@ -16,10 +16,11 @@ import pytest
 import torch
 from helpers import CI_PROFILE, QUIET, SUBPROCESS_TIMEOUT, config, losses, run, subprocess_env, summary, train_command
 
-from llm_core.checkpoint import SUMMARY_FILE, checkpoint_dirs, load_model
+from llm_core.model_files import SUMMARY_FILE, load_model
+from llm_core.training.checkpoint import checkpoint_dirs
 from llm_core.config import PROJECT_ROOT, ConfigError, load_config
-from llm_core.health import DIVERGED_FILE
-from llm_core.train import TrainingDiverged, lr_at, train
+from llm_core.training.health import DIVERGED_FILE
+from llm_core.training.train import TrainingDiverged, lr_at, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -141,7 +142,7 @@ def test_throughput_excludes_evaluation_and_checkpoint_time(data_dir, tmp_path, 
     import statistics
     import time
 
-    from llm_core import train as train_module
+    from llm_core.training import train as train_module
 
     def slow(original):
         def wrapper(*args, **kwargs):
@@ -215,7 +216,7 @@ def test_cancelling_the_launch_stops_every_rank(data_dir, tmp_path, ranks_wanted
 
     cfg = config(data_dir, num_processes=ranks_wanted, batch_size=2, max_steps=100_000,
                  checkpoint_interval=100_000, eval_interval=100_000, log_interval=1)
-    command = accelerate_command(cfg, "llm_core.train", train_command(cfg, tmp_path / "cancel")[2:])
+    command = accelerate_command(cfg, "llm_core.training.train", train_command(cfg, tmp_path / "cancel")[2:])
     if os.environ.get("SCRATCHLLM_TEST_WITHOUT_PROCESS_GROUP"):  # to see this test fail without the wrapper
         command = command[command.index("--") + 1:]
     proc = subprocess.Popen(command, cwd=PROJECT_ROOT, env=subprocess_env(), stdout=subprocess.PIPE,
@@ -225,7 +226,7 @@ def test_cancelling_the_launch_stops_every_rank(data_dir, tmp_path, ranks_wanted
         while "step 1/" not in (proc.stdout.readline() or "step 1/"):  # both ranks reduced a loss
             assert time.monotonic() < deadline
         ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                 if "llm_core.train" in p.cmdline() and "accelerate.commands.launch" not in p.cmdline()]
+                 if "llm_core.training.train" in p.cmdline() and "accelerate.commands.launch" not in p.cmdline()]
         assert len(ranks) == ranks_wanted
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)

@@ -36,10 +36,18 @@ from llm_core.data.progress import Log
 from llm_core.data.raw_corpus import EmptyCorpusError, raw_parts
 from llm_core.data.shards import COMPRESSION, DOC_SCHEMA, iter_batches, write_table
 from llm_core.data.sharded_dedup import ShardedDedup
-from llm_core.engine import Engine, data_engine
+from llm_core.data.engine import Engine, data_engine
 from llm_core.faults import hold_point
-from llm_core.files import (TMP_MARK, Quarantine, atomic_path, read_json, remove_stale_files, save_npy, short_hash,
-                             write_json)
+from llm_core.files import (
+    TMP_MARK,
+    Quarantine,
+    atomic_path,
+    read_json,
+    remove_stale_files,
+    save_npy,
+    short_hash,
+    write_json,
+)
 from llm_core.layout import CLEANED_SHARDS_DIR, QUARANTINE_DIR
 
 # Per piece: its status, and for a kept piece the row of its document in the part's UNITS_SCHEMA table

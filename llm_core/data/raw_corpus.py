@@ -23,7 +23,7 @@ from llm_core.config import ScratchConfig
 from llm_core.data.ingest import BadFile, BadRecord, ReadOptions, read_source
 from llm_core.data.progress import Log
 from llm_core.data.shards import ShardWriter
-from llm_core.engine import data_engine
+from llm_core.data.engine import data_engine
 from llm_core.errors import DataError
 from llm_core.data.sources import SourceFile, discover
 from llm_core.files import Quarantine, read_json, remove_stale_files, short_hash, write_json

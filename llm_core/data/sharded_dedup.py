@@ -35,7 +35,7 @@ from llm_core.data import dedup
 from llm_core.data.corpus_dedup import NpyRows, UnitArrays, scratch_dir
 from llm_core.data.progress import Log
 from llm_core.data.repeated_values import isin_sorted
-from llm_core.engine import Engine
+from llm_core.data.engine import Engine
 from llm_core.files import save_npy
 
 PARTITION_BYTES = 256 << 20  # about this much (value, ref) data per reduce task

@@ -3,8 +3,8 @@ logged to the training's MLflow run."""
 
 import dagster as dg
 
-from llm_core import evaluate as ev
-from llm_core import sweep
+from llm_core.evaluation import evaluate as ev
+from llm_core.experiments import sweep
 from llm_core.files import read_json
 from pipelines.assets.training import trained_model
 from pipelines.config import ScratchllmResource, run_config_class

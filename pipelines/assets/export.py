@@ -5,9 +5,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from llm_core import model_card
-from llm_core.checkpoint import latest_model
-from llm_core.export import export_hf, num_parameters
+from llm_core.registry import model_card
+from llm_core.model_files import latest_model
+from llm_core.registry.export import export_hf, num_parameters
 from llm_core.layout import EXPORT_DIR, MODEL_TOKENIZER_SUBDIR
 from pipelines.assets.evaluation import model_evaluation
 from pipelines.assets.training import trained_model

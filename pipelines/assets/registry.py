@@ -1,13 +1,16 @@
 """registered_model: the evaluated model as a version in the MLflow model registry, with lineage
 tags, and the `champion` alias moved only when it beats the current champion beyond noise
-(llm_core/promotion.py)."""
+(llm_core/evaluation/promotion.py)."""
 
 from pathlib import Path
 
 import dagster as dg
 
-from llm_core import evaluate, model_card, promotion, registry, tracking, training_run
-from llm_core.checkpoint import latest_model
+from llm_core.evaluation import evaluate, promotion
+from llm_core.registry import model_card, versions
+from llm_core import tracking
+from llm_core.training import training_run
+from llm_core.model_files import latest_model
 from llm_core.files import read_json
 from llm_core.layout import MODEL_TOKENIZER_SUBDIR
 from pipelines.assets.evaluation import model_evaluation
@@ -38,14 +41,14 @@ def registered_model(context: dg.AssetExecutionContext, config: RegisteredModelC
     if "val_bpb" not in report:
         raise FileNotFoundError(f"no evaluation of training {latest['key']}: materialize `model_evaluation` first")
     tracking_uri = latest.get("tracking_uri") or mlflow.uri(cfg)
-    tags = {registry.KEY_TAG: latest["key"], "dagster.run_id": context.run_id,
+    tags = {versions.KEY_TAG: latest["key"], "dagster.run_id": context.run_id,
             "config_hash": cfg.config_hash(),
-            "code_version": registry.code_version(), **data_versions(context.instance)}
+            "code_version": versions.code_version(), **data_versions(context.instance)}
     run_tags = tracking.client(tracking_uri).get_run(latest["mlflow_run_id"]).data.tags
     tags.update({k: run_tags[k] for k in (training_run.PARENT_TAG, training_run.PARENT_RUN_TAG) if k in run_tags})
     model_dir = Path(latest["path"])
     verdict = promotion.against_champion(cfg, tracking_uri, latest["key"], report["val_bpb"])
-    r = registry.register(model_dir, model_dir / MODEL_TOKENIZER_SUBDIR, tracking_uri=tracking_uri,
+    r = versions.register(model_dir, model_dir / MODEL_TOKENIZER_SUBDIR, tracking_uri=tracking_uri,
                           run_id=latest["mlflow_run_id"], name=cfg.registry.model_name, val_bpb=report["val_bpb"],
                           tags=tags, verdict=verdict, card=model_card.render(cfg, model_dir, report, verdict))
     champion = (f"version {r.previous_champion} ({r.previous_champion_bpb:.4f} bits/byte)"

@@ -2,11 +2,11 @@
 
 import dagster as dg
 
-from llm_core import model_source
-from llm_core import tokenizer as bpe
+from llm_core.training import model_source
+from llm_core.data import tokenizer as bpe
 from llm_core.data.cleaned_shards import cleaned_shard_paths
 from llm_core.layout import TOKENIZER_DIR
-from llm_core.tokenized_dataset import (
+from llm_core.data.tokenized_dataset import (
     build_tokenized_dataset,
     tokenizer_hash,
     verify_decontamination,

@@ -4,7 +4,9 @@ import dataclasses
 
 import dagster as dg
 
-from llm_core import health, sweep, tracking, training_run
+from llm_core.training import health, training_run
+from llm_core.experiments import sweep
+from llm_core import tracking
 from pipelines.assets.tokenizer import tokenized_dataset
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.failures import user_errors

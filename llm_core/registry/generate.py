@@ -20,8 +20,9 @@ from tokenizers import Tokenizer
 from llm_core.files import copy_file
 from llm_core.layout import MODEL_TOKENIZER_SUBDIR
 from llm_core.model import Transformer
-from llm_core.tokenizer import EOT
-from llm_core.tokenizer import load as load_tokenizer
+from llm_core.model_files import copy_tokenizer
+from llm_core.data.tokenizer import EOT
+from llm_core.data.tokenizer import load as load_tokenizer
 
 PACKAGE_FILES = ("model.safetensors", "model_config.json")
 
@@ -62,7 +63,7 @@ class TextGenerator:
 
 def load_generator(model_dir: Path, tokenizer_dir: Path | None = None) -> TextGenerator:
     """The generator of a model directory (see the module docstring)."""
-    from llm_core.checkpoint import load_model
+    from llm_core.model_files import load_model
 
     model_dir = Path(model_dir)
     missing = [name for name in PACKAGE_FILES if not (model_dir / name).exists()]
@@ -79,10 +80,3 @@ def package_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path) -> Path:
         copy_file(Path(model_dir) / name, Path(out_dir) / name)
     copy_tokenizer(tokenizer_dir, out_dir)
     return Path(out_dir)
-
-
-def copy_tokenizer(tokenizer_dir: Path, model_dir: Path) -> None:
-    """Put the tokenizer a model was trained with beside it, so the model directory stands alone."""
-    for f in Path(tokenizer_dir).iterdir():
-        if f.is_file():
-            copy_file(f, Path(model_dir) / MODEL_TOKENIZER_SUBDIR / f.name)

@@ -1,5 +1,5 @@
 """The MLflow pyfunc of a registered scratchllm model, logged as "model from code" (no pickle):
-MLflow runs this file when it loads the model. See llm_core/registry.py.
+MLflow runs this file when it loads the model. See llm_core/registry/versions.py.
 
     predict(["ROMEO:", ...], params={"max_new_tokens": 50, "temperature": 0.8, "seed": 0, "top_k": 0})
     -> the continuations, without the prompts; temperature 0 is greedy, top_k 0 means no top-k.
@@ -18,8 +18,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from llm_core.generate import load_generator
-from llm_core.registry import DEFAULT_PARAMS
+from llm_core.registry.generate import load_generator
+from llm_core.registry.versions import DEFAULT_PARAMS
 
 # The most tokens one request may ask for: generation crops its context to the model's block size,
 # so any length would run, but a larger request would hold a serving worker for minutes.

@@ -102,7 +102,7 @@ def compare(new_dir: Path, champion_dir: Path | None, new_bpb: float, champion_b
             margin: float, confidence: float) -> Verdict:
     """The verdict for a new model against the champion, from their evaluation directories
     (per_document.parquet and task_items.parquet in each; champion_dir None: not available)."""
-    from llm_core.evaluate import PER_DOCUMENT_FILE, TASK_ITEMS_FILE
+    from llm_core.evaluation.evaluate import PER_DOCUMENT_FILE, TASK_ITEMS_FILE
 
     new = bits(pq.read_table(new_dir / PER_DOCUMENT_FILE))
     old = bits(pq.read_table(champion_dir / PER_DOCUMENT_FILE)) if champion_dir else {}
@@ -131,16 +131,17 @@ def compare(new_dir: Path, champion_dir: Path | None, new_bpb: float, champion_b
 def against_champion(cfg, tracking_uri: str, key: str, val_bpb: float) -> Verdict | None:
     """The verdict for training `key` (evaluated: model_evaluation/<key>/) against the current champion
     of registry.model_name; None when there is no champion yet or it is this very training."""
-    from llm_core import registry, tracking
-    from llm_core.evaluate import PER_DOCUMENT_FILE
+    from llm_core.registry import versions
+    from llm_core import tracking
+    from llm_core.evaluation.evaluate import PER_DOCUMENT_FILE
     from llm_core.layout import EVALUATION_DIR
 
-    version = registry.champion_version(tracking.client(tracking_uri), cfg.registry.model_name)
-    if version is None or version.tags.get(registry.KEY_TAG) == key:
+    version = versions.champion_version(tracking.client(tracking_uri), cfg.registry.model_name)
+    if version is None or version.tags.get(versions.KEY_TAG) == key:
         return None
     evaluations = cfg.data_path / EVALUATION_DIR
-    champion_dir = evaluations / version.tags.get(registry.KEY_TAG, "unknown")
+    champion_dir = evaluations / version.tags.get(versions.KEY_TAG, "unknown")
     if not (champion_dir / PER_DOCUMENT_FILE).exists():  # trained elsewhere: its run kept the scores
         champion_dir = tracking.download_evaluation(tracking_uri, version.run_id, champion_dir)
-    return compare(evaluations / key, champion_dir, val_bpb, float(version.tags.get(registry.BPB_TAG, "inf")),
+    return compare(evaluations / key, champion_dir, val_bpb, float(version.tags.get(versions.BPB_TAG, "inf")),
                    margin=cfg.registry.promotion_margin_bpb, confidence=cfg.registry.promotion_confidence)

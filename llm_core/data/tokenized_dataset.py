@@ -1,5 +1,5 @@
 """Encode the cleaned shards into Arrow IPC token files, train/val split by source document (all
-pieces of a document on the same side), or by piece for a corpus of a few documents (llm_core/split.py).
+pieces of a document on the same side), or by piece for a corpus of a few documents (llm_core/data/split.py).
 
 Layout under data_dir/tokenized_dataset/:
   manifest.json                      per shard counts + the dtype, vocab size and EOT id
@@ -8,7 +8,7 @@ Layout under data_dir/tokenized_dataset/:
   {train,val}/<shard>.docs.arrow     id (of the piece), doc_id, start, length (tokens, EOT included), num_bytes
 
 Training pieces that share an n-gram with an evaluation task item are removed (or only listed, for
-the blocking check to fail) as they are encoded: see llm_core/decontamination.py.
+the blocking check to fail) as they are encoded: see llm_core/data/decontamination.py.
 
 A shard is re-encoded only when its cleaned content, the tokenizer, the split or the evaluation
 items changed.
@@ -26,16 +26,16 @@ import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
-from llm_core import tasks
+from llm_core.data import task_items
 from llm_core.config import ScratchConfig, resolve_path
 from llm_core.data.shards import iter_batches
-from llm_core.decontamination import EvalNgrams, eval_ngrams
-from llm_core.engine import data_engine
+from llm_core.data.decontamination import EvalNgrams, eval_ngrams
+from llm_core.data.engine import data_engine
 from llm_core.errors import DataError
 from llm_core.files import atomic_path, read_json, remove_stale_files, short_hash, write_json
 from llm_core.layout import CLEANED_SHARDS_DIR, DATASET_DIR
-from llm_core.split import Split, SplitPlan, as_asked, plan_split
-from llm_core.tokenizer import EOT
+from llm_core.data.split import Split, SplitPlan, as_asked, plan_split
+from llm_core.data.tokenizer import EOT
 
 SPLITS = ("train", "val")
 DOCS_SCHEMA = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("start", pa.int64()),
@@ -65,7 +65,7 @@ class DatasetResult:
     num_shards_reused: int
     encode_seconds: float
     tasks_per_node: dict[str, int]  # where the shards were encoded (engine.kind: ray spreads them)
-    builtin_task_items: int  # items of the built-in multiple-choice task (llm_core/tasks.py)
+    builtin_task_items: int  # items of the built-in multiple-choice task (llm_core/data/task_items.py)
     contamination: dict  # see contamination_summary
     split: dict  # see split_report
     out_dir: Path
@@ -153,13 +153,13 @@ VAL_TEXTS_FOR_TASK = 2000  # validation pieces the built-in task draws from: eno
 
 
 def builtin_task_path(cfg: ScratchConfig) -> Path:
-    return cfg.data_path / DATASET_DIR / "tasks" / f"{tasks.BUILTIN_TASK}.jsonl"
+    return cfg.data_path / DATASET_DIR / "tasks" / f"{task_items.BUILTIN_TASK}.jsonl"
 
 
 def task_files(cfg: ScratchConfig) -> dict[str, Path]:
     """name -> JSONL of every evaluation task: the built-in one (once made) and evaluation.tasks."""
     builtin = builtin_task_path(cfg)
-    return {**({tasks.BUILTIN_TASK: builtin} if builtin.is_file() else {}),
+    return {**({task_items.BUILTIN_TASK: builtin} if builtin.is_file() else {}),
             **{t.name: resolve_path(t.path) for t in cfg.evaluation.tasks}}
 
 
@@ -202,7 +202,7 @@ def val_texts(cfg: ScratchConfig, shards: list[Path], split: Split) -> list[str]
         for batch in iter_batches(shard, ["id", "doc_id", "text"], batch_size=ENCODE_BATCH_DOCS):
             for piece_id, doc_id, text in zip(*(batch.column(i).to_pylist() for i in range(3))):
                 if split.is_validation(piece_id, doc_id) and \
-                        len(text.split()) >= tasks.CONTEXT_WORDS + tasks.CONTINUATION_WORDS:
+                        len(text.split()) >= task_items.CONTEXT_WORDS + task_items.CONTINUATION_WORDS:
                     texts.append(text)
                     if len(texts) == VAL_TEXTS_FOR_TASK:
                         return texts
@@ -239,9 +239,10 @@ def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_
     log(f"tokenized_dataset: split {plan.reason}")
     tok_hash = tokenizer_hash(tokenizer_dir)
     previous = {e["name"]: e for e in read_json(out_dir / "manifest.json").get("shards", [])}
-    builtin_items = tasks.build_continuation_task(val_texts(cfg, shards, plan.split), builtin_task_path(cfg),
+    builtin_items = task_items.build_continuation_task(val_texts(cfg, shards, plan.split), builtin_task_path(cfg),
                                                   cfg.dataset.builtin_task_items, cfg.dataset.seed)
-    log(f"tokenized_dataset: built-in task '{tasks.BUILTIN_TASK}', {builtin_items} items from the validation split")
+    log(f"tokenized_dataset: built-in task '{task_items.BUILTIN_TASK}', {builtin_items} items from the validation "
+        f"split")
     d = cfg.dataset
     ngrams = None if d.decontamination == "off" else eval_ngrams(task_files(cfg), d.decontamination_ngram)
     if ngrams:

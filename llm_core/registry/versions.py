@@ -6,11 +6,11 @@ A registered version generates text:
     model.predict(["ROMEO:"], params={"max_new_tokens": 50, "temperature": 0.8, "seed": 0})
     # -> ["the continuation, without the prompt"]; temperature 0 is greedy
 
-Its artifact is a model directory (see llm_core/generate.py: weights as safetensors, model config,
+Its artifact is a model directory (see llm_core/registry/generate.py: weights as safetensors, model config,
 tokenizer) and its code is this package, so loading it needs no pickle and no network.
 
 Aliases: `champion` is the best version so far; a new version takes it when it is better beyond the
-noise of a paired comparison over validation documents (llm_core/promotion.py), and otherwise
+noise of a paired comparison over validation documents (llm_core/evaluation/promotion.py), and otherwise
 becomes the `challenger`.
 """
 
@@ -33,6 +33,7 @@ DEFAULT_PARAMS = {"max_new_tokens": 50, "temperature": 0.8, "seed": 0, "top_k": 
 # What the pyfunc imports; versions are pinned to this environment's (no slow inference at log time).
 REQUIREMENTS = ("torch", "tokenizers", "safetensors", "numpy", "pyarrow", "pydantic", "pyyaml", "xxhash", "mlflow")
 PYFUNC_MODEL = Path(__file__).with_name("pyfunc_model.py")  # logged as "model from code": no pickle
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # llm_core: the code a logged model carries
 # MLflow's advice for a model like ours, printed at logging (and loading): predict has no type hints on
 # purpose (see pyfunc_model.py), and an input example would only make MLflow run the model while logging it.
 MLFLOW_NOTICES = ("Add type hints to the `predict` method", "An input example was not provided")
@@ -78,8 +79,8 @@ def log_pyfunc(model_dir: Path, tokenizer_dir: Path, run_id: str, card: str | No
     run; returns its ModelInfo. Runs inside tracking.using(uri)."""
     from mlflow.models import infer_signature
 
-    from llm_core.generate import package_model
-    from llm_core.model_card import write_card
+    from llm_core.registry.generate import package_model
+    from llm_core.registry.model_card import write_card
 
     signature = infer_signature(["a prompt"], ["a continuation"], params=DEFAULT_PARAMS)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id), without_mlflow_notices():
@@ -88,7 +89,7 @@ def log_pyfunc(model_dir: Path, tokenizer_dir: Path, run_id: str, card: str | No
             write_card(card, package)
         return mlflow.pyfunc.log_model(
             name="model", python_model=str(PYFUNC_MODEL), artifacts={"model": str(package)},
-            code_paths=[str(Path(__file__).parent)], pip_requirements=pip_requirements(), signature=signature)
+            code_paths=[str(PACKAGE_DIR)], pip_requirements=pip_requirements(), signature=signature)
 
 
 @contextlib.contextmanager
@@ -108,7 +109,7 @@ def without_mlflow_notices():
 def register(model_dir: Path, tokenizer_dir: Path, *, tracking_uri: str, run_id: str, name: str, val_bpb: float,
              tags: dict[str, str], verdict=None, card: str | None = None) -> Registration:
     """Register the model of a training (tags[KEY_TAG] identifies it) and give it an alias: `champion`
-    if the verdict (llm_core/promotion.py) promotes it, or without one if its val bpb is at least as
+    if the verdict (llm_core/evaluation/promotion.py) promotes it, or without one if its val bpb is at least as
     good as the current champion's; else `challenger`. The verdict is kept as version tags."""
     from llm_core import tracking
 
@@ -176,7 +177,7 @@ def code_version() -> str:
     """The git commit of this checkout (+ "-dirty" with uncommitted changes), else the package version."""
     import subprocess
 
-    root = Path(__file__).resolve().parent.parent
+    root = PACKAGE_DIR.parent
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], check=True,
                                 capture_output=True, text=True, timeout=10).stdout.strip()

@@ -1,11 +1,11 @@
-"""Checkpoints and model files: saving, finding the newest one that loads, loading a trained model.
+"""Checkpoints: saving, finding the newest one that loads, resuming; the finished training's files.
 
     out_dir/
         checkpoints/step_N/     accelerate.save_state: weights (safetensors), optimizer, scheduler, RNG
                                 states, the loader position and metric history (TrainingProgress),
                                 + file_sizes.json and model_config.json
-        model.safetensors       the final weights      } what load_model reads; a checkpoint
-        model_config.json       the model's dimensions } directory loads the same way
+        model.safetensors       the final weights      } what model_files.load_model reads; a
+        model_config.json       the model's dimensions } checkpoint directory loads the same way
         training_summary.json   TrainResult
 
 A killed save leaves only `step_N.tmp` (never taken for a checkpoint). A checkpoint that does not
@@ -14,7 +14,6 @@ load (truncated files) is set aside as `step_N.corrupt` and the one before is us
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import re
@@ -25,15 +24,12 @@ from typing import Callable
 import torch
 
 from llm_core.config import ScratchConfig
-from llm_core.files import atomic_path, read_json, write_json
-from llm_core.layout import LATEST_FILE, MODEL_DIR
-from llm_core.model import ModelArgs, Transformer
+from llm_core.files import read_json, write_json
+from llm_core.model import Transformer
+from llm_core.model_files import MODEL_CONFIG_FILE, SUMMARY_FILE, save_model_files
 
 CHECKPOINTS = "checkpoints"
-WEIGHTS_FILE = "model.safetensors"
-MODEL_CONFIG_FILE = "model_config.json"
 FILE_SIZES = "file_sizes.json"  # in a checkpoint: the size of each file saved, to detect a truncated one
-SUMMARY_FILE = "training_summary.json"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,50 +127,10 @@ def resume(accelerator, out_dir: Path, log: Callable[[str], None]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# model files: save, load, find
-
-
-def model_config(args: ModelArgs, cfg: ScratchConfig) -> dict:
-    """model_config.json: the model's dimensions, and the config it was trained with."""
-    return {"model": dataclasses.asdict(args), "config": cfg.model_dump(mode="json")}
-
-
-def save_model_files(model: Transformer, cfg: ScratchConfig, out_dir: Path) -> None:
-    """model.safetensors + model_config.json: what load_model (and the export) reads."""
-    from safetensors.torch import save_model
-
-    with atomic_path(out_dir / WEIGHTS_FILE) as tmp:
-        save_model(model, str(tmp))  # handles the tied embedding / lm_head weight
-    write_json(out_dir / MODEL_CONFIG_FILE, model_config(model.args, cfg))
+# the finished training
 
 
 def save_final(model: Transformer, cfg: ScratchConfig, out_dir: Path, summary: dict) -> None:
     """The trained weights (safetensors), the model config, and the training summary beside the checkpoints."""
     save_model_files(model, cfg, out_dir)
     write_json(out_dir / SUMMARY_FILE, summary)
-
-
-def load_model(model_dir: Path, device: str = "cpu") -> Transformer:
-    """A trained model from its directory, or from one of its checkpoints/step_N: model_config.json
-    + model.safetensors (stored once if tied; `_orig_mod.` names of a compiled model accepted)."""
-    from safetensors.torch import load_file
-
-    model_dir = Path(model_dir)
-    args = ModelArgs(**read_json(model_dir / MODEL_CONFIG_FILE)["model"])
-    model = Transformer(args)
-    state = {k.removeprefix("_orig_mod."): v for k, v in load_file(model_dir / WEIGHTS_FILE, device=device).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if args.tie_embeddings and len(missing) == 1 and missing[0] in ("lm_head.weight", "embed_tokens.weight"):
-        missing = []  # the tied matrix was saved under its other name
-    if missing or unexpected:
-        raise ValueError(f"{model_dir / WEIGHTS_FILE} does not fit its model_config.json: "
-                         f"missing {missing}, unexpected {unexpected}")
-    return model.eval()
-
-
-def latest_model(cfg: ScratchConfig) -> dict:
-    """The last trained_model materialization: {"key", "path", "mlflow_run_id", "tracking_uri"}."""
-    latest = read_json(cfg.data_path / MODEL_DIR / LATEST_FILE)
-    if not latest:
-        raise FileNotFoundError(f"no trained model under {cfg.data_path / MODEL_DIR}: materialize `trained_model`")
-    return latest

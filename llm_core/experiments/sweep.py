@@ -15,85 +15,26 @@ config): the data stages run once and every variant shares their outputs.
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import json
 import math
 from pathlib import Path
-from typing import Any
 
-from llm_core import tracking, training_run
-from llm_core.checkpoint import SUMMARY_FILE, WEIGHTS_FILE
-from llm_core.config import ConfigError, ScratchConfig, deep_merge, validate_config
+from llm_core import tracking
+from llm_core.config import ScratchConfig, swept_fields, sweep_name, variants
 from llm_core.files import read_json, short_hash, write_json
 from llm_core.layout import EVALUATION_DIR, MODEL_DIR
-
-
-@dataclasses.dataclass
-class Variant:
-    name: str  # "v0", "v1", ... in sweep order
-    values: dict[str, Any]  # dotted field -> value
-    config: ScratchConfig  # the profile with these values, without its sweep section
-
-    @property
-    def label(self) -> str:
-        """e.g. "training.learning_rate=0.001, model.n_layer=2"."""
-        return ", ".join(f"{k}={v}" for k, v in self.values.items()) or "the profile as it is"
-
-
-def swept_fields(cfg: ScratchConfig) -> dict[str, list]:
-    return {k: v for k, v in cfg.sweep.items() if k not in ("name", "mode")}
-
-
-def sweep_name(cfg: ScratchConfig) -> str:
-    return cfg.sweep.get("name") or "sweep-" + "-".join(f.rsplit(".", 1)[-1] for f in swept_fields(cfg))
-
-
-def _nested(dotted: str, value: Any) -> dict:
-    out: Any = value
-    for part in reversed(dotted.split(".")):
-        out = {part: out}
-    return out
-
-
-def variants(cfg: ScratchConfig) -> list[Variant]:
-    """The variants of a config's sweep, each validated; without a sweep, one variant: the config."""
-    fields = swept_fields(cfg)
-    base = cfg.model_dump(mode="json", exclude={"sweep"})
-    if not fields:
-        return [Variant("v0", {}, validate_config(base))]
-    rows = itertools.product(*fields.values()) if cfg.sweep.get("mode", "grid") == "grid" else zip(*fields.values())
-    out = []
-    for i, row in enumerate(rows):
-        values = dict(zip(fields, row))
-        for field in values:
-            if not _has_field(cfg, field):
-                raise ConfigError(f"sweep.{field}: no such config field")
-        merged = base
-        for field, value in values.items():
-            merged = deep_merge(merged, _nested(field, value))
-        label = ", ".join(f"{k}={v}" for k, v in values.items())
-        out.append(Variant(f"v{i}", values, validate_config(merged, f"sweep variant v{i} ({label})")))
-    return out
+from llm_core.model_files import SUMMARY_FILE, WEIGHTS_FILE
+from llm_core.training import training_run
 
 
 def training_flops(cfg: ScratchConfig) -> float:
     """About what a variant's training computes (FLOPs per token x tokens, from its config): when
     several train at once the biggest start first, so that the last one running is a short one."""
-    from llm_core import plan
+    from llm_core.experiments import plan
 
     t = cfg.training
     tokens = t.max_steps * t.batch_size * t.grad_accum_steps * t.num_processes * cfg.model.block_size
     return plan.count(plan.setup_from_config(cfg)).flops_per_token * tokens
-
-
-def _has_field(cfg: ScratchConfig, dotted: str) -> bool:
-    node: Any = cfg
-    for part in dotted.split("."):
-        if not hasattr(node, "model_fields") or part not in type(node).model_fields:
-            return False
-        node = getattr(node, part)
-    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +168,7 @@ def evaluate_variants(cfg: ScratchConfig, tracking_uri: str, log) -> tuple[dict,
     """model_evaluation of a sweep: every healthy variant evaluated once (a report already written is
     reused), the comparison logged on the parent run, and the best variant by val bpb made the latest
     model (registry and export take it). Returns (record, comparison rows, best variant)."""
-    from llm_core import evaluate as ev
+    from llm_core.evaluation import evaluate as ev
 
     record = load(cfg)
     reports = {}
@@ -259,9 +200,9 @@ def training_of(record: dict, name: str) -> training_run.TrainingRun:
 
 
 def fit_scaling(cfg: ScratchConfig, record: dict, reports: dict[str, dict], out_dir: Path, log) -> None:
-    """A sweep over sizes or steps: the power law of val bpb in compute (llm_core/scaling.py), plotted,
+    """A sweep over sizes or steps: the power law of val bpb in compute (llm_core/experiments/scaling.py), plotted,
     logged on the parent run, and saved where `scratchllm plan --budget` reads it."""
-    from llm_core import scaling
+    from llm_core.experiments import scaling
 
     fitted = scaling.fit(scaling.points(record, reports))
     if fitted is None:

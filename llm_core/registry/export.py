@@ -7,7 +7,7 @@ Qwen3ForCausalLM for a model trained with `model.qk_norm`).
     model.safetensors         the weights under transformers' names
     generation_config.json    bos/eos/pad token ids (generation stops at <|endoftext|>)
     tokenizer.json, tokenizer_config.json, special_tokens_map.json     for AutoTokenizer
-    README.md                 the model card (llm_core/model_card.py), as the hf_export asset writes it
+    README.md                 the model card (llm_core/registry/model_card.py), as the hf_export asset writes it
 
 Our model is a Llama (RMSNorm pre-norm, rotate-half RoPE, GQA, SwiGLU, no biases) whose parameter
 names already follow LlamaForCausalLM minus its `model.` prefix, so the export is a rename and
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from llm_core import model_card
-from llm_core import tokenizer as bpe
-from llm_core.checkpoint import MODEL_CONFIG_FILE, WEIGHTS_FILE, load_model
+from llm_core.registry import model_card
+from llm_core.data import tokenizer as bpe
+from llm_core.model_files import MODEL_CONFIG_FILE, WEIGHTS_FILE, load_model
 from llm_core.config import ScratchConfig
 from llm_core.files import TMP_MARK, write_json
 from llm_core.model import ModelArgs, Transformer

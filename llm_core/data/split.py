@@ -8,8 +8,9 @@ agree without sharing state. All pieces of a document land on the same side.
 A handful of files cannot be split that way: 5 documents at a 10% fraction often give no
 validation document at all, or one document holding most of the text. When fewer than
 ENOUGH_DOCUMENTS documents are expected on the validation side and the document split holds out
-less than half or more than twice the requested share of the bytes, the split is made by piece instead (pieces are cut at paragraph boundaries, corpus.max_document_bytes, so held-out text
-never overlaps training text): pieces in the order of their seeded hash are held out until the
+less than half or more than twice the requested share of the bytes, the split is made by piece
+instead (pieces are cut at paragraph boundaries, corpus.max_document_bytes, so held-out text never
+overlaps training text): pieces in the order of their seeded hash are held out until the
 requested share of bytes is reached. `plan_split` decides once per corpus, from the cleaned shards,
 and says why; `Split.is_validation` is what every stage asks.
 """

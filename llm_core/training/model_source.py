@@ -13,7 +13,8 @@ import dataclasses
 import re
 from pathlib import Path
 
-from llm_core.checkpoint import CHECKPOINTS, MODEL_CONFIG_FILE, load_model
+from llm_core.training.checkpoint import CHECKPOINTS
+from llm_core.model_files import MODEL_CONFIG_FILE, load_model
 from llm_core.config import ScratchConfig, resolve_path
 from llm_core.files import read_json
 from llm_core.layout import MODEL_TOKENIZER_SUBDIR, REGISTRY_CACHE_DIR, TOKENIZER_DIR
@@ -28,9 +29,10 @@ def model_dir_of(spec: str, cfg: ScratchConfig) -> Path:
     path = Path(spec).expanduser()
     if path.exists() or not REGISTERED.fullmatch(spec):
         return path  # a directory (loading it says so if it is not a model directory)
-    from llm_core import registry, tracking
+    from llm_core.registry import versions
+    from llm_core import tracking
 
-    return registry.download(spec, tracking.tracking_uri(cfg), cfg.data_path / REGISTRY_CACHE_DIR)
+    return versions.download(spec, tracking.tracking_uri(cfg), cfg.data_path / REGISTRY_CACHE_DIR)
 
 
 def tokenizer_dir_of(model_dir: Path, cfg: ScratchConfig) -> Path:
@@ -57,9 +59,10 @@ def resolve_init_from(cfg: ScratchConfig) -> WarmStart | None:
     model_dir = model_dir_of(spec, cfg) if registered else resolve_path(spec)  # paths: from the project root
     version = run_id = None
     if registered:
-        from llm_core import registry, tracking
+        from llm_core.registry import versions
+        from llm_core import tracking
 
-        found = registry.find_version(spec, tracking.tracking_uri(cfg))
+        found = versions.find_version(spec, tracking.tracking_uri(cfg))
         version, run_id = f"{found.name}/{found.version}", found.run_id
     if not (model_dir / MODEL_CONFIG_FILE).is_file():
         raise FileNotFoundError(f"training.init_from {spec!r}: {model_dir} is not a trained model (no "

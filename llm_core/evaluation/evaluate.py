@@ -1,5 +1,5 @@
 """Evaluate a trained model: validation loss, perplexity, bits per byte, multiple-choice tasks
-(llm_core/tasks.py) and seeded samples."""
+(llm_core/evaluation/tasks.py) and seeded samples."""
 
 from __future__ import annotations
 
@@ -15,17 +15,18 @@ import torch
 import torch.nn.functional as F
 import xxhash
 
-from llm_core import tasks as mc
+from llm_core.data import task_items
+from llm_core.evaluation import tasks as mc
 from llm_core import tracking
-from llm_core.checkpoint import latest_model, load_model
+from llm_core.model_files import latest_model, load_model
 from llm_core.config import ScratchConfig
 from llm_core.files import atomic_path, read_json, write_json
-from llm_core.generate import TextGenerator
-from llm_core.layout import DATASET_DIR, EVALUATION_DIR, MODEL_TOKENIZER_SUBDIR
-from llm_core.loader import memory_map
+from llm_core.registry.generate import TextGenerator
+from llm_core.layout import DATASET_DIR, EVALUATION_DIR, MODEL_TOKENIZER_SUBDIR, REPORT_FILE
+from llm_core.training.loader import memory_map
 from llm_core.model import Transformer
-from llm_core.tokenized_dataset import task_files, unchecked_tasks
-from llm_core.tokenizer import load as load_tokenizer
+from llm_core.data.tokenized_dataset import task_files, unchecked_tasks
+from llm_core.data.tokenizer import load as load_tokenizer
 
 
 EVAL_TOKENS_PER_BATCH = 16384  # forward-only, no grad: batches much larger than training's
@@ -112,12 +113,12 @@ def document_scores(model: Transformer, dataset_dir: Path, max_tokens: int) -> t
 def evaluate(cfg: ScratchConfig, model: Transformer, tokenizer_dir: Path) -> EvalResult:
     e = cfg.evaluation
     dataset_dir = cfg.data_path / DATASET_DIR
-    task_items = {name: mc.load_task(path) for name, path in task_files(cfg).items()}  # bad files: before any work
+    items_of = {name: task_items.load_task(path) for name, path in task_files(cfg).items()}  # bad files: first
     per_document, tokens_per_second = document_scores(model, dataset_dir, e.max_val_tokens)
     nats, scored, text_bytes = (pc.sum(per_document.column(c)).as_py() for c in ("nats", "tokens", "bytes"))
     loss = nats / max(scored, 1)
     tokenizer = load_tokenizer(tokenizer_dir)
-    tasks = [mc.score_task(name, items, model, tokenizer) for name, items in task_items.items()]
+    tasks = [mc.score_task(name, items, model, tokenizer) for name, items in items_of.items()]
     generator = TextGenerator(model, tokenizer)
     samples = [{"prompt": p, "completion": generator.complete(p, max_new_tokens=e.max_new_tokens,
                                                                temperature=e.temperature, seed=e.seed)}
@@ -128,7 +129,6 @@ def evaluate(cfg: ScratchConfig, model: Transformer, tokenizer_dir: Path) -> Eva
                       tasks=tasks, unchecked_tasks=unchecked_tasks(cfg))
 
 
-REPORT_FILE = "report.json"
 PER_DOCUMENT_FILE = "per_document.parquet"  # id, doc_id, tokens, bytes, nats: paired comparisons of any two models
 TASK_ITEMS_FILE = "task_items.parquet"  # task, id, correct, correct_norm
 

@@ -20,7 +20,7 @@ from llm_core.data.shards import iter_batches
 from llm_core.errors import DataError
 from llm_core.files import atomic_path, copy_file
 from llm_core.layout import TOKENIZER_DIR
-from llm_core.split import Split, plan_split
+from llm_core.data.split import Split, plan_split
 
 EOT, PAD = "<|endoftext|>", "<|pad|>"
 TOKENIZER_FILE = "tokenizer.json"

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llm_core.checkpoint import MODEL_CONFIG_FILE, SUMMARY_FILE
+from llm_core.model_files import MODEL_CONFIG_FILE, SUMMARY_FILE
 from llm_core.config import ScratchConfig
-from llm_core.evaluate import report_path
 from llm_core.files import atomic_path, read_json
-from llm_core.layout import CLEANED_SHARDS_DIR, DATASET_DIR, MODEL_DIR, RAW_CORPUS_DIR
-from llm_core.tokenized_dataset import contamination_summary
+from llm_core.layout import CLEANED_SHARDS_DIR, DATASET_DIR, EVALUATION_DIR, MODEL_DIR, RAW_CORPUS_DIR, REPORT_FILE
+from llm_core.data.tokenized_dataset import contamination_summary
 
 CARD_FILE = "README.md"
 
@@ -144,7 +143,7 @@ def evaluation_report(cfg: ScratchConfig, model_dir: Path) -> dict:
     model_dir = Path(model_dir)
     if model_dir.parent.name != "runs" or model_dir.parent.parent.name != MODEL_DIR:
         return {}
-    return read_json(report_path(cfg, model_dir.name))
+    return read_json(cfg.data_path / EVALUATION_DIR / model_dir.name / REPORT_FILE)
 
 
 def write_card(text: str, out_dir: Path) -> Path:

@@ -12,11 +12,12 @@ import dataclasses
 import json
 from pathlib import Path
 
-from llm_core import health, model_source, tracking
-from llm_core.checkpoint import SUMMARY_FILE
+from llm_core.training import health, model_source
+from llm_core import tracking
+from llm_core.model_files import SUMMARY_FILE
 from llm_core.config import ScratchConfig
 from llm_core.files import atomic_path, read_json, short_hash, write_json
-from llm_core.generate import copy_tokenizer
+from llm_core.model_files import copy_tokenizer
 from llm_core.layout import DATASET_DIR, LATEST_FILE, MODEL_DIR, TOKENIZER_DIR
 
 MLFLOW_RUN_FILE = "mlflow_run.json"
@@ -106,12 +107,12 @@ def prepare(cfg: ScratchConfig, tracking_uri: str, tags: dict[str, str]) -> Trai
 def continue_from_champion(cfg: ScratchConfig, tracking_uri: str, log) -> ScratchConfig:
     """`automation.retrain_mode: continue`: the config with `training.init_from` the registered champion
     (unless init_from is set already; from scratch while there is no champion yet)."""
-    from llm_core import registry
+    from llm_core.registry import versions
 
     name = cfg.registry.model_name
     if cfg.training.init_from or cfg.automation.retrain_mode != "continue":
         return cfg
-    if registry.champion(tracking.client(tracking_uri), name) is None:
+    if versions.champion(tracking.client(tracking_uri), name) is None:
         log(f"retrain_mode continue: no {name}@champion registered yet, training from scratch")
         return cfg
     log(f"retrain_mode continue: warm start from {name}@champion")

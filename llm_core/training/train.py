@@ -1,17 +1,17 @@
 """Train the model with `accelerate`: alone, or one process per rank.
 
-    python -m llm_core.train --config assets_config/ci.yaml
+    python -m llm_core.training.train --config assets_config/ci.yaml
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
-        --dynamo_backend no -m llm_core.train --config assets_config/ci.yaml     # 2 CPU ranks (gloo)
+        --dynamo_backend no -m llm_core.training.train --config assets_config/ci.yaml     # 2 CPU ranks (gloo)
 
 Everything a run needs to continue after a kill is in `out_dir/checkpoints/step_N`: weights
 (safetensors), optimizer, scheduler, RNG states, the loader position and the metric history
 (TrainingProgress). A new run with the same out_dir resumes from the newest checkpoint that loads
-(llm_core/checkpoint.py) and follows the same loss curve as a run that was never stopped: a batch
-is a pure function of (seed, step), see llm_core/loader.py.
+(llm_core/training/checkpoint.py) and follows the same loss curve as a run that was never stopped: a batch
+is a pure function of (seed, step), see llm_core/training/loader.py.
 
 A non-finite loss or weights stop the training at once (TrainingDiverged, and `diverged.json`, see
-llm_core/health.py); no checkpoint of non-finite weights is ever saved.
+llm_core/training/health.py); no checkpoint of non-finite weights is ever saved.
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ from typing import Callable
 
 import torch
 
-from llm_core import health, model_source
-from llm_core.checkpoint import checkpoint_dirs, checkpoint_step, model_config, resume, save_checkpoint, save_final
+from llm_core.training import health, model_source
+from llm_core.training.checkpoint import checkpoint_dirs, checkpoint_step, resume, save_checkpoint, save_final
+from llm_core.model_files import model_config
 from llm_core.config import ScratchConfig, load_config, validate_config
 from llm_core.files import read_json, write_json
 from llm_core.layout import DATASET_DIR, MODEL_DIR, TOKENIZER_DIR
-from llm_core.loader import TokenWindows, sequential_batches
+from llm_core.training.loader import TokenWindows, sequential_batches
 from llm_core.model import ModelArgs, Transformer
-from llm_core.performance import PeakMemory, choose_precision, hardware, measure_peak_flops, mfu
+from llm_core.training.performance import PeakMemory, choose_precision, hardware, measure_peak_flops, mfu
 
 # ---------------------------------------------------------------------------------------------
 # pieces

@@ -232,7 +232,7 @@ def config_strategy(cfg) -> Strategy:
 
 def setup_from_config(cfg, vocab_size: int | None = None, **overrides) -> Setup:
     """A Setup for a scratchllm config: its model, batch, precision and number of processes."""
-    from llm_core.train import model_args
+    from llm_core.training.train import model_args
 
     t = cfg.training
     precision = {"no": "fp32", "auto": "bf16"}.get(t.mixed_precision, t.mixed_precision)  # auto: bf16 on GPUs
@@ -367,7 +367,7 @@ def budget_flops(budget: str, setup: Setup) -> float:
 
 def recommend(a: argparse.Namespace, setup: Setup, parser: argparse.ArgumentParser) -> dict:
     """The scaling fit's recommendation for --budget, as text and numbers."""
-    from llm_core import scaling
+    from llm_core.experiments import scaling
 
     if a.fit:
         path = Path(a.fit)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llm_core.checkpoint import MODEL_CONFIG_FILE, SUMMARY_FILE
+from llm_core.model_files import MODEL_CONFIG_FILE, SUMMARY_FILE
 from llm_core.files import atomic_path, read_json
 
 FIT_FILE = "scaling_fit.json"

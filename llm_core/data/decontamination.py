@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from llm_core import tasks as mc
+from llm_core.data import task_items
 from llm_core.files import short_hash
 
 WORD = re.compile(r"\w+")
@@ -71,7 +71,7 @@ def eval_ngrams(task_files: dict[str, Path], n: int) -> EvalNgrams:
     owner_of: dict[int, str] = {}
     checked = too_short = 0
     for name, path in task_files.items():
-        for item in mc.load_task(path):
+        for item in task_items.load_task(path):
             h = ngram_hashes(f"{item.context} {item.choices[item.label]}", n)
             checked += 1
             too_short += not len(h)

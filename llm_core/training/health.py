@@ -2,7 +2,7 @@
 
 `assess` is the `training_health` check on `trained_model`: every loss finite, and no sustained
 spike far above the running median. A divergence (a non-finite loss or weights during training)
-stops llm_core.train at once; it leaves `diverged.json` in the run directory, so the caller can
+stops llm_core.training.train at once; it leaves `diverged.json` in the run directory, so the caller can
 tell a divergence (retrying cannot help) from a crash (a retry resumes).
 """
 

@@ -1,0 +1,2 @@
+"""model_evaluation: validation scores per document, multiple-choice tasks, and the promotion verdict
+against the champion."""

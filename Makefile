@@ -11,8 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: an open range can pull a multi-GB CUDA build (see README).
 	$(PY) -m pip install -q "$(TORCH)"
-	# compat: the project directory on sys.path (a .pth), as pytest has it; setuptools' default finder warns.
-	$(PY) -m pip install -q -e ".[dev]" --config-settings editable_mode=compat
+	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -27,8 +27,7 @@ defs = dg.Definitions(
     jobs=[materialize_everything, retrain],
     schedules=schedules,
     sensors=sensors,
-    resources={"scratchllm": ScratchllmResource(), "mlflow": MLflowResource(),
-               "pipes_subprocess_client": dg.PipesSubprocessClient()},
+    resources={"scratchllm": ScratchllmResource(), "mlflow": MLflowResource()},
     # One step at a time in one process: stages parallelize inside themselves, and a per-step
     # subprocess costs seconds on a small machine.
     executor=dg.in_process_executor,

@@ -1,6 +1,7 @@
 """Typed resources: MLflow tracking, and the launcher of distributed training (Dagster Pipes)."""
 
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -98,13 +99,23 @@ def slot_environments(configs: Sequence[ScratchConfig], slots: int, gpus: list[s
     return [on_devices(",".join(gpus[i * per_slot:(i + 1) * per_slot])) for i in range(slots)]
 
 
+@dataclasses.dataclass
+class Finished:
+    """A command run through Dagster Pipes, once it has ended."""
+
+    name: str
+    exit_code: int
+    reported: dict  # the metadata its materialization reported through Pipes ({} when it reported none)
+
+
 def run_side_by_side(context: dg.AssetExecutionContext, jobs: Sequence[tuple[str, ScratchConfig, list[str]]],
-                     slots: list[Environment], on_exit: Callable[[str, int], None], poll_seconds: float = 0.5) -> None:
+                     slots: list[Environment], on_exit: Callable[[Finished], None], poll_seconds: float = 0.5) -> None:
     """Run each (name, config, command) through Dagster Pipes, one per slot at a time, as soon as a
-    slot is free, with that slot's environment; on_exit(name, exit code) as each ends. A cancelled
-    Dagster run (or any error here) stops every command still running, as PipesSubprocessClient does."""
+    slot is free, with that slot's environment; on_exit(Finished) as each ends, with what it reported.
+    One training is one job in one slot. A cancelled Dagster run (or any error here) stops every
+    command still running, as PipesSubprocessClient does."""
     waiting, free = list(jobs), list(range(len(slots)))
-    running: dict[int, tuple[str, subprocess.Popen, contextlib.ExitStack]] = {}
+    running: dict[int, tuple[str, subprocess.Popen, contextlib.ExitStack, dg.PipesSession]] = {}
     try:
         while waiting or running:
             while waiting and free:
@@ -115,20 +126,24 @@ def run_side_by_side(context: dg.AssetExecutionContext, jobs: Sequence[tuple[str
                     message_reader=dg.PipesTempFileMessageReader()))
                 process = subprocess.Popen(command, env={**os.environ, **slots[slot](cfg),
                                                          **session.get_bootstrap_env_vars()})
-                running[slot] = (name, process, session_scope)
-                context.log.info(f"{name}: started ({len(running)} of {len(slots)} at once, {len(waiting)} waiting)")
+                running[slot] = (name, process, session_scope, session)
+                if len(slots) > 1:
+                    context.log.info(f"{name}: started ({len(running)} of {len(slots)} at once, "
+                                     f"{len(waiting)} waiting)")
             time.sleep(poll_seconds)
-            for slot, (name, process, session_scope) in list(running.items()):
+            for slot, (name, process, session_scope, session) in list(running.items()):
                 if process.poll() is not None:
                     session_scope.close()  # reads the command's last messages
                     del running[slot]
                     free.append(slot)
-                    on_exit(name, process.returncode)
+                    reported = {k: v for r in session.get_results() if isinstance(r, dg.MaterializeResult)
+                                for k, v in (r.metadata or {}).items()}
+                    on_exit(Finished(name, process.returncode, reported))
     finally:
-        for name, process, session_scope in running.values():
+        for name, process, _, _ in running.values():
             context.log.info(f"[pipes] stopping {name}: sending SIGINT")
             process.send_signal(signal.SIGINT)  # pipelines.process_group stops the ranks
-        for name, process, session_scope in running.values():
+        for name, process, session_scope, _ in running.values():
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:

@@ -27,7 +27,7 @@ def test_the_code_location_loads_with_every_asset_and_check_and_nothing_else():
     assert sorted(j.name for j in defs.resolve_all_job_defs()) == ["__ASSET_JOB", "materialize_everything", "retrain"]
     assert [s.name for s in defs.schedules] == ["retrain_schedule"]
     assert sorted(s.name for s in defs.sensors) == ["dead_run_sweeper", "new_data_sensor"]
-    assert sorted(defs.resources) == ["mlflow", "pipes_subprocess_client", "scratchllm"]
+    assert sorted(defs.resources) == ["mlflow", "scratchllm"]
 
 
 def test_dagster_validates_the_workspace(tmp_path):

@@ -93,6 +93,12 @@ def test_a_2x2_sweep_materializes_end_to_end_and_a_rerun_trains_nothing(instance
 
     trained = metadata("trained_model")
     assert (trained["num_variants"], trained["num_trained"], trained["num_reused"]) == (4, 4, 0)
+    # What each variant measured and reported through Pipes, as the single training reports it, is in Dagster.
+    observed = [r.asset_observation.metadata for r in
+                instance.fetch_observations(dg.AssetKey("trained_model"), limit=10).records]
+    assert sorted(m["variant"].value for m in observed) == ["v0", "v1", "v2", "v3"]
+    assert all(m["tokens_per_second"].value > 0 and m["peak_memory_mb"].value > 0 and "mfu" in m
+               and "plan_vs_measured" in m for m in observed)
     client = MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}")
     parent = client.get_run(trained["mlflow_parent_run_id"])
     assert parent.info.run_name == "lr-and-width"

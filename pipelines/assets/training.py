@@ -4,16 +4,17 @@ import dataclasses
 
 import dagster as dg
 
-from llm_core.training import health, training_run
-from llm_core.experiments import sweep
 from llm_core import tracking
+from llm_core.config import ScratchConfig
+from llm_core.experiments import sweep
+from llm_core.training import health, training_run
 from pipelines.assets.tokenizer import tokenized_dataset
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.failures import user_errors
 from pipelines.lineage import UPSTREAM_OF_TRAINING, data_versions
 from pipelines.metadata import loss_curve_plot, markdown_table, uri
-from pipelines.resources import (MLflowResource, accelerate_command, rank_environment, run_side_by_side,
-                                 slot_environments, visible_gpus, with_warm_start)
+from pipelines.resources import (Finished, MLflowResource, accelerate_command, run_side_by_side, slot_environments,
+                                 visible_gpus, with_warm_start)
 
 TrainedModelConfig = run_config_class("TrainedModelConfig", "model", "training")
 
@@ -27,7 +28,7 @@ TrainedModelConfig = run_config_class("TrainedModelConfig", "model", "training")
                           "evaluation and registry are skipped.")])
 @user_errors
 def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig, scratchllm: ScratchllmResource,
-                  mlflow: MLflowResource, pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
+                  mlflow: MLflowResource) -> dg.MaterializeResult:
     """A Llama-style decoder trained with accelerate (one process per rank), checkpointed and
     resumable; every run is an MLflow run with the full config as params and per-step metrics.
     With a `sweep:` in the profile, one training per variant (training.max_parallel_variants at
@@ -40,11 +41,15 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
     if cfg.sweep:
         return train_sweep(context, cfg, mlflow.uri(cfg), tags)
     run = training_run.prepare(cfg, mlflow.uri(cfg), tags=tags)
-    result = launch(context, cfg, run, pipes_subprocess_client)
+    context.log.info(f"training {run.key} in {run.out_dir} (MLflow run {run.mlflow_run_id})")
+    finished = []
+    launch(context, {run.key: (cfg, run)}, slots=1, on_exit=finished.append)
+    if failure := training_failure(finished[0], run):
+        raise failure
     verdict = training_run.finish(cfg, run)
     experiment = tracking.experiment_id(run.tracking_uri, tracking.artifact_location(cfg))
     return dg.MaterializeResult(
-        metadata={**result.get_materialize_result().metadata, **uri(run.out_dir), "mlflow_run_id": run.mlflow_run_id,
+        metadata={**finished[0].reported, **uri(run.out_dir), "mlflow_run_id": run.mlflow_run_id,
                   "training_key": run.key,
                   "loss_curve_plot": loss_curve_plot(run.out_dir / "loss_curve.png", experiment, run.mlflow_run_id)},
         data_version=dg.DataVersion(run.key),
@@ -55,19 +60,30 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
     )
 
 
-def launch(context: dg.AssetExecutionContext, cfg, run: training_run.TrainingRun,
-           pipes_subprocess_client: dg.PipesSubprocessClient):
-    """`accelerate launch` of one training through Dagster Pipes; a divergence fails without retries."""
-    context.log.info(f"training {run.key} in {run.out_dir} (MLflow run {run.mlflow_run_id})")
-    command = accelerate_command(cfg, "pipelines.train_entry", run.entry_args())
-    try:
-        return pipes_subprocess_client.run(context=context, command=command, env=rank_environment(cfg))
-    except Exception:
-        diverged = health.divergence(run.out_dir)
-        if diverged:  # a retry would resume from the last good checkpoint and diverge the same way
-            raise dg.Failure(description=diverged["message"], allow_retries=False,
-                             metadata={"step": diverged["step"], **uri(run.out_dir)}) from None
-        raise
+def launch(context: dg.AssetExecutionContext, trainings: dict[str, tuple[ScratchConfig, training_run.TrainingRun]],
+           slots: int, on_exit) -> None:
+    """`accelerate launch` of every training through Dagster Pipes, `slots` at once (a single training
+    is one slot; side by side, each slot has devices or cores of its own and its own rendezvous port);
+    on_exit(Finished) as each ends, with the metadata its rank 0 reported."""
+    configs = [cfg for cfg, _ in trainings.values()]
+    environments = slot_environments(configs, slots, visible_gpus() if slots > 1 else [])
+    jobs = [(name, cfg, accelerate_command(cfg, "pipelines.train_entry", run.entry_args(), free_port=slots > 1))
+            for name, (cfg, run) in trainings.items()]
+    run_side_by_side(context, jobs, environments, on_exit)
+
+
+def training_failure(finished: Finished, run: training_run.TrainingRun) -> dg.Failure | None:
+    """Why a training failed, when it did: a divergence fails without retries (a retry would resume from
+    the last good checkpoint and diverge the same way); a kill or a crash may be retried (it resumes)."""
+    if finished.exit_code == 0:
+        return None
+    diverged = health.divergence(run.out_dir)
+    if diverged:
+        return dg.Failure(description=diverged["message"], allow_retries=False,
+                          metadata={"step": diverged["step"], **uri(run.out_dir)})
+    return dg.Failure(description=f"training {finished.name} ended with exit code {finished.exit_code} (killed or "
+                                  f"crashed; see the log above): a retry or a re-run resumes it from its last "
+                                  f"checkpoint", metadata=uri(run.out_dir))
 
 
 def train_sweep(context: dg.AssetExecutionContext, cfg, tracking_uri: str, tags: dict) -> dg.MaterializeResult:
@@ -85,14 +101,19 @@ def train_sweep(context: dg.AssetExecutionContext, cfg, tracking_uri: str, tags:
     to_train = [v for v in variants.values() if not sweep.finished(runs[v.name].out_dir, v.config)]
     statuses, failed = {v.name: "reused" for v in variants.values() if v not in to_train}, []
 
-    def record_variant(name: str, exit_code: int) -> None:
+    def record_variant(finished: Finished) -> None:
         """As each training ends (a reused one as if it had just ended well)."""
+        name = finished.name
         variant, run = variants[name], runs[name]
-        diverged = health.divergence(run.out_dir) if exit_code else None
-        if exit_code and not diverged:  # killed, out of memory...: a re-run resumes it
-            failed.append(f"{name} (exit code {exit_code})")
+        failure = training_failure(finished, run)
+        if failure and failure.allow_retries:  # killed, out of memory...: a re-run resumes it
+            failed.append(f"{name} (exit code {finished.exit_code})")
             return
-        statuses[name] = f"diverged: {diverged['message']}" if diverged else statuses.get(name, "trained")
+        if finished.reported:  # what it measured (tokens/s, MFU, peak memory, plan vs measured) in Dagster
+            context.log_event(dg.AssetObservation(asset_key="trained_model", metadata={
+                "variant": name, "values": variant.label, **finished.reported}))
+        diverged = failure.description if failure else None
+        statuses[name] = f"diverged: {diverged}" if diverged else statuses.get(name, "trained")
         if diverged:
             healthy, health_text = False, statuses[name]
         else:
@@ -104,17 +125,14 @@ def train_sweep(context: dg.AssetExecutionContext, cfg, tracking_uri: str, tags:
         record["variants"] = {n: record["variants"][n] for n in variants if n in record["variants"]}  # sweep order
         sweep.save(cfg, record)
 
-    for name in statuses:  # the reused ones
-        record_variant(name, 0)
+    for name in list(statuses):  # the reused ones
+        record_variant(Finished(name, 0, {}))
     slots = min(cfg.training.max_parallel_variants, len(to_train)) or 1
-    environments = slot_environments([v.config for v in to_train], slots, visible_gpus() if slots > 1 else [])
     if slots > 1:
         to_train.sort(key=lambda v: -sweep.training_flops(v.config))  # biggest first
     for variant in to_train:
         context.log.info(f"sweep {record['name']} {variant.name}: {variant.label}")
-    run_side_by_side(context, [(v.name, v.config, accelerate_command(v.config, "pipelines.train_entry",
-                                                                     runs[v.name].entry_args(), free_port=slots > 1))
-                               for v in to_train], environments, record_variant)
+    launch(context, {v.name: (v.config, runs[v.name]) for v in to_train}, slots, record_variant)
     if failed:
         raise RuntimeError(f"sweep {record['name']}: {', '.join(failed)} failed; the other variants are kept and "
                            f"a re-run resumes the failed ones")

@@ -461,6 +461,12 @@ class ScratchConfig(Section):
         return self.section_hash(*(name for name in type(self).model_fields if name not in ("data_dir", "engine")))
 
 
+def training_tokens(cfg: ScratchConfig) -> int:
+    """The tokens a training reads: steps x sequences per step (every rank, every micro-step) x block size."""
+    t = cfg.training
+    return t.max_steps * t.batch_size * t.grad_accum_steps * t.num_processes * cfg.model.block_size
+
+
 def resolve_path(path: str) -> Path:
     """Absolute local path for `path`; relative paths are taken from the project root."""
     p = Path(os.path.expanduser(path))

@@ -9,7 +9,7 @@
     scratchllm plan [--config P] [--gpus N ...]  memory per GPU and time of a training, by strategy
 
 Every subcommand takes `--config P` alike: a relative P is looked up in the working directory, then
-in the project's assets_config/; without it, $SCRATCHLLM_CONFIG, else assets_config/default.yaml.
+in the project's assets_config/, then in the project; without it, $SCRATCHLLM_CONFIG, else assets_config/default.yaml.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import shlex
 import sys
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import yaml
 
@@ -44,8 +45,7 @@ def prepare_environment(profile: str | None) -> None:
         try:
             os.environ[CONFIG_ENV_VAR] = str(find_profile(profile))
         except ConfigError as exc:
-            print(exc, file=sys.stderr)
-            raise SystemExit(2) from None
+            refuse(exc)
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(DEFAULT_DAGSTER_HOME)))
     home.mkdir(parents=True, exist_ok=True)
     settings = home / "dagster.yaml"
@@ -59,8 +59,13 @@ def load_profile(profile: str | None = None):
     try:
         return load_config(profile)
     except ConfigError as exc:
-        print(f"scratchllm: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        refuse(exc)
+
+
+def refuse(exc: ConfigError) -> NoReturn:
+    """A profile that cannot be used: one line naming why, exit status 2, before any work."""
+    print(f"scratchllm: {exc}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -216,7 +221,8 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 
 CONFIG_HELP = (f"YAML profile, deep-merged over default.yaml; a relative path is looked up in the working directory, "
-               f"then in the project's assets_config/ (default: ${CONFIG_ENV_VAR}, else default.yaml)")
+               f"then in the project's assets_config/, then in the project "
+               f"(default: ${CONFIG_ENV_VAR}, else default.yaml)")
 MODEL_HELP = ("a model directory (trained_model/runs/<key>, or one of its checkpoints/step_N), or a registered "
               "model NAME@ALIAS (e.g. scratchllm@champion) or NAME/VERSION; default: the latest trained_model")
 

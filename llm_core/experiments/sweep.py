@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 from llm_core import tracking
-from llm_core.config import ScratchConfig, swept_fields, sweep_name, variants
+from llm_core.config import ScratchConfig, swept_fields, sweep_name, training_tokens, variants
 from llm_core.files import read_json, short_hash, write_json
 from llm_core.layout import EVALUATION_DIR, MODEL_DIR
 from llm_core.model_files import SUMMARY_FILE, WEIGHTS_FILE
@@ -32,9 +32,7 @@ def training_flops(cfg: ScratchConfig) -> float:
     several train at once the biggest start first, so that the last one running is a short one."""
     from llm_core.experiments import plan
 
-    t = cfg.training
-    tokens = t.max_steps * t.batch_size * t.grad_accum_steps * t.num_processes * cfg.model.block_size
-    return plan.count(plan.setup_from_config(cfg)).flops_per_token * tokens
+    return plan.count(plan.setup_from_config(cfg)).flops_per_token * training_tokens(cfg)
 
 
 # ---------------------------------------------------------------------------------------------

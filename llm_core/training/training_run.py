@@ -15,7 +15,7 @@ from pathlib import Path
 from llm_core.training import health, model_source
 from llm_core import tracking
 from llm_core.model_files import SUMMARY_FILE
-from llm_core.config import ScratchConfig
+from llm_core.config import ScratchConfig, training_tokens
 from llm_core.files import atomic_path, read_json, short_hash, write_json
 from llm_core.model_files import copy_tokenizer
 from llm_core.layout import DATASET_DIR, LATEST_FILE, MODEL_DIR, TOKENIZER_DIR
@@ -65,8 +65,7 @@ MANY_PASSES = 20
 def repetition_warning(cfg: ScratchConfig) -> str | None:
     """A warning when the training would read its training split many times over (a small corpus)."""
     train_tokens = read_json(cfg.data_path / DATASET_DIR / "manifest.json").get("split", {}).get("train_tokens")
-    t = cfg.training
-    planned = t.max_steps * t.batch_size * cfg.model.block_size * t.grad_accum_steps * t.num_processes
+    t, planned = cfg.training, training_tokens(cfg)
     if not train_tokens or planned < MANY_PASSES * train_tokens:
         return None
     return (f"training: {t.max_steps} steps read {planned / 1e6:.2f}M tokens, {planned / train_tokens:.0f} passes "

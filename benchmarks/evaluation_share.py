@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # import benchm
 
 from benchmarks.make_corpus import make_sized_corpus  # noqa: E402
 from llm_core.evaluation import evaluate as ev  # noqa: E402
-from llm_core.data import tokenizer as bpe  # noqa: E402
+from llm_core.data.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 from llm_core.model_files import load_model  # noqa: E402
 from llm_core.config import load_config  # noqa: E402
 from llm_core.data.cleaned_shards import build_cleaned_shards, cleaned_shard_paths  # noqa: E402
@@ -63,8 +63,9 @@ def main() -> None:
     tok_dir = cfg.data_path / TOKENIZER_DIR
     timed("raw_corpus", lambda: build_raw_corpus(cfg, quiet))
     timed("cleaned_shards", lambda: build_cleaned_shards(cfg, quiet))
-    timed("tokenizer", lambda: bpe.train_tokenizer(cfg, cleaned_shard_paths(cfg), tok_dir, log=quiet))
-    dataset = timed("tokenized_dataset", lambda: build_tokenized_dataset(cfg, bpe.load(tok_dir), tok_dir, log=quiet))
+    timed("tokenizer", lambda: train_tokenizer(cfg, cleaned_shard_paths(cfg), tok_dir, log=quiet))
+    dataset = timed("tokenized_dataset",
+                    lambda: build_tokenized_dataset(cfg, load_tokenizer(tok_dir), tok_dir, log=quiet))
     run_dir = work / "run"
     timed("trained_model", lambda: train(cfg, run_dir, log=quiet))
     r = timed("model_evaluation", lambda: ev.evaluate(cfg, load_model(run_dir), tok_dir))

@@ -157,12 +157,13 @@ def _docstrings(root: Path, label: str) -> list[tuple[str, str]]:
     return out
 
 
-def _raw_texts() -> list[tuple[str, str]]:
-    """(label, text) of every source, in a stable order."""
+def _raw_texts(packages: tuple[str, ...] = PACKAGES) -> list[tuple[str, str]]:
+    """(label, text) of every source, in a stable order: the Python reference, the licenses, the
+    standard library's docstrings and those of `packages`."""
     import pydoc_data.topics
 
     texts = [(f"pyref-{key}", pydoc_data.topics.topics[key]) for key in sorted(pydoc_data.topics.topics)]
-    if LICENSE_DIR.is_dir():
+    if packages and LICENSE_DIR.is_dir():
         seen = set()
         for path in sorted(LICENSE_DIR.iterdir()):
             real = path.resolve()
@@ -170,7 +171,7 @@ def _raw_texts() -> list[tuple[str, str]]:
                 seen.add(real)
                 texts.append((f"license-{path.name}", real.read_text(errors="replace")))
     texts += _docstrings(Path(sysconfig.get_paths()["stdlib"]), "stdlib")
-    for package in PACKAGES:
+    for package in packages:
         spec = importlib.util.find_spec(package)  # locates the package without importing it
         if spec and spec.submodule_search_locations:
             texts += _docstrings(Path(list(spec.submodule_search_locations)[0]), package)
@@ -182,11 +183,11 @@ def _gram_keys(text: str) -> list[int]:
     return [xxhash.xxh3_64_intdigest(" ".join(words[i: i + 5]).encode()) for i in range(max(len(words) - 4, 1))]
 
 
-def build_pool() -> list[tuple[str, str]]:
+def build_pool(packages: tuple[str, ...] = PACKAGES) -> list[tuple[str, str]]:
     """(label, paragraph) pairs of distinct prose paragraphs, one line each, in source order."""
     seen: set[int] = set()
     pool = []
-    for label, text in _raw_texts():
+    for label, text in _raw_texts(packages):
         for block in _blocks(text):
             prose = _prose(block)
             if prose is None:
@@ -200,13 +201,16 @@ def build_pool() -> list[tuple[str, str]]:
     return pool
 
 
-def text_pool(cache_dir: str | Path | None = None) -> list[tuple[str, str]]:
-    """The pool, built once and cached (building parses a few thousand source files: ~1 min)."""
+def text_pool(cache_dir: str | Path | None = None, small: bool = False) -> list[tuple[str, str]]:
+    """The pool, built once and cached (building parses a few thousand source files: ~1 min).
+    small: the Python reference and the standard library only (~2,000 paragraphs in ~3 s), for tests
+    that need realistic documents, not a benchmark's variety."""
     cache = Path(cache_dir or tempfile.gettempdir()) / (
-        f"scratchllm-textpool-v{POOL_VERSION}-py{sys.version_info[0]}{sys.version_info[1]}.json.gz")
+        f"scratchllm-textpool-v{POOL_VERSION}{'-small' if small else ''}"
+        f"-py{sys.version_info[0]}{sys.version_info[1]}.json.gz")
     if cache.exists():
         return [tuple(item) for item in json.loads(gzip.decompress(cache.read_bytes()))]
-    pool = build_pool()
+    pool = build_pool(packages=() if small else PACKAGES)
     tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
     tmp.write_bytes(gzip.compress(json.dumps(pool).encode(), compresslevel=6))
     os.replace(tmp, cache)

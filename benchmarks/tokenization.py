@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     from llm_core.data.raw_corpus import build_raw_corpus
     from llm_core.training.loader import TokenWindows
     from llm_core.data.tokenized_dataset import build_tokenized_dataset
-    from llm_core.data.tokenizer import iter_documents, load, train_tokenizer
+    from llm_core.data.tokenizer import iter_documents, load_tokenizer, train_tokenizer
 
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"cores {os.cpu_count()}, RAYON_NUM_THREADS unset, TOKENIZERS_PARALLELISM="
@@ -188,13 +188,13 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = cfg.data_path / "tokenized_dataset"
     for _ in range(args.repeats):
         shutil.rmtree(out_dir, ignore_errors=True)
-        tokenizer = load(tok_dir)
+        tokenizer = load_tokenizer(tok_dir)
         t0 = time.perf_counter()
         result = build_tokenized_dataset(cfg, tokenizer, tok_dir, log=QUIET)
         stage.append(time.perf_counter() - t0)
         assert result.num_shards_encoded == len(shards)
 
-        tokenizer = load(tok_dir)
+        tokenizer = load_tokenizer(tok_dir)
         tokenizer.encode_special_tokens = True  # as the stage encodes
         t0 = time.perf_counter()
         encodings = tokenizer.encode_batch(texts, add_special_tokens=False)

@@ -26,8 +26,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "assets_config"
 DEFAULT_PROFILE = CONFIG_DIR / "default.yaml"
 CONFIG_ENV_VAR = "SCRATCHLLM_CONFIG"
-# Fields that change when and where work runs, not what it makes: left out of every key and hash.
-SCHEDULING_FIELDS = {"training": {"max_parallel_variants"}}
+# Fields that change when and where work runs, or how it is reported, not what it makes: left out of
+# every key and hash.
+SCHEDULING_FIELDS = {"training": {"max_parallel_variants", "peak_flops"}}
 
 
 class ConfigError(ValueError):
@@ -252,6 +253,10 @@ class TrainingConfig(Section):
                                                                     "(assets_config/accelerate/*.yaml); null = CPU.")
     max_parallel_variants: int = Field(default=1, ge=1, description="Sweep variants trained at once: on GPUs each "
                                        "gets num_processes devices of its own, on CPU an equal share of the cores.")
+    peak_flops: float | None = Field(default=None, gt=0, description="The MFU denominator, FLOP/s per process: "
+                                     "null measures the best GEMM in the training precision at the start (~1 s on "
+                                     "a CPU); a datasheet peak (989e12 for an H100's dense bf16) reports MFU as "
+                                     "papers do.")
 
     @field_validator("mixed_precision")
     @classmethod

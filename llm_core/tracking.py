@@ -59,17 +59,22 @@ URI_ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 @contextlib.contextmanager
 def using(uri: str):
     """Point MLflow's fluent API (tracking and registry) at `uri` for a while, then restore what was
-    there. mlflow.set_tracking_uri also writes $MLFLOW_TRACKING_URI, which must not outlive the block."""
+    there: the URIs set in this process and the environment. mlflow.set_tracking_uri also writes
+    $MLFLOW_TRACKING_URI, which must not outlive the block; and restoring by setting the variable's old
+    value would pin it in the process for good (it would outlive a later change of the variable)."""
     import mlflow
+    from mlflow.tracking._model_registry import utils as registry_state
+    from mlflow.tracking._tracking_service import utils as tracking_state
 
     saved_env = {name: os.environ.get(name) for name in URI_ENV_VARS}
+    saved_tracking, saved_registry = tracking_state._tracking_uri, registry_state._registry_uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(saved_env["MLFLOW_TRACKING_URI"])
-        mlflow.set_registry_uri(saved_env["MLFLOW_REGISTRY_URI"])
+        mlflow.set_tracking_uri(saved_tracking)
+        mlflow.set_registry_uri(saved_registry)
         for name, value in saved_env.items():
             if value is None:
                 os.environ.pop(name, None)

@@ -40,23 +40,46 @@ def main(argv: list[str]) -> int:
         return 2
     parent = os.getppid()  # before anything else: it may die at any moment
     child = subprocess.Popen(command, start_new_session=True)  # the child leads a new process group
+    stopping: dict[str, float] = {}
 
     def stop(signum, frame):
-        try:
-            os.killpg(child.pid, signal.SIGTERM)
-            deadline = time.monotonic() + GRACE_SECONDS
-            while child.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.1)
-            os.killpg(child.pid, signal.SIGKILL)  # stragglers (ranks) that ignored SIGTERM
-        except ProcessLookupError:
-            pass
-        sys.exit(128 + signum)
+        # Only asks: the waiting happens below. (Popen.poll() inside a handler that interrupted
+        # Popen.wait() cannot reap the child, so a handler that waited for it always ran out its grace.)
+        if not stopping:
+            stopping.update(signal=signum, deadline=time.monotonic() + GRACE_SECONDS)
+            signal_group(child.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     threading.Thread(target=kill_group_when_parent_dies, args=(child.pid, parent), daemon=True).start()
-    return child.wait()
+    while True:
+        try:
+            code = child.wait(timeout=0.1)
+            break
+        except subprocess.TimeoutExpired:
+            if stopping and time.monotonic() > stopping["deadline"]:
+                signal_group(child.pid, signal.SIGKILL)
+    if not stopping:
+        return code
+    while group_alive(child.pid) and time.monotonic() < stopping["deadline"]:  # ranks still stopping
+        time.sleep(0.1)
+    signal_group(child.pid, signal.SIGKILL)  # stragglers (ranks) that ignored SIGTERM
+    return 128 + int(stopping["signal"])
 
+
+def signal_group(group: int, signum: int) -> None:
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        pass
+
+
+def group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

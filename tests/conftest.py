@@ -1,14 +1,37 @@
 """Shared fixtures: a clean config environment, real English prose, temp-dir configs, the ci
-profile's tokenized dataset, tiny trained models, a Dagster instance. Plain helpers: helpers.py."""
+profile's tokenized dataset, tiny trained models, a Dagster instance. Plain helpers: helpers.py.
+
+The suite runs on pytest-xdist workers (`-n auto` in pyproject.toml; `-n 0` for one process, e.g. with
+--pdb). Each worker gets a share of the cores of its own, and the slow tests go first."""
 
 from __future__ import annotations
 
+import collections
 import functools
+import os
 from pathlib import Path
 
 import pytest
 
 from llm_core.config import CONFIG_ENV_VAR, PROJECT_ROOT, load_config
+
+
+def pytest_configure(config):
+    """An xdist worker runs on its own share of the cores (its subprocesses inherit it): two trainings
+    side by side on 2 cores each sized for both cores ran several times slower than one after the
+    other, and every thread count in the product follows the cores a process may use."""
+    worker, workers = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if worker and 1 < workers <= len(cores):
+        index, share = int(worker.removeprefix("gw")), len(cores) // workers
+        os.sched_setaffinity(0, cores[index * share:(index + 1) * share])
+
+
+def pytest_collection_modifyitems(items):
+    """The modules with the most slow tests first, each kept in its order (a worker runs a whole
+    module): the quick ones then fill the end, so that no worker is left alone with a long module."""
+    slow_tests = collections.Counter(item.module for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow_tests[item.module])
 
 
 @pytest.fixture(autouse=True)
@@ -107,7 +130,7 @@ def trained(tmp_path_factory):
 
     from llm_core.model_files import load_model
     from llm_core.data.tokenized_dataset import build_tokenized_dataset
-    from llm_core.data.tokenizer import load, train_tokenizer
+    from llm_core.data.tokenizer import load_tokenizer, train_tokenizer
     from llm_core.training.train import train
 
     root = tmp_path_factory.mktemp("trained")
@@ -116,7 +139,7 @@ def trained(tmp_path_factory):
         "evaluation": {"prompts": ["ROMEO:", ""], "max_new_tokens": 12, "temperature": 0.8, "seed": 3}})
     shards = build_shards(cfg)
     train_tokenizer(cfg, shards, root / "tokenizer", log=QUIET)
-    build_tokenized_dataset(cfg, load(root / "tokenizer"), root / "tokenizer", log=QUIET)
+    build_tokenized_dataset(cfg, load_tokenizer(root / "tokenizer"), root / "tokenizer", log=QUIET)
     result = train(cfg, root / "model", log=QUIET)
     return cfg, result, load_model(root / "model")
 
@@ -143,3 +166,4 @@ def ray_cluster():
     cluster = RayCluster.start()
     yield cluster
     cluster.stop()
+

@@ -51,7 +51,8 @@ def build_dataset(cfg: ScratchConfig) -> None:
 
     shards = build_shards(cfg)
     tok.train_tokenizer(cfg, shards, cfg.data_path / "tokenizer", log=QUIET)
-    build_tokenized_dataset(cfg, tok.load(cfg.data_path / "tokenizer"), cfg.data_path / "tokenizer", log=QUIET)
+    tokenizer_dir = cfg.data_path / "tokenizer"
+    build_tokenized_dataset(cfg, tok.load_tokenizer(tokenizer_dir), tokenizer_dir, log=QUIET)
 
 
 def summary(out_dir: Path) -> dict:

@@ -15,7 +15,7 @@ from llm_core.data.decontamination import eval_ngrams, ngram_hashes, words
 from llm_core.layout import CLEANED_SHARDS_DIR, DATASET_DIR
 from llm_core.data.split import is_validation
 from llm_core.data.tokenized_dataset import build_tokenized_dataset, verify_decontamination, verify_token_accounting
-from llm_core.data.tokenizer import load, train_tokenizer
+from llm_core.data.tokenizer import load_tokenizer, train_tokenizer
 
 ITEMS = 4  # task items, each from a paragraph that is not in the corpus
 
@@ -57,7 +57,7 @@ def build(root, src, task, mode: str, name: str):
     tok_dir = root / name / "tokenizer"
     if not tok_dir.exists():
         train_tokenizer(cfg, build_shards(cfg), tok_dir, log=QUIET)
-    return cfg, tok_dir, build_tokenized_dataset(cfg, load(tok_dir), tok_dir, log=QUIET)
+    return cfg, tok_dir, build_tokenized_dataset(cfg, load_tokenizer(tok_dir), tok_dir, log=QUIET)
 
 
 def pieces(cfg) -> dict[str, dict]:
@@ -118,11 +118,11 @@ def test_planted_copies_are_removed_exactly(planted):
     assert not expected & train and copies - expected <= val
     assert train | val | expected == set(everything)  # nothing else is missing (the near miss is trained on)
     assert r.num_train_documents == sum(p["split"] == "train" for p in everything.values()) - len(expected)
-    assert verify_token_accounting(cfg, load(tok_dir))[0]
+    assert verify_token_accounting(cfg, load_tokenizer(tok_dir))[0]
     passed, details = verify_decontamination(cfg)
     assert passed and f"{len(expected)} contaminated training documents removed" in details
 
-    again = build_tokenized_dataset(cfg, load(tok_dir), tok_dir, log=QUIET)
+    again = build_tokenized_dataset(cfg, load_tokenizer(tok_dir), tok_dir, log=QUIET)
     assert again.num_shards_encoded == 0 and again.contamination["documents"] == found
 
 
@@ -138,7 +138,7 @@ def test_fail_mode_keeps_them_and_fails_the_check_then_remove_reencodes_only_the
     assert found[0]["id"] in details and "matches qa:q" in details
 
     removing = cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"decontamination": "remove"})})
-    after = build_tokenized_dataset(removing, load(tok_dir), tok_dir, log=QUIET)
+    after = build_tokenized_dataset(removing, load_tokenizer(tok_dir), tok_dir, log=QUIET)
     shards_with_copies = {e["name"] for e in json.loads((cfg.data_path / DATASET_DIR / "manifest.json").read_text())
                           ["shards"] if e["contaminated"]}
     assert after.num_shards_encoded == len(shards_with_copies) < after.num_shards_encoded + after.num_shards_reused
@@ -187,7 +187,7 @@ def test_in_dagster_the_failed_check_stops_training(planted, instance, tmp_path)
         "corpus": {"sources": [str(src)], "shard_size_mb": 0.008}, "tokenizer": {"vocab_size": 320},
         "dataset": {"val_fraction": 0.25, "builtin_task_items": 0, "decontamination": "fail"},
         "evaluation": {"tasks": [{"name": "qa", "path": str(task)}]},
-        "training": {"max_steps": 2, "batch_size": 2}}))
+        "training": {"peak_flops": 1e12, "max_steps": 2, "batch_size": 2}}))
     assets = ["raw_corpus", "cleaned_shards", "tokenizer", "tokenized_dataset", "trained_model"]
     result = defs.resolve_job_def("materialize_everything").execute_in_process(
         instance=instance, raise_on_error=False, asset_selection=[dg.AssetKey(a) for a in assets],

@@ -84,7 +84,7 @@ def test_a_run_uses_one_snapshot_of_the_profile_even_if_it_was_edited_after_the_
         "data_dir": str(tmp_path / "data"), "corpus": {"sources": [str(corpus)], "pieces_are_documents": [str(corpus)]},
         "cleaning": {"num_workers": 1}, "dataset": {"val_fraction": 0.1}, "tokenizer": {"vocab_size": 300},
         "model": {"n_layer": 1, "n_head": 2, "n_kv_head": 1, "n_embd": 32, "block_size": 32},
-        "training": {"max_steps": 2, "batch_size": 2, "learning_rate": 0.001, "eval_batches": 1}}))
+        "training": {"peak_flops": 1e12, "max_steps": 2, "batch_size": 2, "learning_rate": 0.001, "eval_batches": 1}}))
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home")}
     (tmp_path / "dagster_home").mkdir()
     done = subprocess.run([sys.executable, "-c", EDIT_THEN_RUN, str(profile)], env=env, capture_output=True,

@@ -21,7 +21,7 @@ from llm_core.registry.export import export_hf, num_parameters
 from llm_core.files import write_json
 from llm_core.layout import CLEANED_SHARDS_DIR, DATASET_DIR, LATEST_FILE, MODEL_DIR, RAW_CORPUS_DIR, TOKENIZER_DIR
 from llm_core.model import ModelArgs, Transformer
-from llm_core.data.tokenizer import EOT, PAD, TOKENIZER_FILE, TRICKY_TEXTS, load, train_tokenizer
+from llm_core.data.tokenizer import EOT, PAD, TOKENIZER_FILE, TRICKY_TEXTS, load_tokenizer, train_tokenizer
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()
@@ -86,7 +86,7 @@ class TransformersWarnings(logging.Handler):
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory, tokenizer_dir):
     """name -> (our model, the export loaded by AutoModelForCausalLM, its loading info, warnings, export dir)."""
-    vocab = load(tokenizer_dir).get_vocab_size()
+    vocab = load_tokenizer(tokenizer_dir).get_vocab_size()
     out = {}
     for i, (name, overrides) in enumerate(CONFIGS.items()):
         root = tmp_path_factory.mktemp(name)
@@ -139,7 +139,7 @@ def test_greedy_generation_matches_transformers(exports, tokenizer_dir, name):
     """20 greedy tokens each: once with eos (<|endoftext|>) as the stop for both, once with no stop at all,
     so the comparison never ends early on a machine where these random weights pick eos soon."""
     ours, hf, *_ = exports[name]
-    tokenizer = load(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     for prompt in ["The quick brown fox", "def f(x):\n    return", "漢字 and emoji 😀"]:
         ids = tokenizer.encode(prompt).ids
         x = torch.tensor([ids])
@@ -157,7 +157,7 @@ def test_tokenizer_ids_agree(exports, tokenizer_dir):
     """AutoTokenizer on the export gives our ids, with or without add_special_tokens (nothing is added),
     and decodes them back. A literal "<|endoftext|>" in text is the special token (id 0) for both."""
     export_dir = next(iter(exports.values()))[-1]
-    ours = load(tokenizer_dir)
+    ours = load_tokenizer(tokenizer_dir)
     hf = transformers.AutoTokenizer.from_pretrained(str(export_dir))
     assert (hf.eos_token, hf.eos_token_id, hf.pad_token, hf.pad_token_id) == (EOT, 0, PAD, 1)
     assert len(hf) == ours.get_vocab_size() and hf.model_max_length == BLOCK
@@ -179,7 +179,7 @@ def test_tokenizer_and_generation_files(tokenizer_dir, exports):
 
 
 def test_bad_inputs_are_refused(tmp_path, tokenizer_dir):
-    vocab = load(tokenizer_dir).get_vocab_size()
+    vocab = load_tokenizer(tokenizer_dir).get_vocab_size()
     model_dir, _ = trained_model_dir(tmp_path / "model", vocab)
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         export_hf(tmp_path / "nowhere", tokenizer_dir, tmp_path / "out")
@@ -209,7 +209,7 @@ def test_bad_inputs_are_refused(tmp_path, tokenizer_dir):
 def test_cli_export_hf(tmp_path, tokenizer_dir, monkeypatch, capsys):
     from pipelines.cli import main
 
-    vocab = load(tokenizer_dir).get_vocab_size()
+    vocab = load_tokenizer(tokenizer_dir).get_vocab_size()
     model_dir, _ = trained_model_dir(tmp_path / "model", vocab)
     out = tmp_path / "out"
     assert main(["export-hf", "--model", str(model_dir), "--tokenizer", str(tokenizer_dir), "--out", str(out)]) == 0

@@ -5,14 +5,14 @@ import torch
 
 from llm_core.registry.generate import TextGenerator, load_generator, package_model
 from llm_core.model import ModelArgs, Transformer
-from llm_core.data.tokenizer import EOT, load
+from llm_core.data.tokenizer import EOT, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_samples_are_seeded_and_greedy_at_temperature_zero(trained):
     cfg, _, model = trained
-    generator = TextGenerator(model, load(cfg.data_path / "tokenizer"))
+    generator = TextGenerator(model, load_tokenizer(cfg.data_path / "tokenizer"))
     same = [generator.complete("ROMEO:", max_new_tokens=12, temperature=0.8, seed=5) for _ in range(2)]
     assert same[0] == same[1] and len(same[0]) > 0
     assert generator.complete("ROMEO:", max_new_tokens=12, temperature=0.8, seed=6) != same[0]
@@ -22,7 +22,7 @@ def test_samples_are_seeded_and_greedy_at_temperature_zero(trained):
 
 def test_streamed_pieces_add_up_to_the_completion(trained):
     cfg, _, model = trained
-    generator = TextGenerator(model, load(cfg.data_path / "tokenizer"))
+    generator = TextGenerator(model, load_tokenizer(cfg.data_path / "tokenizer"))
     pieces = list(generator.stream("ROMEO:", max_new_tokens=30, temperature=1.0, seed=4))
     assert len(pieces) > 1 and all(pieces)
     assert "".join(pieces) == generator.complete("ROMEO:", max_new_tokens=30, temperature=1.0, seed=4)
@@ -35,7 +35,7 @@ def test_streamed_pieces_never_end_inside_a_utf8_character(trained):
     """A model that learned one document by heart emits its tokens, several of them single bytes of
     a multi-byte character: every streamed piece is whole characters, and they join to the text."""
     cfg, _, _ = trained
-    tokenizer = load(cfg.data_path / "tokenizer")
+    tokenizer = load_tokenizer(cfg.data_path / "tokenizer")
     ids = tokenizer.encode(MULTIBYTE, add_special_tokens=False).ids
     assert any("\ufffd" in tokenizer.decode([i]) for i in ids), "no token splits a character: the test proves nothing"
     eot = tokenizer.token_to_id(EOT)
@@ -60,7 +60,7 @@ def test_a_packaged_model_generates_the_same_text(trained, tmp_path):
     cfg, result, model = trained
     package = package_model(result.out_dir, cfg.data_path / "tokenizer", tmp_path / "package")
     assert sorted(p.name for p in package.iterdir()) == ["model.safetensors", "model_config.json", "tokenizer"]
-    expected = TextGenerator(model, load(cfg.data_path / "tokenizer")).complete("ROMEO:", seed=2)
+    expected = TextGenerator(model, load_tokenizer(cfg.data_path / "tokenizer")).complete("ROMEO:", seed=2)
     assert load_generator(package).complete("ROMEO:", seed=2) == expected
     with pytest.raises(FileNotFoundError, match="not a trained model directory"):
         load_generator(tmp_path)

@@ -18,7 +18,7 @@ from llm_core.data.cleaned_shards import build_cleaned_shards
 from llm_core.data.raw_corpus import build_raw_corpus
 from llm_core.training.loader import TokenSplit, TokenWindows, sequential_batches
 from llm_core.data.tokenized_dataset import build_tokenized_dataset
-from llm_core.data.tokenizer import load, train_tokenizer
+from llm_core.data.tokenizer import load_tokenizer, train_tokenizer
 
 QUIET = lambda msg: None  # noqa: E731
 BLOCK, BATCH = 256, 8
@@ -39,7 +39,7 @@ def dataset_dir(tmp_path_factory) -> Path:
     cleaned = build_cleaned_shards(cfg, QUIET)
     shards = [cleaned.shards_dir / p["name"] for p in cleaned.parts]
     train_tokenizer(cfg, shards, root / "tokenizer", log=QUIET)
-    result = build_tokenized_dataset(cfg, load(root / "tokenizer"), root / "tokenizer", log=QUIET)
+    result = build_tokenized_dataset(cfg, load_tokenizer(root / "tokenizer"), root / "tokenizer", log=QUIET)
     assert result.num_train_tokens > 50_000 and result.num_val_tokens > 5_000
     return result.out_dir
 

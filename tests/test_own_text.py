@@ -5,6 +5,7 @@ only corpus.sources changed."""
 import gzip
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llm_core.config import PROJECT_ROOT
+from llm_core.config import PROJECT_ROOT, load_config
 
 CLI = [sys.executable, "-m", "pipelines.cli"]
 SHAKESPEARE = (PROJECT_ROOT / "data" / "tinyshakespeare.txt").read_text()
@@ -50,10 +51,12 @@ def write_profile(path: Path, values: dict) -> Path:
 
 @pytest.fixture(scope="module")
 def own_text_run(tmp_path_factory):
-    """`scratchllm run --config my.yaml` on 5 small files: the default profile, only corpus.sources changed."""
+    """`scratchllm run --config my.yaml` on 5 small files: the default profile with corpus.sources, and
+    a fifth of its steps (nothing checked here depends on the model's quality)."""
     user = tmp_path_factory.mktemp("user")
     texts = write_texts(user / "texts")
-    write_profile(user / "my.yaml", {"data_dir": str(user / "run"), "corpus": {"sources": [str(texts)]}})
+    write_profile(user / "my.yaml", {"data_dir": str(user / "run"), "corpus": {"sources": [str(texts)]},
+                                     "training": {"max_steps": 200}})
     done = scratchllm("run", "--config", "my.yaml", cwd=user)  # relative: found in the working directory
     assert done.returncode == 0, done.stderr[-5000:]
     return user, done.stderr
@@ -69,7 +72,10 @@ def test_five_small_files_split_sensibly_train_and_register(own_text_run):
     assert f"tokenized_dataset: split by {split['unit']}" in log  # said in the log, with the numbers
     assert "registered scratchllm version 1" in log and "as `champion`" in log
     profile = str(user / "my.yaml")
-    assert f"--config {profile}" in log.splitlines()[-1]  # generate's hint carries the profile
+    # The closing hint is a command that works as printed: the profile's first prompt, the profile.
+    first_prompt = shlex.quote(next(p for p in load_config(profile).evaluation.prompts if p))
+    assert log.splitlines()[-1].endswith(f"scratchllm generate --model scratchllm@champion --prompt {first_prompt} "
+                                         f"--config {profile}")
     assert f"`make ui CONFIG={profile}` or `scratchllm ui --config {profile}`" in log
     assert [noise for noise in NOISE if noise in log] == []
 
@@ -89,6 +95,20 @@ def test_a_corpus_too_small_fails_with_its_cause_and_next_step_in_the_summary(tm
     assert "next step: add text to corpus.sources" in cause[1]
     assert "Error occurred while executing" not in "".join(cause)  # Dagster's wrapper is not the cause
     assert f"corpus.sources: '{typo}' gives no file (path not found)" in done.stderr  # the typo, named
+
+
+def test_a_training_that_would_read_its_few_files_20_times_over_is_warned_about(tmp_path):
+    from llm_core.files import write_json
+    from llm_core.layout import DATASET_DIR
+    from llm_core.training.training_run import repetition_warning
+
+    cfg = load_config(None, {"data_dir": str(tmp_path)})  # 1,000 steps of 12 x 64 tokens: 768,000 tokens
+    write_json(tmp_path / DATASET_DIR / "manifest.json", {"split": {"train_tokens": 16_000}})  # 5 small files
+    warning = repetition_warning(cfg)
+    assert warning.startswith("training: 1000 steps read 0.77M tokens, 48 passes over the 16,000 tokens")
+    assert "lower training.max_steps" in warning
+    write_json(tmp_path / DATASET_DIR / "manifest.json", {"split": {"train_tokens": 100_000}})
+    assert repetition_warning(cfg) is None  # 8 passes: nothing to say
 
 
 def test_check_config_names_every_source_that_gives_no_file(tmp_path):

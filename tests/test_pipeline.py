@@ -50,6 +50,8 @@ def run_config(data_dir: Path, corpus: Path, **sections) -> dict:
     # documents even in a tiny corpus.
     ops = {"raw_corpus": {"config": {"corpus": {"sources": [str(corpus)], "shard_size_mb": 0.05,
                                                 "max_document_bytes": 2048, "pieces_are_documents": [str(corpus)]}}},
+           # in-process: a pool of cleaning processes would cost more to start than these few KB take
+           "cleaned_shards": {"config": {"cleaning": {"num_workers": 1}}},
            "tokenized_dataset": {"config": {"dataset": {"val_fraction": 0.2}}}}
     for asset, section_values in sections.items():
         ops.setdefault(asset, {"config": {}})["config"].update(section_values)
@@ -59,7 +61,7 @@ def run_config(data_dir: Path, corpus: Path, **sections) -> dict:
 DATA_ASSETS = ["raw_corpus", "cleaned_shards", "tokenizer", "tokenized_dataset"]
 TINY_TRAINING = {"model": {"n_layer": 1, "n_head": 2, "n_kv_head": 1, "n_embd": 32, "block_size": 32},
                  "training": {"max_steps": 6, "warmup_steps": 2, "batch_size": 4, "eval_interval": 3,
-                              "checkpoint_interval": 3, "eval_batches": 2}}
+                              "checkpoint_interval": 3, "eval_batches": 2, "peak_flops": 1e12}}
 
 
 def materialize(instance, config: dict, assets: list[str] = DATA_ASSETS):
@@ -241,19 +243,11 @@ def write_profile(tmp_path: Path, corpus: Path) -> Path:
     return profile
 
 
-@pytest.mark.slow
-def test_cli_run_succeeds_and_fails_with_a_clear_message(tmp_path):
+def test_cli_run_fails_with_a_clear_message(tmp_path):
+    """A corpus with nothing usable fails at its step with the reason under the step's name; an invalid
+    profile is refused before any work, naming the field. (A successful `scratchllm run`:
+    test_own_text.py.)"""
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "home")}
-    good = write_profile(tmp_path, write_corpus(tmp_path, n_files=2))
-    profile = yaml.safe_load(good.read_text())
-    good.write_text(yaml.safe_dump({**profile, "evaluation": {"prompts": ["", "KING HENRY:"], "max_new_tokens": 8}}))
-    done = subprocess.run([*CLI, "run", "--config", str(good)], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "cleaned_shards_invariant: passed" in done.stderr and "succeeded" in done.stderr
-    assert "registered scratchllm version 1" in done.stderr and "as `champion`" in done.stderr
-    # The closing hint is a command that works as printed: the profile's first prompt, the profile.
-    assert f"scratchllm generate --model scratchllm@champion --prompt 'KING HENRY:' --config {good}" in done.stderr
-
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "empty.txt").write_bytes(b"")

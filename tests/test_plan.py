@@ -70,6 +70,7 @@ def net_peak_mb(measured, name: str) -> float:
 # activation checkpointing
 
 
+@pytest.mark.slow  # the `measured` runs: ~30 s
 def test_activation_checkpointing_same_loss_less_memory(measured):
     (_, plain), (_, ckpt) = measured["activations"], measured["activations, checkpointed"]
     for a, b in zip(losses(plain["history"]), losses(ckpt["history"]), strict=True):
@@ -208,6 +209,7 @@ def test_cli_prints_the_table(capsys):
 # planned vs measured
 
 
+@pytest.mark.slow
 def test_plan_vs_measured_of_a_run(measured):
     cfg, run = measured["parameters"]
     compared = planner.plan_vs_measured(cfg, run, VOCAB)
@@ -217,6 +219,7 @@ def test_plan_vs_measured_of_a_run(measured):
     assert got == run["tokens_per_second"] and planned > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["activations", "parameters", "activations, checkpointed"])
 def test_plan_matches_measured_peak_memory_within_25_percent(measured, name):
     cfg, _ = measured[name]

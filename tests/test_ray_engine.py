@@ -59,7 +59,7 @@ def write_profile(path: Path, corpus: Path, data_dir: Path, engine: dict) -> Pat
                    "pieces_are_documents": [str(corpus)]},  # scenes: the dedup and split units
         "cleaning": {"num_workers": 1}, "dataset": {"val_fraction": 0.3}, "tokenizer": {"vocab_size": 300},
         "model": {"n_layer": 1, "n_head": 2, "n_kv_head": 1, "n_embd": 32, "block_size": 32},
-        "training": {"max_steps": 6, "warmup_steps": 2, "batch_size": 4, "eval_interval": 3,
+        "training": {"peak_flops": 1e12, "max_steps": 6, "warmup_steps": 2, "batch_size": 4, "eval_interval": 3,
                      "checkpoint_interval": 3, "eval_batches": 2},
         "evaluation": {"max_new_tokens": 8}}))
     return path

@@ -122,6 +122,7 @@ print(model.predict(["ROMEO:"], params={{"max_new_tokens": 5, "temperature": 0}}
     assert done.stdout.strip().endswith("True")
 
 
+@pytest.mark.slow  # every CLI path in a fresh process: ~15 s
 def test_registry_paths_need_no_environment_and_write_nothing_in_the_working_directory(trained, tmp_path):
     """As a newcomer runs them after `make run`: MLFLOW_TRACKING_URI unset, from another directory.
     The store is the profile's default (<data_dir>/mlflow.db); nothing appears where the user stands."""

@@ -14,6 +14,7 @@ from helpers import subprocess_env
 
 from llm_core.experiments import sweep
 from llm_core.config import ConfigError, load_config
+from llm_core.training.performance import available_cores
 
 
 def config(**sweep_section):
@@ -109,7 +110,7 @@ def test_a_2x2_sweep_materializes_end_to_end_and_a_rerun_trains_nothing(instance
     assert {(c.data.params["training.learning_rate"], c.data.params["model.n_embd"]) for c in children} == \
         {("0.0001", "32"), ("0.0001", "64"), ("0.003", "32"), ("0.003", "64")}
     found = client.search_runs([parent.info.experiment_id], "params.\"training.learning_rate\" = '0.003'")
-    assert len(found) == 2  # the MLflow search of the issue
+    assert len(found) == 2  # variants found by a param, as in the MLflow UI's search
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"sweep_comparison.md", "sweep_comparison.csv", "val_bpb_by_variant.png", "loss_curves.png"} <= artifacts
 
@@ -175,16 +176,16 @@ def test_side_by_side_variants_get_their_own_devices_or_a_share_of_the_cores(tmp
                                          r"6 GPUs, 4 are visible"):
         slot_environments([two_ranks], 3, ["0", "1", "2", "3"])
     on_cpu = slot_environments([one_rank], 2, [])
-    threads = max(1, (os.cpu_count() or 1) // 2)
+    threads = max(1, available_cores() // 2)
     assert [slot(one_rank)["OMP_NUM_THREADS"] for slot in on_cpu] == [str(threads)] * 2
     two_machines = load_config(None, {"training": {"accelerate_config": "assets_config/accelerate/multi_node.yaml",
                                                    "optimizer": "adamw"}})
     with pytest.raises(ValueError, match="training.max_parallel_variants: 2 variants at once, but "
                                          ".*multi_node.yaml spans several machines"):
         slot_environments([two_machines], 2, ["0", "1"])
-    # how many train at once is not what they train: the training keys stay the same
+    # how many train at once, or the MFU's denominator, is not what they train: the training keys stay the same
     from llm_core.training.training_run import training_key
-    parallel = load_config(None, {"training": {"max_parallel_variants": 4}})
+    parallel = load_config(None, {"training": {"max_parallel_variants": 4, "peak_flops": 1e12}})
     assert training_key(parallel, "data") == training_key(one_rank, "data")
     assert parallel.config_hash() == one_rank.config_hash()
 
@@ -215,7 +216,7 @@ def test_variants_train_side_by_side_and_a_killed_one_resumes_alone(instance, tm
     monkeypatch.setenv("SCRATCHLLM_HOLD_MARKER", str(marker))
 
     def one_variant_finished() -> bool:
-        return any(sweep.finished(d, load_config(profile)) for d in runs_dir.glob("*"))
+        return any(sweep.fully_trained(d, load_config(profile)) for d in runs_dir.glob("*"))
 
     waited = {}
 
@@ -244,7 +245,7 @@ def test_variants_train_side_by_side_and_a_killed_one_resumes_alone(instance, tm
     assert trained["variants_at_once"] == 1  # the retry had one variant left
     record = json.loads((tmp_path / "data" / "trained_model" / "sweep.json").read_text())
     assert [v["healthy"] for v in record["variants"].values()] == [True, True]
-    assert all(sweep.finished(Path(v["path"]), load_config(profile)) for v in record["variants"].values())
+    assert all(sweep.fully_trained(Path(v["path"]), load_config(profile)) for v in record["variants"].values())
 
 
 def test_the_biggest_variants_start_first_when_several_train_at_once():

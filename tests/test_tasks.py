@@ -1,5 +1,5 @@
-"""Multiple-choice tasks (llm_core/evaluation/tasks.py) on a tiny trained model and its real tokenizer: bad task
-files refused naming file and line; the batched log-likelihoods equal one-at-a-time forward passes;
+"""Multiple-choice tasks (llm_core/evaluation/multiple_choice.py) on a tiny trained model and its real
+tokenizer: bad task files refused naming file and line; the batched log-likelihoods equal one-at-a-time forward passes;
 accuracy, length-normalized accuracy and the centered score; the evaluation report and MLflow names."""
 
 import json
@@ -12,13 +12,13 @@ import torch.nn.functional as F
 
 from llm_core.data import task_items
 from llm_core.evaluation import evaluate as ev
-from llm_core.evaluation import tasks as mc
+from llm_core.evaluation import multiple_choice
 from llm_core.data import tokenized_dataset as td
 from llm_core.config import TaskFile
 from llm_core.files import read_json
 from llm_core.layout import CLEANED_SHARDS_DIR
 from llm_core.data.split import plan_split
-from llm_core.data.tokenizer import EOT, load
+from llm_core.data.tokenizer import EOT, load_tokenizer
 
 
 def task_file(path):
@@ -65,11 +65,11 @@ def test_a_missing_or_empty_task_file_is_refused(tmp_path):
 
 def test_batched_log_likelihoods_equal_one_forward_per_choice(trained, tmp_path):
     cfg, _, model = trained
-    tokenizer = load(cfg.data_path / "tokenizer")
+    tokenizer = load_tokenizer(cfg.data_path / "tokenizer")
     items = task_items.load_task(write_task(tmp_path / "t.jsonl", ITEMS))
-    rows = mc.choice_rows(items, tokenizer, model.args.block_size)
+    rows = multiple_choice.choice_rows(items, tokenizer, model.args.block_size)
     assert len(rows) == 9 and all(ids[0] == tokenizer.token_to_id(EOT) for ids, _ in rows)
-    batched = mc.choice_log_likelihoods(model, rows, batch_size=4)  # several batches, padded rows
+    batched = multiple_choice.choice_log_likelihoods(model, rows, batch_size=4)  # several batches, padded rows
     for (ids, n), got in zip(rows, batched):
         x = torch.tensor([ids[:-1]])
         with torch.no_grad():
@@ -80,21 +80,23 @@ def test_batched_log_likelihoods_equal_one_forward_per_choice(trained, tmp_path)
 
 def test_accuracies_follow_the_log_likelihoods(trained, tmp_path):
     cfg, _, model = trained
-    tokenizer = load(cfg.data_path / "tokenizer")
+    tokenizer = load_tokenizer(cfg.data_path / "tokenizer")
     items = task_items.load_task(write_task(tmp_path / "t.jsonl", ITEMS))
-    ll = mc.choice_log_likelihoods(model, mc.choice_rows(items, tokenizer, model.args.block_size))
+    rows = multiple_choice.choice_rows(items, tokenizer, model.args.block_size)
+    ll = multiple_choice.choice_log_likelihoods(model, rows)
     per_item = [ll[0:3], ll[3:5], ll[5:9]]
     acc = sum(max(range(len(v)), key=v.__getitem__) == item.label for v, item in zip(per_item, items)) / 3
-    score = mc.score_task("t", items, model, tokenizer)
+    score = multiple_choice.score_task("t", items, model, tokenizer)
     assert score.items == 3 and score.acc == acc
     assert score.random == pytest.approx((1 / 3 + 1 / 2 + 1 / 4) / 3)
     assert score.centered == pytest.approx((acc - score.random) / (1 - score.random))
     assert 0 <= score.acc_norm <= 1
     # Relabelled so that the model's own favourite is right every time: accuracy 1, centered 1.
     favourite = [dict(item, label=max(range(len(v)), key=v.__getitem__)) for item, v in zip(ITEMS, per_item)]
-    perfect = mc.score_task("p", task_items.load_task(write_task(tmp_path / "p.jsonl", favourite)), model, tokenizer)
+    favourite_items = task_items.load_task(write_task(tmp_path / "p.jsonl", favourite))
+    perfect = multiple_choice.score_task("p", favourite_items, model, tokenizer)
     assert perfect.acc == 1.0 and perfect.centered == pytest.approx(1.0)
-    assert mc.core([score, perfect]) == pytest.approx((score.centered + 1.0) / 2)
+    assert multiple_choice.core([score, perfect]) == pytest.approx((score.centered + 1.0) / 2)
 
 
 def test_tasks_are_in_the_evaluation_and_a_bad_file_stops_it_before_any_scoring(trained, tmp_path):
@@ -106,7 +108,7 @@ def test_tasks_are_in_the_evaluation_and_a_bad_file_stops_it_before_any_scoring(
     assert r.core == pytest.approx((r.tasks[0].centered + r.tasks[1].centered) / 2)
     assert set(r.tasks[1].metrics()) == {"eval/shakespeare_mc/acc", "eval/shakespeare_mc/acc_norm",
                                          "eval/shakespeare_mc/centered"}
-    assert math.isnan(mc.core([]))  # no tasks: no score
+    assert math.isnan(multiple_choice.core([]))  # no tasks: no score
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"context": "c", "choices": ["a", "b"], "label": 5}\n')
@@ -150,13 +152,13 @@ def test_the_default_profiles_model_beats_chance_on_the_builtin_task_and_an_untr
     cfg = load_config(None, {"data_dir": str(tmp_path)})  # default.yaml, only the data directory moved
     build_dataset(cfg)
     items = task_items.load_task(td.builtin_task_path(cfg))
-    tokenizer = load(cfg.data_path / "tokenizer")
+    tokenizer = load_tokenizer(cfg.data_path / "tokenizer")
     torch.manual_seed(cfg.training.seed)
     untrained = Transformer(model_args(cfg, tokenizer.get_vocab_size()))  # the default model, random weights
     train(cfg, tmp_path / "model", log=QUIET)
     trained = load_model(tmp_path / "model")
-    chance = mc.score_task("continuation", items, untrained.eval(), tokenizer)
-    learned = mc.score_task("continuation", items, trained, tokenizer)
+    chance = multiple_choice.score_task("continuation", items, untrained.eval(), tokenizer)
+    learned = multiple_choice.score_task("continuation", items, trained, tokenizer)
     stderr = math.sqrt(0.25 * 0.75 / len(items))
     print(f"continuation: untrained acc {chance.acc:.3f} / acc_norm {chance.acc_norm:.3f}, default profile "
           f"{learned.acc:.3f} / {learned.acc_norm:.3f}, random {learned.random:.3f}")

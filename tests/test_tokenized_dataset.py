@@ -24,7 +24,7 @@ from llm_core.data.tokenized_dataset import (
     verify_token_accounting,
     verify_token_ids,
 )
-from llm_core.data.tokenizer import EOT, held_out_texts, iter_documents, load, train_tokenizer
+from llm_core.data.tokenizer import EOT, held_out_texts, iter_documents, load_tokenizer, train_tokenizer
 
 VOCAB = 300
 LITERAL = "<|endoftext|>"
@@ -63,14 +63,14 @@ def tokenize_corpus(cfg, tok_dir: Path):
     """The data stages, a tokenizer trained in `tok_dir`, the tokenized dataset: (shards, tok_dir, result)."""
     shards = build_shards(cfg)
     train_tokenizer(cfg, shards, tok_dir, log=QUIET)
-    return shards, tok_dir, build_tokenized_dataset(cfg, load(tok_dir), tok_dir, log=QUIET)
+    return shards, tok_dir, build_tokenized_dataset(cfg, load_tokenizer(tok_dir), tok_dir, log=QUIET)
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, prose):
     root = tmp_path_factory.mktemp("tokenize")
     cfg, src, tok_dir = setup_corpus(root, prose)
-    result = build_tokenized_dataset(cfg, load(tok_dir), tok_dir, log=QUIET)
+    result = build_tokenized_dataset(cfg, load_tokenizer(tok_dir), tok_dir, log=QUIET)
     return cfg, tok_dir, result
 
 
@@ -101,7 +101,7 @@ def test_token_dtype():
 
 def test_files_are_uint16_and_docs_end_with_eot(dataset):
     cfg, tok_dir, result = dataset
-    tokenizer = load(tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
     eot = tokenizer.token_to_id(EOT)
     manifest = json.loads((result.out_dir / "manifest.json").read_text())
     assert result.dtype == manifest["dtype"] == "uint16" and manifest["eot_id"] == eot == 0
@@ -121,7 +121,7 @@ def test_split_by_document_and_byte_accounting(dataset):
     cfg, tok_dir, result = dataset
     cleaned = {piece_id: text for piece_id, text in iter_documents(sorted(
         (cfg.data_path / "cleaned_shards" / "shards").glob("*.parquet")), columns=("id", "text"))}
-    tokenizer = load(tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
     tokenizer.encode_special_tokens = True
     seen = {}
     for split in ("train", "val"):
@@ -167,14 +167,14 @@ def test_all_pieces_of_a_source_document_are_on_one_side_of_the_split(tmp_path, 
 
 def test_literal_endoftext_in_a_document_is_text(dataset):
     cfg, tok_dir, result = dataset
-    eot = load(tok_dir).token_to_id(EOT)
+    eot = load_tokenizer(tok_dir).token_to_id(EOT)
     hits = [(doc_id, tokens) for split in ("train", "val") for doc_id, tokens, _ in split_docs(result.out_dir, split)
-            if LITERAL in load(tok_dir).decode(tokens[:-1].tolist(), skip_special_tokens=False)]
+            if LITERAL in load_tokenizer(tok_dir).decode(tokens[:-1].tolist(), skip_special_tokens=False)]
     assert len(hits) == 1
     doc_id, tokens = hits[0]
     assert tokens[-1] == eot and np.count_nonzero(tokens == eot) == 1
     # Without encode_special_tokens the same text would have contained the EOT id inside.
-    plain = load(tok_dir)
+    plain = load_tokenizer(tok_dir)
     text = plain.decode(tokens[:-1].tolist(), skip_special_tokens=False)
     assert eot in plain.encode(text, add_special_tokens=False).ids
 
@@ -183,7 +183,7 @@ def test_verify_passes_on_a_good_dataset(dataset):
     cfg, tok_dir, _ = dataset
     ok, message = verify_token_ids(cfg)
     assert ok, message
-    ok, message = verify_token_accounting(cfg, load(tok_dir))
+    ok, message = verify_token_accounting(cfg, load_tokenizer(tok_dir))
     assert ok, message
 
 
@@ -217,7 +217,7 @@ def test_verify_token_ids_catches_a_wrong_dtype(copy_of):
 def test_verify_accounting_catches_dropped_tokens(copy_of):
     cfg, tok_dir, path = copy_of
     write_tokens(path, read_ipc(path).column("tokens").to_numpy()[:-3].copy())
-    ok, message = verify_token_accounting(cfg, load(tok_dir))
+    ok, message = verify_token_accounting(cfg, load_tokenizer(tok_dir))
     assert not ok and path.name in message
 
 
@@ -227,17 +227,17 @@ def test_verify_accounting_catches_changed_tokens(copy_of):
     tokens[1] = (int(tokens[1]) + 1) % VOCAB or 2  # a valid id, but not what the tokenizer gives
     write_tokens(path, tokens)
     assert verify_token_ids(cfg)[0]  # ids are all in range...
-    ok, message = verify_token_accounting(cfg, load(tok_dir))
+    ok, message = verify_token_accounting(cfg, load_tokenizer(tok_dir))
     assert not ok and "differ" in message  # ... yet not the document's tokens
 
 
 def test_incremental_reencoding(tmp_path, prose):
     cfg, src, tok_dir = setup_corpus(tmp_path, prose)
-    first = build_tokenized_dataset(cfg, load(tok_dir), tok_dir, log=QUIET)
+    first = build_tokenized_dataset(cfg, load_tokenizer(tok_dir), tok_dir, log=QUIET)
     n = first.num_shards_encoded
     assert n >= 4 and first.num_shards_reused == 0
 
-    again = build_tokenized_dataset(cfg, load(tok_dir), tok_dir, log=QUIET)
+    again = build_tokenized_dataset(cfg, load_tokenizer(tok_dir), tok_dir, log=QUIET)
     assert (again.num_shards_encoded, again.num_shards_reused) == (0, n)
     assert again.data_version == first.data_version and again.num_train_tokens == first.num_train_tokens
 
@@ -246,11 +246,11 @@ def test_incremental_reencoding(tmp_path, prose):
     shards = sorted((cfg.data_path / "cleaned_shards" / "shards").glob("*.parquet"))
     cfg320 = cfg.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(update={"vocab_size": 320})})
     train_tokenizer(cfg320, shards, other_dir, log=QUIET)
-    retok = build_tokenized_dataset(cfg320, load(other_dir), other_dir, log=QUIET)
+    retok = build_tokenized_dataset(cfg320, load_tokenizer(other_dir), other_dir, log=QUIET)
     assert (retok.num_shards_encoded, retok.num_shards_reused) == (n, 0)
     assert retok.data_version != first.data_version
     assert json.loads((retok.out_dir / "manifest.json").read_text())["vocab_size"] == 320
-    assert verify_token_accounting(cfg320, load(other_dir))[0]
+    assert verify_token_accounting(cfg320, load_tokenizer(other_dir))[0]
 
     # A new source file: only its shard(s) are encoded.
     write_jsonl(src / "new.jsonl", prose[60:70])
@@ -258,35 +258,35 @@ def test_incremental_reencoding(tmp_path, prose):
     cleaned = build_cleaned_shards(cfg320, QUIET)
     new_parts = len(cleaned.parts) - n
     assert new_parts >= 1
-    grown = build_tokenized_dataset(cfg320, load(other_dir), other_dir, log=QUIET)
+    grown = build_tokenized_dataset(cfg320, load_tokenizer(other_dir), other_dir, log=QUIET)
     assert (grown.num_shards_encoded, grown.num_shards_reused) == (new_parts, n)
     assert grown.num_train_documents + grown.num_val_documents == \
         retok.num_train_documents + retok.num_val_documents + 10
-    assert verify_token_ids(cfg320)[0] and verify_token_accounting(cfg320, load(other_dir))[0]
+    assert verify_token_ids(cfg320)[0] and verify_token_accounting(cfg320, load_tokenizer(other_dir))[0]
 
 
 def test_large_vocab_writes_uint32(tmp_path, prose):
     """A vocabulary above 2^16 (padded with added tokens) is stored as uint32, and verified as such."""
     cfg, src, tok_dir = setup_corpus(tmp_path, prose)
-    tokenizer = load(tok_dir)
+    tokenizer = load_tokenizer(tok_dir)
     tokenizer.add_tokens([f"\ue000{i}\ue001" for i in range(2**16 + 10 - VOCAB)])
     big_dir = tmp_path / "big"
     big_dir.mkdir()
     tokenizer.save(str(big_dir / "tokenizer.json"))
     big = cfg.model_copy(update={"tokenizer": cfg.tokenizer.model_copy(update={"vocab_size": 2**16 + 10})})
-    result = build_tokenized_dataset(big, load(big_dir), big_dir, log=QUIET)
+    result = build_tokenized_dataset(big, load_tokenizer(big_dir), big_dir, log=QUIET)
     assert result.dtype == "uint32"
     for f in (result.out_dir / "train").glob("*.tokens.arrow"):
         assert read_ipc(f).schema.field("tokens").type == pa.uint32()
     assert verify_token_ids(big)[0]
-    assert verify_token_accounting(big, load(big_dir))[0]
+    assert verify_token_accounting(big, load_tokenizer(big_dir))[0]
 
 
 def test_missing_cleaned_shards_is_a_clear_error(tmp_path, dataset):
     cfg, tok_dir, _ = dataset
     empty = cfg.model_copy(update={"data_dir": str(tmp_path / "nothing")})
     with pytest.raises(FileNotFoundError, match="cleaned_shards"):
-        build_tokenized_dataset(empty, load(tok_dir), tok_dir, log=QUIET)
+        build_tokenized_dataset(empty, load_tokenizer(tok_dir), tok_dir, log=QUIET)
 
 
 def test_a_shard_whose_documents_were_all_removed(tmp_path, prose):
@@ -303,6 +303,6 @@ def test_a_shard_whose_documents_were_all_removed(tmp_path, prose):
     assert len(empty) == 1 and empty[0]["train"]["tokens"] == empty[0]["val"]["tokens"] == 0
     stem = Path(empty[0]["name"]).stem
     assert read_ipc(result.out_dir / "train" / f"{stem}.tokens.arrow").num_rows == 0
-    assert verify_token_ids(cfg)[0] and verify_token_accounting(cfg, load(tok_dir))[0]
+    assert verify_token_ids(cfg)[0] and verify_token_accounting(cfg, load_tokenizer(tok_dir))[0]
     x, y = TokenWindows(result.out_dir, "train", block_size=32, batch_size=2, seed=0).batch_at(0)
     assert x.shape == (2, 32)

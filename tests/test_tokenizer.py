@@ -13,7 +13,8 @@ from tokenizers import Tokenizer
 
 from llm_core.data.raw_corpus import build_raw_corpus, raw_parts
 from llm_core.data.split import is_validation
-from llm_core.data.tokenizer import EOT, PAD, TRICKY_TEXTS, held_out_texts, iter_documents, load, train_tokenizer
+from llm_core.data.tokenizer import (EOT, PAD, TRICKY_TEXTS, held_out_texts, iter_documents, load_tokenizer,
+                                     train_tokenizer)
 
 VOCAB = 512
 VAL_WORD = "zqxvjwk"  # planted in validation documents only
@@ -88,7 +89,7 @@ def test_files_vocab_and_special_tokens(trained):
     assert result.path == out_dir / "tokenizer.json" and result.path.is_file()
     config = json.loads((out_dir / "tokenizer_config.json").read_text())
     assert config["eos_token"] == EOT and config["pad_token"] == PAD
-    tokenizer = load(out_dir)
+    tokenizer = load_tokenizer(out_dir)
     assert result.vocab_size == tokenizer.get_vocab_size() == cfg.tokenizer.vocab_size == VOCAB
     assert tokenizer.token_to_id(EOT) == 0 and tokenizer.token_to_id(PAD) == 1
     assert result.bytes_per_token > 1
@@ -98,12 +99,12 @@ def test_files_vocab_and_special_tokens(trained):
 
 def test_load_without_a_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer"):
-        load(tmp_path)
+        load_tokenizer(tmp_path)
 
 
 def test_lossless_round_trip(trained):
     _, shards, result, val, _ = trained
-    tokenizer = load(result.path.parent)
+    tokenizer = load_tokenizer(result.path.parent)
     held_out = held_out_texts(shards, trained[0])
     assert held_out == val and held_out
     texts = held_out + TRICKY_TEXTS + MORE_TRICKY + random_unicode(random.Random(0), 300)
@@ -118,7 +119,7 @@ def test_lossless_round_trip(trained):
 
 def test_validation_documents_are_not_trained_on(trained):
     _, _, result, _, train = trained
-    tokenizer = load(result.path.parent)
+    tokenizer = load_tokenizer(result.path.parent)
     # The control word, trained on no more often than VAL_WORD appears in validation docs, got merged...
     assert tokenizer.encode(" " + TRAIN_WORD, add_special_tokens=False).ids == [tokenizer.token_to_id("Ġ" + TRAIN_WORD)]
     # ... while VAL_WORD is split, and no token holds even three of its letters in a row.

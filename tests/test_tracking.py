@@ -43,6 +43,8 @@ def test_using_points_mlflow_at_a_uri_and_restores_everything(tmp_path, monkeypa
     assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == before
     assert os.environ.get("MLFLOW_TRACKING_URI") == env_before
     assert os.environ.get("MLFLOW_REGISTRY_URI") == env_before
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # nothing was pinned: MLflow follows the variable
+    assert mlflow.get_tracking_uri() != "sqlite:////elsewhere/mlflow.db"
 
 
 def test_a_training_run_holds_the_whole_config_and_its_metrics(cfg):

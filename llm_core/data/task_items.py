@@ -1,5 +1,5 @@
 """The items of multiple-choice evaluation tasks: a task file read and checked, and the built-in task
-made from the validation split. Scoring them is llm_core/evaluation/tasks.py.
+made from the validation split. Scoring them is llm_core/evaluation/multiple_choice.py.
 
 A task is a local JSONL file, one item per line:
 

@@ -94,7 +94,7 @@ def verify_roundtrip(cfg: ScratchConfig, shards: list[Path]) -> tuple[bool, str]
     """The tokenizer_roundtrip check: decode(encode(x)) == x, byte for byte, on held-out documents of
     `shards` and on tricky unicode/whitespace. (passed, details)."""
     texts = held_out_texts(shards, cfg) + TRICKY_TEXTS
-    failures = roundtrip_failures(load(cfg.data_path / TOKENIZER_DIR), texts)
+    failures = roundtrip_failures(load_tokenizer(cfg.data_path / TOKENIZER_DIR), texts)
     return not failures, f"{len(texts) - len(failures)} texts round-trip; failures: {[f[:60] for f in failures[:5]]}"
 
 
@@ -103,7 +103,7 @@ def bytes_per_token(tokenizer: Tokenizer, texts: list[str]) -> float:
     return sum(len(t.encode()) for t in texts) / max(n_tokens, 1)
 
 
-def save(tokenizer: Tokenizer, out_dir: Path, model_max_length: int) -> Path:
+def save_tokenizer(tokenizer: Tokenizer, out_dir: Path, model_max_length: int) -> Path:
     """tokenizer.json plus what `transformers.AutoTokenizer.from_pretrained(out_dir)` needs."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / TOKENIZER_FILE) as tmp:
@@ -118,7 +118,7 @@ def save(tokenizer: Tokenizer, out_dir: Path, model_max_length: int) -> Path:
     return out_dir / TOKENIZER_FILE
 
 
-def load(out_dir: Path) -> Tokenizer:
+def load_tokenizer(out_dir: Path) -> Tokenizer:
     path = out_dir / TOKENIZER_FILE
     if not path.exists():
         raise FileNotFoundError(f"no tokenizer at {path}: materialize the `tokenizer` asset first")
@@ -132,7 +132,7 @@ def train_tokenizer(cfg: ScratchConfig, shards: list[Path], out_dir: Path, log: 
     not give the model other tokens)."""
     counter, seconds = {"bytes": 0, "documents": 0}, 0.0
     if keep is not None:
-        tokenizer = load(keep)
+        tokenizer = load_tokenizer(keep)
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json"):
             copy_file(keep / name, out_dir / name)
@@ -161,7 +161,7 @@ def train_tokenizer(cfg: ScratchConfig, shards: list[Path], out_dir: Path, log: 
             (warn or log)(f"tokenizer: tokenizer.vocab_size {cfg.tokenizer.vocab_size} requested, but the training "
                           f"text ({counter['bytes'] / 1e3:.1f} KB) supports only {tokenizer.get_vocab_size()} tokens "
                           f"(no pair of tokens left that occurs twice); the vocabulary is that size")
-        path = save(tokenizer, out_dir, cfg.model.block_size)
+        path = save_tokenizer(tokenizer, out_dir, cfg.model.block_size)
 
     held_out = held_out_texts(shards, cfg)
     failures = roundtrip_failures(tokenizer, held_out + TRICKY_TEXTS)

@@ -1,5 +1,5 @@
 """Evaluate a trained model: validation loss, perplexity, bits per byte, multiple-choice tasks
-(llm_core/evaluation/tasks.py) and seeded samples."""
+(llm_core/evaluation/multiple_choice.py) and seeded samples."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import xxhash
 
 from llm_core.data import task_items
-from llm_core.evaluation import tasks as mc
+from llm_core.evaluation import multiple_choice
 from llm_core import tracking
 from llm_core.model_files import latest_model, load_model
 from llm_core.config import ScratchConfig
@@ -26,7 +26,7 @@ from llm_core.layout import DATASET_DIR, EVALUATION_DIR, MODEL_TOKENIZER_SUBDIR,
 from llm_core.training.loader import memory_map
 from llm_core.model import Transformer
 from llm_core.data.tokenized_dataset import task_files, unchecked_tasks
-from llm_core.data.tokenizer import load as load_tokenizer
+from llm_core.data.tokenizer import load_tokenizer as load_tokenizer
 
 
 EVAL_TOKENS_PER_BATCH = 16384  # forward-only, no grad: batches much larger than training's
@@ -42,12 +42,12 @@ class EvalResult:
     val_tokens_per_second: float  # the forward-only scoring's throughput
     per_document: pa.Table  # id, doc_id, tokens, bytes, nats: one row per validation document scored
     samples: list[dict]  # {"prompt", "completion"}
-    tasks: list[mc.TaskScore]  # the built-in task, then one per evaluation.tasks entry
+    tasks: list[multiple_choice.TaskScore]  # the built-in task, then one per evaluation.tasks entry
     unchecked_tasks: list[str]  # tasks not checked for contamination when tokenized_dataset was built
 
     @property
     def core(self) -> float:
-        return mc.core(self.tasks)
+        return multiple_choice.core(self.tasks)
 
 
 def validation_documents(dataset_dir: Path, max_tokens: int) -> tuple[pa.Table, np.ndarray]:
@@ -118,7 +118,7 @@ def evaluate(cfg: ScratchConfig, model: Transformer, tokenizer_dir: Path) -> Eva
     nats, scored, text_bytes = (pc.sum(per_document.column(c)).as_py() for c in ("nats", "tokens", "bytes"))
     loss = nats / max(scored, 1)
     tokenizer = load_tokenizer(tokenizer_dir)
-    tasks = [mc.score_task(name, items, model, tokenizer) for name, items in items_of.items()]
+    tasks = [multiple_choice.score_task(name, items, model, tokenizer) for name, items in items_of.items()]
     generator = TextGenerator(model, tokenizer)
     samples = [{"prompt": p, "completion": generator.complete(p, max_new_tokens=e.max_new_tokens,
                                                                temperature=e.temperature, seed=e.seed)}

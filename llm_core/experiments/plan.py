@@ -129,7 +129,7 @@ class Row:
 
 
 @dataclasses.dataclass
-class Model:
+class ModelCounts:
     """The counts the estimate needs, taken from a Transformer built on the meta device (no memory)."""
 
     num_parameters: int
@@ -138,12 +138,12 @@ class Model:
     flops_per_token: float
 
 
-def count(setup: Setup) -> Model:
+def count(setup: Setup) -> ModelCounts:
     with torch.device("meta"):
         model = Transformer(setup.args)
     n = model.num_parameters()
     extra = (setup.num_parameters or n) - n  # --params: another architecture of about this shape
-    return Model(n + extra, model.num_parameters(non_embedding=True) + extra,
+    return ModelCounts(n + extra, model.num_parameters(non_embedding=True) + extra,
                  sum(p.numel() for p in model.layers[0].parameters()), model.flops_per_token() + 6 * extra)
 
 

@@ -93,7 +93,7 @@ def adopt(record: dict, run_id: str, variant: str) -> None:
         client.set_tag(run_id, "scratchllm.variant", variant)
 
 
-def finished(out_dir: Path, cfg: ScratchConfig) -> bool:
+def fully_trained(out_dir: Path, cfg: ScratchConfig) -> bool:
     """A training directory that holds the final model of all of cfg's steps: nothing left to train."""
     summary = read_json(out_dir / SUMMARY_FILE)
     return summary.get("steps") == cfg.training.max_steps and (out_dir / WEIGHTS_FILE).exists()

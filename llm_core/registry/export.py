@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from llm_core.registry import model_card
-from llm_core.data import tokenizer as bpe
+from llm_core.data.tokenizer import EOT, PAD, TOKENIZER_FILE, load_tokenizer, save_tokenizer
 from llm_core.model_files import MODEL_CONFIG_FILE, WEIGHTS_FILE, load_model
 from llm_core.config import ScratchConfig
 from llm_core.files import TMP_MARK, write_json
@@ -85,10 +85,10 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 def check_export_inputs(model_dir: Path, tokenizer_dir: Path, out_dir: Path, overwrite: bool) -> None:
     """Refuse, with the reason, what would give a broken or surprising export."""
-    for path in (model_dir / WEIGHTS_FILE, model_dir / MODEL_CONFIG_FILE, tokenizer_dir / bpe.TOKENIZER_FILE):
+    for path in (model_dir / WEIGHTS_FILE, model_dir / MODEL_CONFIG_FILE, tokenizer_dir / TOKENIZER_FILE):
         if not path.is_file():
             raise FileNotFoundError(f"missing {path}: expected a trained model directory ({WEIGHTS_FILE} + "
-                                    f"{MODEL_CONFIG_FILE}) and a tokenizer directory ({bpe.TOKENIZER_FILE})")
+                                    f"{MODEL_CONFIG_FILE}) and a tokenizer directory ({TOKENIZER_FILE})")
     out = out_dir.resolve()
     for source in (model_dir.resolve(), tokenizer_dir.resolve()):
         if out == source or out in source.parents:  # overwrite would delete the model being exported
@@ -111,14 +111,14 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out_dir: Path, overwrite: bo
     check_export_inputs(model_dir, tokenizer_dir, out_dir, overwrite)
     model = load_model(model_dir)
     hf_architecture(model.args)  # refused before anything is written
-    tokenizer = bpe.load(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
     args = model.args
     if tokenizer.get_vocab_size() != args.vocab_size:
         raise ValueError(f"the tokenizer in {tokenizer_dir} has {tokenizer.get_vocab_size()} tokens but the model "
                          f"was trained with a vocabulary of {args.vocab_size}: not the tokenizer it was trained with")
-    eos_id, pad_id = tokenizer.token_to_id(bpe.EOT), tokenizer.token_to_id(bpe.PAD)
+    eos_id, pad_id = tokenizer.token_to_id(EOT), tokenizer.token_to_id(PAD)
     if eos_id is None or pad_id is None:
-        raise ValueError(f"the tokenizer in {tokenizer_dir} lacks {bpe.EOT} or {bpe.PAD}")
+        raise ValueError(f"the tokenizer in {tokenizer_dir} lacks {EOT} or {PAD}")
     own_card = model_dir / model_card.CARD_FILE  # a registered version's: it has the promotion verdict
     card = own_card.read_text(encoding="utf-8") if own_card.is_file() else \
         model_card.render(cfg, model_dir, model_card.evaluation_report(cfg, model_dir)) if cfg else None
@@ -135,7 +135,7 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out_dir: Path, overwrite: bo
         # No max_length: transformers warns on every generate(max_new_tokens=...) when one is set.
         write_json(tmp / GENERATION_CONFIG_FILE, {"bos_token_id": eos_id, "eos_token_id": eos_id,
                                                   "pad_token_id": pad_id})
-        bpe.save(tokenizer, tmp, model_max_length=args.block_size)
+        save_tokenizer(tokenizer, tmp, model_max_length=args.block_size)
         if card is not None:
             model_card.write_card(card, tmp)
         replace_dir(tmp, out_dir)

@@ -21,8 +21,7 @@ from llm_core.files import copy_file
 from llm_core.layout import MODEL_TOKENIZER_SUBDIR
 from llm_core.model import Transformer
 from llm_core.model_files import copy_tokenizer
-from llm_core.data.tokenizer import EOT
-from llm_core.data.tokenizer import load as load_tokenizer
+from llm_core.data.tokenizer import EOT, load_tokenizer
 
 PACKAGE_FILES = ("model.safetensors", "model_config.json")
 

@@ -47,6 +47,15 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> 
     return min(1.0, tokens_per_second * flops_per_token / peak_flops)
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a container's cpuset, a batch
+    scheduler's allocation), not every core of the machine."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def hardware(device: torch.device, processes: int) -> str:
     """What trained: e.g. "2 x NVIDIA H200" or "AMD EPYC (2 cores), 1 process"."""
     if device.type == "cuda":
@@ -58,7 +67,7 @@ def hardware(device: torch.device, processes: int) -> str:
         names = []
     import platform
 
-    return (f"{names[0] if names else platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
+    return (f"{names[0] if names else platform.processor() or platform.machine()} ({available_cores()} cores), "
             f"{processes} process{'es' if processes > 1 else ''}")
 
 

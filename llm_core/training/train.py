@@ -35,7 +35,8 @@ from llm_core.files import read_json, write_json
 from llm_core.layout import DATASET_DIR, MODEL_DIR, TOKENIZER_DIR
 from llm_core.training.loader import TokenWindows, sequential_batches
 from llm_core.model import ModelArgs, Transformer
-from llm_core.training.performance import PeakMemory, choose_precision, hardware, measure_peak_flops, mfu
+from llm_core.training.performance import (PeakMemory, available_cores, choose_precision, hardware,
+                                           measure_peak_flops, mfu)
 
 # ---------------------------------------------------------------------------------------------
 # pieces
@@ -210,7 +211,7 @@ class TrainResult:
     steps: int
     resumed_from_step: int
     peak_memory_mb: float  # of the main rank, see PeakMemory; `scratchllm plan` estimates it
-    peak_flops: float  # the MFU denominator: the best GEMM measured on this machine in the training precision
+    peak_flops: float  # the MFU denominator: training.peak_flops, else the best GEMM measured in the training precision
     hardware: str  # what trained (the model card says it)
     mixed_precision: str  # what the training ran in (`auto` decided once per run, see training_precision)
     history: list[dict]
@@ -264,14 +265,14 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
                            f"{t.num_processes}: launch with `accelerate launch --num_processes {t.num_processes}`")
     main = accelerator.is_main_process
     if "OMP_NUM_THREADS" not in os.environ and accelerator.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+        torch.set_num_threads(max(1, available_cores() // accelerator.num_processes))
     dataset_dir = cfg.data_path / DATASET_DIR
     manifest = read_json(dataset_dir / "manifest.json")
     if not manifest:
         raise FileNotFoundError(f"no tokenized dataset under {dataset_dir}: materialize `tokenized_dataset` first")
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    peak_flops = measure_peak_flops(dtype, device.type) if main else 1.0  # before PeakMemory: not the model's
+    peak_flops = t.peak_flops or (measure_peak_flops(dtype, device.type) if main else 1.0)  # before PeakMemory
     memory = PeakMemory(accelerator.device)
     set_seed(t.seed)  # the same initial weights on every rank
     args = model_args(cfg, manifest["vocab_size"])
@@ -303,7 +304,8 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     if main:
         log(f"training {num_params / 1e6:.2f}M parameters on {accelerator.num_processes} process(es), "
             f"{tokens_per_step} tokens/step, steps {start_step}..{t.max_steps}, precision {precision} ({why}); "
-            f"MFU against {peak_flops / 1e9:.0f} GFLOP/s, the best {dtype} GEMM measured here"
+            f"MFU against {peak_flops / 1e9:.0f} GFLOP/s, "
+            + ("training.peak_flops" if t.peak_flops else f"the best {dtype} GEMM measured here")
             + (f"; warm start from {warm.spec} ({warm.model_dir})" if warm else ""))
 
     model.train()

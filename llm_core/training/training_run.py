@@ -120,10 +120,10 @@ def continue_from_champion(cfg: ScratchConfig, tracking_uri: str, log) -> Scratc
     return cfg
 
 
-def finish(cfg: ScratchConfig, run: TrainingRun) -> health.Health:
-    """After the ranks are done: the run directory gets its tokenizer (it then stands alone), and a
-    healthy model becomes the latest one, which evaluation, registry and export take. An unhealthy
-    one never does. Returns the health verdict (the training_health check)."""
+def publish_if_healthy(cfg: ScratchConfig, run: TrainingRun) -> health.Health:
+    """After the ranks are done: the run directory gets its tokenizer (it then stands alone), its loss
+    history is judged (the training_health check's verdict, returned), and a healthy model becomes the
+    latest one, which evaluation, registry and export take. An unhealthy one never does."""
     copy_tokenizer(cfg.data_path / TOKENIZER_DIR, run.out_dir)
     verdict = health.assess(read_json(run.out_dir / SUMMARY_FILE)["history"], cfg.training)
     if verdict.passed:

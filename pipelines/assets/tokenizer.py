@@ -3,7 +3,7 @@
 import dagster as dg
 
 from llm_core.training import model_source
-from llm_core.data import tokenizer as bpe
+from llm_core.data.tokenizer import load_tokenizer, train_tokenizer, verify_roundtrip
 from llm_core.data.cleaned_shards import cleaned_shard_paths
 from llm_core.layout import TOKENIZER_DIR
 from llm_core.data.tokenized_dataset import (
@@ -34,7 +34,7 @@ def tokenizer(context: dg.AssetExecutionContext, config: TokenizerConfig, scratc
     cfg = scratchllm.resolve(config)
     warm = model_source.resolve_init_from(with_warm_start(context, cfg, mlflow.uri(cfg)))
     out_dir = cfg.data_path / TOKENIZER_DIR
-    r = bpe.train_tokenizer(cfg, cleaned_shard_paths(cfg), out_dir, log=context.log.info,
+    r = train_tokenizer(cfg, cleaned_shard_paths(cfg), out_dir, log=context.log.info,
                             keep=model_source.tokenizer_dir_of(warm.model_dir, cfg) if warm else None,
                             warn=context.log.warning)
     examples = [[text, " ".join(tokens)] for text, tokens in r.examples]
@@ -56,7 +56,7 @@ def tokenizer(context: dg.AssetExecutionContext, config: TokenizerConfig, scratc
 def tokenizer_roundtrip(scratchllm: ScratchllmResource) -> dg.AssetCheckResult:
     """decode(encode(x)) == x, byte for byte, on held-out documents and on tricky unicode/whitespace."""
     cfg = scratchllm.data_config()
-    return check_result(*bpe.verify_roundtrip(cfg, cleaned_shard_paths(cfg)))
+    return check_result(*verify_roundtrip(cfg, cleaned_shard_paths(cfg)))
 
 
 @dg.asset(group_name="tokenizer", kinds={"arrow"}, code_version="1", deps=[tokenizer, cleaned_shards])
@@ -67,7 +67,7 @@ def tokenized_dataset(context: dg.AssetExecutionContext, config: TokenizedDatase
     vocabulary fits), split train/val by document, each document ended by <|endoftext|>."""
     cfg = scratchllm.resolve(config)
     tok_dir = cfg.data_path / TOKENIZER_DIR
-    r = build_tokenized_dataset(cfg, bpe.load(tok_dir), tok_dir, log=context.log.info, warn=context.log.warning)
+    r = build_tokenized_dataset(cfg, load_tokenizer(tok_dir), tok_dir, log=context.log.info, warn=context.log.warning)
     s = r.split
     return dg.MaterializeResult(
         data_version=dg.DataVersion(r.data_version),
@@ -107,7 +107,7 @@ def token_ids_fit(scratchllm: ScratchllmResource) -> dg.AssetCheckResult:
 def token_accounting(scratchllm: ScratchllmResource) -> dg.AssetCheckResult:
     """Stored token counts add up, and re-encoding sampled documents gives the stored ids."""
     cfg = scratchllm.data_config()
-    return check_result(*verify_token_accounting(cfg, bpe.load(cfg.data_path / TOKENIZER_DIR)))
+    return check_result(*verify_token_accounting(cfg, load_tokenizer(cfg.data_path / TOKENIZER_DIR)))
 
 
 @dg.asset_check(asset=tokenized_dataset, blocking=True)

@@ -46,7 +46,7 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
     launch(context, {run.key: (cfg, run)}, slots=1, on_exit=finished.append)
     if failure := training_failure(finished[0], run):
         raise failure
-    verdict = training_run.finish(cfg, run)
+    verdict = training_run.publish_if_healthy(cfg, run)
     experiment = tracking.experiment_id(run.tracking_uri, tracking.artifact_location(cfg))
     return dg.MaterializeResult(
         metadata={**finished[0].reported, **uri(run.out_dir), "mlflow_run_id": run.mlflow_run_id,
@@ -98,7 +98,7 @@ def train_sweep(context: dg.AssetExecutionContext, cfg, tracking_uri: str, tags:
         runs[variant.name] = training_run.prepare(variant.config, tracking_uri, tags={
             **tags, "mlflow.parentRunId": record["parent_run_id"], "scratchllm.variant": variant.name})
         sweep.adopt(record, runs[variant.name].mlflow_run_id, variant.name)
-    to_train = [v for v in variants.values() if not sweep.finished(runs[v.name].out_dir, v.config)]
+    to_train = [v for v in variants.values() if not sweep.fully_trained(runs[v.name].out_dir, v.config)]
     statuses, failed = {v.name: "reused" for v in variants.values() if v not in to_train}, []
 
     def record_variant(finished: Finished) -> None:
@@ -117,7 +117,7 @@ def train_sweep(context: dg.AssetExecutionContext, cfg, tracking_uri: str, tags:
         if diverged:
             healthy, health_text = False, statuses[name]
         else:
-            verdict = training_run.finish(variant.config, run)
+            verdict = training_run.publish_if_healthy(variant.config, run)
             healthy, health_text = verdict.passed, "healthy" if verdict.passed else verdict.description
         record["variants"][name] = {
             "values": variant.values, "label": variant.label, "key": run.key, "path": str(run.out_dir),

@@ -15,7 +15,7 @@ import dataclasses
 import itertools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -91,7 +91,8 @@ class CorpusConfig(Section):
 class CleaningConfig(Section):
     """Normalization, PII scrubbing and Gopher/C4-style quality rules. A rule set to null is off."""
 
-    unicode_form: str = Field(default="NFC", description="Unicode normalization form.")
+    unicode_form: Literal["NFC", "NFKC", "NFD", "NFKD"] = Field(default="NFC",
+                                                               description="Unicode normalization form.")
     scrub_pii: bool = Field(default=True, description="Replace emails, IP addresses and phone numbers by placeholders.")
     min_chars: int | None = Field(default=200, ge=0)
     max_chars: int | None = Field(default=1_000_000, ge=1)
@@ -112,10 +113,6 @@ class CleaningConfig(Section):
     )
     num_workers: int = Field(default=2, ge=1, description="Processes cleaning shards in parallel.")
 
-    @field_validator("unicode_form")
-    @classmethod
-    def _form(cls, v: str) -> str:
-        return _one_of(v, ("NFC", "NFKC", "NFD", "NFKD"))
 
     @model_validator(mode="after")
     def _bounds(self) -> "CleaningConfig":
@@ -153,24 +150,14 @@ class DatasetConfig(Section):
     val_fraction: float = Field(default=0.1, gt=0, lt=1, description="Share of the text held out for validation: "
                                 "whole documents, or pieces when a few documents cannot give it (data/split.py).")
     seed: int = Field(default=1337, description="Seed of the train/val split.")
-    packing: str = Field(default="random", description="Training windows start anywhere ('random') or at "
-                                                       "document starts ('document').")
+    packing: Literal["random", "document"] = Field(
+        default="random", description="Training windows start anywhere ('random') or at document starts ('document').")
     builtin_task_items: int = Field(default=500, ge=0, description="Items of the built-in 'continuation' task "
                                                                    "made from the validation split (0: none).")
-    decontamination: str = Field(default="remove", description="Training documents sharing an n-gram with an "
-                                                               "evaluation task item: 'remove' them (listed), "
-                                                               "'fail' the blocking check, or 'off'.")
+    decontamination: Literal["remove", "fail", "off"] = Field(
+        default="remove", description="Training documents sharing an n-gram with an evaluation task item: 'remove' "
+                                      "them (listed), 'fail' the blocking check, or 'off'.")
     decontamination_ngram: int = Field(default=13, ge=1, description="Words per n-gram of the contamination check.")
-
-    @field_validator("packing")
-    @classmethod
-    def _packing(cls, v: str) -> str:
-        return _one_of(v, ("random", "document"))
-
-    @field_validator("decontamination")
-    @classmethod
-    def _decontamination(cls, v: str) -> str:
-        return _one_of(v, ("remove", "fail", "off"))
 
 
 class ModelConfig(Section):
@@ -187,15 +174,11 @@ class ModelConfig(Section):
                                                               "(same weights and outputs, faster).")
     qk_norm: bool = Field(default=False, description="RMSNorm of each head's queries and keys (exported as "
                                                      "Qwen3ForCausalLM instead of LlamaForCausalLM).")
-    mlp: str = Field(default="swiglu", description="'swiglu' (Llama), or 'relu2': relu(x)^2 with a 4x hidden "
-                                                   "layer (not exportable to transformers).")
+    mlp: Literal["swiglu", "relu2"] = Field(default="swiglu", description="'swiglu' (Llama), or 'relu2': relu(x)^2 "
+                                            "with a 4x hidden layer (not exportable to transformers).")
     zero_init_output: bool = Field(default=False, description="Start the attention and MLP output "
                                                               "projections at zero.")
 
-    @field_validator("mlp")
-    @classmethod
-    def _mlp(cls, v: str) -> str:
-        return _one_of(v, ("swiglu", "relu2"))
 
     @model_validator(mode="after")
     def _heads(self) -> "ModelConfig":
@@ -214,15 +197,15 @@ class TrainingConfig(Section):
     grad_accum_steps: int = Field(default=1, ge=1, description="Micro-steps per optimizer step.")
     learning_rate: float = Field(default=3e-3, gt=0, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Final learning rate / peak.")
-    lr_schedule: str = Field(default="cosine", description="'cosine' (warmup + cosine) or 'wsd' "
+    lr_schedule: Literal["cosine", "wsd"] = Field(default="cosine", description="'cosine' (warmup + cosine) or 'wsd' "
                                                           "(warmup, stable, linear decay).")
     wsd_decay_fraction: float = Field(default=0.2, gt=0, le=1, description="Share of steps that decay (wsd).")
     warmup_steps: int | None = Field(default=None, ge=0, description="Linear warmup steps; null = "
                                                                      "warmup_fraction of max_steps.")
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1, description="Warmup as a share of max_steps "
                                                                          "when warmup_steps is null.")
-    optimizer: str = Field(default="muon", description="'adamw', or 'muon': torch.optim.Muon for the hidden "
-                                                        "matrices, AdamW for embeddings, head and gains.")
+    optimizer: Literal["adamw", "muon"] = Field(default="muon", description="'adamw', or 'muon': torch.optim.Muon for "
+                                                "the hidden matrices, AdamW for embeddings, head and gains.")
     muon_learning_rate: float = Field(default=0.01, gt=0, description="Muon's peak learning rate (same schedule).")
     muon_momentum: float = Field(default=0.95, ge=0, lt=1, description="Muon's momentum (Nesterov).")
     weight_decay: float = Field(default=0.1, ge=0, description="AdamW decay of matrices (not norms).")
@@ -231,8 +214,9 @@ class TrainingConfig(Section):
     grad_clip: float = Field(default=1.0, ge=0, description="Max gradient norm; 0 = no clipping.")
     num_processes: int = Field(default=1, ge=1, description="Training processes (ranks) on this machine.")
     seed: int = Field(default=1337, ge=0)
-    mixed_precision: str = Field(default="no", description="'no' (fp32), 'bf16', 'fp16' (GPU) or 'auto': bf16 on "
-                                                           "CUDA, and on a CPU with bf16 units when it is faster.")
+    mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field(
+        default="no", description="'no' (fp32), 'bf16', 'fp16' (GPU) or 'auto': bf16 on CUDA, and on a CPU with bf16 "
+                                  "units when it is faster.")
     compile: bool = Field(default=False, description="torch.compile the model.")
     activation_checkpointing: bool = Field(
         default=False, description="Recompute each transformer block's activations in backward instead of "
@@ -258,20 +242,6 @@ class TrainingConfig(Section):
                                      "a CPU); a datasheet peak (989e12 for an H100's dense bf16) reports MFU as "
                                      "papers do.")
 
-    @field_validator("mixed_precision")
-    @classmethod
-    def _precision(cls, v: str) -> str:
-        return _one_of(v, ("no", "bf16", "fp16", "auto"))
-
-    @field_validator("optimizer")
-    @classmethod
-    def _optimizer(cls, v: str) -> str:
-        return _one_of(v, ("adamw", "muon"))
-
-    @field_validator("lr_schedule")
-    @classmethod
-    def _schedule(cls, v: str) -> str:
-        return _one_of(v, ("cosine", "wsd"))
 
     @model_validator(mode="after")
     def _muon_needs_whole_matrices(self) -> "TrainingConfig":
@@ -343,8 +313,8 @@ class RegistryConfig(Section):
 class EngineConfig(Section):
     """Where the data stages' per-shard work runs. Outputs are byte-identical on both engines."""
 
-    kind: str = Field(default="local", description="local: worker processes on this machine, no services; "
-                                                     "ray: Ray core tasks on a cluster (scratchllm[ray]).")
+    kind: Literal["local", "ray"] = Field(default="local", description="local: worker processes on this machine, no "
+                                          "services; ray: Ray core tasks on a cluster (scratchllm[ray]).")
     address: str = Field(default="auto", description="Ray only. auto: the cluster started on this machine with "
                                                      "`ray start`; host:port: the head of a running cluster; local: "
                                                      "a private one-machine cluster started and stopped by the run.")
@@ -355,10 +325,6 @@ class EngineConfig(Section):
     local_num_cpus: int | None = Field(default=None, ge=1,
                                        description="Ray, address local: CPUs of the private cluster (null: all).")
 
-    @field_validator("kind")
-    @classmethod
-    def _kind(cls, v: str) -> str:
-        return _one_of(v, ("local", "ray"))
 
     @field_validator("address")
     @classmethod
@@ -376,13 +342,10 @@ class AutomationConfig(Section):
     retrain_schedule_enabled: bool = Field(default=False, description="Start the schedule with the code location.")
     new_data_sensor_enabled: bool = Field(default=False, description="Retrain when corpus.sources change.")
     new_data_interval_seconds: int = Field(default=300, ge=30, description="How often the sensor lists the sources.")
-    retrain_mode: str = Field(default="scratch", description="The retrain job (schedule, new-data sensor): 'scratch' "
-                                                             "(random weights) or 'continue' (from the champion).")
+    retrain_mode: Literal["scratch", "continue"] = Field(
+        default="scratch", description="The retrain job (schedule, new-data sensor): 'scratch' (random weights) or "
+                                       "'continue' (from the champion).")
 
-    @field_validator("retrain_mode")
-    @classmethod
-    def _retrain_mode(cls, v: str) -> str:
-        return _one_of(v, ("scratch", "continue"))
 
     @field_validator("retrain_cron")
     @classmethod
@@ -510,6 +473,8 @@ def validate_config(raw: dict[str, Any], origin: str = "config") -> ScratchConfi
         for err in exc.errors():
             field = ".".join(str(part) for part in err["loc"]) or "(top level)"
             message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+            if err["type"] == "literal_error":  # "Input should be 'a' or 'b'": and what it was
+                message += f", got {err['input']!r}"
             problems.append(f"  {field}: {message}")
         raise ConfigError(f"invalid {origin}:\n" + "\n".join(problems)) from None
 

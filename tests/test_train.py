@@ -123,6 +123,37 @@ def test_two_cpu_ranks_match_one_rank_with_the_same_global_batch(data_dir, refer
     assert [h["lr"] for h in two["history"]] == pytest.approx([h["lr"] for h in one["history"]])
 
 
+@pytest.mark.slow
+def test_the_multi_node_profile_on_two_loopback_machines_matches_one_rank(data_dir, reference_run, tmp_path):
+    """assets_config/accelerate/multi_node.yaml as its header says: the same command on every machine with
+    its own --machine_rank; here two "machines" on this one, 1 process each, the main process at
+    127.0.0.2 and gloo on the loopback interface: the losses of one rank with the same global batch."""
+    from helpers import free_port
+
+    _, one_rank = reference_run
+    cfg = config(data_dir, num_processes=2, batch_size=2)  # the processes of every machine together
+    out = tmp_path / "multi_node"  # shared storage: every machine writes the same run directory
+    port, env = str(free_port()), {**subprocess_env(), "GLOO_SOCKET_IFNAME": "lo"}
+    machines = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch",
+         "--config_file", str(PROJECT_ROOT / "assets_config" / "accelerate" / "multi_node.yaml"),
+         "--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.2",
+         "--main_process_port", port, "--mixed_precision", "no", *train_command(cfg, out)],
+        cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True) for rank in (0, 1)]
+    try:
+        outputs = [machine.communicate(timeout=SUBPROCESS_TIMEOUT)[0] for machine in machines]
+    finally:
+        for machine in machines:
+            if machine.poll() is None:
+                os.killpg(machine.pid, signal.SIGKILL)
+    assert [m.returncode for m in machines] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    two = summary(out)
+    assert two["world_size"] == 2
+    for a, b in zip(losses(two["history"]), losses(one_rank.history), strict=True):
+        assert abs(a - b) < 1e-3, (losses(two["history"]), losses(one_rank.history))
+
+
 def test_progress_prints_about_20_step_lines_with_percent_and_eta(data_dir, tmp_path):
     """A short run prints its first step, every 5% and the last one; MLflow still gets every
     log_interval's metrics."""

@@ -113,7 +113,6 @@ class CleaningConfig(Section):
     )
     num_workers: int = Field(default=2, ge=1, description="Processes cleaning shards in parallel.")
 
-
     @model_validator(mode="after")
     def _bounds(self) -> "CleaningConfig":
         for low, high in (("min_chars", "max_chars"), ("min_mean_word_length", "max_mean_word_length")):
@@ -179,7 +178,6 @@ class ModelConfig(Section):
     zero_init_output: bool = Field(default=False, description="Start the attention and MLP output "
                                                               "projections at zero.")
 
-
     @model_validator(mode="after")
     def _heads(self) -> "ModelConfig":
         if self.n_embd % self.n_head:
@@ -197,8 +195,8 @@ class TrainingConfig(Section):
     grad_accum_steps: int = Field(default=1, ge=1, description="Micro-steps per optimizer step.")
     learning_rate: float = Field(default=3e-3, gt=0, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1, description="Final learning rate / peak.")
-    lr_schedule: Literal["cosine", "wsd"] = Field(default="cosine", description="'cosine' (warmup + cosine) or 'wsd' "
-                                                          "(warmup, stable, linear decay).")
+    lr_schedule: Literal["cosine", "wsd"] = Field(default="cosine", description="'cosine' (warmup + cosine) or "
+                                                  "'wsd' (warmup, stable, linear decay).")
     wsd_decay_fraction: float = Field(default=0.2, gt=0, le=1, description="Share of steps that decay (wsd).")
     warmup_steps: int | None = Field(default=None, ge=0, description="Linear warmup steps; null = "
                                                                      "warmup_fraction of max_steps.")
@@ -241,7 +239,6 @@ class TrainingConfig(Section):
                                      "null measures the best GEMM in the training precision at the start (~1 s on "
                                      "a CPU); a datasheet peak (989e12 for an H100's dense bf16) reports MFU as "
                                      "papers do.")
-
 
     @model_validator(mode="after")
     def _muon_needs_whole_matrices(self) -> "TrainingConfig":
@@ -325,7 +322,6 @@ class EngineConfig(Section):
     local_num_cpus: int | None = Field(default=None, ge=1,
                                        description="Ray, address local: CPUs of the private cluster (null: all).")
 
-
     @field_validator("address")
     @classmethod
     def _address(cls, v: str) -> str:
@@ -345,7 +341,6 @@ class AutomationConfig(Section):
     retrain_mode: Literal["scratch", "continue"] = Field(
         default="scratch", description="The retrain job (schedule, new-data sensor): 'scratch' (random weights) or "
                                        "'continue' (from the champion).")
-
 
     @field_validator("retrain_cron")
     @classmethod

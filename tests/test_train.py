@@ -14,7 +14,8 @@ import time
 
 import pytest
 import torch
-from helpers import CI_PROFILE, QUIET, SUBPROCESS_TIMEOUT, config, losses, run, subprocess_env, summary, train_command
+from helpers import (CI_PROFILE, QUIET, SUBPROCESS_TIMEOUT, config, free_port, losses, run, subprocess_env, summary,
+                     train_command)
 
 from llm_core.model_files import SUMMARY_FILE, load_model
 from llm_core.training.checkpoint import checkpoint_dirs
@@ -128,8 +129,6 @@ def test_the_multi_node_profile_on_two_loopback_machines_matches_one_rank(data_d
     """assets_config/accelerate/multi_node.yaml as its header says: the same command on every machine with
     its own --machine_rank; here two "machines" on this one, 1 process each, the main process at
     127.0.0.2 and gloo on the loopback interface: the losses of one rank with the same global batch."""
-    from helpers import free_port
-
     _, one_rank = reference_run
     cfg = config(data_dir, num_processes=2, batch_size=2)  # the processes of every machine together
     out = tmp_path / "multi_node"  # shared storage: every machine writes the same run directory

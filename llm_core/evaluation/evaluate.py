@@ -26,7 +26,7 @@ from llm_core.layout import DATASET_DIR, EVALUATION_DIR, MODEL_TOKENIZER_SUBDIR,
 from llm_core.training.loader import memory_map
 from llm_core.model import Transformer
 from llm_core.data.tokenized_dataset import task_files, unchecked_tasks
-from llm_core.data.tokenizer import load_tokenizer as load_tokenizer
+from llm_core.data.tokenizer import load_tokenizer
 
 
 EVAL_TOKENS_PER_BATCH = 16384  # forward-only, no grad: batches much larger than training's

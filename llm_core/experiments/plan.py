@@ -144,7 +144,7 @@ def count(setup: Setup) -> ModelCounts:
     n = model.num_parameters()
     extra = (setup.num_parameters or n) - n  # --params: another architecture of about this shape
     return ModelCounts(n + extra, model.num_parameters(non_embedding=True) + extra,
-                 sum(p.numel() for p in model.layers[0].parameters()), model.flops_per_token() + 6 * extra)
+                       sum(p.numel() for p in model.layers[0].parameters()), model.flops_per_token() + 6 * extra)
 
 
 def activation_bytes_per_token(args: ModelArgs, precision: str, checkpointing: bool) -> float:

@@ -35,8 +35,8 @@ def tokenizer(context: dg.AssetExecutionContext, config: TokenizerConfig, scratc
     warm = model_source.resolve_init_from(with_warm_start(context, cfg, mlflow.uri(cfg)))
     out_dir = cfg.data_path / TOKENIZER_DIR
     r = train_tokenizer(cfg, cleaned_shard_paths(cfg), out_dir, log=context.log.info,
-                            keep=model_source.tokenizer_dir_of(warm.model_dir, cfg) if warm else None,
-                            warn=context.log.warning)
+                        keep=model_source.tokenizer_dir_of(warm.model_dir, cfg) if warm else None,
+                        warn=context.log.warning)
     examples = [[text, " ".join(tokens)] for text, tokens in r.examples]
     return dg.MaterializeResult(
         data_version=dg.DataVersion(tokenizer_hash(out_dir)),

@@ -210,7 +210,8 @@ class TrainingConfig(Section):
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.95, ge=0, lt=1)
     grad_clip: float = Field(default=1.0, ge=0, description="Max gradient norm; 0 = no clipping.")
-    num_processes: int = Field(default=1, ge=1, description="Training processes (ranks) on this machine.")
+    num_processes: int = Field(default=1, ge=1, description="Training processes (ranks): on this machine, or "
+                               "the workers on the cluster with engine.kind: ray.")
     seed: int = Field(default=1337, ge=0)
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field(
         default="no", description="'no' (fp32), 'bf16', 'fp16' (GPU) or 'auto': bf16 on CUDA, and on a CPU with bf16 "
@@ -308,7 +309,8 @@ class RegistryConfig(Section):
 
 
 class EngineConfig(Section):
-    """Where the data stages' per-shard work runs. Outputs are byte-identical on both engines."""
+    """Where the data stages' per-shard work and the training run. Outputs are byte-identical on both
+    engines; a training gives the same losses."""
 
     kind: Literal["local", "ray"] = Field(default="local", description="local: worker processes on this machine, no "
                                           "services; ray: Ray core tasks on a cluster (scratchllm[ray]).")
@@ -321,6 +323,13 @@ class EngineConfig(Section):
     max_task_retries: int = Field(default=3, ge=0, description="Ray only: reruns of a task whose worker died.")
     local_num_cpus: int | None = Field(default=None, ge=1,
                                        description="Ray, address local: CPUs of the private cluster (null: all).")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="Ray only: CPUs of each training worker "
+                                   "(training.num_processes workers on the cluster); its thread count.")
+    gpus_per_worker: float | None = Field(default=None, ge=0, description="Ray only: GPUs of each training worker "
+                                          "(null: 1 when the cluster has GPUs, else 0).")
+    max_training_failures: int = Field(default=3, ge=0, description="Ray only: how often the training's workers are "
+                                       "restarted after one of them (or its node) is lost; each restart resumes "
+                                       "from the newest checkpoint. 0: the first loss fails the run.")
 
     @field_validator("address")
     @classmethod

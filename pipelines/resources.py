@@ -13,7 +13,7 @@ import dagster as dg
 import yaml
 
 from llm_core import tracking
-from llm_core.training import training_run
+from llm_core.training import cluster, training_run
 from llm_core.training.performance import available_cores
 from llm_core.config import ScratchConfig, resolve_path
 
@@ -37,13 +37,17 @@ def with_warm_start(context: dg.AssetExecutionContext, cfg: ScratchConfig, track
     return training_run.continue_from_champion(cfg, tracking_uri, context.log.info)
 
 
-def accelerate_command(cfg: ScratchConfig, module: str, args: list[str], free_port: bool = False) -> list[str]:
-    """`accelerate launch` for the training config: an accelerate config file when one is named
-    (GPUs, FSDP, multi-node), else N CPU processes through torchrun + gloo (`--cpu` would start one process only).
+def launch_command(cfg: ScratchConfig, module: str, args: list[str], free_port: bool = False) -> list[str]:
+    """The command that trains: with `engine.kind: ray`, the module alone (it drives Ray Train workers on
+    the cluster, llm_core/training/cluster.py); else `accelerate launch` of the training config: an
+    accelerate config file when one is named (GPUs, FSDP, multi-node), else N CPU processes through
+    torchrun + gloo (`--cpu` would start one process only).
     free_port: a port of its own for the ranks' rendezvous (trainings side by side on one machine)."""
     t = cfg.training
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
-    if t.accelerate_config:
+    if cfg.engine.kind == "ray":
+        launch = [sys.executable]
+    elif t.accelerate_config:
         launch += ["--config_file", t.accelerate_config, "--num_processes", str(t.num_processes)]
         launch += ["--main_process_port", "0"] if free_port else []
     else:
@@ -82,6 +86,9 @@ def slot_environments(configs: Sequence[ScratchConfig], slots: int, gpus: list[s
     training spans machines."""
     if slots == 1:
         return [rank_environment]
+    if configs[0].engine.kind == "ray":  # each training is a Ray Train job: the cluster's room counts
+        cluster.check_cluster_room(list(configs), slots)
+        return [rank_environment] * slots
     for cfg in configs:
         launcher = cfg.training.accelerate_config
         if launcher and (yaml.safe_load(resolve_path(launcher).read_text()) or {}).get("num_machines", 1) > 1:

@@ -1,7 +1,9 @@
-"""What `accelerate launch` runs for the trained_model asset: llm_core.training.train under Dagster Pipes.
+"""What the trained_model asset runs under Dagster Pipes: llm_core.training.train in every rank that
+`accelerate launch` starts, or, with `engine.kind: ray`, the driver of the Ray Train workers
+(llm_core/training/cluster.py), which relays rank 0's lines and metrics.
 
-Only the main rank talks to Dagster (a second `open_dagster_pipes()` would report a second
-materialization) and to MLflow; the other ranks just train.
+Only the main rank (or the driver) talks to Dagster (a second `open_dagster_pipes()` would report a
+second materialization) and to MLflow; the other ranks just train.
 """
 
 import argparse
@@ -14,6 +16,7 @@ from llm_core import tracking
 from llm_core.config import validate_config
 from llm_core.faults import hold_point
 from llm_core.experiments.plan import config_strategy, plan_vs_measured
+from llm_core.training.cluster import clear_failure, train_on_cluster
 from llm_core.training.train import train
 
 
@@ -27,9 +30,11 @@ def main() -> None:
     cfg = validate_config(json.loads(Path(args.resolved_config).read_text()))
     out_dir = Path(args.out_dir)
 
-    if int(os.environ.get("RANK", "0")) != 0:
+    on_cluster = cfg.engine.kind == "ray"
+    if not on_cluster and int(os.environ.get("RANK", "0")) != 0:
         train(cfg, out_dir, log=lambda message: None)
         return
+    clear_failure(out_dir)  # a failure on the cluster recorded by an earlier attempt
 
     import mlflow
     from dagster_pipes import open_dagster_pipes
@@ -45,7 +50,14 @@ def main() -> None:
                 metrics.flush()
             hold_point(f"step:{step}")  # tests kill the run here (llm_core/faults.py)
 
-        result = train(cfg, out_dir, log=pipes.log.info, on_metrics=on_metrics)
+        cluster_metadata = {}
+        if on_cluster:
+            result, where = train_on_cluster(cfg, out_dir, log=pipes.log.info, on_metrics=on_metrics)
+            mlflow.set_tags({"scratchllm.nodes": ",".join(where.nodes), "scratchllm.restarts": where.restarts})
+            cluster_metadata = {"nodes": ", ".join(where.nodes), "restarts": where.restarts}
+        else:
+            result = train(cfg, out_dir, log=pipes.log.info, on_metrics=on_metrics)
+        mlflow.set_tag("scratchllm.world_size", result.world_size)
         metrics.flush()
         curve = tracking.plot_loss_curve(result.history, out_dir / "loss_curve.png")
         for artifact in (curve, out_dir / "model_config.json", out_dir / "training_summary.json"):
@@ -67,7 +79,7 @@ def main() -> None:
             "mfu": round(result.mfu, 4), "peak_flops": round(result.peak_flops),
             "mixed_precision": result.mixed_precision, "steps": result.steps,
             "resumed_from_step": result.resumed_from_step,
-            "loss_curve": {"raw_value": str(curve), "type": "path"},
+            "loss_curve": {"raw_value": str(curve), "type": "path"}, **cluster_metadata,
         })
 
 

@@ -30,8 +30,10 @@ import psutil
 
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-# On SIGTERM a node first drains, up to 30 s while a driver holds workers: no use in a test.
-NODE_ENV = {**RAY_ENV, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+# On SIGTERM a node first drains, up to 30 s while a driver holds workers: no use in a test. The
+# training workers' gloo connections on the nodes' network interface, loopback here (a real cluster names
+# its own: GLOO_SOCKET_IFNAME=eth0); by default gloo takes the address the host name resolves to.
+NODE_ENV = {**RAY_ENV, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "GLOO_SOCKET_IFNAME": "lo"}
 START_TIMEOUT_S = 90
 RAY = str(Path(sys.executable).with_name("ray"))
 

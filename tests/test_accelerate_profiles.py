@@ -7,7 +7,7 @@ import pytest
 from accelerate.commands.config.config_args import ClusterConfig
 
 from llm_core.config import CONFIG_DIR, ConfigError, load_config
-from pipelines.resources import accelerate_command
+from pipelines.resources import launch_command
 
 PROFILES = sorted((CONFIG_DIR / "accelerate").glob("*.yaml"))
 
@@ -72,13 +72,13 @@ def test_deepspeed_profiles_become_the_plugin_accelerate_builds(path: Path, monk
 
 def test_launch_command_uses_the_named_profile_or_cpu_flags():
     cpu = load_config(overrides={"training": {"num_processes": 2}})
-    command = accelerate_command(cpu, "pipelines.train_entry", ["--x"])
+    command = launch_command(cpu, "pipelines.train_entry", ["--x"])
     assert command[-3:] == ["-m", "pipelines.train_entry", "--x"] and "pipelines.process_group" in command
     assert "--multi_gpu" in command and command[command.index("--num_processes") + 1] == "2"
 
     fsdp = load_config(overrides={"training": {"num_processes": 8, "optimizer": "adamw",
                                                 "accelerate_config": str(CONFIG_DIR / "accelerate" / "fsdp.yaml")}})
-    command = accelerate_command(fsdp, "pipelines.train_entry", [])
+    command = launch_command(fsdp, "pipelines.train_entry", [])
     assert command[command.index("--config_file") + 1].endswith("fsdp.yaml") and "--multi_gpu" not in command
 
 

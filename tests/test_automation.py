@@ -80,8 +80,8 @@ def test_sensor_requests_a_retrain_for_new_or_changed_files_only(tmp_path, prose
 def test_a_retrain_on_new_data_continues_from_the_champion_and_records_its_parent(instance, tmp_path):
     """What the schedule and the new-data sensor start: the `retrain` job, run by Dagster with
     `automation.retrain_mode: continue` after a first run registered a champion and new files were
-    added. Its training warm-starts from the champion (the first logged loss is far below the first
-    run's), on the champion's tokenizer, and the new version and its MLflow run name their parents."""
+    added. Its training warm-starts from the champion (its first logged loss is nearer the first run's
+    last than its first), on the champion's tokenizer, and the new version and its MLflow run name their parents."""
     import json
 
     import yaml
@@ -121,8 +121,11 @@ def test_a_retrain_on_new_data_continues_from_the_champion_and_records_its_paren
     assert latest_metadata(instance, "tokenizer")["kept_from"] == "scratchllm/1"
     assert latest_metadata(instance, "tokenized_dataset")["num_train_tokens"] > tokens_before  # the new file
 
-    def first_loss(metadata):
+    def train_losses(metadata) -> list[float]:
         run_dir = tmp_path / "data" / "trained_model" / "runs" / metadata[versions.KEY_TAG]
-        return json.loads((run_dir / "training_summary.json").read_text())["history"][0]["train_loss"]
+        return [h["train_loss"] for h in json.loads((run_dir / "training_summary.json").read_text())["history"]]
 
-    assert first_loss(second) < first_loss(first) - 1.0
+    # It starts nearer where the champion ended than where a random model starts (60 steps take the loss
+    # down by only ~1 nat here, and the new file shifts it: a fixed margin was flaky).
+    scratch, continued = train_losses(first), train_losses(second)
+    assert continued[0] < (scratch[0] + scratch[-1]) / 2, (scratch[0], scratch[-1], continued[0])

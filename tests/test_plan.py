@@ -200,7 +200,8 @@ def test_cli_prints_the_table(capsys):
                  "1024", "--batch", "16", "--gpus", "8", "--gpu", "H100-80GB", "--precision", "bf16"]) == 0
     out = capsys.readouterr().out
     assert "124M parameters" in out and "8 x H100-80GB" in out and "2.47B tokens" in out
-    assert out.count("ZeRO-3 / FSDP FULL_SHARD") == 2 and "fits" in out
+    assert out.count("ZeRO-3 / FSDP FULL_SHARD") == 3 and "fits" in out  # memory (x2 checkpointing) and network
+    assert "8 devices on 1 node(s)" in out and "NVLink: time (share)" in out and "GbE" not in out
     with pytest.raises(SystemExit):
         main(["plan", "--width", "100", "--heads", "3"])
 
@@ -227,3 +228,19 @@ def test_plan_matches_measured_peak_memory_within_25_percent(measured, name):
     got = net_peak_mb(measured, name)
     print(f"{name}: planned {planned:.0f} MB, measured {got:.0f} MB ({planned / got - 1:+.0%})")
     assert abs(planned / got - 1) <= 0.25
+
+
+def test_communication_per_step_across_nodes_ddp_against_full_shard():
+    """Ring collectives: DDP sends 2 (G-1)/G of the gradients per device and step, FULL_SHARD 1.5x that
+    (the weights gathered once more); the same bytes take 100x longer on 1 GbE than on 100 GbE; one
+    node has no network in the path."""
+    setup = planner.Setup(GPT2_SMALL, batch_size=16, precision="bf16", gpu=planner.GPUS["H100-80GB"], gpus=16)
+    rows = {r.strategy: r for r in planner.communication(setup, nodes=2)}
+    n = planner.count(setup).num_parameters
+    assert rows["DDP"].bytes_per_step == pytest.approx(2 * 15 / 16 * n * 2)
+    assert rows["ZeRO-3 / FSDP FULL_SHARD"].bytes_per_step == pytest.approx(1.5 * rows["DDP"].bytes_per_step)
+    ddp = rows["DDP"]
+    assert ddp.seconds["1 GbE"] == pytest.approx(100 * ddp.seconds["100 GbE"])
+    assert ddp.share("1 GbE") > 0.9 > ddp.share("100 GbE") > ddp.share("NVLink")
+    assert ddp.compute_seconds == pytest.approx(16 * 1024 * planner.count(setup).flops_per_token / (989e12 * 0.4))
+    assert list(planner.communication(setup, nodes=1)[0].seconds) == ["NVLink"]

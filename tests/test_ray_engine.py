@@ -6,7 +6,11 @@ The data stages' outputs (raw shards, kept shards, removed-document ledgers, qua
 token files) and their Dagster data versions must be byte-identical to a run of the local engine, on
 a corpus with exact and near duplicates and bad records; tasks must have run on both nodes; a Ray
 worker killed -9 in the middle of cleaned_shards must change nothing; no process of the cluster may
-hold a connection outside loopback."""
+hold a connection outside loopback.
+
+The training (Ray Train, llm_core/training/cluster.py) runs one worker per node, with the losses of
+2 local ranks step for step; a worker killed -9 costs a restart from the last checkpoint and nothing
+else; a spent failure budget and a cancel end it cleanly."""
 
 import hashlib
 import os
@@ -14,16 +18,20 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import dagster as dg
 import psutil
 import pytest
 import yaml
-from helpers import free_port, held_pid, launch_assets, run_status, wait_until, write_jsonl
+from helpers import (QUIET, config, free_port, held_pid, launch_assets, run, run_status, subprocess_env, summary,
+                     train_command, wait_until, write_jsonl)
 from ray_cluster import HEAD_IP, WORKER_IP, non_loopback_connections
 
-from llm_core.config import PROJECT_ROOT
+from llm_core.config import PROJECT_ROOT, EngineConfig, ScratchConfig
+from llm_core.training.cluster import train_on_cluster
 from pipelines.ui import wait_until_up
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -60,7 +68,7 @@ def write_profile(path: Path, corpus: Path, data_dir: Path, engine: dict) -> Pat
         "cleaning": {"num_workers": 1}, "dataset": {"val_fraction": 0.3}, "tokenizer": {"vocab_size": 300},
         "model": {"n_layer": 1, "n_head": 2, "n_kv_head": 1, "n_embd": 32, "block_size": 32},
         "training": {"peak_flops": 1e12, "max_steps": 6, "warmup_steps": 2, "batch_size": 4, "eval_interval": 3,
-                     "checkpoint_interval": 3, "eval_batches": 2},
+                     "checkpoint_interval": 3, "eval_batches": 2, "num_processes": 2},  # ray: one per node
         "evaluation": {"max_new_tokens": 8}}))
     return path
 
@@ -155,6 +163,12 @@ def test_the_ui_one_click_path_on_ray_makes_the_same_data_as_the_local_engine(
     assert_same_data_as(local_reference, tmp_path / "data", tmp_path / "dagster_home")
     for asset in ("raw_corpus", "cleaned_shards", "tokenized_dataset"):
         assert nodes_that_worked(tmp_path / "dagster_home", asset) == {HEAD_IP, WORKER_IP}, asset
+    with dg.DagsterInstance.from_config(str(tmp_path / "dagster_home")) as instance:  # trained there too
+        trained = instance.get_latest_materialization_event(dg.AssetKey("trained_model")).asset_materialization
+        registered = instance.get_latest_materialization_event(dg.AssetKey("registered_model"))
+    assert sorted(trained.metadata["nodes"].value.split(", ")) == [HEAD_IP, WORKER_IP]
+    assert trained.metadata["world_size"].value == 2 and trained.metadata["restarts"].value == 0
+    assert registered is not None
 
     # Switching back to the local engine on the same data_dir: every shard is reused, nothing looks new.
     before = data_versions(tmp_path / "dagster_home")
@@ -170,7 +184,7 @@ def test_the_ui_one_click_path_on_ray_makes_the_same_data_as_the_local_engine(
 
 
 def test_a_ray_worker_killed_during_cleaned_shards_changes_nothing(ray_cluster, corpus, local_reference, tmp_path):
-    """`scratchllm run` of the whole graph; the first cleaning task stops at a hold point in its Ray worker,
+    """`scratchllm run` of the data stages; the first cleaning task stops at a hold point in its Ray worker,
     which the test kills -9 as the OOM killer would: Ray reruns the task and the run ends as the local one."""
     profile = write_profile(tmp_path / "ray.yaml", corpus, tmp_path / "data",
                             {"kind": "ray", "address": ray_cluster.address})
@@ -179,8 +193,8 @@ def test_a_ray_worker_killed_during_cleaned_shards_changes_nothing(ray_cluster, 
     (tmp_path / "elsewhere").mkdir()
     log = tmp_path / "run.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([*CLI, "run", "--config", str(profile)], cwd=tmp_path / "elsewhere", env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([*CLI, "run", "--config", str(profile), "--select", ",".join(DATA_ASSETS)],
+                                cwd=tmp_path / "elsewhere", env=env, stdout=out, stderr=subprocess.STDOUT)
     proc.stdout_path = log
     try:
         wait_until(marker.exists, proc, what="the hold in a cleaning task", timeout=300)
@@ -244,3 +258,122 @@ def test_every_node_must_see_data_dir(ray_cluster, tmp_path, monkeypatch):
     finally:
         ray.shutdown()
     assert list((tmp_path / "shared").iterdir()) == []  # the probe is removed
+
+
+# ---------------------------------------------------------------------------------------------
+# training on the cluster (Ray Train)
+
+
+@pytest.fixture
+def on_cluster(ray_cluster, data_dir, tmp_path, monkeypatch):
+    """A training config of 2 ranks on the ci profile's dataset, for the cluster (with engine overrides);
+    this process is its driver."""
+    for name, value in ray_cluster.env().items():
+        monkeypatch.setenv(name, value)
+
+    def make(**engine) -> ScratchConfig:
+        cfg = config(data_dir, num_processes=2, batch_size=2)
+        return cfg.model_copy(update={"engine": EngineConfig(kind="ray", address=ray_cluster.address, **engine)})
+    return make
+
+
+def kill_at_hold(marker: Path, ray_cluster, seen: dict) -> threading.Thread:
+    """A thread that waits for the hold, notes what it sees then (the held pid, connections that leave
+    loopback) and kills the held worker -9."""
+    def kill() -> None:
+        while not marker.exists():
+            time.sleep(0.05)
+        seen["pid"] = held_pid(marker)
+        seen["cluster_pids"] = ray_cluster.pids()
+        seen["outside_loopback"] = ray_cluster.non_loopback_connections()
+        os.kill(seen["pid"], signal.SIGKILL)
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_training_on_the_cluster_has_the_local_losses_and_survives_a_killed_worker(
+        on_cluster, ray_cluster, tmp_path, monkeypatch):
+    """Two workers, one per node, give the losses of 2 local ranks (`accelerate launch`) step for step.
+    The worker on 127.0.0.3 is killed -9 at step 15 (after the checkpoint of step 10): Ray Train restarts
+    the group, the loop resumes from step 10 and ends on the local run's loss. While it trains (at the
+    hold), no connection of the cluster leaves loopback (gloo included)."""
+    cfg = on_cluster()
+    run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+         *train_command(cfg, tmp_path / "local")])
+    local = summary(tmp_path / "local")["history"]
+    marker, seen, lines = tmp_path / "held", {}, []
+    monkeypatch.setenv("SCRATCHLLM_HOLD_AT", f"{WORKER_IP}/step:15")
+    monkeypatch.setenv("SCRATCHLLM_HOLD_MARKER", str(marker))
+    killer = kill_at_hold(marker, ray_cluster, seen)
+    result, where = train_on_cluster(cfg, tmp_path / "ray", log=lines.append)
+    killer.join(timeout=5)
+    assert seen["pid"] in seen["cluster_pids"] and not psutil.pid_exists(seen["pid"])  # a worker of the cluster
+    assert seen["outside_loopback"] == []
+    assert sorted(where.nodes) == [HEAD_IP, WORKER_IP] and where.restarts == 1
+    assert any(line.startswith("the training's workers were restarted (1 of engine.max_training_failures: 3)")
+               for line in lines), lines
+    assert f"resumed from {tmp_path / 'ray' / 'checkpoints' / 'step_10'} (step 10)" in lines
+    assert result.world_size == 2 and [h["step"] for h in result.history] == list(range(1, 21))
+    for ours, theirs in zip(result.history, local, strict=True):
+        assert abs(ours["train_loss"] - theirs["train_loss"]) < 1e-5, (ours, theirs)
+    assert abs(result.final_train_loss - local[-1]["train_loss"]) < 1e-6
+    assert (tmp_path / "ray" / "model.safetensors").exists()
+
+
+def test_with_its_failure_budget_spent_a_cluster_training_fails_naming_it(
+        on_cluster, ray_cluster, tmp_path, monkeypatch):
+    from llm_core.training.cluster import BudgetSpent, failure
+
+    marker, seen = tmp_path / "held", {}
+    monkeypatch.setenv("SCRATCHLLM_HOLD_AT", f"{WORKER_IP}/step:1")
+    monkeypatch.setenv("SCRATCHLLM_HOLD_MARKER", str(marker))
+    killer = kill_at_hold(marker, ray_cluster, seen)
+    with pytest.raises(BudgetSpent, match=r"failed after 0 restart\(s\), the most engine.max_training_failures "
+                                          r"\(0\) allows") as raised:
+        train_on_cluster(on_cluster(max_training_failures=0), tmp_path / "ray", log=QUIET)
+    killer.join(timeout=5)
+    assert failure(tmp_path / "ray") == str(raised.value)  # what the trained_model asset fails with
+
+
+def test_cancelling_a_cluster_training_stops_every_worker_on_every_node(on_cluster, ray_cluster, tmp_path):
+    """What a Dagster cancel (or Ctrl-C of `scratchllm run`) does: SIGINT to the process-group wrapper
+    around the driver. Every worker, on both nodes, is gone within 10 s."""
+    from pipelines.resources import launch_command
+
+    cfg = on_cluster().model_copy(update={"training": config(
+        Path(), num_processes=2, batch_size=2, max_steps=100_000, checkpoint_interval=100_000,
+        eval_interval=100_000, log_interval=1).training})
+    command = launch_command(cfg, "llm_core.training.cluster", train_command(cfg, tmp_path / "cancelled")[2:])
+    proc = subprocess.Popen(command, cwd=PROJECT_ROOT, env={**subprocess_env(), **ray_cluster.env()},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    workers, output = {}, []
+    try:
+        for line in proc.stdout:  # until both workers started
+            output.append(line)
+            if found := re.search(r"worker (\d): node (\S+), pid (\d+)", line):
+                workers[found[2]] = psutil.Process(int(found[3]))
+            if len(workers) == 2:
+                break
+        assert sorted(workers) == [HEAD_IP, WORKER_IP], "".join(output)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+        gone, alive = psutil.wait_procs(list(workers.values()), timeout=10)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_trainings_side_by_side_that_the_cluster_cannot_hold_are_refused_naming_the_fields(on_cluster):
+    from llm_core.config import ConfigError
+    from llm_core.training.cluster import check_cluster_room
+
+    cfg = on_cluster()
+    check_cluster_room([cfg], 1)  # 2 workers x 1 CPU: the 2 nodes' CPUs
+    with pytest.raises(ConfigError, match=r"training.max_parallel_variants \(2\) x training.num_processes \(2\) x "
+                                          r"engine.cpus_per_worker \(1\) = 4 CPUs, but the Ray cluster has 2"):
+        check_cluster_room([cfg], 2)
+    with pytest.raises(ConfigError, match=r"engine.cpus_per_worker \(1.5\) = 3 CPUs"):
+        check_cluster_room([on_cluster(cpus_per_worker=1.5)], 1)

@@ -248,11 +248,11 @@ def test_cancelling_the_launch_stops_every_rank(data_dir, tmp_path, ranks_wanted
     import psutil
 
     from pipelines.process_group import GRACE_SECONDS
-    from pipelines.resources import accelerate_command
+    from pipelines.resources import launch_command
 
     cfg = config(data_dir, num_processes=ranks_wanted, batch_size=2, max_steps=100_000,
                  checkpoint_interval=100_000, eval_interval=100_000, log_interval=1)
-    command = accelerate_command(cfg, "llm_core.training.train", train_command(cfg, tmp_path / "cancel")[2:])
+    command = launch_command(cfg, "llm_core.training.train", train_command(cfg, tmp_path / "cancel")[2:])
     if os.environ.get("SCRATCHLLM_TEST_WITHOUT_PROCESS_GROUP"):  # to see this test fail without the wrapper
         command = command[command.index("--") + 1:]
     proc = subprocess.Popen(command, cwd=PROJECT_ROOT, env=subprocess_env(), stdout=subprocess.PIPE,

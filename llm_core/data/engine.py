@@ -131,13 +131,21 @@ def data_engine(cfg: EngineConfig, log: Log = print, data_dir: os.PathLike | Non
     if cfg.kind == "local":
         yield LocalEngine(log)
         return
-    ray = _import_ray()
-    if ray.is_initialized():  # the caller connected already (a benchmark, a notebook): leave it connected
+    with ray_connection(cfg, log):
         yield _started(RayEngine(cfg, log), data_dir)
+
+
+@contextlib.contextmanager
+def ray_connection(cfg: EngineConfig, log: Log = print) -> Iterator[Any]:
+    """The `ray` module, connected to `engine.address` for the block (a private cluster with `local`,
+    stopped at the end). A connection the caller made already (a benchmark, a notebook) is left open."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        yield ray
         return
     _connect(ray, cfg, log)
     try:
-        yield _started(RayEngine(cfg, log), data_dir)
+        yield ray
     finally:
         ray.shutdown()  # with address local, this also stops the private cluster
 

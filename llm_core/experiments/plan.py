@@ -40,6 +40,15 @@ communication buffers). Time is the compute-optimal run of ~20 tokens per parame
 al. 2022) at 6 N + attention FLOPs per token (Transformer.flops_per_token), on G devices at the
 given MFU of their dense peak; activation checkpointing recomputes the forward (+1/3 compute).
 CPU offload also costs the optimizer step on the host, which this estimate does not include.
+
+With several devices (--gpus, spread over --nodes), it also prints each step's communication on
+paper, per device, for ring collectives of the gradients (and weights) in the training precision
+(2 bytes per value in mixed precision, 4 in fp32): DDP and ZeRO-1/2 all-reduce (or reduce-scatter +
+all-gather) the gradients, 2 (G-1)/G N values; FSDP FULL_SHARD / ZeRO-3 also gathers the weights once
+more, 3 (G-1)/G N (1.5x DDP); HYBRID_SHARD shards within a node and all-reduces across nodes. Its time
+at a link's bandwidth, counted without overlap with the compute (an upper bound on its share of
+the step), is given for 1 GbE (0.125 GB/s), 100 GbE (12.5 GB/s) and NVLink (~450 GB/s per direction
+on an H100): across nodes the network's, within one node NVLink's.
 """
 
 from __future__ import annotations
@@ -203,6 +212,54 @@ def plan(setup: Setup) -> list[Row]:
 
 
 # ---------------------------------------------------------------------------------------------
+# communication, when the devices are several
+
+
+LINKS = {"1 GbE": 0.125e9, "100 GbE": 12.5e9, "NVLink": 450e9}  # bytes/s per direction of one device's link
+COMMUNICATED = {"DDP": 2.0, "ZeRO-2 / FSDP SHARD_GRAD_OP": 2.0, "ZeRO-3 / FSDP FULL_SHARD": 3.0}  # x (G-1)/G N
+
+
+@dataclasses.dataclass
+class Communication:
+    strategy: str
+    bytes_per_step: float  # sent (= received) by each device per optimizer step
+    compute_seconds: float  # the step's compute at the planned MFU
+    seconds: dict[str, float]  # link -> the bytes' time at its bandwidth
+
+    def share(self, link: str) -> float:
+        """Communication's share of the step when nothing overlaps it."""
+        return self.seconds[link] / (self.seconds[link] + self.compute_seconds)
+
+
+def communication(setup: Setup, nodes: int = 1) -> list[Communication]:
+    """Per device and optimizer step (micro-batch = the step), for DDP, ZeRO-2 and FULL_SHARD on
+    `setup.gpus` devices over `nodes` machines: volumes of ring collectives (module docstring)."""
+    model, g = count(setup), setup.gpus
+    value_bytes = 4 if setup.precision == "fp32" else 2
+    compute = setup.batch_size * setup.args.block_size * model.flops_per_token / (
+        setup.gpu.peak_flops[setup.precision] * setup.mfu)
+    links = LINKS if nodes > 1 else {"NVLink": LINKS["NVLink"]}  # one node: no network in the path
+    return [Communication(name, volume, compute, {link: volume / bandwidth for link, bandwidth in links.items()})
+            for name, factor in COMMUNICATED.items()
+            for volume in [factor * (g - 1) / g * model.num_parameters * value_bytes]]
+
+
+def format_communication(setup: Setup, nodes: int) -> str:
+    rows = communication(setup, nodes)
+    links = list(rows[0].seconds)
+    lines = [f"communication per step and device, {setup.gpus} devices on {nodes} node(s) (ring collectives in "
+             f"{setup.precision}, not overlapped: an upper bound on the share of the step; compute "
+             f"{rows[0].compute_seconds * 1e3:.1f} ms at MFU {setup.mfu:.0%})", ""]
+    header = ["strategy", "sent/step", *(f"{link}: time (share)" for link in links)]
+    table = [[r.strategy, f"{r.bytes_per_step / 2**20:,.0f} MiB",
+              *(f"{r.seconds[link] * 1e3:,.1f} ms ({r.share(link):.0%})" for link in links)] for r in rows]
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *table)]
+    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+              for row in [header, ["-" * w for w in widths], *table]]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # from a scratchllm profile
 
 
@@ -317,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         ("--layers", int, "transformer blocks"), ("--width", int, "n_embd"), ("--heads", int, "attention heads"),
         ("--kv-heads", int, "key/value heads (default: --heads)"), ("--vocab", int, "vocabulary size"),
         ("--seq-len", int, "tokens per sequence"), ("--batch", int, "sequences per GPU per micro-step"),
-        ("--gpus", int, "data-parallel devices"), ("--gpu-memory-gb", float, "memory per device (GiB)")]:
+        ("--gpus", int, "data-parallel devices"), ("--gpu-memory-gb", float, "memory per device (GiB)"),
+        ("--nodes", int, "machines the devices are spread over (default 1; with a profile on engine.kind: ray, "
+                         "one per worker)")]:
         parser.add_argument(flag, type=kind, help=what)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--gpu", default="A100-80GB", choices=sorted(GPUS), help="peak FLOP/s and memory")
@@ -331,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     from llm_core.config import ConfigError, load_config
 
     try:  # the profile in force: --config, else $SCRATCHLLM_CONFIG, else default.yaml; flags override it
-        setup = setup_from_config(load_config(a.config))
+        cfg = load_config(a.config)
+        setup = setup_from_config(cfg)
     except ConfigError as exc:
         print(f"scratchllm plan: {exc}", file=sys.stderr)
         return 2
@@ -352,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         print(recommendation["text"] + "\n")
         setup = dataclasses.replace(setup, num_parameters=int(recommendation["params"]))
     print(format_plan(setup, plan(setup)))
+    nodes = a.nodes or (setup.gpus if cfg.engine.kind == "ray" and not a.gpus else 1)  # Ray SPREADs the workers
+    if setup.gpus > 1:
+        print("\n" + format_communication(dataclasses.replace(setup, gpus_per_node=-(-setup.gpus // nodes)), nodes))
     return 0
 
 

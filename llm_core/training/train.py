@@ -247,8 +247,10 @@ def evaluate_loss(model, dataset_dir: Path, cfg: ScratchConfig, accelerator,
 
 
 def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
-          on_metrics: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Train (or resume) into out_dir. `on_metrics(step, metrics)` is called on the main rank."""
+          on_metrics: Callable[[int, dict], None] | None = None,
+          on_step: Callable[[int], None] | None = None) -> TrainResult:
+    """Train (or resume) into out_dir. `on_metrics(step, metrics)` is called on the main rank,
+    `on_step(step)` on every rank once the step (and its checkpoint, if any) is done."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -369,6 +371,8 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
             if not weights_finite(model, accelerator):  # never save (nor resume from) non-finite weights
                 stop_diverged(accelerator, out_dir, done, "the weights are not finite", progress.history)
             save_checkpoint(accelerator, out_dir, done, model_config(args, cfg))
+        if on_step:
+            on_step(done)
 
     if start_step >= t.max_steps and progress.history:  # nothing left to do: report the finished run
         last_loss = progress.history[-1]["train_loss"]
@@ -396,15 +400,20 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def command_line(argv: list[str] | None, description: str) -> tuple[ScratchConfig, Path]:
+    """(config, out_dir) from `--config` or `--resolved-config`, and `--out-dir`."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML profile (deep-merged over default.yaml)")
     parser.add_argument("--resolved-config", help="a full config as JSON (what the Dagster asset passes)")
     parser.add_argument("--out-dir", help="default: <data_dir>/trained_model")
     a = parser.parse_args(argv)
     cfg = validate_config(json.loads(Path(a.resolved_config).read_text())) if a.resolved_config \
         else load_config(a.config)
-    train(cfg, Path(a.out_dir) if a.out_dir else cfg.data_path / MODEL_DIR)
+    return cfg, Path(a.out_dir) if a.out_dir else cfg.data_path / MODEL_DIR
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(*command_line(argv, __doc__.split("\n")[0]))
 
 
 if __name__ == "__main__":

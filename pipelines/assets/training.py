@@ -7,13 +7,13 @@ import dagster as dg
 from llm_core import tracking
 from llm_core.config import ScratchConfig
 from llm_core.experiments import sweep
-from llm_core.training import health, training_run
+from llm_core.training import cluster, health, training_run
 from pipelines.assets.tokenizer import tokenized_dataset
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.failures import user_errors
 from pipelines.lineage import UPSTREAM_OF_TRAINING, data_versions
 from pipelines.metadata import loss_curve_plot, markdown_table, uri
-from pipelines.resources import (Finished, MLflowResource, accelerate_command, run_side_by_side, slot_environments,
+from pipelines.resources import (Finished, MLflowResource, launch_command, run_side_by_side, slot_environments,
                                  visible_gpus, with_warm_start)
 
 TrainedModelConfig = run_config_class("TrainedModelConfig", "model", "training")
@@ -67,7 +67,7 @@ def launch(context: dg.AssetExecutionContext, trainings: dict[str, tuple[Scratch
     on_exit(Finished) as each ends, with the metadata its rank 0 reported."""
     configs = [cfg for cfg, _ in trainings.values()]
     environments = slot_environments(configs, slots, visible_gpus() if slots > 1 else [])
-    jobs = [(name, cfg, accelerate_command(cfg, "pipelines.train_entry", run.entry_args(), free_port=slots > 1))
+    jobs = [(name, cfg, launch_command(cfg, "pipelines.train_entry", run.entry_args(), free_port=slots > 1))
             for name, (cfg, run) in trainings.items()]
     run_side_by_side(context, jobs, environments, on_exit)
 
@@ -81,6 +81,8 @@ def training_failure(finished: Finished, run: training_run.TrainingRun) -> dg.Fa
     if diverged:
         return dg.Failure(description=diverged["message"], allow_retries=False,
                           metadata={"step": diverged["step"], **uri(run.out_dir)})
+    if why := cluster.failure(run.out_dir):  # no cluster, no room, or Ray Train gave up (its budget spent)
+        return dg.Failure(description=why, allow_retries=False, metadata=uri(run.out_dir))
     return dg.Failure(description=f"training {finished.name} ended with exit code {finished.exit_code} (killed or "
                                   f"crashed; see the log above): a retry or a re-run resumes it from its last "
                                   f"checkpoint", metadata=uri(run.out_dir))

@@ -60,15 +60,15 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
-def write_profile(path: Path, corpus: Path, data_dir: Path, engine: dict) -> Path:
-    path.write_text(yaml.safe_dump({
+def write_profile(path: Path, corpus: Path, data_dir: Path, engine: dict, **more) -> Path:
+    path.write_text(yaml.safe_dump({**more,
         "data_dir": str(data_dir), "engine": engine,
         "corpus": {"sources": [str(corpus)], "max_document_bytes": 2048, "shard_size_mb": 0.03,
                    "pieces_are_documents": [str(corpus)]},  # scenes: the dedup and split units
         "cleaning": {"num_workers": 1}, "dataset": {"val_fraction": 0.3}, "tokenizer": {"vocab_size": 300},
         "model": {"n_layer": 1, "n_head": 2, "n_kv_head": 1, "n_embd": 32, "block_size": 32},
         "training": {"peak_flops": 1e12, "max_steps": 6, "warmup_steps": 2, "batch_size": 4, "eval_interval": 3,
-                     "checkpoint_interval": 3, "eval_batches": 2, "num_processes": 2},  # ray: one per node
+                     "checkpoint_interval": 3, "eval_batches": 2, "max_parallel_variants": 2},
         "evaluation": {"max_new_tokens": 8}}))
     return path
 
@@ -134,13 +134,16 @@ def assert_same_data_as(reference: tuple[Path, Path], data_dir: Path, dagster_ho
     assert data_versions(dagster_home) == data_versions(reference[1])
 
 
-def test_the_ui_one_click_path_on_ray_makes_the_same_data_as_the_local_engine(
+def test_the_ui_one_click_path_on_ray_makes_the_same_data_as_the_local_engine_and_trains_there(
         ray_cluster, corpus, local_reference, tmp_path, monkeypatch):
+    """"Materialize all" of a profile on the cluster with a 2-variant sweep: the data stages' outputs as the
+    local engine's, the variants trained side by side as two Ray Train jobs (one per node), the best registered."""
     from pipelines import ui
     from pipelines.cli import prepare_environment
 
     profile = write_profile(tmp_path / "ray.yaml", corpus, tmp_path / "data",
-                            {"kind": "ray", "address": ray_cluster.address})
+                            {"kind": "ray", "address": ray_cluster.address},
+                            sweep={"training.learning_rate": [1e-3, 3e-3]})  # side by side, each on a node
     env = newcomer_env(tmp_path, SCRATCHLLM_CONFIG=str(profile))
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -165,9 +168,13 @@ def test_the_ui_one_click_path_on_ray_makes_the_same_data_as_the_local_engine(
         assert nodes_that_worked(tmp_path / "dagster_home", asset) == {HEAD_IP, WORKER_IP}, asset
     with dg.DagsterInstance.from_config(str(tmp_path / "dagster_home")) as instance:  # trained there too
         trained = instance.get_latest_materialization_event(dg.AssetKey("trained_model")).asset_materialization
+        variants = [r.asset_observation.metadata for r in
+                    instance.fetch_observations(dg.AssetKey("trained_model"), limit=10).records]
         registered = instance.get_latest_materialization_event(dg.AssetKey("registered_model"))
-    assert sorted(trained.metadata["nodes"].value.split(", ")) == [HEAD_IP, WORKER_IP]
-    assert trained.metadata["world_size"].value == 2 and trained.metadata["restarts"].value == 0
+    assert trained.metadata["num_variants"].value == trained.metadata["variants_at_once"].value == 2
+    # Each variant a Ray Train job of 1 worker (1 CPU): the two at once need both nodes.
+    assert sorted(v["nodes"].value for v in variants) == [HEAD_IP, WORKER_IP]
+    assert [v["world_size"].value for v in variants] == [1, 1] and [v["restarts"].value for v in variants] == [0, 0]
     assert registered is not None
 
     # Switching back to the local engine on the same data_dir: every shard is reused, nothing looks new.

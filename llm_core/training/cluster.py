@@ -56,8 +56,8 @@ def train_on_cluster(cfg: ScratchConfig, out_dir: Path, log: Log = print,
                      on_metrics: Callable[[int, dict], None] | None = None) -> tuple[TrainResult, ClusterRun]:
     """Train (or resume) into out_dir on the Ray cluster of `cfg.engine`; log and on_metrics get rank
     0's lines and metrics here. Raises TrainingDiverged, BudgetSpent, ConfigError (no room on the
-    cluster) or EngineError (no cluster, data_dir not shared); but for a divergence, the message is
-    kept in out_dir for the caller (`failure`)."""
+    cluster) or EngineError (no cluster, data_dir not shared). The message of every failure but a
+    divergence (which the loop records itself) is kept in out_dir: `failure(out_dir)`."""
     out_dir = Path(out_dir)
     clear_failure(out_dir)
     try:

@@ -21,6 +21,11 @@ HOLD_AT_ENV, HOLD_MARKER_ENV = "SCRATCHLLM_HOLD_AT", "SCRATCHLLM_HOLD_MARKER"
 _matches: dict[str, int] = {}
 
 
+def hold_environment() -> dict[str, str]:
+    """The hold settings of this process, for the processes it starts elsewhere (Ray tasks, workers)."""
+    return {k: os.environ[k] for k in (HOLD_AT_ENV, HOLD_MARKER_ENV) if k in os.environ}
+
+
 def hold_point(label: str) -> None:
     pattern = os.environ.get(HOLD_AT_ENV)
     if not pattern:

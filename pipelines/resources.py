@@ -14,7 +14,7 @@ import yaml
 
 from llm_core import tracking
 from llm_core.training import cluster, training_run
-from llm_core.training.performance import available_cores
+from llm_core.training.performance import available_cores, thread_environment
 from llm_core.config import ScratchConfig, resolve_path
 
 
@@ -63,8 +63,7 @@ def launch_command(cfg: ScratchConfig, module: str, args: list[str], free_port: 
 
 def rank_environment(cfg: ScratchConfig, trainings: int = 1) -> dict[str, str]:
     """Threads per rank = cores / (ranks x trainings side by side): oversubscribed CPUs run several times slower."""
-    threads = max(1, available_cores() // (cfg.training.num_processes * trainings))
-    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    return thread_environment(max(1, available_cores() // (cfg.training.num_processes * trainings)))
 
 
 def visible_gpus() -> list[str]:

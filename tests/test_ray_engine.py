@@ -278,8 +278,8 @@ def on_cluster(ray_cluster, data_dir, tmp_path, monkeypatch):
     for name, value in ray_cluster.env().items():
         monkeypatch.setenv(name, value)
 
-    def make(**engine) -> ScratchConfig:
-        cfg = config(data_dir, num_processes=2, batch_size=2)
+    def make(training: dict | None = None, **engine) -> ScratchConfig:
+        cfg = config(data_dir, num_processes=2, batch_size=2, **(training or {}))
         return cfg.model_copy(update={"engine": EngineConfig(kind="ray", address=ray_cluster.address, **engine)})
     return make
 
@@ -349,9 +349,7 @@ def test_cancelling_a_cluster_training_stops_every_worker_on_every_node(on_clust
     around the driver. Every worker, on both nodes, is gone within 10 s."""
     from pipelines.resources import launch_command
 
-    cfg = on_cluster().model_copy(update={"training": config(
-        Path(), num_processes=2, batch_size=2, max_steps=100_000, checkpoint_interval=100_000,
-        eval_interval=100_000, log_interval=1).training})
+    cfg = on_cluster(training={"max_steps": 100_000, "checkpoint_interval": 100_000, "eval_interval": 100_000})
     command = launch_command(cfg, "llm_core.training.cluster", train_command(cfg, tmp_path / "cancelled")[2:])
     proc = subprocess.Popen(command, cwd=PROJECT_ROOT, env={**subprocess_env(), **ray_cluster.env()},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from llm_core.config import EngineConfig
 from llm_core.data.progress import Log, Progress
-from llm_core.faults import HOLD_AT_ENV, HOLD_MARKER_ENV
+from llm_core.faults import hold_environment
 
 PRIVATE_CLUSTER_IP = "127.0.0.2"
 REACH_TIMEOUT_S = 5.0
@@ -236,8 +236,7 @@ def _task_environment(cfg: EngineConfig) -> dict[str, str]:
     the node; Ray sets OMP_NUM_THREADS itself), and the fault-injection hooks of llm_core/faults.py
     when a test set them."""
     env = {"RAYON_NUM_THREADS": str(max(1, int(cfg.cpus_per_task)))}
-    env.update({k: os.environ[k] for k in (HOLD_AT_ENV, HOLD_MARKER_ENV) if k in os.environ})
-    return env
+    return {**env, **hold_environment()}
 
 
 def _run_task(fn: Callable, job: tuple, env: dict[str, str]) -> tuple[str, Any]:

@@ -253,10 +253,7 @@ def format_communication(setup: Setup, nodes: int) -> str:
     header = ["strategy", "sent/step", *(f"{link}: time (share)" for link in links)]
     table = [[r.strategy, f"{r.bytes_per_step / 2**20:,.0f} MiB",
               *(f"{r.seconds[link] * 1e3:,.1f} ms ({r.share(link):.0%})" for link in links)] for r in rows]
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *table)]
-    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-              for row in [header, ["-" * w for w in widths], *table]]
-    return "\n".join(lines)
+    return "\n".join(lines + text_table(header, table, left=1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,12 +354,15 @@ def format_plan(setup: Setup, rows: list[Row]) -> str:
               *(f"{v / GiB:.2f}" for v in (r.weights, r.grads, r.optimizer, r.activations, r.total)),
               "yes" if r.fits else "NO", f"{r.host / GiB:.2f}" if r.host else "-", duration(r.seconds)]
              for r in rows]
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *table)]
-    def fmt(cells):
-        return "  ".join(c.ljust(wd) if i < 2 else c.rjust(wd) for i, (c, wd) in enumerate(zip(cells, widths)))
+    header_line, *rest = text_table(header, table, left=2)
+    return "\n".join(lines + [header_line + "   (GiB)", *rest])
 
-    lines += [fmt(header) + "   (GiB)", fmt(["-" * wd for wd in widths])] + [fmt(row) for row in table]
-    return "\n".join(lines)
+
+def text_table(header: list[str], rows: list[list[str]], left: int) -> list[str]:
+    """Lines of an aligned text table: the first `left` columns to the left, the rest to the right."""
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    return ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            for cells in [header, ["-" * w for w in widths], *rows]]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,10 +29,11 @@ from typing import Any, Callable
 
 from llm_core.config import ConfigError, ScratchConfig, resolve_path
 from llm_core.data.engine import check_shared_directory, ray_connection
-from llm_core.faults import HOLD_AT_ENV, HOLD_MARKER_ENV, hold_point
+from llm_core.faults import hold_environment, hold_point
 from llm_core.files import read_json, write_json
 from llm_core.model_files import SUMMARY_FILE
 from llm_core.training import health
+from llm_core.training.performance import thread_environment
 from llm_core.training.train import TrainingDiverged, TrainResult, command_line, train
 
 Log = Callable[[str], None]
@@ -78,8 +79,9 @@ def _train_on_cluster(cfg: ScratchConfig, out_dir: Path, log: Log,
     e, t = cfg.engine, cfg.training
     with ray_connection(e, log) as ray:
         nodes = check_shared_directory(ray, out_dir)  # checkpoints: every worker must resume from them
-        gpus = worker_gpus(cfg, ray.cluster_resources())
-        check_room(cfg, ray.cluster_resources(), gpus)
+        resources = ray.cluster_resources()
+        gpus = worker_gpus(cfg, resources)
+        check_room(cfg, resources, gpus)
         log(f"training on the Ray cluster: {t.num_processes} workers x {e.cpus_per_worker:g} CPU"
             + (f" + {gpus:g} GPU" if gpus else "") + f" over {len(nodes)} node(s) "
             f"({', '.join(sorted(nodes.values()))}), up to {e.max_training_failures} restart(s) "
@@ -169,15 +171,14 @@ def worker_gpus(cfg: ScratchConfig, resources: dict) -> float:
 def check_room(cfg: ScratchConfig, resources: dict, gpus: float, trainings: int = 1) -> None:
     """Refuse, naming the fields, a training (or `trainings` side by side) the cluster cannot hold at once:
     Ray would wait for the resources for ever."""
-    e, t = cfg.engine, cfg.training
-    need = {"CPU": trainings * t.num_processes * e.cpus_per_worker, "GPU": trainings * t.num_processes * gpus}
-    fields = {"CPU": "engine.cpus_per_worker", "GPU": "engine.gpus_per_worker"}
-    for resource, amount in need.items():
-        if amount > resources.get(resource, 0) + 1e-9:
-            side = f"training.max_parallel_variants ({trainings}) x " if trainings > 1 else ""
-            raise ConfigError(f"{side}training.num_processes ({t.num_processes}) x {fields[resource]} "
-                              f"({amount / trainings / t.num_processes:g}) = {amount:g} {resource}s, but the Ray "
-                              f"cluster has {resources.get(resource, 0):g}")
+    workers = trainings * cfg.training.num_processes
+    side = f"training.max_parallel_variants ({trainings}) x " if trainings > 1 else ""
+    for resource, field, per_worker in [("CPU", "engine.cpus_per_worker", cfg.engine.cpus_per_worker),
+                                        ("GPU", "engine.gpus_per_worker", gpus)]:
+        if workers * per_worker > resources.get(resource, 0) + 1e-9:
+            raise ConfigError(f"{side}training.num_processes ({cfg.training.num_processes}) x {field} "
+                              f"({per_worker:g}) = {workers * per_worker:g} {resource}s, but the Ray cluster has "
+                              f"{resources.get(resource, 0):g}")
 
 
 def check_cluster_room(configs: list[ScratchConfig], trainings: int) -> None:
@@ -192,12 +193,10 @@ def check_cluster_room(configs: list[ScratchConfig], trainings: int) -> None:
 def worker_environment(cfg: ScratchConfig) -> dict[str, str]:
     """What each worker sets before training: its thread count, the variables `accelerate launch` would
     set for training.accelerate_config (FSDP, mixed precision), and the test hooks of llm_core/faults.py."""
-    threads = str(max(1, int(cfg.engine.cpus_per_worker)))
-    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false"}
+    env = thread_environment(max(1, int(cfg.engine.cpus_per_worker)))
     if cfg.training.accelerate_config:
         env.update(accelerate_environment(cfg.training.accelerate_config, cfg.training.num_processes))
-    env.update({k: os.environ[k] for k in (HOLD_AT_ENV, HOLD_MARKER_ENV) if k in os.environ})
-    return env
+    return {**env, **hold_environment()}
 
 
 def accelerate_environment(config_file: str, num_processes: int) -> dict[str, str]:

@@ -56,6 +56,11 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def thread_environment(threads: int) -> dict[str, str]:
+    """The variables that hold a training process to `threads` threads (torch's, MKL's; tokenizers' to one)."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+
+
 def hardware(device: torch.device, processes: int) -> str:
     """What trained: e.g. "2 x NVIDIA H200" or "AMD EPYC (2 cores), 1 process"."""
     if device.type == "cuda":

@@ -201,16 +201,16 @@ def build_pool(packages: tuple[str, ...] = PACKAGES) -> list[tuple[str, str]]:
     return pool
 
 
-def text_pool(cache_dir: str | Path | None = None, small: bool = False) -> list[tuple[str, str]]:
-    """The pool, built once and cached (building parses a few thousand source files: ~1 min).
-    small: the Python reference and the standard library only (~2,000 paragraphs in ~3 s), for tests
-    that need realistic documents, not a benchmark's variety."""
+def text_pool(cache_dir: str | Path | None = None, packages: tuple[str, ...] = PACKAGES) -> list[tuple[str, str]]:
+    """The pool, built once per set of packages and cached (all of PACKAGES: a few thousand source
+    files, ~1 min; the standard library alone, packages=(): ~2,000 paragraphs in ~3 s, for tests
+    that need realistic documents, not a benchmark's variety)."""
+    label = "-".join(packages) if packages != PACKAGES else "all"
     cache = Path(cache_dir or tempfile.gettempdir()) / (
-        f"scratchllm-textpool-v{POOL_VERSION}{'-small' if small else ''}"
-        f"-py{sys.version_info[0]}{sys.version_info[1]}.json.gz")
+        f"scratchllm-textpool-v{POOL_VERSION}-{label or 'stdlib'}-py{sys.version_info[0]}{sys.version_info[1]}.json.gz")
     if cache.exists():
         return [tuple(item) for item in json.loads(gzip.decompress(cache.read_bytes()))]
-    pool = build_pool(packages=() if small else PACKAGES)
+    pool = build_pool(packages)
     tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
     tmp.write_bytes(gzip.compress(json.dumps(pool).encode(), compresslevel=6))
     os.replace(tmp, cache)

@@ -29,8 +29,10 @@ from llm_core.data.cleaned_shards import build_cleaned_shards  # noqa: E402
 from llm_core.data.raw_corpus import build_raw_corpus  # noqa: E402
 
 
-def run(work_dir: Path, n_files: int, seed: int, overrides: dict | None = None, verbose: bool = False) -> dict:
-    truth = make_planted_corpus(work_dir / "planted", n_files, seed)
+def run(work_dir: Path, n_files: int, seed: int, overrides: dict | None = None, verbose: bool = False,
+        pool: list | None = None) -> dict:
+    """pool: the prose the files are made of (default: make_corpus.text_pool(), every package)."""
+    truth = make_planted_corpus(work_dir / "planted", n_files, seed, pool=pool)
     corpus = Path(truth["corpus_dir"])
     data_dir = work_dir / "data"
     shutil.rmtree(data_dir, ignore_errors=True)

@@ -61,7 +61,7 @@ def test_dedup_decides_exactly_as_the_single_in_memory_pass(tmp_path, make_cfg):
     same reasons, on a corpus with duplicates across parts and chains of near duplicates."""
     from benchmarks.make_corpus import exact_variant, make_sized_corpus, near_variant, text_pool
 
-    make_sized_corpus(tmp_path / "gen", 3, dup_rate=0.3, seed=5, pool=text_pool(tmp_path, small=True))
+    make_sized_corpus(tmp_path / "gen", 3, dup_rate=0.3, seed=5, pool=text_pool(tmp_path, packages=()))
     src = tmp_path / "gen" / "corpus"
     # Chains: v1 near base, v2 near v1 (maybe not near base), an exact copy of v1 (removed as a near dup
     # itself: its hash still counts), v4 near v2.

@@ -360,6 +360,28 @@ class AutomationConfig(Section):
         return v
 
 
+class TrackingConfig(Section):
+    uri: str | None = Field(default=None, description="Where every MLflow call goes (runs, registry, artifacts): an "
+                            "MLflow tracking server http(s)://host:port (artifacts through its proxy); null: "
+                            "$MLFLOW_TRACKING_URI, else sqlite under data_dir. The server's user and password come "
+                            "from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, never from a profile.")
+
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https", "sqlite", "postgresql", "mysql", "file"):
+            raise ValueError(f"must be an MLflow tracking server (http://host:port) or a database URI, got {v!r}")
+        if parts.password is not None or (parts.scheme in ("http", "https") and parts.username):
+            raise ValueError("must not hold a user or password: set MLFLOW_TRACKING_USERNAME and "
+                             "MLFLOW_TRACKING_PASSWORD in the environment instead (a profile is shared and logged)")
+        return v
+
+
 SWEEP_MODES = ("grid", "list")  # every combination, or the i-th values of every list together
 SWEEPABLE_SECTIONS = ("model", "training")  # what a training reads: the data is shared
 
@@ -378,6 +400,7 @@ class ScratchConfig(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     automation: AutomationConfig = Field(default_factory=AutomationConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     sweep: dict[str, Any] = Field(default_factory=dict, description="Dotted fields -> lists of values: one training "
                                                                    "per variant (experiments/sweep.py); empty: none.")
 
@@ -428,9 +451,10 @@ class ScratchConfig(Section):
         return short_hash(self.identity(*sections))
 
     def config_hash(self) -> str:
-        """The hash of every section (where the data lives and which engine made it excepted: outputs are
-        the same on every engine): what a registered version was made with."""
-        return self.section_hash(*(name for name in type(self).model_fields if name not in ("data_dir", "engine")))
+        """The hash of every section (where the data lives, which engine made it and where it is tracked
+        excepted: outputs are the same on every engine): what a registered version was made with."""
+        return self.section_hash(*(name for name in type(self).model_fields
+                                   if name not in ("data_dir", "engine", "tracking")))
 
 
 def training_tokens(cfg: ScratchConfig) -> int:

@@ -56,8 +56,13 @@ def short_hash(payload, length: int = 16) -> str:
 
 
 def write_json(path: Path, payload: dict) -> None:
+    write_text(path, json.dumps(payload, indent=1, sort_keys=True))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Path.write_text, atomically."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=1, sort_keys=True))
+        tmp.write_text(text)
 
 
 def read_json(path: Path, default: dict | None = None) -> dict:

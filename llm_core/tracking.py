@@ -1,8 +1,9 @@
 """MLflow tracking: where runs live, the run of a training, metrics in batches, the loss curve.
 
 This module is the one place that decides where MLflow reads and writes, for every MLflow call of
-the project (tracking and model registry alike): $MLFLOW_TRACKING_URI when it is set, else
-sqlite:///<data_dir>/mlflow.db with artifacts in <data_dir>/mlartifacts. Always absolute: MLflow's
+the project (tracking and model registry alike): the profile's `tracking.uri` (a tracking server of a
+team deployment, which keeps the artifacts behind its proxy), else $MLFLOW_TRACKING_URI when it is set,
+else sqlite:///<data_dir>/mlflow.db with artifacts in <data_dir>/mlartifacts. Always absolute: MLflow's
 own default (sqlite:///<cwd>/mlflow.db) depends on the working directory, and some MLflow calls
 (`mlflow.artifacts.download_artifacts("models:/...")`, `mlflow.pyfunc.log_model`) read the
 registry from the fluent default even when given a URI, so they run inside `using(uri)`.
@@ -27,11 +28,17 @@ for _chatty in ("mlflow.system_metrics.system_metrics_monitor", "mlflow.store.db
 
 
 def tracking_uri(cfg: ScratchConfig) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cfg.data_path / 'mlflow.db'}"
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cfg.data_path / 'mlflow.db'}"
 
 
-def artifact_location(cfg: ScratchConfig) -> str:
-    return (cfg.data_path / "mlartifacts").as_uri()
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def artifact_location(cfg: ScratchConfig) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a local store under data_dir; a tracking
+    server decides for itself (None: its proxied artifact store, mlflow-artifacts:/)."""
+    return None if is_server(tracking_uri(cfg)) else (cfg.data_path / "mlartifacts").as_uri()
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, str]:
@@ -82,7 +89,7 @@ def using(uri: str):
                 os.environ[name] = value
 
 
-def experiment_id(uri: str, artifacts: str, name: str = EXPERIMENT) -> str:
+def experiment_id(uri: str, artifacts: str | None, name: str = EXPERIMENT) -> str:
     mlflow_client = client(uri)
     existing = mlflow_client.get_experiment_by_name(name)
     if existing is not None:

@@ -7,6 +7,7 @@
     scratchllm export-hf --out DIR [--model M]   a trained model as a transformers LlamaForCausalLM
     scratchllm serve [--model M] [--port P]      a registered model over REST on http://127.0.0.1:5001
     scratchllm plan [--config P] [--gpus N ...]  memory per GPU and time of a training, by strategy
+    scratchllm deploy up|status|stop|upgrade     a team deployment: Dagster and MLflow on PostgreSQL
 
 Every subcommand takes `--config P` alike: a relative P is looked up in the working directory, then
 in the project's assets_config/, then in the project; without it, $SCRATCHLLM_CONFIG, else assets_config/default.yaml.
@@ -234,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         from llm_core.experiments import plan
 
         return plan.main(argv[1:])
+    if argv[:1] == ["deploy"]:  # a team deployment: pipelines/deploy.py
+        from pipelines import deploy
+
+        return deploy.main(argv[1:])
     parser = argparse.ArgumentParser(prog="scratchllm", description="An LLM foundry as a Dagster asset graph.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="materialize assets (default: the whole graph)")
@@ -275,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", help="YAML profile whose MLflow store holds the model")
     serve.set_defaults(func=cmd_serve)
     sub.add_parser("plan", help="memory per GPU and time of a training, by sharding strategy (plan --help)")
+    sub.add_parser("deploy", help="a team deployment on PostgreSQL: up | status | stop | upgrade (deploy --help)")
     args = parser.parse_args(argv)
     return args.func(args)
 

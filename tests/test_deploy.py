@@ -1,0 +1,246 @@
+"""A team deployment (`scratchllm deploy`, pipelines/deploy.py) on the real PostgreSQL server of this
+machine: the webserver, the daemon, the code server and an MLflow tracking server with basic auth,
+started from another working directory as a user does, with a database of their own for this module
+(dropped at the end). Each user path goes through the deployed servers: GraphQL launches queued and run
+by the daemon, MLflow through its REST API and its artifact proxy, `scratchllm generate` with nothing
+but the tracking URI and credentials. Skipped, saying why, where no PostgreSQL answers."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import free_port, graphql, launch_assets, run_status, wait_until
+
+from llm_core.config import PROJECT_ROOT, ConfigError, load_config
+
+pytestmark = pytest.mark.slow
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+CLI = [sys.executable, "-m", "pipelines.cli"]
+ALL_ASSETS = ["raw_corpus", "cleaned_shards", "tokenizer", "tokenized_dataset", "trained_model", "model_evaluation",
+              "registered_model", "hf_export"]
+SHAKESPEARE = (PROJECT_ROOT / "data" / "tinyshakespeare.txt").read_text()
+
+
+def postgres_or_skip():
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        return psycopg2.connect(dbname="postgres", connect_timeout=5, **PG)
+    except psycopg2.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL answers at {PG['host']}:{PG['port']} as {PG['user']} ({str(exc).strip()}); "
+                    f"`.ci/run` starts one from Debian's postgresql package")
+
+
+def sql(database: str, statement: str, *params) -> list[tuple]:
+    import psycopg2
+
+    connection = psycopg2.connect(dbname=database, **PG)
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(statement, params)
+            return cursor.fetchall() if cursor.description else []
+    finally:
+        connection.close()
+
+
+def user_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """A newcomer's shell: no MLflow, Dagster, PostgreSQL or scratchllm settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SCRATCHLLM_", "DAGSTER_", "PG"))}
+    return {**env, "HOME": str(tmp), **extra}
+
+
+def deploy(*args: str, env: dict, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([*CLI, "deploy", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+class Deployment:
+    def __init__(self, root: Path):
+        self.root, self.home, self.artifacts = root, root / "home", root / "artifacts"
+        self.database = f"scratchllm_test_{secrets.token_hex(4)}"
+        self.pg_password = f"pg-Secret-{secrets.token_hex(6)}"  # trust auth here: given, never needed
+        self.admin_password = f"admin-Secret-{secrets.token_hex(6)}"
+        self.ports = {"dagster": free_port(), "mlflow": free_port(), "code": free_port()}
+        self.mlflow = f"http://127.0.0.1:{self.ports['mlflow']}"
+        self.profile = root / "team.yaml"
+        corpus = root / "corpus"
+        corpus.mkdir()
+        for i in range(3):
+            (corpus / f"play_{i}.txt").write_text(SHAKESPEARE[i * 40_000:(i + 1) * 40_000])
+        self.profile.write_text(yaml.safe_dump({
+            "data_dir": str(root / "data"),
+            "corpus": {"sources": [str(corpus)], "max_document_bytes": 2048, "pieces_are_documents": [str(corpus)]},
+            "cleaning": {"num_workers": 1}, "tokenizer": {"vocab_size": 300},
+            "dataset": {"val_fraction": 0.2, "builtin_task_items": 20},
+            "model": {"n_layer": 1, "n_head": 2, "n_kv_head": 1, "n_embd": 32, "block_size": 32},
+            "training": {"peak_flops": 1e12, "max_steps": 8, "warmup_steps": 2, "batch_size": 4, "eval_interval": 4,
+                         "checkpoint_interval": 4, "eval_batches": 2},
+            "evaluation": {"max_new_tokens": 8, "max_val_tokens": 5000}}))
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres:{self.pg_password}@127.0.0.1:5432/{self.database}"
+
+    def up(self) -> subprocess.CompletedProcess:
+        return deploy("up", "--database", self.url, "--artifacts", str(self.artifacts), "--home", str(self.home),
+                      "--config", str(self.profile), "--dagster-port", str(self.ports["dagster"]),
+                      "--mlflow-port", str(self.ports["mlflow"]), "--code-port", str(self.ports["code"]),
+                      "--max-concurrent-runs", "1",
+                      env=user_env(self.root, SCRATCHLLM_ADMIN_PASSWORD=self.admin_password), cwd=self.root / "ops")
+
+    def rest(self, path: str, payload: dict | None = None, user: tuple[str, str] | None = None) -> tuple[int, dict]:
+        """A request to the MLflow server's REST API, as `user` (None: no credentials)."""
+        request = urllib.request.Request(f"{self.mlflow}/api/2.0/mlflow/{path}",
+                                         data=json.dumps(payload).encode() if payload is not None else None,
+                                         headers={"Content-Type": "application/json"})
+        if user:
+            request.add_header("Authorization", "Basic " + b64encode(f"{user[0]}:{user[1]}".encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, json.loads(response.read() or b"{}")
+        except urllib.error.HTTPError as error:
+            return error.code, {}
+
+    @property
+    def admin(self) -> tuple[str, str]:
+        return "admin", self.admin_password
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory):
+    postgres_or_skip().close()
+    deployment = Deployment(tmp_path_factory.mktemp("team"))
+    started = deployment.up()
+    try:
+        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+        yield deployment
+    finally:
+        deploy("stop", "--home", str(deployment.home), env=user_env(deployment.root), cwd=deployment.root)
+        for name in (deployment.database, f"{deployment.database}_mlflow", f"{deployment.database}_mlflow_auth"):
+            sql("postgres", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def whole_graph(team):
+    """The whole graph launched through the deployed webserver, as the UI's "Materialize all" does."""
+    port = team.ports["dagster"]
+    run_id = launch_assets(port, ALL_ASSETS)
+    wait_until(lambda: run_status(port, run_id) in ("SUCCESS", "FAILURE", "CANCELED"), what="the end of the run",
+               timeout=400)
+    return run_id
+
+
+def test_the_whole_graph_is_queued_run_by_the_daemon_and_registered_behind_the_proxy(team, whole_graph, tmp_path):
+    assert run_status(team.ports["dagster"], whole_graph) == "SUCCESS"
+    assert sql(team.database, "SELECT status FROM runs WHERE run_id = %s", whole_graph) == [("SUCCESS",)]
+    kinds = [k for (k,) in sql(team.database, "SELECT dagster_event_type FROM event_logs WHERE run_id = %s "
+                                              "AND dagster_event_type IS NOT NULL ORDER BY id", whole_graph)]
+    queued = ["PIPELINE_ENQUEUED", "PIPELINE_STARTING", "PIPELINE_START", "PIPELINE_SUCCESS"]  # the daemon started it
+    assert [k for k in kinds if k in queued] == queued, kinds
+
+    # The registry in PostgreSQL, the model's files behind the server's artifact proxy.
+    status, found = team.rest("registered-models/alias?name=scratchllm&alias=champion", user=team.admin)
+    assert status == 200, found
+    version = found["model_version"]
+    status, training = team.rest(f"runs/get?run_id={version['run_id']}", user=team.admin)
+    assert training["run"]["info"]["artifact_uri"].startswith("mlflow-artifacts:/")
+    assert sql(f"{team.database}_mlflow", "SELECT count(*) FROM model_versions WHERE name = 'scratchllm'") == [(1,)]
+    assert any(p.name == "model.safetensors" for p in team.artifacts.rglob("*"))
+
+    # generate from another directory with only the tracking URI and credentials.
+    env = user_env(tmp_path, MLFLOW_TRACKING_URI=team.mlflow, MLFLOW_TRACKING_USERNAME="admin",
+                   MLFLOW_TRACKING_PASSWORD=team.admin_password)
+    done = subprocess.run([*CLI, "generate", "--model", "scratchllm@champion", "--prompt", "ROMEO:",
+                           "--max-new-tokens", "8"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("ROMEO:") and len(done.stdout.strip()) > len("ROMEO:")
+    assert not list(tmp_path.glob("mlruns")) and not list(tmp_path.glob("mlflow.db"))
+
+
+def test_the_tracking_server_needs_credentials_and_a_reader_cannot_register(team, whole_graph):
+    status, _ = team.rest("experiments/search", {"max_results": 10})
+    assert status == 401
+    status, _ = team.rest("experiments/create", {"name": "anonymous"})
+    assert status == 401
+    assert team.rest("experiments/get-by-name?experiment_name=anonymous", user=team.admin)[0] == 404  # nothing written
+
+    reader = ("reader", f"reader-Secret-{secrets.token_hex(4)}")
+    status, _ = team.rest("users/create", {"username": reader[0], "password": reader[1]}, user=team.admin)
+    assert status == 200
+    status, runs = team.rest("runs/search", {"experiment_ids": ["1"], "max_results": 5}, user=reader)
+    assert status == 200 and runs["runs"]  # reads what the team trained
+    _, version = team.rest("registered-models/alias?name=scratchllm&alias=champion", user=team.admin)
+    source = version["model_version"]
+    status, _ = team.rest("model-versions/create", {"name": "scratchllm", "source": source["source"],
+                                                    "run_id": source["run_id"]}, user=reader)
+    assert status == 403
+    assert sql(f"{team.database}_mlflow", "SELECT count(*) FROM model_versions WHERE name = 'scratchllm'") == [(1,)]
+
+
+def test_no_password_is_written_logged_or_shown(team, whole_graph):
+    secrets_ = (team.pg_password, team.admin_password)
+    written = [p for root in (team.home, team.root / "data", team.artifacts) for p in root.rglob("*") if p.is_file()
+               and any(s.encode() in p.read_bytes() for s in secrets_)]
+    assert written == []
+    events = sql(team.database, "SELECT count(*) FROM event_logs WHERE event LIKE %s OR event LIKE %s",
+                 *(f"%{s}%" for s in secrets_))
+    assert events == [(0,)] and sql(team.database, "SELECT count(*) FROM event_logs")[0][0] > 50
+    for table in ("params", "tags", "model_version_tags", "registered_model_tags"):
+        assert sql(f"{team.database}_mlflow", f"SELECT count(*) FROM {table} WHERE value LIKE %s OR value LIKE %s",
+                   *(f"%{s}%" for s in secrets_)) == [(0,)], table
+    # The UI's pages: the instance settings and the run's config as the webserver serves them.
+    page = json.dumps(graphql(team.ports["dagster"], "{ instance { info runQueuingSupported } }"))
+    page += json.dumps(graphql(team.ports["dagster"], '{ runOrError(runId: "%s") { ... on Run { runConfigYaml '
+                                                      'tags { key value } } } }' % whole_graph))
+    assert "PostgresRunStorage" in page and "QueuedRunCoordinator" in page, page  # shown, the secret not
+    assert not any(s in page for s in secrets_)
+    import psutil
+
+    for entry in json.loads((team.home / "deploy.json").read_text())["services"].values():
+        assert not any(s in " ".join(psutil.Process(entry["pid"]).cmdline()) for s in secrets_)  # ps shows no secret
+
+
+def test_status_then_stop_leaves_no_service(team, whole_graph):
+    import psutil
+
+    env = user_env(team.root)
+    status = deploy("status", "--home", str(team.home), env=env, cwd=team.root / "elsewhere")
+    assert status.returncode == 0 and status.stdout.count("running") == 4, status.stdout + status.stderr
+    pids = [e["pid"] for e in json.loads((team.home / "deploy.json").read_text())["services"].values()]
+    family = {p.pid for pid in pids for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]}
+    stopped = deploy("stop", "--home", str(team.home), env=env, cwd=team.root / "elsewhere")
+    assert stopped.returncode == 0, stopped.stderr
+    left = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert left == []
+    assert deploy("status", "--home", str(team.home), env=env, cwd=team.root).returncode == 1
+
+
+def test_up_refuses_what_it_cannot_do_before_starting_anything(tmp_path):
+    base = ["up", "--artifacts", str(tmp_path / "a"), "--home", str(tmp_path / "h")]
+    no_admin = deploy(*base, "--database", "postgresql://postgres@127.0.0.1:5432/x", env=user_env(tmp_path),
+                      cwd=tmp_path)
+    assert no_admin.returncode == 2 and "SCRATCHLLM_ADMIN_PASSWORD" in no_admin.stderr
+    env = user_env(tmp_path, SCRATCHLLM_ADMIN_PASSWORD="long-enough-password")
+    nobody = deploy(*base, "--database", f"postgresql://postgres:Hidden-pw-1@127.0.0.1:{free_port()}/x", env=env,
+                    cwd=tmp_path)
+    assert nobody.returncode == 2 and "cannot connect to PostgreSQL" in nobody.stderr
+    assert "Hidden-pw-1" not in nobody.stderr + nobody.stdout
+    wrong = deploy(*base, "--database", "mysql://root@127.0.0.1/x", env=env, cwd=tmp_path)
+    assert wrong.returncode == 2 and "--database" in wrong.stderr
+    assert not (tmp_path / "h").exists()
+
+
+def test_a_tracking_uri_with_credentials_is_refused_naming_the_field():
+    with pytest.raises(ConfigError, match=r"tracking\.uri.*MLFLOW_TRACKING_USERNAME"):
+        load_config(overrides={"tracking": {"uri": "http://admin:secret@127.0.0.1:5000"}})
+    assert load_config(overrides={"tracking": {"uri": "http://127.0.0.1:5000"}}).tracking.uri == "http://127.0.0.1:5000"

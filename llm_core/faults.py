@@ -4,9 +4,10 @@
 
 When the code reaches a point whose label matches SCRATCHLLM_HOLD_AT (an fnmatch pattern, with an
 optional `#N` for the N-th match in this process), it writes its pid to SCRATCHLLM_HOLD_MARKER and
-waits there until it is killed. The test waits for the marker, then does what a user or the OS
-would do at that moment (kill -9, Ctrl-C, a second run). Only the process that creates the marker
-holds: the run after the kill (same environment), and any other process reaching the point, go
+waits there until it is killed, or until the marker is deleted (a pause: it goes on). The test waits
+for the marker, then does what a user or the OS would do at that moment (kill -9, Ctrl-C, a second
+run, a server killed under it). Only the process that creates the marker holds: the run after the
+kill (same environment), and any other process reaching the point while the marker exists, go
 through. Unset, a hold point costs one dict lookup.
 """
 
@@ -49,5 +50,5 @@ def hold_point(label: str) -> None:
         return
     finally:
         tmp.unlink()
-    while True:  # until killed
-        time.sleep(3600)
+    while marker.exists():  # until killed, or released
+        time.sleep(0.05)

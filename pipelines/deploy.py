@@ -11,7 +11,8 @@
 registry) and NAME_mlflow_auth (users and permissions) when they are missing, writes HOME/dagster.yaml
 (PostgreSQL storage, runs queued by the daemon: at most --max-concurrent-runs at once, and at most
 --max-concurrent-trainings trainings through the `training` pool), HOME/workspace.yaml and
-HOME/mlflow_auth.ini, and starts four services, each in a session of its own with its log in HOME/logs/:
+HOME/mlflow_auth.ini, and starts a supervisor that starts four services (each in a session of its own,
+its log in HOME/service_logs/) and restarts one that dies after it was up:
 
 - the code server (`dagster code-server start`): the code location; runs start from it, with the
   profile of --config and MLflow pointed at the deployment's server;
@@ -20,9 +21,10 @@ HOME/mlflow_auth.ini, and starts four services, each in a session of its own wit
 - an MLflow tracking server with basic auth (users, an admin, per-experiment and per-model permissions),
   artifacts proxied from --artifacts (clients need no access to that path), bound to --host.
 
-Their process ids go to HOME/deploy.json; `stop` stops them by those ids (and only if each is still the
-process that was started). The database password is written nowhere: the services get it as
-PGPASSWORD, which libpq reads, and so does whoever opens the instance (DAGSTER_HOME=HOME). The MLflow
+Their process ids go to HOME/deploy.json; `stop` stops the supervisor by its id, which stops the
+services (anything left is stopped by its recorded id, and only if it is still the process started).
+The database password is written nowhere: the services get it as PGPASSWORD, which libpq reads, and
+so does whoever opens the instance (DAGSTER_HOME=HOME). The MLflow
 admin's password comes from SCRATCHLLM_ADMIN_PASSWORD (refused when unset); the runs use the admin.
 """
 
@@ -31,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import ipaddress
 import os
 import re
 import secrets
@@ -52,6 +53,8 @@ STATE_FILE = "deploy.json"
 SERVICES = ("code-server", "webserver", "daemon", "mlflow")
 START_TIMEOUT_SECONDS = 180
 STOP_TIMEOUT_SECONDS = 20
+LOG_DIR = "service_logs"  # not HOME/logs: Dagster's telemetry moves that folder away (to .logs_queue)
+MIN_UPTIME_SECONDS = 10  # a service that dies sooner failed to start: not restarted
 NAME_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
 
 
@@ -176,38 +179,30 @@ authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 """
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 @dataclasses.dataclass
 class Plan:
-    """What `up` starts: the command and environment of each service."""
+    """What the supervisor starts: the command and environment of each service."""
 
-    home: Path
     commands: dict[str, list[str]]
     environments: dict[str, dict[str, str]]
     urls: dict[str, str]
 
 
-def plan(args: argparse.Namespace, db: Database, admin_password: str) -> Plan:
-    home, artifacts = Path(args.home).resolve(), Path(args.artifacts).resolve()
+def plan(settings: dict, db: Database, admin_password: str) -> Plan:
+    home, port = Path(settings["home"]), settings["ports"]
     bin_dir = Path(sys.executable).parent
-    mlflow_url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.mlflow_port}"
+    host = settings["host"]
+    mlflow_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port['mlflow']}"
     # What every service sees: the instance, the database password for libpq, no tracking settings of
     # the shell that ran `deploy up`.
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "PG", "DAGSTER_HOME"))}
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("MLFLOW_TRACKING_", "PG", "DAGSTER_HOME", ADMIN_PASSWORD_ENV))}
     base |= {"DAGSTER_HOME": str(home), **db.environment()}
     dagster_env = base | {"MLFLOW_TRACKING_URI": mlflow_url, "MLFLOW_TRACKING_USERNAME": ADMIN_USER,
                           "MLFLOW_TRACKING_PASSWORD": admin_password}
-    if args.config:
-        dagster_env[CONFIG_ENV_VAR] = args.config
-    allowed_hosts = ",".join(sorted({f"{h}:{args.mlflow_port}" for h in ("127.0.0.1", "localhost", args.host)}))
+    if settings["config"]:
+        dagster_env[CONFIG_ENV_VAR] = settings["config"]
+    allowed_hosts = ",".join(sorted({f"{h}:{port['mlflow']}" for h in ("127.0.0.1", "localhost", host)}))
     mlflow_env = base | {
         "MLFLOW_BACKEND_STORE_URI": db.sqlalchemy_url("_mlflow"),  # from the environment: not in the process list
         "MLFLOW_AUTH_CONFIG_PATH": str(home / "mlflow_auth.ini"),
@@ -218,75 +213,39 @@ def plan(args: argparse.Namespace, db: Database, admin_password: str) -> Plan:
     workspace = str(home / "workspace.yaml")
     commands = {
         "code-server": [str(bin_dir / "dagster"), "code-server", "start", "-m", "pipelines.definitions",
-                        "--location-name", "scratchllm", "-h", "127.0.0.1", "-p", str(args.code_port),
+                        "--location-name", "scratchllm", "-h", "127.0.0.1", "-p", str(port["code"]),
                         "--use-python-environment-entry-point"],  # runs start with this python, PATH or not
         "webserver": [str(bin_dir / "dagster-webserver"), "-w", workspace, "-h", "127.0.0.1",
-                      "-p", str(args.dagster_port)],
+                      "-p", str(port["dagster"])],
         "daemon": [str(bin_dir / "dagster-daemon"), "run", "-w", workspace],
-        "mlflow": [str(bin_dir / "mlflow"), "server", "--app-name", "basic-auth", "--host", args.host,
-                   "--port", str(args.mlflow_port), "--workers", "1", "--serve-artifacts",
-                   "--artifacts-destination", str(artifacts), "--allowed-hosts", allowed_hosts],
+        "mlflow": [str(bin_dir / "mlflow"), "server", "--app-name", "basic-auth", "--host", host,
+                   "--port", str(port["mlflow"]), "--workers", "1", "--serve-artifacts",
+                   "--artifacts-destination", settings["artifacts"], "--allowed-hosts", allowed_hosts],
     }
     environments = {"code-server": dagster_env, "webserver": dagster_env, "daemon": dagster_env, "mlflow": mlflow_env}
-    urls = {"webserver": f"http://127.0.0.1:{args.dagster_port}", "mlflow": mlflow_url}
-    return Plan(home, commands, environments, urls)
+    urls = {"webserver": f"http://127.0.0.1:{port['dagster']}", "mlflow": mlflow_url}
+    return Plan(commands, environments, urls)
 
 
 # ------------------------------------------------------------------------------------------------
-# The services' processes
+# The supervisor: starts the services, restarts one that dies, stops them all on SIGTERM
 
 
 def read_state(home: Path) -> dict:
     return read_json(home / STATE_FILE, {"services": {}})
 
 
-def alive(entry: dict) -> bool:
-    """Is the process of `entry` still the one `up` started (not a later process with its pid)?"""
+def alive(entry: dict | None) -> bool:
+    """Is the process of `entry` still the one that was started (not a later process with its pid)?"""
     import psutil
 
+    if not entry:
+        return False
     try:
         process = psutil.Process(entry["pid"])
         return process.status() != psutil.STATUS_ZOMBIE and abs(process.create_time() - entry["started"]) < 1.0
     except psutil.Error:
         return False
-
-
-def start_service(name: str, command: list[str], env: dict[str, str], home: Path) -> dict:
-    import psutil
-
-    log = home / "logs" / f"{name}.log"
-    with open(log, "ab") as out:
-        process = subprocess.Popen(command, cwd=home, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=default_signals)
-    return {"pid": process.pid, "started": psutil.Process(process.pid).create_time(), "log": str(log),
-            "command": command[:3]}
-
-
-def stop_services(home: Path, names=SERVICES) -> list[str]:
-    """SIGTERM to each service's process group, SIGKILL to what is left after a grace period."""
-    state = read_state(home)
-    running = {name: entry for name, entry in state["services"].items() if name in names and alive(entry)}
-    for entry in running.values():
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(entry["pid"], signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-    while any(alive(e) for e in running.values()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for entry in running.values():
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(entry["pid"], signal.SIGKILL)  # the group: what a service started dies with it
-    for name in running:
-        state["services"].pop(name, None)
-    write_json(home / STATE_FILE, state)
-    return sorted(running)
-
-
-def log_tail(entry: dict, lines: int = 15) -> str:
-    try:
-        text = Path(entry["log"]).read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return ""
-    return "\n    ".join(text)
 
 
 def code_server_up(port: int) -> bool:
@@ -297,18 +256,113 @@ def code_server_up(port: int) -> bool:
     return False
 
 
-def wait_for(name: str, entry: dict, ready, timeout: float = START_TIMEOUT_SECONDS) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not alive(entry):
-            tail = log_tail(entry)
-            hint = ("\n  the database schema is older than this version: `scratchllm deploy upgrade`"
-                    if re.search(r"out-of-date|out of date|migrat", tail, re.IGNORECASE) else "")
-            raise DeployError(f"the {name} exited while starting; the end of {entry['log']}:\n    {tail}{hint}")
-        if ready():
-            return
+def stop_group(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+
+
+def supervise(home: Path) -> int:
+    """Run the services until SIGTERM. A service that dies after MIN_UPTIME_SECONDS is restarted (the
+    daemon after a kill -9, the MLflow server after the OOM killer); one that dies sooner failed to
+    start (a bad port, an old schema) and stays down, marked failed, for `up` and `status` to report."""
+    import psutil
+
+    state = read_state(home)
+    db = dataclasses.replace(Database.parse(state["database"]), password=os.environ.get("PGPASSWORD"))
+    services = plan(state["settings"], db, os.environ.get(ADMIN_PASSWORD_ENV, ""))
+    stopping = False
+
+    def request_stop(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    processes: dict[str, subprocess.Popen] = {}
+    state["supervisor"] = {"pid": os.getpid(), "started": psutil.Process().create_time()}
+
+    def launch(name: str) -> None:
+        log = home / LOG_DIR / f"{name}.log"
+        log.parent.mkdir(exist_ok=True)
+        with open(log, "ab") as out:
+            processes[name] = subprocess.Popen(services.commands[name], cwd=home, env=services.environments[name],
+                                               stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                               start_new_session=True, preexec_fn=default_signals)
+        pid, before = processes[name].pid, state["services"].get(name, {})
+        state["services"][name] = {"pid": pid, "started": psutil.Process(pid).create_time(), "log": str(log),
+                                   "state": "running", "restarts": before.get("restarts", -1) + 1}
+        write_json(home / STATE_FILE, state)
+
+    launch("mlflow")
+    launch("code-server")
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS  # the webserver and daemon load the code location
+    while (not stopping and processes["code-server"].poll() is None and time.monotonic() < deadline
+           and not code_server_up(state["settings"]["ports"]["code"])):
         time.sleep(0.5)
-    raise DeployError(f"the {name} did not answer within {timeout:.0f} s; see {entry['log']}")
+    if not stopping:
+        launch("webserver")
+        launch("daemon")
+    while not stopping:
+        for name, process in processes.items():
+            entry = state["services"][name]
+            if process.poll() is None or entry["state"] == "failed":
+                continue
+            ran = time.time() - entry["started"]
+            if ran < MIN_UPTIME_SECONDS:
+                entry["state"] = "failed"
+                print(f"{name} exited ({process.returncode}) {ran:.0f} s after its start: not restarted", flush=True)
+                write_json(home / STATE_FILE, state)
+            else:
+                print(f"{name} exited ({process.returncode}) after {ran:.0f} s: restarting it", flush=True)
+                launch(name)
+        time.sleep(0.5)
+
+    for process in processes.values():
+        stop_group(process.pid)
+    deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+    for process in processes.values():
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # the group: what a service started dies with it
+        process.wait()
+    state["services"], state["supervisor"] = {}, None
+    write_json(home / STATE_FILE, state)
+    return 0
+
+
+def log_tail(path: str, lines: int = 15) -> str:
+    try:
+        return "\n    ".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_until_serving(home: Path, settings: dict, urls: dict[str, str], supervisor: subprocess.Popen) -> None:
+    """Until every service answers; a DeployError naming the one that failed, with its log's end."""
+    checks = {"mlflow": lambda: wait_until_up(urls["mlflow"] + "/health", timeout=1),
+              "code-server": lambda: code_server_up(settings["ports"]["code"]),
+              "webserver": lambda: wait_until_up(urls["webserver"] + "/server_info", timeout=1),
+              "daemon": lambda: True}
+    ready: set[str] = set()
+    deadline = time.monotonic() + START_TIMEOUT_SECONDS
+    while ready != set(SERVICES):
+        state = read_state(home)
+        for name, entry in state["services"].items():
+            if entry["state"] == "failed" or (not alive(entry) and name not in ready):
+                tail = log_tail(entry["log"])
+                hint = ("\n  the database schema is older than this version: `scratchllm deploy upgrade`"
+                        if re.search(r"out-of-date|out of date|migrat", tail, re.IGNORECASE) else "")
+                raise DeployError(f"the {name} exited while starting; the end of {entry['log']}:\n    {tail}{hint}")
+            if name not in ready and checks[name]():
+                ready.add(name)
+        if supervisor.poll() is not None:
+            raise DeployError(f"the supervisor exited; see {home / LOG_DIR / 'supervisor.log'}:\n    "
+                              + log_tail(str(home / LOG_DIR / "supervisor.log")))
+        if time.monotonic() > deadline:
+            raise DeployError(f"not every service answered within {START_TIMEOUT_SECONDS} s "
+                              f"(waiting for {', '.join(sorted(set(SERVICES) - ready))}); see {home / LOG_DIR}")
+        time.sleep(0.5)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -328,66 +382,86 @@ def up(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             raise DeployError(str(exc)) from None
     db = Database.parse(args.database)
+    if db.password is None and os.environ.get("PGPASSWORD"):
+        db = dataclasses.replace(db, password=os.environ["PGPASSWORD"])
     home = Path(args.home).resolve()
-    running = [name for name, entry in read_state(home)["services"].items() if alive(entry)]
-    if running:
-        raise DeployError(f"{home} is running already ({', '.join(running)}): `scratchllm deploy stop --home {home}`")
+    if alive(read_state(home).get("supervisor")):
+        raise DeployError(f"{home} is running already: `scratchllm deploy stop --home {home}` first")
     for name in db.create_databases():
         print(f"scratchllm deploy: created the database {name}", file=sys.stderr)
-    (home / "logs").mkdir(parents=True, exist_ok=True)
+    (home / LOG_DIR).mkdir(parents=True, exist_ok=True)
     Path(args.artifacts).mkdir(parents=True, exist_ok=True)
-    write_text(home / "dagster.yaml", instance_settings(db, args.max_concurrent_runs,
-                                                              args.max_concurrent_trainings))
+    write_text(home / "dagster.yaml", instance_settings(db, args.max_concurrent_runs, args.max_concurrent_trainings))
     write_text(home / "workspace.yaml", workspace_settings(args.code_port))
     write_text(home / "mlflow_auth.ini", auth_settings(db))
-    services = plan(args, db, admin_password)
-    state = {"home": str(home), "urls": services.urls, "database": db.url(), "services": {}}
-
-    def record(name: str) -> dict:
-        state["services"][name] = start_service(name, services.commands[name], services.environments[name], home)
-        write_json(home / STATE_FILE, state)
-        return state["services"][name]
-
+    settings = {"home": str(home), "artifacts": str(Path(args.artifacts).resolve()), "config": args.config,
+                "host": args.host, "ports": {"dagster": args.dagster_port, "mlflow": args.mlflow_port,
+                                             "code": args.code_port}}
+    urls = plan(settings, db, admin_password).urls
+    write_json(home / STATE_FILE, {"settings": settings, "urls": urls, "database": db.url(), "services": {}})
+    # The secrets reach the supervisor (and through it the services) in its environment only.
+    env = {**os.environ, ADMIN_PASSWORD_ENV: admin_password, **db.environment()}
+    with open(home / LOG_DIR / "supervisor.log", "ab") as out:
+        supervisor = subprocess.Popen([sys.executable, "-m", "pipelines.deploy", "supervise", "--home", str(home)],
+                                      cwd=home, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                      stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=default_signals)
     try:
-        mlflow, code = record("mlflow"), record("code-server")  # these two start side by side
-        wait_for("code server", code, lambda: code_server_up(args.code_port))
-        webserver, daemon = record("webserver"), record("daemon")
-        wait_for("MLflow server", mlflow, lambda: wait_until_up(services.urls["mlflow"] + "/health", timeout=1))
-        wait_for("Dagster webserver", webserver,
-                 lambda: wait_until_up(services.urls["webserver"] + "/server_info", timeout=1))
-        wait_for("Dagster daemon", daemon, lambda: True, timeout=0.5)
+        wait_until_serving(home, settings, urls, supervisor)
     except (DeployError, KeyboardInterrupt):
-        stop_services(home)
+        supervisor.terminate()  # it stops what it started
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            supervisor.wait(timeout=STOP_TIMEOUT_SECONDS + 5)
+        stop_deployment(home)
         raise
     print(f"scratchllm deploy: up in {home}\n"
-          f"  Dagster UI     {services.urls['webserver']}  (127.0.0.1 only: no login; see docs/operations.md)\n"
-          f"  MLflow         {services.urls['mlflow']}  (users: admin and whoever the admin adds)\n"
-          f"  use it:        DAGSTER_HOME={home} scratchllm run ...  ·  tracking.uri: {services.urls['mlflow']} "
+          f"  Dagster UI     {urls['webserver']}  (127.0.0.1 only: no login; see docs/operations.md)\n"
+          f"  MLflow         {urls['mlflow']}  (users: admin and whoever the admin adds)\n"
+          f"  use it:        DAGSTER_HOME={home} scratchllm run ...  ·  tracking.uri: {urls['mlflow']} "
           f"with MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD\n"
           f"  stop:          scratchllm deploy stop --home {home}", file=sys.stderr)
     return 0
 
 
+def stop_deployment(home: Path) -> list[str]:
+    """SIGTERM to the supervisor, which stops every service; whatever is left after a grace period
+    (the supervisor itself killed -9, say) is stopped by its recorded process id."""
+    state = read_state(home)
+    names = sorted(name for name, entry in state["services"].items() if alive(entry))
+    supervisor = state.get("supervisor")
+    if alive(supervisor):
+        os.kill(supervisor["pid"], signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS + 5
+        while alive(supervisor) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    state = read_state(home)
+    for entry in state["services"].values():
+        if alive(entry):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(entry["pid"], signal.SIGKILL)
+    state["services"], state["supervisor"] = {}, None
+    write_json(home / STATE_FILE, state)
+    return names
+
+
 def status(args: argparse.Namespace) -> int:
     home = Path(args.home).resolve()
     state = read_state(home)
-    if not state["services"]:
+    if not alive(state.get("supervisor")):
         print(f"scratchllm deploy: nothing runs from {home}", file=sys.stderr)
         return 1
     urls = state.get("urls", {})
     down = 0
     for name in SERVICES:
         entry = state["services"].get(name)
-        up_now = entry is not None and alive(entry)
-        down += not up_now
-        where = urls.get(name, "")
-        print(f"{name:12} {'running' if up_now else 'STOPPED':8} pid {entry['pid'] if entry else '-':<8} {where}")
+        now = "running" if alive(entry) else "FAILED" if entry and entry["state"] == "failed" else "STOPPED"
+        down += now != "running"
+        restarts = f"restarted {entry['restarts']}x" if entry and entry["restarts"] else ""
+        print(f"{name:12} {now:8} pid {entry['pid'] if entry else '-':<8} {urls.get(name, ''):24} {restarts}")
     return 0 if down == 0 else 1
 
 
 def stop(args: argparse.Namespace) -> int:
-    home = Path(args.home).resolve()
-    stopped = stop_services(home)
+    stopped = stop_deployment(Path(args.home).resolve())
     print(f"scratchllm deploy: stopped {', '.join(stopped) if stopped else 'nothing (none was running)'}",
           file=sys.stderr)
     return 0
@@ -397,7 +471,7 @@ def upgrade(args: argparse.Namespace) -> int:
     """The schemas brought up to this version of Dagster and MLflow (the services stopped first)."""
     db = Database.parse(args.database)
     home = Path(args.home).resolve()
-    if any(alive(entry) for entry in read_state(home)["services"].values()):
+    if alive(read_state(home).get("supervisor")):
         raise DeployError(f"stop the services first: `scratchllm deploy stop --home {home}`")
     env = {**os.environ, "DAGSTER_HOME": str(home), **db.environment()}
     bin_dir = Path(sys.executable).parent
@@ -435,13 +509,23 @@ def parser() -> argparse.ArgumentParser:
     migrate.add_argument("--database", required=True)
     migrate.add_argument("--home", required=True, help=home_help)
     migrate.set_defaults(func=upgrade)
+    supervisor = sub.add_parser("supervise", help=argparse.SUPPRESS)  # started by `up`
+    supervisor.add_argument("--home", required=True)
+    supervisor.set_defaults(func=lambda args: supervise(Path(args.home)))
     return p
 
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    if getattr(args, "max_concurrent_runs", 1) < 1 or getattr(args, "max_concurrent_trainings", 1) < 1:
+        print("scratchllm deploy: --max-concurrent-runs and --max-concurrent-trainings: at least 1", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except DeployError as exc:
         print(f"scratchllm deploy: {exc}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -167,15 +167,17 @@ mutation Launch($params: ExecutionParams!) {
 }"""
 
 
-def launch_assets(port: int, assets: list[str]) -> str:
-    """Materialize `assets` as the UI's "Materialize" button does; returns the run id. No
-    assetCheckSelection: the UI leaves it out, and an empty list would skip the checks."""
+def launch_assets(port: int, assets: list[str], run_config: dict | None = None, tags: dict | None = None) -> str:
+    """Materialize `assets` as the UI's "Materialize" button does (run_config: the launchpad's edits);
+    returns the run id. No assetCheckSelection: the UI leaves it out, and an empty list would skip the checks."""
     repository = graphql(port, "{ repositoriesOrError { ... on RepositoryConnection { nodes { name "
                                "location { name } } } } }")["repositoriesOrError"]["nodes"][0]
     launched = graphql(port, LAUNCH, {"params": {
         "selector": {"repositoryLocationName": repository["location"]["name"], "repositoryName": repository["name"],
                      "pipelineName": "__ASSET_JOB", "assetSelection": [{"path": [a]} for a in assets]},
-        "runConfigData": {}, "mode": "default"}})["launchPipelineExecution"]
+        "runConfigData": run_config or {}, "mode": "default",
+        "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in (tags or {}).items()]},
+    }})["launchPipelineExecution"]
     assert launched["__typename"] == "LaunchRunSuccess", launched
     return launched["run"]["runId"]
 

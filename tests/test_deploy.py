@@ -71,9 +71,10 @@ class Deployment:
         self.pg_password = f"pg-Secret-{secrets.token_hex(6)}"  # trust auth here: given, never needed
         self.admin_password = f"admin-Secret-{secrets.token_hex(6)}"
         self.ports = {"dagster": free_port(), "mlflow": free_port(), "code": free_port()}
+        self.held = root / "held"  # a training that reaches step 50 (only the fault test's do) holds there
         self.mlflow = f"http://127.0.0.1:{self.ports['mlflow']}"
         self.profile = root / "team.yaml"
-        corpus = root / "corpus"
+        self.corpus = corpus = root / "corpus"
         corpus.mkdir()
         for i in range(3):
             (corpus / f"play_{i}.txt").write_text(SHAKESPEARE[i * 40_000:(i + 1) * 40_000])
@@ -85,7 +86,9 @@ class Deployment:
             "model": {"n_layer": 1, "n_head": 2, "n_kv_head": 1, "n_embd": 32, "block_size": 32},
             "training": {"peak_flops": 1e12, "max_steps": 8, "warmup_steps": 2, "batch_size": 4, "eval_interval": 4,
                          "checkpoint_interval": 4, "eval_batches": 2},
-            "evaluation": {"max_new_tokens": 8, "max_val_tokens": 5000}}))
+            "evaluation": {"max_new_tokens": 8, "max_val_tokens": 5000},
+            # off until a test turns them on, as a user does in the UI
+            "automation": {"retrain_cron": "* * * * *", "new_data_interval_seconds": 30}}))
 
     @property
     def url(self) -> str:
@@ -96,7 +99,9 @@ class Deployment:
                       "--config", str(self.profile), "--dagster-port", str(self.ports["dagster"]),
                       "--mlflow-port", str(self.ports["mlflow"]), "--code-port", str(self.ports["code"]),
                       "--max-concurrent-runs", "1",
-                      env=user_env(self.root, SCRATCHLLM_ADMIN_PASSWORD=self.admin_password), cwd=self.root / "ops")
+                      env=user_env(self.root, SCRATCHLLM_ADMIN_PASSWORD=self.admin_password,
+                                   SCRATCHLLM_HOLD_AT="step:50", SCRATCHLLM_HOLD_MARKER=str(self.held)),
+                      cwd=self.root / "ops")
 
     def rest(self, path: str, payload: dict | None = None, user: tuple[str, str] | None = None) -> tuple[int, dict]:
         """A request to the MLflow server's REST API, as `user` (None: no credentials)."""
@@ -206,8 +211,163 @@ def test_no_password_is_written_logged_or_shown(team, whole_graph):
     assert not any(s in page for s in secrets_)
     import psutil
 
-    for entry in json.loads((team.home / "deploy.json").read_text())["services"].values():
+    state = json.loads((team.home / "deploy.json").read_text())
+    for entry in [state["supervisor"], *state["services"].values()]:
         assert not any(s in " ".join(psutil.Process(entry["pid"]).cmdline()) for s in secrets_)  # ps shows no secret
+
+
+def run_window(port: int, run_id: str) -> dict:
+    return graphql(port, '{ runOrError(runId: "%s") { ... on Run { status startTime endTime '
+                         'tags { key value } } } }' % run_id)["runOrError"]
+
+
+def seeded(seed: int) -> dict:
+    """The launchpad's edit of one value: the training's seed (a new training, the data reused)."""
+    return {"ops": {"trained_model": {"config": {"training": {"seed": seed}}}}}
+
+
+def test_three_runs_at_once_run_one_after_another_and_survive_a_killed_daemon(team, whole_graph, monkeypatch):
+    """Two users launch the whole graph and a third a training, at the same moment, with
+    max_concurrent_runs 1; the daemon is killed -9 while they wait: the supervisor restarts it, each
+    run runs in turn, and every training, MLflow run and registry version is accounted for."""
+    import signal
+
+    import dagster as dg
+
+    port = team.ports["dagster"]
+    runs = {"alice": launch_assets(port, ALL_ASSETS, seeded(101), {"user": "alice"}),
+            "bob": launch_assets(port, ALL_ASSETS, seeded(102), {"user": "bob"}),
+            "carol": launch_assets(port, ["trained_model"], seeded(103), {"user": "carol"})}
+    assert sum(run_status(port, r) == "QUEUED" for r in runs.values()) >= 2  # one at a time
+    daemon = json.loads((team.home / "deploy.json").read_text())["services"]["daemon"]
+    os.killpg(daemon["pid"], signal.SIGKILL)
+    wait_until(lambda: all(run_status(port, r) in ("SUCCESS", "FAILURE", "CANCELED") for r in runs.values()),
+               what="the end of the three runs", timeout=600)
+    restarted = json.loads((team.home / "deploy.json").read_text())["services"]["daemon"]
+    assert restarted["restarts"] == 1 and restarted["pid"] != daemon["pid"]
+    windows = sorted((run_window(port, r) for r in runs.values()), key=lambda w: w["startTime"])
+    assert [w["status"] for w in windows] == ["SUCCESS"] * 3
+    assert all(a["endTime"] <= b["startTime"] for a, b in zip(windows, windows[1:]))  # never two at once
+
+    monkeypatch.setenv("PGPASSWORD", team.pg_password)
+    with dg.DagsterInstance.from_config(str(team.home)) as instance:
+        def metadata(asset: str, run_id: str) -> dict:
+            records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset),
+                                                                            storage_ids=None), limit=50).records
+            found = [r.asset_materialization.metadata for r in records if r.run_id == run_id]
+            return {k: v.value for k, v in found[0].items()} if found else {}
+
+        trained = {user: metadata("trained_model", r) for user, r in [("first", whole_graph), *runs.items()]}
+        registered = {user: metadata("registered_model", runs[user]) for user in ("alice", "bob")}
+    mlflow_runs = {user: m["mlflow_run_id"] for user, m in trained.items()}
+    assert len(set(mlflow_runs.values())) == 4  # four trainings, one MLflow run each
+    for user, seed in (("alice", 101), ("bob", 102), ("carol", 103)):
+        status, got = team.rest(f"runs/get?run_id={mlflow_runs[user]}", user=team.admin)
+        params = {p["key"]: p["value"] for p in got["run"]["data"]["params"]}
+        assert got["run"]["info"]["status"] == "FINISHED" and params["training.seed"] == str(seed), user
+    versions = sql(f"{team.database}_mlflow", "SELECT version, run_id FROM model_versions WHERE name = 'scratchllm'")
+    by_version = {str(v): run_id for v, run_id in versions}
+    assert len(versions) == 3  # the first run's, alice's, bob's
+    for user in ("alice", "bob"):
+        assert by_version[str(registered[user]["model_version"])] == mlflow_runs[user], user
+
+
+def long_training(seed: int) -> dict:
+    """A training that passes step 50, where it holds (the deployment's SCRATCHLLM_HOLD_AT)."""
+    return {"ops": {"trained_model": {"config": {"training": {
+        "seed": seed, "max_steps": 60, "checkpoint_interval": 10, "eval_interval": 30}}}}}
+
+
+def test_a_killed_tracking_server_or_run_worker_loses_nothing(team, whole_graph, monkeypatch):
+    """kill -9 of the MLflow server while a training holds at step 50, then the training goes on: the
+    supervisor restarts the server, the training's calls retry, its run has every metric. Then kill -9
+    of a run worker at the same point: the run is marked failed, the `training` pool freed, and a new
+    launch resumes from the checkpoint."""
+    import signal
+
+    import dagster as dg
+
+    from pipelines.runs import pool_holders, run_process
+
+    port = team.ports["dagster"]
+    first = launch_assets(port, ["trained_model"], long_training(201))
+    wait_until(team.held.exists, what="the training at step 50", timeout=300)
+    running = sql(f"{team.database}_mlflow", "SELECT run_uuid FROM runs WHERE status = 'RUNNING'")
+    assert len(running) == 1
+    server = json.loads((team.home / "deploy.json").read_text())["services"]["mlflow"]
+    os.killpg(server["pid"], signal.SIGKILL)
+    team.held.unlink()  # the training goes on, the server gone
+    wait_until(lambda: run_status(port, first) in ("SUCCESS", "FAILURE", "CANCELED"), what="the end of the training",
+               timeout=400)
+    assert run_status(port, first) == "SUCCESS"
+    assert json.loads((team.home / "deploy.json").read_text())["services"]["mlflow"]["restarts"] == 1
+    mlflow_run = running[0][0]
+    assert sql(f"{team.database}_mlflow", "SELECT status FROM runs WHERE run_uuid = %s", mlflow_run) == [("FINISHED",)]
+    steps = {s for (s,) in sql(f"{team.database}_mlflow", "SELECT step FROM metrics WHERE run_uuid = %s AND "
+                                                          "key = 'train_loss'", mlflow_run)}
+    assert {10, 20, 30, 40, 50, 60} <= steps, sorted(steps)  # before, during and after the outage
+
+    killed = launch_assets(port, ["trained_model"], long_training(202))
+    wait_until(team.held.exists, what="the second training at step 50", timeout=300)
+    monkeypatch.setenv("PGPASSWORD", team.pg_password)
+    with dg.DagsterInstance.from_config(str(team.home)) as instance:
+        worker, _ = run_process(instance, killed)
+        os.kill(worker, signal.SIGKILL)  # the run worker, as the OOM killer would
+        wait_until(lambda: run_status(port, killed) == "FAILURE", what="the dead run marked failed", timeout=120)
+        wait_until(lambda: not pool_holders(instance, "training"), what="the training pool freed", timeout=60)
+    again = launch_assets(port, ["trained_model"], long_training(202))  # the marker stays: no hold this time
+    wait_until(lambda: run_status(port, again) in ("SUCCESS", "FAILURE", "CANCELED"), what="the resumed training",
+               timeout=400)
+    assert run_status(port, again) == "SUCCESS"
+    with dg.DagsterInstance.from_config(str(team.home)) as instance:
+        record = instance.fetch_materializations(dg.AssetKey("trained_model"), limit=1).records[0]
+    assert record.run_id == again and record.asset_materialization.metadata["resumed_from_step"].value >= 40
+
+
+START_SCHEDULE = """mutation($selector: ScheduleSelector!) { startSchedule(scheduleSelector: $selector) {
+  __typename ... on ScheduleStateResult { scheduleState { id status } } ... on PythonError { message } } }"""
+STOP_SCHEDULE = """mutation($id: String!) { stopRunningSchedule(id: $id) { __typename } }"""
+START_SENSOR = """mutation($selector: SensorSelector!) { startSensor(sensorSelector: $selector) {
+  __typename ... on Sensor { sensorState { id status } } ... on PythonError { message } } }"""
+STOP_SENSOR = """mutation($id: String!) { stopSensor(id: $id) { __typename } }"""
+RUNS_TAGGED = """query($key: String!, $value: String!) { runsOrError(filter: {tags: [{key: $key, value: $value}]}) {
+  ... on Runs { results { runId status tags { key value } } } } }"""
+
+
+def test_the_schedule_fires_and_the_new_data_sensor_retrains_in_the_daemon(team, whole_graph):
+    """Both turned on in the UI (GraphQL, as its toggles do): the schedule (every minute here) starts a
+    retrain at its next tick; a file added to the corpus makes the sensor start one; both run to the end."""
+    port = team.ports["dagster"]
+    repository = graphql(port, "{ repositoriesOrError { ... on RepositoryConnection { nodes { name "
+                               "location { name } } } } }")["repositoriesOrError"]["nodes"][0]
+    where = {"repositoryLocationName": repository["location"]["name"], "repositoryName": repository["name"]}
+    (team.corpus / "new_play.txt").write_text(SHAKESPEARE[300_000:330_000])
+    sensor = graphql(port, START_SENSOR, {"selector": {**where, "sensorName": "new_data_sensor"}})["startSensor"]
+    schedule = graphql(port, START_SCHEDULE,
+                       {"selector": {**where, "scheduleName": "retrain_schedule"}})["startSchedule"]
+    assert sensor["sensorState"]["status"] == schedule["scheduleState"]["status"] == "RUNNING", (sensor, schedule)
+
+    def tagged(key: str, value: str) -> list[dict]:
+        return graphql(port, RUNS_TAGGED, {"key": key, "value": value})["runsOrError"]["results"]
+
+    started: dict[str, dict] = {}
+    stops = {"dagster/sensor_name": (STOP_SENSOR, sensor["sensorState"]["id"], "new_data_sensor"),
+             "dagster/schedule_name": (STOP_SCHEDULE, schedule["scheduleState"]["id"], "retrain_schedule")}
+
+    def both_started() -> bool:
+        for key, (mutation, state_id, name) in stops.items():
+            if key not in started and (runs := tagged(key, name)):
+                started[key] = runs[0]
+                graphql(port, mutation, {"id": state_id})  # one run each is the proof: turned off again
+        return len(started) == 2
+
+    wait_until(both_started, what="a run from the schedule and one from the sensor", timeout=180)
+    ids = [r["runId"] for r in started.values()]
+    wait_until(lambda: all(run_status(port, r) in ("SUCCESS", "FAILURE", "CANCELED") for r in ids),
+               what="the end of both retrains", timeout=400)
+    assert [run_status(port, r) for r in ids] == ["SUCCESS", "SUCCESS"]
+    tags = {t["key"]: t["value"] for t in started["dagster/sensor_name"]["tags"]}
+    assert tags["scratchllm/trigger"] == "new_data" and tags["scratchllm/changes"].startswith("1 new"), tags
 
 
 def test_status_then_stop_leaves_no_service(team, whole_graph):
@@ -216,7 +376,8 @@ def test_status_then_stop_leaves_no_service(team, whole_graph):
     env = user_env(team.root)
     status = deploy("status", "--home", str(team.home), env=env, cwd=team.root / "elsewhere")
     assert status.returncode == 0 and status.stdout.count("running") == 4, status.stdout + status.stderr
-    pids = [e["pid"] for e in json.loads((team.home / "deploy.json").read_text())["services"].values()]
+    state = json.loads((team.home / "deploy.json").read_text())
+    pids = [state["supervisor"]["pid"], *(e["pid"] for e in state["services"].values())]
     family = {p.pid for pid in pids for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]}
     stopped = deploy("stop", "--home", str(team.home), env=env, cwd=team.root / "elsewhere")
     assert stopped.returncode == 0, stopped.stderr

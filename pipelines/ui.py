@@ -24,14 +24,15 @@ STOP_TIMEOUT_SECONDS = 15
 
 
 def server_commands(cfg: ScratchConfig, host: str, dagster_port: int, mlflow_port: int) -> dict[str, list[str]]:
+    """dagster dev, and an MLflow server on the profile's store (none when the profile names a server)."""
     uri = tracking.tracking_uri(cfg)
-    return {
-        "dagster": [sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
-                    "-h", host, "-p", str(dagster_port)],
-        "mlflow": [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-                   "--default-artifact-root", tracking.artifact_location(cfg), "--host", host,
-                   "--port", str(mlflow_port), "--workers", "1"],
-    }
+    commands = {"dagster": [sys.executable, "-m", "dagster", "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
+                            "-h", host, "-p", str(dagster_port)]}
+    if not tracking.is_server(uri):
+        commands["mlflow"] = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+                              "--default-artifact-root", tracking.artifact_location(cfg), "--host", host,
+                              "--port", str(mlflow_port), "--workers", "1"]
+    return commands
 
 
 def default_signals() -> None:
@@ -85,16 +86,22 @@ def run_ui(cfg: ScratchConfig, host: str, dagster_port: int, mlflow_port: int) -
     processes = start(server_commands(cfg, host, dagster_port, mlflow_port))
     for sig in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a background job inherits it ignored
         signal.signal(sig, interrupt)
-    urls = {"dagster": f"http://{host}:{dagster_port}", "mlflow": f"http://{host}:{mlflow_port}"}
+    uri = tracking.tracking_uri(cfg)
+    urls = {"dagster": f"http://{host}:{dagster_port}",
+            "mlflow": uri.rstrip("/") if tracking.is_server(uri) else f"http://{host}:{mlflow_port}"}
     try:
         for name, health in (("mlflow", "/health"), ("dagster", "/server_info")):
+            if name not in processes:
+                print(f"MLflow UI: {urls[name]} (the profile's tracking server)", file=sys.stderr, flush=True)
+                continue
             up = wait_until_up(urls[name] + health) if processes[name].poll() is None else False
             print(f"{'Dagster' if name == 'dagster' else 'MLflow'} UI: {urls[name]}"
                   + ("" if up else "  (did not answer yet; see its log above)"), file=sys.stderr, flush=True)
         # The MLflow UI opens on its GenAI pages; the training runs are one link away.
-        experiment = tracking.experiment_id(tracking.tracking_uri(cfg), tracking.artifact_location(cfg))
+        experiment = tracking.experiment_id(uri, tracking.artifact_location(cfg))
         print(f"MLflow training runs: {urls['mlflow']}/#/experiments/{experiment}/runs  ·  "
-              f"models: {urls['mlflow']}/#/models  ·  Ctrl-C stops both", file=sys.stderr, flush=True)
+              f"models: {urls['mlflow']}/#/models  ·  Ctrl-C stops {'both' if len(processes) > 1 else 'it'}",
+              file=sys.stderr, flush=True)
         while all(p.poll() is None for p in processes.values()):
             time.sleep(0.5)
         exited = next(name for name, p in processes.items() if p.poll() is not None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -169,7 +170,29 @@ def test_the_whole_graph_is_queued_run_by_the_daemon_and_registered_behind_the_p
                            "--max-new-tokens", "8"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ROMEO:") and len(done.stdout.strip()) > len("ROMEO:")
+    exported = subprocess.run([*CLI, "export-hf", "--model", "scratchllm@champion", "--out", str(tmp_path / "hf")],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert exported.returncode == 0 and (tmp_path / "hf" / "model.safetensors").exists(), exported.stderr[-3000:]
     assert not list(tmp_path.glob("mlruns")) and not list(tmp_path.glob("mlflow.db"))
+
+
+def test_scratchllm_run_uses_the_deployment_and_warm_starts_through_the_server(team, whole_graph, tmp_path):
+    """A user's shell: DAGSTER_HOME at the deployment, a profile naming the tracking server (and the
+    champion to start from), credentials in the environment; the run is in the PostgreSQL instance."""
+    profile = yaml.safe_load(team.profile.read_text())
+    profile["tracking"] = {"uri": team.mlflow}
+    profile["training"] |= {"init_from": "scratchllm@champion", "seed": 7}
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(profile))
+    env = user_env(tmp_path, DAGSTER_HOME=str(team.home), PGPASSWORD=team.pg_password,
+                   MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=team.admin_password)
+    done = subprocess.run([*CLI, "run", "--config", "mine.yaml", "--select", "trained_model"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id = re.search(r"run (\S+) succeeded", done.stderr).group(1)
+    assert sql(team.database, "SELECT status FROM runs WHERE run_id = %s", run_id) == [("SUCCESS",)]
+    parents = sql(f"{team.database}_mlflow", "SELECT value FROM tags WHERE key = 'scratchllm.parent'")
+    assert parents == [("scratchllm/1",)]  # warm-started from the champion, downloaded through the server
+    assert not (team.home / "mlflow.db").exists() and not list(tmp_path.glob("mlflow.db"))
 
 
 def test_the_tracking_server_needs_credentials_and_a_reader_cannot_register(team, whole_graph):
@@ -405,3 +428,11 @@ def test_a_tracking_uri_with_credentials_is_refused_naming_the_field():
     with pytest.raises(ConfigError, match=r"tracking\.uri.*MLFLOW_TRACKING_USERNAME"):
         load_config(overrides={"tracking": {"uri": "http://admin:secret@127.0.0.1:5000"}})
     assert load_config(overrides={"tracking": {"uri": "http://127.0.0.1:5000"}}).tracking.uri == "http://127.0.0.1:5000"
+
+
+def test_scratchllm_ui_on_a_profile_with_a_tracking_server_starts_no_mlflow_server_of_its_own():
+    from pipelines.ui import server_commands
+
+    served = load_config(overrides={"tracking": {"uri": "http://127.0.0.1:5000"}})
+    assert list(server_commands(served, "127.0.0.1", 3000, 5000)) == ["dagster"]
+    assert list(server_commands(load_config(), "127.0.0.1", 3000, 5000)) == ["dagster", "mlflow"]

@@ -123,6 +123,26 @@ class Database:
             connection.close()
         return created
 
+    def mlflow_schema_problem(self) -> str | None:
+        """NAME_mlflow's schema against this MLflow's: a server on an older schema starts and answers
+        /health, then fails every request that touches the store, so `up` refuses it first."""
+        from mlflow.store.db.utils import _get_latest_schema_revision  # MLflow's own check, minus the engine
+
+        connection = self.connect(f"{self.name}_mlflow")
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT to_regclass('alembic_version')")
+                if cursor.fetchone()[0] is None:
+                    return None  # a new database: the server creates the tables
+                cursor.execute("SELECT version_num FROM alembic_version")
+                found = cursor.fetchone()
+        finally:
+            connection.close()
+        expected = _get_latest_schema_revision()
+        if found is None or found[0] == expected:
+            return None
+        return f"the MLflow schema of {self.name}_mlflow is {found[0]}, this MLflow expects {expected}"
+
     def names(self) -> list[str]:
         return [self.name, f"{self.name}_mlflow", f"{self.name}_mlflow_auth"]
 
@@ -389,6 +409,9 @@ def up(args: argparse.Namespace) -> int:
         raise DeployError(f"{home} is running already: `scratchllm deploy stop --home {home}` first")
     for name in db.create_databases():
         print(f"scratchllm deploy: created the database {name}", file=sys.stderr)
+    if problem := db.mlflow_schema_problem():
+        raise DeployError(f"{problem}: back the databases up (pg_dump), then `scratchllm deploy upgrade "
+                          f"--database {db.url()} --home {home}` and `up` again")
     (home / LOG_DIR).mkdir(parents=True, exist_ok=True)
     Path(args.artifacts).mkdir(parents=True, exist_ok=True)
     write_text(home / "dagster.yaml", instance_settings(db, args.max_concurrent_runs, args.max_concurrent_trainings))

@@ -408,6 +408,17 @@ def test_status_then_stop_leaves_no_service(team, whole_graph):
     assert left == []
     assert deploy("status", "--home", str(team.home), env=env, cwd=team.root).returncode == 1
 
+    # Restarted on a database whose MLflow schema is not this MLflow's: refused, naming the upgrade.
+    schema = f"{team.database}_mlflow"
+    (current,) = sql(schema, "SELECT version_num FROM alembic_version")[0]
+    sql(schema, "UPDATE alembic_version SET version_num = 'an_old_one'")
+    try:
+        again = team.up()
+    finally:
+        sql(schema, "UPDATE alembic_version SET version_num = %s", current)
+    assert again.returncode == 2 and "scratchllm deploy upgrade" in again.stderr and "an_old_one" in again.stderr
+    assert deploy("status", "--home", str(team.home), env=env, cwd=team.root).returncode == 1  # nothing started
+
 
 def test_up_refuses_what_it_cannot_do_before_starting_anything(tmp_path):
     base = ["up", "--artifacts", str(tmp_path / "a"), "--home", str(tmp_path / "h")]

@@ -255,6 +255,13 @@ def read_state(home: Path) -> dict:
     return read_json(home / STATE_FILE, {"services": {}})
 
 
+def running(home: Path) -> list[str]:
+    """What still runs from `home`: the supervisor and the services (also those it left when killed -9)."""
+    state = read_state(home)
+    return [name for name, entry in [("supervisor", state.get("supervisor")), *state["services"].items()]
+            if alive(entry)]
+
+
 def alive(entry: dict | None) -> bool:
     """Is the process of `entry` still the one that was started (not a later process with its pid)?"""
     import psutil
@@ -405,8 +412,9 @@ def up(args: argparse.Namespace) -> int:
     if db.password is None and os.environ.get("PGPASSWORD"):
         db = dataclasses.replace(db, password=os.environ["PGPASSWORD"])
     home = Path(args.home).resolve()
-    if alive(read_state(home).get("supervisor")):
-        raise DeployError(f"{home} is running already: `scratchllm deploy stop --home {home}` first")
+    if left := running(home):
+        raise DeployError(f"{home} is running already ({', '.join(left)}): "
+                          f"`scratchllm deploy stop --home {home}` first")
     for name in db.create_databases():
         print(f"scratchllm deploy: created the database {name}", file=sys.stderr)
     if problem := db.mlflow_schema_problem():
@@ -457,10 +465,22 @@ def stop_deployment(home: Path) -> list[str]:
         while alive(supervisor) and time.monotonic() < deadline:
             time.sleep(0.2)
     state = read_state(home)
-    for entry in state["services"].values():
-        if alive(entry):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(entry["pid"], signal.SIGKILL)
+    left = [entry for entry in state["services"].values() if alive(entry)]
+    if left:  # unsupervised: each service and what it started, gracefully first, as the supervisor would
+        import psutil
+
+        family = []
+        for entry in left:
+            with contextlib.suppress(psutil.Error):
+                service = psutil.Process(entry["pid"])
+                family += [service, *service.children(recursive=True)]  # some start sessions of their own
+        for process in family:
+            with contextlib.suppress(psutil.Error):
+                process.terminate()
+        _, still = psutil.wait_procs(family, timeout=STOP_TIMEOUT_SECONDS)
+        for process in still:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
     state["services"], state["supervisor"] = {}, None
     write_json(home / STATE_FILE, state)
     return names
@@ -469,11 +489,14 @@ def stop_deployment(home: Path) -> list[str]:
 def status(args: argparse.Namespace) -> int:
     home = Path(args.home).resolve()
     state = read_state(home)
-    if not alive(state.get("supervisor")):
+    if not running(home):
         print(f"scratchllm deploy: nothing runs from {home}", file=sys.stderr)
         return 1
     urls = state.get("urls", {})
-    down = 0
+    supervised = alive(state.get("supervisor"))
+    down = 0 if supervised else 1
+    if not supervised:
+        print("supervisor   STOPPED  (a service that dies is not restarted: `deploy stop`, then `deploy up`)")
     for name in SERVICES:
         entry = state["services"].get(name)
         now = "running" if alive(entry) else "FAILED" if entry and entry["state"] == "failed" else "STOPPED"
@@ -494,7 +517,7 @@ def upgrade(args: argparse.Namespace) -> int:
     """The schemas brought up to this version of Dagster and MLflow (the services stopped first)."""
     db = Database.parse(args.database)
     home = Path(args.home).resolve()
-    if alive(read_state(home).get("supervisor")):
+    if running(home):
         raise DeployError(f"stop the services first: `scratchllm deploy stop --home {home}`")
     env = {**os.environ, "DAGSTER_HOME": str(home), **db.environment()}
     bin_dir = Path(sys.executable).parent

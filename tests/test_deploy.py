@@ -394,6 +394,9 @@ def test_the_schedule_fires_and_the_new_data_sensor_retrains_in_the_daemon(team,
 
 
 def test_status_then_stop_leaves_no_service(team, whole_graph):
+    """Even with the supervisor killed -9 first: stop finds its services by their recorded ids."""
+    import signal
+
     import psutil
 
     env = user_env(team.root)
@@ -402,6 +405,10 @@ def test_status_then_stop_leaves_no_service(team, whole_graph):
     state = json.loads((team.home / "deploy.json").read_text())
     pids = [state["supervisor"]["pid"], *(e["pid"] for e in state["services"].values())]
     family = {p.pid for pid in pids for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]}
+    os.kill(state["supervisor"]["pid"], signal.SIGKILL)  # the supervisor alone: its services go on, unwatched
+    assert deploy("status", "--home", str(team.home), env=env, cwd=team.root).returncode == 1
+    refused = team.up()
+    assert refused.returncode == 2 and "deploy stop" in refused.stderr and "webserver" in refused.stderr
     stopped = deploy("stop", "--home", str(team.home), env=env, cwd=team.root / "elsewhere")
     assert stopped.returncode == 0, stopped.stderr
     left = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]

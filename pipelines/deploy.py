@@ -45,14 +45,15 @@ from urllib.parse import unquote, urlsplit
 
 from llm_core.config import CONFIG_ENV_VAR, ConfigError, find_profile
 from llm_core.files import read_json, write_json, write_text
-from pipelines.ui import default_signals, wait_until_up
+from pipelines.runs import process_is_alive
+from pipelines.ui import default_signals, stop, wait_until_up
 
 ADMIN_PASSWORD_ENV = "SCRATCHLLM_ADMIN_PASSWORD"
 ADMIN_USER = "admin"
 STATE_FILE = "deploy.json"
 SERVICES = ("code-server", "webserver", "daemon", "mlflow")
 START_TIMEOUT_SECONDS = 180
-STOP_TIMEOUT_SECONDS = 20
+STOP_TIMEOUT_SECONDS = 20  # what is left of unsupervised services after SIGTERM is killed after this
 LOG_DIR = "service_logs"  # not HOME/logs: Dagster's telemetry moves that folder away (to .logs_queue)
 MIN_UPTIME_SECONDS = 10  # a service that dies sooner failed to start: not restarted
 NAME_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
@@ -264,15 +265,7 @@ def running(home: Path) -> list[str]:
 
 def alive(entry: dict | None) -> bool:
     """Is the process of `entry` still the one that was started (not a later process with its pid)?"""
-    import psutil
-
-    if not entry:
-        return False
-    try:
-        process = psutil.Process(entry["pid"])
-        return process.status() != psutil.STATUS_ZOMBIE and abs(process.create_time() - entry["started"]) < 1.0
-    except psutil.Error:
-        return False
+    return bool(entry) and process_is_alive(entry["pid"], entry["started"])
 
 
 def code_server_up(port: int) -> bool:
@@ -281,11 +274,6 @@ def code_server_up(port: int) -> bool:
     with contextlib.suppress(Exception):
         return DagsterGrpcClient(port=port, host="127.0.0.1").ping("up")["echo"] == "up"
     return False
-
-
-def stop_group(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)
 
 
 def supervise(home: Path) -> int:
@@ -344,15 +332,7 @@ def supervise(home: Path) -> int:
                 launch(name)
         time.sleep(0.5)
 
-    for process in processes.values():
-        stop_group(process.pid)
-    deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-    for process in processes.values():
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=max(0.1, deadline - time.monotonic()))
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # the group: what a service started dies with it
-        process.wait()
+    stop(processes)  # each service's process group: SIGTERM, then SIGKILL after a grace period
     state["services"], state["supervisor"] = {}, None
     write_json(home / STATE_FILE, state)
     return 0
@@ -506,7 +486,7 @@ def status(args: argparse.Namespace) -> int:
     return 0 if down == 0 else 1
 
 
-def stop(args: argparse.Namespace) -> int:
+def stop_command(args: argparse.Namespace) -> int:
     stopped = stop_deployment(Path(args.home).resolve())
     print(f"scratchllm deploy: stopped {', '.join(stopped) if stopped else 'nothing (none was running)'}",
           file=sys.stderr)
@@ -547,7 +527,7 @@ def parser() -> argparse.ArgumentParser:
     start.add_argument("--max-concurrent-trainings", type=int, default=1)
     start.set_defaults(func=up)
     for name, func, text in (("status", status, "the services and whether each runs"),
-                             ("stop", stop, "stop the services (by their process ids)")):
+                             ("stop", stop_command, "stop the services (by their process ids)")):
         command = sub.add_parser(name, help=text)
         command.add_argument("--home", required=True, help=home_help)
         command.set_defaults(func=func)

@@ -275,8 +275,7 @@ def test_three_runs_at_once_run_one_after_another_and_survive_a_killed_daemon(te
     monkeypatch.setenv("PGPASSWORD", team.pg_password)
     with dg.DagsterInstance.from_config(str(team.home)) as instance:
         def metadata(asset: str, run_id: str) -> dict:
-            records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset),
-                                                                            storage_ids=None), limit=50).records
+            records = instance.fetch_materializations(dg.AssetKey(asset), limit=50).records
             found = [r.asset_materialization.metadata for r in records if r.run_id == run_id]
             return {k: v.value for k, v in found[0].items()} if found else {}
 

@@ -60,12 +60,12 @@ def byte_dataset(out_dir: Path, vocab_size: int, val_fraction: float = 0.1) -> P
         _write_ipc(out_dir / split / "bytes.tokens.arrow", pa.table({"tokens": pa.array(tokens)}))
         _write_ipc(out_dir / split / "bytes.docs.arrow", pa.table({
             "id": [str(i) for i in range(len(docs))], "doc_id": [str(i) for i in range(len(docs))],
-            "start": starts.tolist(), "length": [len(a) for a in arrays], "num_bytes": [len(d) for d in docs]},
-            schema=DOCS_SCHEMA))
-        counts[split] = {"tokens": len(tokens), "documents": len(docs), "bytes": sum(len(d) for d in docs),
-                         "max_id": int(tokens.max())}
-    manifest = {"shards": [{"name": "bytes.parquet", "key": "bytes", **counts}], "dtype": "uint16",
-                "vocab_size": vocab_size, "eot_id": eot, "tokenizer_hash": "bytes"}
+            "start": starts.tolist(), "length": [len(a) for a in arrays], "num_bytes": [len(d) for d in docs],
+            "source": ["plays"] * len(docs)}, schema=DOCS_SCHEMA))
+        totals = {"tokens": len(tokens), "documents": len(docs), "bytes": sum(len(d) for d in docs)}
+        counts[split] = {**totals, "max_id": int(tokens.max()), "sources": {"plays": totals}}
+    manifest = {"shards": [{"name": "bytes.parquet", "key": "bytes", **counts}], "sources": ["plays"],
+                "dtype": "uint16", "vocab_size": vocab_size, "eot_id": eot, "tokenizer_hash": "bytes"}
     (out_dir / "manifest.json").write_text(json.dumps(manifest))
     return out_dir
 

@@ -29,6 +29,10 @@ CONFIG_ENV_VAR = "SCRATCHLLM_CONFIG"
 # Fields that change when and where work runs, or how it is reported, not what it makes: left out of
 # every key and hash.
 SCHEDULING_FIELDS = {"training": {"max_parallel_variants", "peak_flops"}}
+# Fields added after profiles were in use, left out of keys and hashes while they hold these values (the
+# same training as before they existed), so that trainings and versions made before keep their keys.
+OMITTED_AT = {"training": {"mixture": None}, "registry": {"protected_sources": []}}
+SOURCE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
 class ConfigError(ValueError):
@@ -46,10 +50,40 @@ def _one_of(value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def _check_source_name(name: str) -> str:
+    if not name or not set(name) <= SOURCE_NAME_CHARS:
+        raise ValueError(f"source name {name!r}: letters, digits, '_' and '-' only (it names metrics "
+                         f"eval/<source>/bpb and sweep fields training.mixture.<source>)")
+    return name
+
+
+def _name_from_path(path: str) -> str:
+    """A plain source's name: its file name without extensions, or its folder's name (for a glob, the
+    folder before the first wildcard), with other characters turned into '_'."""
+    path = path.split("://", 1)[-1].rstrip("/")
+    head = path.split("*")[0].split("?")[0].split("[")[0]
+    name = head.rsplit("/", 1)[-1] if head == path else head.rstrip("/").rsplit("/", 1)[-1]
+    name = name.split(".")[0] or "source"
+    return "".join(c if c in SOURCE_NAME_CHARS else "_" for c in name)
+
+
+class SourceEntry(Section):
+    """A named source: its files (as in plain `corpus.sources` entries) make one source of the corpus."""
+
+    name: str = Field(description="Names the source in metadata, metrics (eval/<name>/bpb) and training.mixture.")
+    paths: list[str] = Field(min_length=1, description="Files, directories, globs or fsspec URIs of this source.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_source_name(v)
+
+
 class CorpusConfig(Section):
-    sources: list[str] = Field(
+    sources: list[str | SourceEntry] = Field(
         default_factory=lambda: ["data/tinyshakespeare.txt"],
-        description="Files, directories (recursive), globs or fsspec URIs (s3://, gs://, https://, memory://).",
+        description="Files, directories (recursive), globs or fsspec URIs (s3://, gs://, https://, memory://), each "
+                    "a source named after it; or {name, paths} entries: named sources (training.mixture weighs them).",
     )
     extensions: list[str] = Field(
         default_factory=lambda: [".txt", ".md", ".jsonl", ".parquet"],
@@ -75,10 +109,35 @@ class CorpusConfig(Section):
 
     @field_validator("sources")
     @classmethod
-    def _non_empty_sources(cls, v: list[str]) -> list[str]:
+    def _non_empty_sources(cls, v: list) -> list:
         if not v:
             raise ValueError("needs at least one source (file, directory, glob or URI)")
+        names = [s.name for s in v if isinstance(s, SourceEntry)]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"source names must be unique: {repeated} named twice")
         return v
+
+    def named_sources(self) -> dict[str, list[str]]:
+        """Source name -> its paths, in corpus order. A plain entry is named after its path (a name taken
+        already gets -2, -3, ...)."""
+        named = {s.name: list(s.paths) for s in self.sources if isinstance(s, SourceEntry)}
+        out: dict[str, list[str]] = {}
+        for s in self.sources:
+            if isinstance(s, SourceEntry):
+                out[s.name] = list(s.paths)
+                continue
+            base = name = _name_from_path(s)
+            n = 1
+            while name in out or name in named:
+                n += 1
+                name = f"{base}-{n}"
+            out[name] = [s]
+        return out
+
+    def source_paths(self) -> list[str]:
+        """Every configured path, named sources' paths in place."""
+        return [p for paths in self.named_sources().values() for p in paths]
 
     @field_validator("extensions")
     @classmethod
@@ -217,6 +276,13 @@ class TrainingConfig(Section):
         default="no", description="'no' (fp32), 'bf16', 'fp16' (GPU) or 'auto': bf16 on CUDA, and on a CPU with bf16 "
                                   "units when it is faster.")
     compile: bool = Field(default=False, description="torch.compile the model.")
+    mixture: dict[str, float] | None = Field(
+        default=None, description="Source name -> weight: the share of trained tokens drawn from each source "
+                                  "(weights are normalized; a source left out gets none). null: every source in "
+                                  "proportion to its size.")
+    mixture_max_repetitions: float | dict[str, float] = Field(
+        default=4.0, description="With a mixture: how many times a source's training tokens may be seen within "
+                                 "max_steps (one value for all, or source -> value); more is refused before training.")
     activation_checkpointing: bool = Field(
         default=False, description="Recompute each transformer block's activations in backward instead of "
                                    "storing them: less activation memory for ~1/3 more compute (`scratchllm plan`).")
@@ -253,6 +319,31 @@ class TrainingConfig(Section):
             raise ValueError(f"optimizer: muon orthogonalizes whole matrices, but {self.accelerate_config} shards "
                              f"them ({kind}): use optimizer: adamw with sharded training, or a DDP profile")
         return self
+
+    @field_validator("mixture")
+    @classmethod
+    def _mixture_weights(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        for name, weight in v.items():
+            _check_source_name(name)
+            if not weight >= 0 or weight == float("inf"):
+                raise ValueError(f"{name}: a weight is a number >= 0, got {weight}")
+        if not any(w > 0 for w in v.values()):
+            raise ValueError(f"needs a source with a weight above 0, got {v}")
+        return v
+
+    @field_validator("mixture_max_repetitions")
+    @classmethod
+    def _positive_repetitions(cls, v: float | dict[str, float]) -> float | dict[str, float]:
+        for name, value in (v.items() if isinstance(v, dict) else [("", v)]):
+            if not value > 0:
+                raise ValueError(f"{name + ': ' if name else ''}must be above 0, got {value}")
+        return v
+
+    def max_repetitions(self, source: str) -> float:
+        cap = self.mixture_max_repetitions
+        return cap.get(source, 4.0) if isinstance(cap, dict) else cap
 
     @field_validator("warmup_steps")
     @classmethod
@@ -306,6 +397,9 @@ class RegistryConfig(Section):
                                                                        "bits per byte, at promotion_confidence.")
     promotion_confidence: float = Field(default=0.95, gt=0, lt=1, description="Confidence of the paired "
                                                                               "bootstrap interval over documents.")
+    protected_sources: list[str] = Field(default_factory=list, description="Sources whose bits per byte must not get "
+                                         "worse (paired interval over their validation documents) for `champion` "
+                                         "to move.")
 
 
 class EngineConfig(Section):
@@ -423,6 +517,20 @@ class ScratchConfig(Section):
         return v
 
     @model_validator(mode="after")
+    def _known_source_names(self) -> "ScratchConfig":
+        """Names in training.mixture, its repetition caps and registry.protected_sources are sources."""
+        names = list(self.corpus.named_sources())
+        caps = self.training.mixture_max_repetitions
+        fields = {"training.mixture": list(self.training.mixture or {}),
+                  "registry.protected_sources": self.registry.protected_sources,
+                  "training.mixture_max_repetitions": list(caps) if isinstance(caps, dict) else []}
+        for field, used in fields.items():
+            unknown = [n for n in used if n not in names]
+            if unknown:
+                raise ValueError(f"{field}: no source named {unknown[0]!r} in corpus.sources (sources: {names})")
+        return self
+
+    @model_validator(mode="after")
     def _sweep_variants(self) -> "ScratchConfig":
         """Every variant of the sweep is a valid config: refused here, before any work starts."""
         if self.sweep:
@@ -444,7 +552,14 @@ class ScratchConfig(Section):
     def identity(self, *sections: str) -> dict:
         """Some sections as plain values, without the fields that only schedule work (how many sweep
         variants train at once): what cache keys, training keys and data versions are made of."""
-        return self.model_dump(mode="json", include=set(sections), exclude=SCHEDULING_FIELDS)
+        values = self.model_dump(mode="json", include=set(sections), exclude=SCHEDULING_FIELDS)
+        for section, fields in OMITTED_AT.items():
+            for field, value in fields.items():
+                if section in values and values[section].get(field) == value:
+                    del values[section][field]
+                    if field == "mixture":  # the repetition cap only matters with a mixture
+                        values[section].pop("mixture_max_repetitions", None)
+        return values
 
     def section_hash(self, *sections: str) -> str:
         """A short stable hash of some sections: part of cache keys and data versions."""
@@ -613,6 +728,9 @@ def variants(cfg: ScratchConfig) -> list[Variant]:
 
 
 def _has_field(cfg: ScratchConfig, dotted: str) -> bool:
+    section, _, source = dotted.partition(".mixture.")
+    if section == "training" and source:  # one source's weight
+        return source in cfg.corpus.named_sources()
     node: Any = cfg
     for part in dotted.split("."):
         if not hasattr(node, "model_fields") or part not in type(node).model_fields:

@@ -74,7 +74,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     cfg = load_profile(args.config or args.profile)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
-    problems = source_problems(cfg.corpus.sources, cfg.corpus.extensions)
+    problems = source_problems(cfg.corpus)
     if problems:
         print("# invalid: " + "\n# invalid: ".join(problems), file=sys.stderr)
         return 2

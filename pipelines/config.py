@@ -41,6 +41,10 @@ def dagster_config_class(values: pydantic.BaseModel, name: str) -> type[dg.Confi
         elif _is_model_list(info.annotation):  # e.g. evaluation.tasks: a list of {name, path} maps
             fields[field_name] = (list[dict[str, str]], pydantic.Field(
                 default=[v.model_dump() for v in value], description=info.description))
+        elif _is_mixed_union(info.annotation):  # e.g. corpus.sources: paths or {name, paths} maps
+            default = [v.model_dump() if isinstance(v, pydantic.BaseModel) else v for v in value] \
+                if isinstance(value, list) else value
+            fields[field_name] = (typing.Any, pydantic.Field(default=default, description=info.description))
         else:
             fields[field_name] = (info.annotation, pydantic.Field(default=value, description=info.description))
     doc = (type(values).__doc__ or "").strip()
@@ -51,6 +55,15 @@ def _is_model_list(annotation) -> bool:
     args = typing.get_args(annotation)
     return typing.get_origin(annotation) is list and bool(args) and isinstance(args[0], type) and \
         issubclass(args[0], pydantic.BaseModel)
+
+
+def _is_mixed_union(annotation) -> bool:
+    """A union of several types besides None (or a list of one), which Dagster's config types cannot say:
+    shown as any value, validated by llm_core when the asset starts."""
+    if typing.get_origin(annotation) is list:
+        annotation = typing.get_args(annotation)[0]
+    return len([a for a in typing.get_args(annotation) if a is not type(None)]) > 1 and \
+        typing.get_origin(annotation) is not dict
 
 
 def run_config_class(name: str, *sections: str) -> type[dg.Config]:

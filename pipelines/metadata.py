@@ -34,6 +34,14 @@ def engine_metadata(engine: EngineConfig, tasks_per_node: dict[str, int]) -> dic
     return {"engine": where, "tasks_per_node": markdown_table(["node", "tasks"], sorted(tasks_per_node.items()))}
 
 
+def per_source_metadata(sources: dict[str, dict], columns: dict[str, str]) -> dict:
+    """A stage's counts per corpus source: a table to read (`per_source`, columns: header -> count key)
+    and every count as JSON (`per_source_counts`)."""
+    rows = [[name, *(counts.get(key, 0) for key in columns.values())] for name, counts in sources.items()]
+    return {"per_source": markdown_table(["source", *columns], rows),
+            "per_source_counts": dg.MetadataValue.json(sources)}
+
+
 def check_result(passed: bool, details: str) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(passed=passed, metadata={"details": details}, severity=dg.AssetCheckSeverity.ERROR)
 

@@ -57,7 +57,8 @@ def main() -> None:
             cluster_metadata = {"nodes": ", ".join(where.nodes), "restarts": where.restarts}
         else:
             result = train(cfg, out_dir, log=pipes.log.info, on_metrics=on_metrics)
-        mlflow.set_tag("scratchllm.world_size", result.world_size)
+        mlflow.set_tags({"scratchllm.world_size": result.world_size,
+                         "scratchllm.tokens_per_source": json.dumps(result.tokens_per_source)})
         metrics.flush()
         curve = tracking.plot_loss_curve(result.history, out_dir / "loss_curve.png")
         for artifact in (curve, out_dir / "model_config.json", out_dir / "training_summary.json"):
@@ -80,6 +81,7 @@ def main() -> None:
             "mixed_precision": result.mixed_precision, "steps": result.steps,
             "resumed_from_step": result.resumed_from_step,
             "loss_curve": {"raw_value": str(curve), "type": "path"}, **cluster_metadata,
+            "tokens_per_source": {"raw_value": result.tokens_per_source, "type": "json"},
         })
 
 

@@ -100,6 +100,21 @@ def write_jsonl(path: Path, texts: list[str]) -> None:
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
 
 
+def three_sources(sources_dir: Path, prose: list[str]) -> dict:
+    """A corpus of 3 real sources of very different sizes, as `corpus` profile values: `plays` (120 KB of
+    Shakespeare), `docs` (70 paragraphs of Python's reference docs) and `tiny` (10 more paragraphs and an
+    exact copy of one of docs')."""
+    sources_dir.mkdir(parents=True, exist_ok=True)
+    plays = sources_dir / "plays.txt"
+    plays.write_text((PROJECT_ROOT / "data" / "tinyshakespeare.txt").read_text()[:120_000])
+    write_jsonl(sources_dir / "docs.jsonl", prose[:70])
+    write_jsonl(sources_dir / "tiny.jsonl", prose[70:80] + [prose[3]])
+    return {"sources": [{"name": "plays", "paths": [str(plays)]},
+                        {"name": "docs", "paths": [str(sources_dir / "docs.jsonl")]},
+                        {"name": "tiny", "paths": [str(sources_dir / "tiny.jsonl")]}],
+            "pieces_are_documents": [str(plays)], "max_document_bytes": 1024}  # ~120 scenes: some held out
+
+
 def rows(directory: Path) -> list[dict]:
     """Every row of the parquet files in `directory`, in file order."""
     return [r for p in sorted(directory.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]

@@ -21,6 +21,7 @@ from llm_core.config import (
     deep_merge,
     load_config,
     resolve_path,
+    variants,
 )
 from llm_core.data.sources import discover
 
@@ -94,6 +95,15 @@ def test_unknown_key_is_refused_naming_the_field(tmp_path, profile, field):
     ({"training": {"mixed_precision": "fp8"}}, ["training.mixed_precision", "fp8"]),
     ({"model": {"n_layer": "many"}}, ["model.n_layer"]),
     ({"dataset": {"val_fraction": 1.5}}, ["dataset.val_fraction"]),
+    ({"corpus": {"sources": [{"name": "a", "paths": ["x"]}, {"name": "a", "paths": ["y"]}]}},
+     ["corpus.sources", "['a'] named twice"]),
+    ({"corpus": {"sources": [{"name": "a.b", "paths": ["x"]}]}}, ["corpus.sources", "source name 'a.b'"]),
+    ({"training": {"mixture": {"tinyshakespeare": 1, "typo": 1}}},
+     ["training.mixture: no source named 'typo'", "tinyshakespeare"]),
+    ({"training": {"mixture": {"tinyshakespeare": 0}}}, ["training.mixture", "a weight above 0"]),
+    ({"training": {"mixture": {"tinyshakespeare": -1}}}, ["training.mixture", "a number >= 0"]),
+    ({"training": {"mixture_max_repetitions": {"tinyshakespeare": 0}}}, ["training.mixture_max_repetitions"]),
+    ({"registry": {"protected_sources": ["nope"]}}, ["registry.protected_sources: no source named 'nope'"]),
 ])
 def test_invalid_values_are_refused_naming_the_field(tmp_path, profile, expected):
     with pytest.raises(ConfigError) as info:
@@ -175,6 +185,38 @@ def test_section_hash_is_stable_and_tracks_changes():
     changed = load_config(overrides={"cleaning": {"min_words": 31}})
     assert changed.section_hash("cleaning") != a.section_hash("cleaning")
     assert changed.section_hash("dedup") == a.section_hash("dedup")
+
+
+def test_sources_are_named_after_their_paths_unless_named():
+    corpus = load_config(overrides={"corpus": {"sources": [
+        "data/tinyshakespeare.txt", {"name": "manuals", "paths": ["docs/", "README.md"]}, "data/*.txt",
+        "s3://bucket/web-2024/", "other/tinyshakespeare.md"]}}).corpus
+    assert corpus.named_sources() == {"tinyshakespeare": ["data/tinyshakespeare.txt"],
+                                      "manuals": ["docs/", "README.md"], "data": ["data/*.txt"],
+                                      "web-2024": ["s3://bucket/web-2024/"],
+                                      "tinyshakespeare-2": ["other/tinyshakespeare.md"]}
+    assert corpus.source_paths()[1:3] == ["docs/", "README.md"]
+
+
+def test_trainings_made_before_mixtures_keep_their_keys():
+    """A profile without a mixture has the identity it had before mixtures existed: no retraining."""
+    cfg = load_config()
+    assert "mixture" not in cfg.identity("training")["training"]
+    assert "mixture_max_repetitions" not in cfg.identity("training")["training"]
+    assert "protected_sources" not in cfg.identity("registry")["registry"]
+    mixed = load_config(overrides={"training": {"mixture": {"tinyshakespeare": 1}}})
+    assert mixed.section_hash("training") != cfg.section_hash("training")
+    assert mixed.section_hash("corpus", "cleaning", "dedup", "tokenizer", "dataset") == \
+        cfg.section_hash("corpus", "cleaning", "dedup", "tokenizer", "dataset")  # no data stage re-runs
+
+
+def test_a_sweep_may_vary_one_source_weight_of_the_mixture():
+    cfg = load_config(overrides={"corpus": {"sources": [{"name": "a", "paths": ["x"]}, {"name": "b", "paths": ["y"]}],
+                                            "pieces_are_documents": []},
+                                 "training": {"mixture": {"a": 1, "b": 1}}, "sweep": {"training.mixture.b": [0.5, 2]}})
+    assert [v.config.training.mixture for v in variants(cfg)] == [{"a": 1, "b": 0.5}, {"a": 1, "b": 2}]
+    with pytest.raises(ConfigError, match="sweep.training.mixture.c: no such config field"):
+        load_config(overrides={"sweep": {"training.mixture.c": [1]}})
 
 
 def test_default_yaml_and_the_schema_defaults_agree():

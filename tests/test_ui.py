@@ -19,8 +19,10 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from helpers import free_port, get_json, graphql, launch_assets, run_status
+import dagster as dg
+from helpers import free_port, get_json, graphql, launch_assets, run_status, three_sources
 
+from llm_core import tracking
 from llm_core.config import PROJECT_ROOT
 from pipelines.metadata import MLFLOW_UI_URL
 from pipelines.ui import wait_until_up
@@ -38,6 +40,7 @@ class UiRun:
     mlflow_port: int
     run_id: str
     status: str | None  # the Dagster run's final status
+    dagster_home: Path
 
 
 def wait_for_run(port: int, run_id: str) -> str:
@@ -74,7 +77,7 @@ def ui_run(tmp_path_factory):
                                               "trained_model", "model_evaluation", "registered_model", "hf_export"])
 
         status = wait_for_run(dagster_port, run_id)
-        yield UiRun(ui, servers, dagster_port, mlflow_port, run_id, status)
+        yield UiRun(ui, servers, dagster_port, mlflow_port, run_id, status, tmp_path / "dagster_home")
     finally:
         if ui.poll() is None:  # test_ctrl_c_stops_every_server did not run (or failed)
             ui.send_signal(signal.SIGINT)
@@ -214,6 +217,47 @@ def test_the_loss_curve_renders_on_the_asset_page_and_links_its_mlflow_run(ui_ru
         browser.wait_for(mlflow_page, f"document.body.innerText.includes({json.dumps(run_name)})")
     finally:
         browser.close()
+
+
+def test_a_mixture_sweep_from_the_ui_compares_per_source_scores(ui_run, tmp_path, prose):
+    """Another profile's 2-mixture sweep launched in the same UI (the launchpad's resource config names the
+    profile): two child runs under one parent, a per-source column each in the comparison, and the mixture
+    that up-weights `docs` scores better on docs' validation documents."""
+    profile = yaml.safe_load((PROJECT_ROOT / "assets_config" / "ci.yaml").read_text())
+    profile.update(data_dir=str(tmp_path / "data"), corpus=three_sources(tmp_path / "sources", prose),
+                   sweep={"name": "mixtures", "training.mixture": [{"plays": 1.0, "docs": 0.25},
+                                                                   {"plays": 0.1, "docs": 1.0}]})
+    profile["training"].update(max_steps=80, learning_rate=1e-2, mixture_max_repetitions=100, eval_interval=40,
+                               checkpoint_interval=40)
+    (tmp_path / "mixtures.yaml").write_text(yaml.safe_dump(profile))
+    run_id = launch_assets(ui_run.dagster_port, ["raw_corpus", "cleaned_shards", "tokenizer", "tokenized_dataset",
+                                                 "trained_model", "model_evaluation"],
+                           run_config={"resources": {"scratchllm": {"config": {
+                               "profile": str(tmp_path / "mixtures.yaml"), "data_dir": str(tmp_path / "data")}}}})
+    assert wait_for_run(ui_run.dagster_port, run_id) == "SUCCESS"
+
+    with dg.DagsterInstance.from_config(str(ui_run.dagster_home)) as instance:
+        metadata = instance.get_latest_materialization_event(dg.AssetKey("model_evaluation")).asset_materialization \
+            .metadata
+        raw = instance.get_latest_materialization_event(dg.AssetKey("raw_corpus")).asset_materialization.metadata
+    assert set(raw["per_source_counts"].value) == {"plays", "docs", "tiny"}
+    header, _, *rows = [[c.strip() for c in line.strip("|").split("|")]
+                        for line in metadata["sweep_comparison"].value.splitlines()]
+    assert {"plays bpb", "docs bpb"} <= set(header) and len(rows) == 2
+    bpb = {row[0]: {s: float(row[header.index(f"{s} bpb")]) for s in ("plays", "docs")} for row in rows}
+    assert bpb["v1"]["docs"] < bpb["v0"]["docs"] - 0.1 and bpb["v0"]["plays"] < bpb["v1"]["plays"]
+
+    client = tracking.client(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}")
+    parent = client.get_run(metadata["mlflow_parent_run_id"].value)
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 2
+    assert {json.loads(c.data.tags["scratchllm.tokens_per_source"]).keys() == {"plays", "docs"} for c in children} \
+        == {True}
+    assert sorted(c.data.metrics["eval/docs/bpb"] for c in children) == pytest.approx(
+        sorted(bpb[v]["docs"] for v in ("v0", "v1")), abs=1e-4)
+    artifacts = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep_comparison.md", "bpb_by_source.png"} <= artifacts
 
 
 def test_ctrl_c_stops_every_server(ui_run):

@@ -34,6 +34,7 @@ from llm_core.data import clean, dedup
 from llm_core.data.corpus_dedup import CorpusDedup
 from llm_core.data.progress import Log
 from llm_core.data.raw_corpus import EmptyCorpusError, raw_parts
+from llm_core.data.raw_corpus import source_names as raw_source_names
 from llm_core.data.shards import COMPRESSION, DOC_SCHEMA, iter_batches, write_table
 from llm_core.data.sharded_dedup import ShardedDedup
 from llm_core.data.engine import Engine, data_engine
@@ -190,6 +191,7 @@ class CleanedShardsResult:
     num_shards_written: int
     num_candidates_checked: int
     tasks_per_node: dict[str, int]  # where the per-part work ran (engine.kind: ray spreads it)
+    sources: dict[str, dict]  # source name -> counts as _source_counts, with bytes_in/bytes_out
     parts: list[dict]  # per output shard: name, counts
     shards_dir: Path
     data_version: str
@@ -200,22 +202,65 @@ class CleanedShardsResult:
                                          + self.num_near_duplicates + self.num_quarantined)
 
 
+@dataclasses.dataclass(frozen=True)
+class SourceNames:
+    """How to name the source of a piece (its file URI) and of the document a duplicate was kept as
+    (its doc_id's file key): raw_corpus's record, see raw_corpus.source_names."""
+
+    by_uri: dict[str, str]
+    by_file_key: dict[str, str]
+
+    def key(self, uris: pa.ChunkedArray) -> str:
+        """What a part's per-source counts depend on besides its rows: the names of its files' sources."""
+        return short_hash(sorted((u, self.by_uri.get(u)) for u in pc.unique(uris).to_pylist()))
+
+
 def _finish_part(cache: dict[str, Path], removed_units: dict[int, tuple[str, str]], shard_path: Path,
-                 removed_path: Path, old: dict | None) -> dict:
+                 removed_path: Path, old: dict | None, names: SourceNames) -> dict:
     """A part's output shard and removed-pieces ledger, given its duplicate documents (units), and its
-    manifest counts. Written only when the removed pieces differ from those of `old` (its previous entry)."""
-    table = pq.read_table(cache["table"], columns=["status", "unit"])
+    manifest counts (in total and per source). Written only when the removed pieces and the source names
+    are those of `old` (its previous entry)."""
+    table = pq.read_table(cache["table"], columns=["status", "unit", "source"])
     removed = _removed_rows(table, removed_units)
     counts = Counter(reason for reason, _ in removed.values())
     entry = {"num_documents_in": table.num_rows, "num_kept": table.num_rows - len(removed),
              "num_exact_duplicates": counts.pop("exact_duplicate", 0),
              "num_near_duplicates": counts.pop("near_duplicate", 0),
              "num_quarantined": counts.pop(QUARANTINED, 0), "filtered_by_rule": dict(counts),
-             "removed_key": short_hash(sorted((r, reason, dup) for r, (reason, dup) in removed.items()))}
-    if old and old["removed_key"] == entry["removed_key"] and shard_path.exists() and removed_path.exists():
+             "removed_key": short_hash(sorted((r, reason, dup) for r, (reason, dup) in removed.items())),
+             "sources_key": names.key(table.column("source")),
+             "sources": _source_counts(table.column("source"), removed, names)}
+    if old and (old["removed_key"], old.get("sources_key")) == (entry["removed_key"], entry["sources_key"]) and \
+            shard_path.exists() and removed_path.exists():
+        for name, c in entry["sources"].items():
+            c.update(bytes_in=old["sources"][name]["bytes_in"], bytes_out=old["sources"][name]["bytes_out"])
         return {**entry, "num_bytes_in": old["num_bytes_in"], "num_bytes_out": old["num_bytes_out"], "written": False}
-    bytes_in, bytes_out = _write_outputs(cache["table"], removed, shard_path, removed_path)
+    bytes_in, bytes_out = _write_outputs(cache["table"], removed, shard_path, removed_path, names, entry["sources"])
     return {**entry, "num_bytes_in": bytes_in, "num_bytes_out": bytes_out, "written": True}
+
+
+def _source_counts(uris: pa.ChunkedArray, removed: dict[int, tuple[str, str | None]],
+                   names: SourceNames) -> dict[str, dict]:
+    """Per source of a part: pieces in and kept, removed by reason, and the duplicates whose kept copy
+    is in another source (a duplicate counts against the source that lost it)."""
+    encoded = uris.combine_chunks().dictionary_encode()
+    row_source = np.array([names.by_uri.get(u, u) for u in encoded.dictionary.to_pylist()], dtype=object)
+    row_source = row_source[encoded.indices.to_numpy()] if len(encoded) else np.empty(0, dtype=object)
+    out: dict[str, dict] = {}
+    for name, n in Counter(row_source.tolist()).items():
+        out[name] = {"documents_in": n, "kept": n, "exact_duplicates": 0, "near_duplicates": 0,
+                     "cross_source_duplicates": 0, "quarantined": 0, "filtered_by_rule": {}}
+    for row, (reason, duplicate_of) in removed.items():
+        c = out[row_source[row]]
+        c["kept"] -= 1
+        if reason in ("exact_duplicate", "near_duplicate"):
+            c[reason + "s"] += 1
+            c["cross_source_duplicates"] += names.by_file_key.get(duplicate_of.split("-")[0]) != row_source[row]
+        elif reason == QUARANTINED:
+            c["quarantined"] += 1
+        else:
+            c["filtered_by_rule"][reason] = c["filtered_by_rule"].get(reason, 0) + 1
+    return out
 
 
 def _removed_rows(table: pa.Table, removed_units: dict[int, tuple[str, str]]) -> dict[int, tuple[str, str | None]]:
@@ -266,7 +311,8 @@ def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsR
 
         # 2. Corpus-wide dedup, from the cached hashes and signatures only; 3. the parts' outputs.
         removed_units, candidates_checked = _duplicates(cfg, engine, caches, root, log)
-        finish_jobs = ((cache, removed, shards_dir / name, removed_dir / name, previous.get(prefix.name))
+        source_names = SourceNames(*raw_source_names(cfg))
+        finish_jobs = ((cache, removed, shards_dir / name, removed_dir / name, previous.get(prefix.name), source_names)
                        for cache, removed, name, prefix in zip(caches, removed_units, names, prefixes))
         entries: list[dict] = [{} for _ in parts]
         for i, entry in engine.map(_finish_part, finish_jobs, what="dedup + write", total=len(parts),
@@ -278,6 +324,7 @@ def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsR
     totals: Counter = Counter()
     filtered_by_rule: Counter = Counter()
     pii: Counter = Counter()
+    per_source: dict[str, dict] = {}
     for raw, prefix, name, entry in zip(parts, prefixes, names, entries):
         old = previous.get(prefix.name)
         pii_counts = summaries.get(str(prefix), {}).get("pii")
@@ -292,6 +339,7 @@ def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsR
             totals[key] += entry[key]
         filtered_by_rule.update(entry["filtered_by_rule"])
         pii.update(pii_counts)
+        add_source_counts(per_source, entry["sources"])
     written = sum(entry.pop("written") for entry in entries)
 
     write_json(manifest_path, {"parts": entries, "clean_key": clean_key})
@@ -308,7 +356,7 @@ def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsR
         filtered_by_rule=dict(filtered_by_rule), pii_replacements=dict(pii),
         num_bytes_in=totals["num_bytes_in"], num_bytes_out=totals["num_bytes_out"],
         num_parts_cleaned=len(jobs), num_parts_reused=len(parts) - len(jobs), num_shards_written=written,
-        num_candidates_checked=candidates_checked(), tasks_per_node=tasks_per_node,
+        num_candidates_checked=candidates_checked(), tasks_per_node=tasks_per_node, sources=per_source,
         parts=entries, shards_dir=shards_dir, data_version=short_hash([e["removed_key"] + e["cache"] for e in entries]),
         preview=preview,
     )
@@ -322,10 +370,13 @@ def build_cleaned_shards(cfg: ScratchConfig, log: Log = print) -> CleanedShardsR
     return result
 
 
-def _write_outputs(cache_table: Path, removed: dict[int, tuple[str, str | None]],
-                   shard_path: Path, removed_path: Path) -> tuple[int, int]:
+def _write_outputs(cache_table: Path, removed: dict[int, tuple[str, str | None]], shard_path: Path,
+                   removed_path: Path, names: SourceNames, sources: dict[str, dict]) -> tuple[int, int]:
     """Write the kept pieces of one part and the ledger of its removed pieces; returns the text bytes in
-    and out. Batch by batch with Arrow filtering (no per-row Python; memory bounded by a batch, not the part)."""
+    and out, and adds each source's to `sources`. Batch by batch with Arrow filtering (no per-row Python;
+    memory bounded by a batch, not the part)."""
+    for c in sources.values():
+        c.update(bytes_in=0, bytes_out=0)
     removed_rows = np.array(sorted(removed), dtype=np.int64)
     ledger: dict[str, list] = {"id": [], "doc_id": [], "source": []}
     bytes_in = bytes_out = start = 0
@@ -340,11 +391,28 @@ def _write_outputs(cache_table: Path, removed: dict[int, tuple[str, str | None]]
             for name in ledger:
                 ledger[name] += batch.column(name).take(pa.array(rows)).to_pylist()
             bytes_in, bytes_out = bytes_in + text_bytes(batch), bytes_out + text_bytes(kept)
+            for side, rows_of_side in (("bytes_in", batch), ("bytes_out", kept)):
+                sizes = pa.table({"uri": rows_of_side.column("source"),
+                                  "n": pc.binary_length(rows_of_side.column("text"))}).group_by("uri").aggregate(
+                    [("n", "sum")])
+                for uri, n in zip(sizes.column("uri").to_pylist(), sizes.column("n_sum").to_pylist()):
+                    sources[names.by_uri.get(uri, uri)][side] += n
             start += batch.num_rows
     reasons, duplicate_of = zip(*(removed[r] for r in removed_rows.tolist())) if len(removed) else ((), ())
     write_table(removed_path, pa.table({**ledger, "reason": reasons, "duplicate_of": duplicate_of},
                                        schema=REMOVED_SCHEMA))
     return bytes_in, bytes_out
+
+
+def add_source_counts(total: dict[str, dict], part: dict[str, dict]) -> None:
+    """Add one part's per-source counts into `total` (counts and filtered_by_rule alike)."""
+    for name, counts in part.items():
+        into = total.setdefault(name, {"filtered_by_rule": {}})
+        for key, value in counts.items():
+            if key == "filtered_by_rule":
+                into[key] = dict(Counter(into[key]) + Counter(value))
+            else:
+                into[key] = into.get(key, 0) + value
 
 
 def _quarantine_cleaning_failures(cfg: ScratchConfig, name: str, summary: dict | None) -> None:

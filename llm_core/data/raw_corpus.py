@@ -25,9 +25,13 @@ from llm_core.data.progress import Log
 from llm_core.data.shards import ShardWriter
 from llm_core.data.engine import data_engine
 from llm_core.errors import DataError
-from llm_core.data.sources import SourceFile, discover
+from llm_core.data.sources import SourceFile, discover, discover_sources
 from llm_core.files import Quarantine, read_json, remove_stale_files, short_hash, write_json
 from llm_core.layout import QUARANTINE_DIR, RAW_CORPUS_DIR
+
+
+# Bumped when a shard's manifest entry gains fields (2: counts per file, for counts per source).
+RAW_LAYOUT_VERSION = 2
 
 
 class EmptyCorpusError(DataError):
@@ -49,6 +53,7 @@ class RawCorpusResult:
     num_shards_reused: int
     quarantine_reasons: dict[str, int]
     tasks_per_node: dict[str, int]  # where the shards were built (engine.kind: ray spreads them)
+    sources: dict[str, dict[str, int]]  # source name -> its counts (per_source_counts)
     parts: list[Path]
     data_version: str
     quarantine_dir: Path
@@ -71,45 +76,67 @@ def _group_new_files(files: list[SourceFile], target_bytes: int) -> list[list[So
     return groups
 
 
+def file_key(f: SourceFile) -> str:
+    """The prefix of a file's document ids (`<file key>-<n>`): names the file, and with it the source,
+    of any document id."""
+    return xxhash.xxh3_64_hexdigest(f.id_key.encode())[:12]
+
+
 def _build_raw_shard(shard_id: str, files: list[SourceFile], opts: ReadOptions, out_dir: Path,
                      quarantine_dir: Path, target_bytes: int, pieces_are_documents: set[str]) -> dict:
     writer = ShardWriter(out_dir, shard_id, target_bytes)
     quarantine = Quarantine(quarantine_dir, shard_id)
-    num_docs = num_source_docs = num_bytes = bad_records = bad_files = 0
+    per_file = []
     try:
         for f in files:
             # Ids: `<file key>-<n>`, n counting the documents and bad records of the file in order, and
             # `<doc id>#<k>` for the k-th piece after the first of a document that was cut.
-            file_key = xxhash.xxh3_64_hexdigest(f.id_key.encode())[:12]
+            key = file_key(f)
+            counts = {"documents": 0, "source_documents": 0, "bytes": 0, "quarantined_records": 0, "bad_file": 0}
             number, doc_id = 0, ""
             try:
                 for item in read_source(f, opts):
                     if isinstance(item, BadRecord):
                         quarantine.add_record(f.uri, item.reason, item.record, item.location)
-                        bad_records += 1
+                        counts["quarantined_records"] += 1
                         number += 1
                         continue
                     piece = 0 if f.uri in pieces_are_documents else item.piece
                     if piece == 0:
-                        doc_id, number = f"{file_key}-{number:07d}", number + 1
-                        num_source_docs += 1
+                        doc_id, number = f"{key}-{number:07d}", number + 1
+                        counts["source_documents"] += 1
                     writer.add({"id": f"{doc_id}#{piece}" if piece else doc_id, "doc_id": doc_id,
                                 "source": f.uri, "text": item.text})
-                    num_docs += 1
-                    num_bytes += len(item.text.encode())
+                    counts["documents"] += 1
+                    counts["bytes"] += len(item.text.encode())
             except BadFile as exc:
                 quarantine.add_file(f.uri, str(exc), f.local_path())
-                bad_files += 1
+                counts["bad_file"] = 1
+            per_file.append({"uri": f.uri, "fingerprint": f.fingerprint, "key": key, "size": f.size,
+                             "pieces_are_documents": f.uri in pieces_are_documents, **counts})
         parts = writer.close()
     except BaseException:
         writer.abort()
         raise
     quarantine.commit()
-    return {"id": shard_id, "files": [{"uri": f.uri, "fingerprint": f.fingerprint,
-                                       "pieces_are_documents": f.uri in pieces_are_documents} for f in files],
-            "parts": parts, "num_documents": num_docs, "num_source_documents": num_source_docs, "num_bytes": num_bytes,
-            "num_source_bytes": sum(f.size for f in files), "num_quarantined_records": bad_records,
-            "num_quarantined_files": bad_files, "quarantine_reasons": quarantine.reasons()}
+    total = lambda name: sum(f[name] for f in per_file)  # noqa: E731
+    return {"id": shard_id, "files": per_file, "parts": parts, "num_documents": total("documents"),
+            "num_source_documents": total("source_documents"), "num_bytes": total("bytes"),
+            "num_source_bytes": sum(f.size for f in files), "num_quarantined_records": total("quarantined_records"),
+            "num_quarantined_files": total("bad_file"), "quarantine_reasons": quarantine.reasons()}
+
+
+def per_source_counts(shards: list[dict], source_of: dict[str, str]) -> dict[str, dict[str, int]]:
+    """Source name -> files, documents (pieces), source documents, bytes and quarantined records/files."""
+    out: dict[str, Counter] = {}
+    for shard in shards:
+        for f in shard["files"]:
+            c = out.setdefault(source_of.get(f["uri"], f["uri"]), Counter())
+            c["files"] += 1
+            for name in ("documents", "source_documents", "bytes", "quarantined_records"):
+                c[name] += f[name]
+            c["quarantined_files"] += f["bad_file"]
+    return {name: dict(c) for name, c in out.items()}
 
 
 def build_raw_corpus(cfg: ScratchConfig, log: Log = print, warn: Log | None = None) -> RawCorpusResult:
@@ -120,9 +147,10 @@ def build_raw_corpus(cfg: ScratchConfig, log: Log = print, warn: Log | None = No
     opts = _read_options(cfg)
     target_bytes = int(cfg.corpus.shard_size_mb * 1e6)
 
-    found = discover(cfg.corpus.sources, cfg.corpus.extensions)
+    found = discover_sources(cfg.corpus)
     log(f"found {len(found.files)} files ({sum(f.size for f in found.files) / 1e6:.1f} MB) in "
-        f"{len(cfg.corpus.sources)} sources; {len(found.missing)} missing, {len(found.skipped)} skipped by extension")
+        f"{len(cfg.corpus.named_sources())} sources; {len(found.missing)} missing, {len(found.skipped)} skipped by "
+        f"extension")
     for source, reason in found.missing:  # a typo next to a good source must not pass unnoticed
         warn(f"corpus.sources: {source!r} gives no file ({reason}); it is skipped and quarantined")
     current = {f.uri: f for f in found.files}
@@ -145,6 +173,7 @@ def build_raw_corpus(cfg: ScratchConfig, log: Log = print, warn: Log | None = No
     jobs, job_shard, job_bytes = [], [], []
     for files in groups:
         shard_id = short_hash({"files": [(f.uri, f.fingerprint) for f in files], "options": dataclasses.asdict(opts),
+                               "layout": RAW_LAYOUT_VERSION,
                           "shard_bytes": target_bytes,
                           "pieces_are_documents": [f.uri for f in files if f.uri in pieces_are_documents]})
         old = old_by_id.get(shard_id)
@@ -170,6 +199,9 @@ def build_raw_corpus(cfg: ScratchConfig, log: Log = print, warn: Log | None = No
         source_problems.add_file(source, reason)
     source_problems.commit()
 
+    for shard in shards:  # names follow the config (a renamed source needs no rebuild)
+        for f in shard["files"]:
+            f["source"] = found.source_of[f["uri"]]
     write_json(manifest_path, {"shards": shards, "read_options": dataclasses.asdict(opts)})
     remove_stale_files(shards_dir, {p for s in shards for p in s["parts"]})
     live = {s["id"] for s in shards} | {"sources"}
@@ -190,7 +222,7 @@ def build_raw_corpus(cfg: ScratchConfig, log: Log = print, warn: Log | None = No
         num_quarantined=bad_records + bad_files, num_quarantined_records=bad_records,
         num_quarantined_files=bad_files, num_files=len(found.files), num_skipped_files=len(found.skipped),
         num_shards_built=built, num_shards_reused=reused, quarantine_reasons=dict(reasons),
-        tasks_per_node=tasks_per_node,
+        tasks_per_node=tasks_per_node, sources=per_source_counts(shards, found.source_of),
         parts=[shards_dir / p for s in shards for p in s["parts"]],
         data_version=short_hash([s["id"] for s in shards]), quarantine_dir=quarantine_dir,
     )
@@ -200,7 +232,7 @@ def build_raw_corpus(cfg: ScratchConfig, log: Log = print, warn: Log | None = No
     if result.num_documents == 0:
         missing = ", ".join(f"{source!r} ({reason})" for source, reason in found.missing)
         raise EmptyCorpusError(
-            f"the corpus is empty: no usable document in corpus.sources {cfg.corpus.sources}"
+            f"the corpus is empty: no usable document in corpus.sources {cfg.corpus.source_paths()}"
             + (f"; missing: {missing}" if missing else "")
             + f" ({result.num_quarantined} quarantined: {dict(reasons)}; see {quarantine_dir})",
             next_step="fix corpus.sources (`scratchllm check-config --config P` checks every source)")
@@ -214,4 +246,12 @@ def raw_parts(cfg: ScratchConfig) -> list[Path]:
     if not manifest:
         raise FileNotFoundError(f"raw_corpus has not been materialized under {root}")
     return [root / "shards" / p for s in manifest["shards"] for p in s["parts"]]
+
+
+def source_names(cfg: ScratchConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """(file URI -> source name, file key -> source name) as raw_corpus last recorded them: what the later
+    stages name a document's source by (its `source` column, or the file key its doc_id starts with)."""
+    manifest = read_json(cfg.data_path / RAW_CORPUS_DIR / "manifest.json")
+    files = [f for s in manifest.get("shards", []) for f in s["files"]]
+    return {f["uri"]: f["source"] for f in files}, {f["key"]: f["source"] for f in files}
 

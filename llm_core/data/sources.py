@@ -8,7 +8,7 @@ from pathlib import Path
 
 import fsspec
 
-from llm_core.config import PROJECT_ROOT, ScratchConfig
+from llm_core.config import PROJECT_ROOT, CorpusConfig, ScratchConfig
 from llm_core.files import read_json, short_hash
 from llm_core.layout import RAW_CORPUS_DIR
 
@@ -43,6 +43,7 @@ class Discovery:
     files: list[SourceFile]
     missing: list[tuple[str, str]]  # (source as configured, reason)
     skipped: list[str]  # files under a directory/glob with an extension not in `extensions`
+    source_of: dict[str, str] = dataclasses.field(default_factory=dict)  # file URI -> source name
 
 
 def file_kind(name: str) -> tuple[str, str | None]:
@@ -124,13 +125,29 @@ def discover(sources: list[str], extensions: list[str]) -> Discovery:
     return Discovery(files=list(found.values()), missing=missing, skipped=skipped)
 
 
-def source_problems(sources: list[str], extensions: list[str]) -> list[str]:
-    """Why each source that gives no file gives none (`scratchllm check-config`). Local paths and globs
-    are looked up (relative ones in the project root, as at run time); URIs are checked for syntax only:
-    no network before a run."""
-    problems = []
-    for i, source in enumerate(sources):
-        field = f"corpus.sources[{i}] {source!r}"
+def discover_sources(corpus: CorpusConfig) -> Discovery:
+    """Every file of corpus.sources with the name of its source (a file listed by two sources belongs to
+    the first), in corpus order."""
+    out = Discovery(files=[], missing=[], skipped=[])
+    for name, paths in corpus.named_sources().items():
+        found = discover(paths, corpus.extensions)
+        new = [f for f in found.files if f.uri not in out.source_of]
+        out.files += new
+        out.source_of.update((f.uri, name) for f in new)
+        out.missing += found.missing
+        out.skipped += found.skipped
+    return out
+
+
+def source_problems(corpus: CorpusConfig) -> list[str]:
+    """Why each source path that gives no file gives none (`scratchllm check-config`). Local paths and
+    globs are looked up (relative ones in the project root, as at run time); URIs are checked for syntax
+    only: no network before a run."""
+    problems, extensions = [], corpus.extensions
+    named = [(name, path) for name, paths in corpus.named_sources().items() for path in paths]
+    for i, (name, source) in enumerate(named):
+        field = f"corpus.sources[{i}] {source!r}" if len(named) == len(corpus.sources) else \
+            f"corpus.sources {name!r}: {source!r}"
         if "://" in source:
             protocol, _ = fsspec.core.split_protocol(source)
             if protocol not in fsspec.available_protocols():
@@ -168,7 +185,7 @@ class SourceChanges:
 def source_changes(cfg: ScratchConfig) -> tuple[SourceChanges, str]:
     """(what changed since the last raw_corpus, a fingerprint of the sources as they are now).
     Reads file listings only (size + mtime, or the store's ETag), never file contents."""
-    found = discover(cfg.corpus.sources, cfg.corpus.extensions)
+    found = discover(cfg.corpus.source_paths(), cfg.corpus.extensions)
     now = {f.uri: f.fingerprint for f in found.files}
     shards = read_json(cfg.data_path / RAW_CORPUS_DIR / "manifest.json").get("shards", [])
     ingested = {f["uri"]: f["fingerprint"] for s in shards for f in s["files"]}

@@ -5,7 +5,8 @@ Layout under data_dir/tokenized_dataset/:
   manifest.json                      per shard counts + the dtype, vocab size and EOT id
   {train,val}/<shard>.tokens.arrow   one uint16 (or uint32) column `tokens`, uncompressed so the
                                      loader can memory-map it; every piece ends with <|endoftext|>
-  {train,val}/<shard>.docs.arrow     id (of the piece), doc_id, start, length (tokens, EOT included), num_bytes
+  {train,val}/<shard>.docs.arrow     id (of the piece), doc_id, start, length (tokens, EOT included), num_bytes,
+                                     source (the name of its corpus source)
 
 Training pieces that share an n-gram with an evaluation task item are removed (or only listed, for
 the blocking check to fail) as they are encoded: see llm_core/data/decontamination.py.
@@ -30,6 +31,7 @@ from llm_core.data import task_items
 from llm_core.config import ScratchConfig, resolve_path
 from llm_core.data.shards import iter_batches
 from llm_core.data.decontamination import EvalNgrams, eval_ngrams
+from llm_core.data.raw_corpus import source_names
 from llm_core.data.engine import data_engine
 from llm_core.errors import DataError
 from llm_core.files import atomic_path, read_json, remove_stale_files, short_hash, write_json
@@ -39,7 +41,7 @@ from llm_core.data.tokenizer import EOT
 
 SPLITS = ("train", "val")
 DOCS_SCHEMA = pa.schema([("id", pa.string()), ("doc_id", pa.string()), ("start", pa.int64()),
-                         ("length", pa.int64()), ("num_bytes", pa.int64())])
+                         ("length", pa.int64()), ("num_bytes", pa.int64()), ("source", pa.string())])
 ENCODE_BATCH_DOCS = 512
 
 
@@ -67,6 +69,7 @@ class DatasetResult:
     tasks_per_node: dict[str, int]  # where the shards were encoded (engine.kind: ray spreads them)
     builtin_task_items: int  # items of the built-in multiple-choice task (llm_core/data/task_items.py)
     contamination: dict  # see contamination_summary
+    sources: dict[str, dict[str, int]]  # see source_totals
     split: dict  # see split_report
     out_dir: Path
     data_version: str
@@ -85,25 +88,27 @@ def _encoder(tokenizer_json: str) -> Tokenizer:
     return tokenizer
 
 
-def contaminated_pieces(shard: Path, cfg: ScratchConfig, split: Split, ngrams: EvalNgrams) -> list[dict]:
+def contaminated_pieces(shard: Path, cfg: ScratchConfig, split: Split, ngrams: EvalNgrams,
+                        source_of: dict[str, str]) -> list[dict]:
     """The training pieces of a shard that share an n-gram with an evaluation item."""
     found = []
-    for batch in iter_batches(shard, ["id", "doc_id", "text"], batch_size=ENCODE_BATCH_DOCS):
-        for piece_id, doc_id, text in zip(*(batch.column(i).to_pylist() for i in range(3))):
+    for batch in iter_batches(shard, ["id", "doc_id", "text", "source"], batch_size=ENCODE_BATCH_DOCS):
+        for piece_id, doc_id, text, uri in zip(*(batch.column(i).to_pylist() for i in range(4))):
             if not split.is_validation(piece_id, doc_id):
                 item = ngrams.match(text)
                 if item:
-                    found.append({"id": piece_id, "doc_id": doc_id, "item": item,
+                    found.append({"id": piece_id, "doc_id": doc_id, "item": item, "source": source_of.get(uri, uri),
                                   "removed": cfg.dataset.decontamination == "remove"})
     return found
 
 
 def encode_shard(tokenizer_json: str, shard: Path, out_dir: Path, cfg: ScratchConfig, split: Split,
-                 dtype: np.dtype, ngrams: EvalNgrams | None, base_key: str, previous: dict | None) -> dict:
+                 dtype: np.dtype, ngrams: EvalNgrams | None, base_key: str, previous: dict | None,
+                 source_of: dict[str, str]) -> dict:
     """Check one cleaned shard for contamination, then encode it into train and val token files unless
     the previous encoding stands (same inputs, same pieces removed); returns its manifest entry.
     A task of the data engine (it may run on another machine: the tokenizer travels as JSON)."""
-    contaminated = contaminated_pieces(shard, cfg, split, ngrams) if ngrams else []
+    contaminated = contaminated_pieces(shard, cfg, split, ngrams, source_of) if ngrams else []
     removed = {c["id"] for c in contaminated if c["removed"]}
     entry = {"key": short_hash([base_key, sorted(removed)]), "base_key": base_key,
              "scan_key": scan_key(cfg, ngrams), "contaminated": contaminated}
@@ -114,16 +119,16 @@ def encode_shard(tokenizer_json: str, shard: Path, out_dir: Path, cfg: ScratchCo
     tokens: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     docs: dict[str, dict[str, list]] = {s: {name: [] for name in DOCS_SCHEMA.names} for s in SPLITS}
     position = {s: 0 for s in SPLITS}
-    for batch in iter_batches(shard, ["id", "doc_id", "text"], batch_size=ENCODE_BATCH_DOCS):
-        rows = [row for row in zip(*(batch.column(i).to_pylist() for i in range(3))) if row[0] not in removed]
-        encodings = tokenizer.encode_batch_fast([text for _, _, text in rows], add_special_tokens=False)
-        for (piece_id, doc_id, text), encoding in zip(rows, encodings):
+    for batch in iter_batches(shard, ["id", "doc_id", "text", "source"], batch_size=ENCODE_BATCH_DOCS):
+        rows = [row for row in zip(*(batch.column(i).to_pylist() for i in range(4))) if row[0] not in removed]
+        encodings = tokenizer.encode_batch_fast([text for _, _, text, _ in rows], add_special_tokens=False)
+        for (piece_id, doc_id, text, uri), encoding in zip(rows, encodings):
             side = "val" if split.is_validation(piece_id, doc_id) else "train"
             array = np.empty(len(encoding.ids) + 1, dtype=dtype)
             array[:-1] = encoding.ids
             array[-1] = eot  # the boundary after every piece
             tokens[side].append(array)
-            row = (piece_id, doc_id, position[side], len(array), len(text.encode()))
+            row = (piece_id, doc_id, position[side], len(array), len(text.encode()), source_of.get(uri, uri))
             for name, value in zip(DOCS_SCHEMA.names, row):
                 docs[side][name].append(value)
             position[side] += len(array)
@@ -132,8 +137,35 @@ def encode_shard(tokenizer_json: str, shard: Path, out_dir: Path, cfg: ScratchCo
         _write_ipc(out_dir / side / f"{shard.stem}.tokens.arrow", pa.table({"tokens": pa.array(flat)}))
         _write_ipc(out_dir / side / f"{shard.stem}.docs.arrow", pa.table(docs[side], schema=DOCS_SCHEMA))
         entry[side] = {"tokens": int(len(flat)), "documents": len(docs[side]["id"]),
-                       "bytes": int(sum(docs[side]["num_bytes"])), "max_id": int(flat.max()) if len(flat) else -1}
+                       "bytes": int(sum(docs[side]["num_bytes"])), "max_id": int(flat.max()) if len(flat) else -1,
+                       "sources": _per_source(docs[side])}
     return {**entry, "encoded": True}
+
+
+def _per_source(docs: dict[str, list]) -> dict[str, dict[str, int]]:
+    """Source name -> tokens, documents (pieces) and bytes of one shard's split."""
+    out: dict[str, dict[str, int]] = {}
+    for name, length, num_bytes in zip(docs["source"], docs["length"], docs["num_bytes"]):
+        c = out.setdefault(name, {"tokens": 0, "documents": 0, "bytes": 0})
+        c["tokens"] += length
+        c["documents"] += 1
+        c["bytes"] += num_bytes
+    return out
+
+
+def source_totals(manifest: dict) -> dict[str, dict[str, int]]:
+    """Source name -> train/val tokens, documents and bytes, and contaminated training documents."""
+    out: dict[str, dict[str, int]] = {}
+    for entry in manifest["shards"]:
+        for side in SPLITS:
+            for name, counts in entry[side]["sources"].items():
+                c = out.setdefault(name, {f"{s}_{k}": 0 for s in SPLITS for k in ("tokens", "documents", "bytes")}
+                                   | {"contaminated_documents": 0})
+                for key, value in counts.items():
+                    c[f"{side}_{key}"] += value
+        for found in entry.get("contaminated", []):
+            out[found["source"]]["contaminated_documents"] += 1
+    return out
 
 
 def scan_key(cfg: ScratchConfig, ngrams: EvalNgrams | None) -> str:
@@ -252,15 +284,17 @@ def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_
     tokenizer_json = tokenizer.to_str()
     entries: list[dict] = []
     jobs, job_entry, job_bytes = [], [], []
+    source_of, _ = source_names(cfg)
     for part, shard in zip(cleaned, shards):
-        base_key = short_hash([part["cache"], part["removed_key"], tok_hash, dtype.name, *plan.split.key])
+        base_key = short_hash([part["cache"], part["removed_key"], tok_hash, dtype.name, *plan.split.key,
+                               part["sources_key"]])
         old = previous.get(part["name"])
         if old and (old.get("base_key"), old.get("scan_key")) == (base_key, scan_key(cfg, ngrams)) and \
                 all(f.exists() for f in _shard_files(out_dir, shard)):
             entries.append(old)
             continue
         # Re-checked against the evaluation items; re-encoded only if its tokens or removed pieces changed.
-        jobs.append((tokenizer_json, shard, out_dir, cfg, plan.split, dtype, ngrams, base_key, old))
+        jobs.append((tokenizer_json, shard, out_dir, cfg, plan.split, dtype, ngrams, base_key, old, source_of))
         job_entry.append(len(entries))
         job_bytes.append(part["num_bytes_out"])
         entries.append({"name": part["name"]})
@@ -278,6 +312,7 @@ def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_
     total = {s: {k: sum(e[s][k] for e in entries) for k in ("tokens", "documents", "bytes")} for s in SPLITS}
     report = split_report(plan, total)
     manifest = {"shards": entries, "split": report, "dtype": dtype.name, "vocab_size": vocab_size,
+                "sources": list(dict.fromkeys(source_of.values())),
                 "eot_id": tokenizer.token_to_id(EOT), "tokenizer_hash": tok_hash,
                 "decontamination": {"mode": d.decontamination, "ngram": d.decontamination_ngram,
                                     "items_checked": ngrams.items_checked if ngrams else 0,
@@ -299,6 +334,11 @@ def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_
              f"{d.val_fraction:g} (training split {total['train']['bytes'] / 1e3:.1f} KB, validation "
              f"{total['val']['bytes'] / 1e3:.1f} KB): scores on so uneven a split mean little; add text to "
              f"corpus.sources for a split as asked")
+    for name, counts in source_totals(manifest).items():
+        if counts["val_documents"] == 0:
+            warn(f"tokenized_dataset: source {name!r} has no validation document ({counts['train_documents']} "
+                 f"training documents): it gets no score of its own (eval/{name}/bpb); give it more, smaller "
+                 f"documents (corpus.max_document_bytes) or raise dataset.val_fraction")
     if total["train"]["tokens"] == 0 or total["val"]["tokens"] == 0:
         empty = "train" if total["train"]["tokens"] == 0 else "val"
         raise DataError(f"the {empty} split is empty ({total['train']['documents']} train / "
@@ -312,6 +352,7 @@ def build_tokenized_dataset(cfg: ScratchConfig, tokenizer: Tokenizer, tokenizer_
         val_bytes=total["val"]["bytes"], num_bytes=total["train"]["bytes"] + total["val"]["bytes"],
         dtype=dtype.name, num_shards_encoded=encoded, num_shards_reused=reused, encode_seconds=seconds,
         tasks_per_node=tasks_per_node, builtin_task_items=builtin_items, contamination=contamination,
+        sources=source_totals(manifest),
         out_dir=out_dir, data_version=short_hash("".join(e["key"] for e in entries).encode()),
     )
 

@@ -40,7 +40,8 @@ class EvalResult:
     num_val_tokens: int
     num_val_documents: int  # the documents scored: all, or a sample of evaluation.max_val_tokens
     val_tokens_per_second: float  # the forward-only scoring's throughput
-    per_document: pa.Table  # id, doc_id, tokens, bytes, nats: one row per validation document scored
+    per_document: pa.Table  # id, doc_id, source, tokens, bytes, nats: one row per validation document scored
+    per_source: dict[str, dict]  # source name -> bpb, documents, tokens, bytes of its documents scored
     samples: list[dict]  # {"prompt", "completion"}
     tasks: list[multiple_choice.TaskScore]  # the built-in task, then one per evaluation.tasks entry
     unchecked_tasks: list[str]  # tasks not checked for contamination when tokenized_dataset was built
@@ -73,14 +74,16 @@ def validation_documents(dataset_dir: Path, max_tokens: int) -> tuple[pa.Table, 
         docs = docs.take(np.sort(keep))  # in file order again: reads stay sequential
     shard, start, length = (docs.column(c).to_numpy() for c in ("shard", "start", "length"))
     stream = np.concatenate([arrays[a][s:s + n] for a, s, n in zip(shard, start, length)]).astype(np.int64)
-    return docs.select(["id", "doc_id", "length", "num_bytes"]), stream
+    if "source" not in docs.column_names:  # a dataset tokenized before sources were named: one source
+        docs = docs.append_column("source", pa.array(["corpus"] * len(docs), pa.string()))
+    return docs.select(["id", "doc_id", "source", "length", "num_bytes"]), stream
 
 
 @torch.no_grad()
 def document_scores(model: Transformer, dataset_dir: Path, max_tokens: int) -> tuple[pa.Table, float]:
     """Nats of every validation document scored (validation_documents): the documents' tokens as one
     stream cut into non-overlapping block_size windows, each token predicted once (all but the very
-    first). Returns (id, doc_id, tokens, bytes, nats per document; tokens per second)."""
+    first). Returns (id, doc_id, source, tokens, bytes, nats per document; tokens per second)."""
     model.eval()
     docs, stream = validation_documents(dataset_dir, max_tokens)
     block = model.args.block_size
@@ -105,9 +108,24 @@ def document_scores(model: Transformer, dataset_dir: Path, max_tokens: int) -> t
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     scored = lengths.copy()
     scored[0] -= 1  # the stream's first token has no context
-    table = pa.table({"id": docs.column("id"), "doc_id": docs.column("doc_id"), "tokens": scored,
+    table = pa.table({"id": docs.column("id"), "doc_id": docs.column("doc_id"), "source": docs.column("source"),
+                      "tokens": scored,
                       "bytes": docs.column("num_bytes"), "nats": np.add.reduceat(nats, offsets)})
     return table, (len(stream) - 1) / max(seconds, 1e-9)
+
+
+def per_source_scores(per_document: pa.Table) -> dict[str, dict]:
+    """Source name -> bits per byte over its scored documents (and how many documents, tokens, bytes)."""
+    sums = per_document.group_by("source").aggregate([("nats", "sum"), ("bytes", "sum"), ("tokens", "sum"),
+                                                      ("id", "count")])
+    return {name: {"bpb": nats / math.log(2) / max(num_bytes, 1), "documents": n, "tokens": tokens, "bytes": num_bytes}
+            for name, nats, num_bytes, tokens, n in zip(*(sums.column(c).to_pylist() for c in (
+                "source", "nats_sum", "bytes_sum", "tokens_sum", "id_count")))}
+
+
+def source_metrics(per_source: dict[str, dict]) -> dict[str, float]:
+    """eval/<source>/bpb of every source scored."""
+    return {f"eval/{name}/bpb": s["bpb"] for name, s in per_source.items()}
 
 
 def evaluate(cfg: ScratchConfig, model: Transformer, tokenizer_dir: Path) -> EvalResult:
@@ -125,11 +143,12 @@ def evaluate(cfg: ScratchConfig, model: Transformer, tokenizer_dir: Path) -> Eva
                for p in e.prompts]
     return EvalResult(val_loss=loss, perplexity=math.exp(loss), val_bpb=nats / math.log(2) / text_bytes,
                       num_val_tokens=scored, num_val_documents=len(per_document),
-                      val_tokens_per_second=tokens_per_second, per_document=per_document, samples=samples,
+                      val_tokens_per_second=tokens_per_second, per_document=per_document,
+                      per_source=per_source_scores(per_document), samples=samples,
                       tasks=tasks, unchecked_tasks=unchecked_tasks(cfg))
 
 
-PER_DOCUMENT_FILE = "per_document.parquet"  # id, doc_id, tokens, bytes, nats: paired comparisons of any two models
+PER_DOCUMENT_FILE = "per_document.parquet"  # id, doc_id, source, tokens, bytes, nats: paired comparisons
 TASK_ITEMS_FILE = "task_items.parquet"  # task, id, correct, correct_norm
 
 
@@ -161,6 +180,7 @@ def save_evaluation(cfg: ScratchConfig, r: EvalResult, out_dir: Path) -> Path:
     write_json(out_dir / REPORT_FILE, {
         "val_loss": r.val_loss, "perplexity": r.perplexity, "val_bpb": r.val_bpb, "num_val_tokens": r.num_val_tokens,
         "num_val_documents": r.num_val_documents, "val_tokens_per_second": r.val_tokens_per_second,
+        "per_source": r.per_source,
         "samples": r.samples, "tasks": [t.summary() for t in r.tasks], "core": r.core if r.tasks else None,
         "unchecked_tasks": r.unchecked_tasks, "evaluation": cfg.evaluation.model_dump()})
     return out_dir / REPORT_FILE
@@ -176,7 +196,7 @@ def evaluate_training(cfg: ScratchConfig, latest: dict, tracking_uri: str) -> Ev
     scores, and log them with the samples into its MLflow run."""
     r = evaluate(cfg, load_model(latest["path"]), Path(latest["path"]) / MODEL_TOKENIZER_SUBDIR)
     report = save_evaluation(cfg, r, report_path(cfg, latest["key"]).parent)
-    task_metrics = {k: v for t in r.tasks for k, v in t.metrics().items()}
+    task_metrics = {k: v for t in r.tasks for k, v in t.metrics().items()} | source_metrics(r.per_source)
     if r.tasks:
         task_metrics["eval/core"] = r.core
     tracking.log_evaluation(latest.get("tracking_uri") or tracking_uri, latest["mlflow_run_id"],

@@ -11,6 +11,8 @@ the seed-to-seed spread absorbs.
 
 The downstream tasks veto: if, on a task both models answered, the new model's accuracy
 (length-normalized, paired by item) is lower with its whole interval below zero, it is not promoted.
+So do the sources of registry.protected_sources: if, on a protected source's shared documents, the new
+model's bits per byte are higher with the whole paired interval above zero, it is not promoted.
 
 When the champion has no per-document scores on any of these documents (evaluated before they were
 kept, or on another corpus), the comparison falls back to the two means, and says so.
@@ -40,6 +42,15 @@ class TaskDelta:
 
 
 @dataclasses.dataclass
+class SourceDelta:
+    source: str
+    documents: int  # scored for both models
+    delta: float  # bits per byte, new minus champion: above zero is worse
+    low: float
+    high: float
+
+
+@dataclasses.dataclass
 class Verdict:
     promote: bool
     delta_bpb: float  # new minus champion: negative is better
@@ -50,6 +61,7 @@ class Verdict:
     num_documents: int  # paired documents (0: means compared, unpaired)
     task_deltas: list[TaskDelta]
     reason: str
+    source_deltas: list[SourceDelta] = dataclasses.field(default_factory=list)  # registry.protected_sources
 
     def tags(self) -> dict[str, str]:
         """MLflow model version tags."""
@@ -57,7 +69,9 @@ class Verdict:
                 "promotion.interval": f"[{self.low:+.5f}, {self.high:+.5f}] at {self.confidence:.0%}",
                 "promotion.documents": str(self.num_documents), "promotion.reason": self.reason,
                 **{f"promotion.task.{t.task}": f"{t.delta:+.4f} [{t.low:+.4f}, {t.high:+.4f}]"
-                   for t in self.task_deltas}}
+                   for t in self.task_deltas},
+                **{f"promotion.source.{d.source}": f"{d.delta:+.5f} [{d.low:+.5f}, {d.high:+.5f}]"
+                   for d in self.source_deltas}}
 
 
 def bootstrap_interval(values: np.ndarray, weights: np.ndarray | None, confidence: float,
@@ -76,11 +90,19 @@ def bootstrap_interval(values: np.ndarray, weights: np.ndarray | None, confidenc
     return float(low), float(high)
 
 
-def bits(table: pa.Table) -> dict[str, tuple[float, int]]:
-    """id -> (bits, bytes) of a per-document table."""
+def bits(table: pa.Table) -> dict[str, tuple[float, int, str]]:
+    """id -> (bits, bytes, source) of a per-document table."""
     ids = table.column("id").to_pylist()
     nats, num_bytes = table.column("nats").to_numpy(), table.column("bytes").to_numpy()
-    return {i: (n / math.log(2), b) for i, n, b in zip(ids, nats, num_bytes)}
+    sources = table.column("source").to_pylist() if "source" in table.column_names else ["corpus"] * len(ids)
+    return {i: (n / math.log(2), b, s) for i, n, b, s in zip(ids, nats, num_bytes, sources)}
+
+
+def paired_bpb(new: dict, old: dict, ids: list[str], confidence: float) -> tuple[float, float, float]:
+    """(delta, low, high): bits per byte new minus champion over documents `ids`, with its paired interval."""
+    diff = np.array([new[i][0] - old[i][0] for i in ids])
+    num_bytes = np.array([new[i][1] for i in ids], dtype=np.float64)
+    return float(diff.sum() / num_bytes.sum()), *bootstrap_interval(diff, num_bytes, confidence)
 
 
 def task_deltas(new_items: pa.Table, champion_items: pa.Table, confidence: float) -> list[TaskDelta]:
@@ -99,7 +121,7 @@ def task_deltas(new_items: pa.Table, champion_items: pa.Table, confidence: float
 
 
 def compare(new_dir: Path, champion_dir: Path | None, new_bpb: float, champion_bpb: float, *,
-            margin: float, confidence: float) -> Verdict:
+            margin: float, confidence: float, protected_sources: list[str] = ()) -> Verdict:
     """The verdict for a new model against the champion, from their evaluation directories
     (per_document.parquet and task_items.parquet in each; champion_dir None: not available)."""
     from llm_core.evaluation.evaluate import PER_DOCUMENT_FILE, TASK_ITEMS_FILE
@@ -111,13 +133,15 @@ def compare(new_dir: Path, champion_dir: Path | None, new_bpb: float, champion_b
         delta = new_bpb - champion_bpb
         why = "the champion has no per-document scores on these documents: means compared, no interval"
         return Verdict(delta <= -margin, delta, delta, delta, confidence, margin, 0, [], why)
-    diff = np.array([new[i][0] - old[i][0] for i in shared])
-    num_bytes = np.array([new[i][1] for i in shared], dtype=np.float64)
-    delta = float(diff.sum() / num_bytes.sum())
-    low, high = bootstrap_interval(diff, num_bytes, confidence)
+    delta, low, high = paired_bpb(new, old, shared, confidence)
     tasks = task_deltas(pq.read_table(new_dir / TASK_ITEMS_FILE), pq.read_table(champion_dir / TASK_ITEMS_FILE),
                         confidence) if (champion_dir / TASK_ITEMS_FILE).exists() else []
-    worse = [t.task for t in tasks if t.high < 0]
+    sources = []
+    for source in protected_sources:
+        ids = [i for i in shared if new[i][2] == source]
+        if ids:
+            sources.append(SourceDelta(source, len(ids), *paired_bpb(new, old, ids, confidence)))
+    worse = [t.task for t in tasks if t.high < 0] + [f"source {d.source}" for d in sources if d.low > 0]
     if high >= -margin:
         reason = (f"not better beyond the margin: {delta:+.4f} bits/byte, interval [{low:+.4f}, {high:+.4f}] "
                   f"reaches above -{margin:g}")
@@ -125,7 +149,8 @@ def compare(new_dir: Path, champion_dir: Path | None, new_bpb: float, champion_b
         reason = f"better in bits/byte ({delta:+.4f}) but worse beyond noise on {', '.join(worse)}"
     else:
         reason = f"better: {delta:+.4f} bits/byte, interval [{low:+.4f}, {high:+.4f}] below -{margin:g}"
-    return Verdict(high < -margin and not worse, delta, low, high, confidence, margin, len(shared), tasks, reason)
+    return Verdict(high < -margin and not worse, delta, low, high, confidence, margin, len(shared), tasks, reason,
+                   sources)
 
 
 def against_champion(cfg, tracking_uri: str, key: str, val_bpb: float) -> Verdict | None:
@@ -144,4 +169,5 @@ def against_champion(cfg, tracking_uri: str, key: str, val_bpb: float) -> Verdic
     if not (champion_dir / PER_DOCUMENT_FILE).exists():  # trained elsewhere: its run kept the scores
         champion_dir = tracking.download_evaluation(tracking_uri, version.run_id, champion_dir)
     return compare(evaluations / key, champion_dir, val_bpb, float(version.tags.get(versions.BPB_TAG, "inf")),
-                   margin=cfg.registry.promotion_margin_bpb, confidence=cfg.registry.promotion_confidence)
+                   margin=cfg.registry.promotion_margin_bpb, confidence=cfg.registry.promotion_confidence,
+                   protected_sources=cfg.registry.protected_sources)

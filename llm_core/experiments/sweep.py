@@ -99,8 +99,16 @@ def fully_trained(out_dir: Path, cfg: ScratchConfig) -> bool:
     return summary.get("steps") == cfg.training.max_steps and (out_dir / WEIGHTS_FILE).exists()
 
 
-def compare(record: dict, reports: dict[str, dict]) -> tuple[list[list], str | None]:
-    """(comparison rows, name of the best variant by val bpb among the evaluated ones)."""
+def compared_sources(reports: dict[str, dict]) -> list[str]:
+    """The sources scored per variant, when the corpus has several (a column each in the comparison)."""
+    names = list(dict.fromkeys(name for r in reports.values() for name in r.get("per_source", {})))
+    return names if len(names) > 1 else []
+
+
+def compare(record: dict, reports: dict[str, dict]) -> tuple[list[str], list[list], str | None]:
+    """(comparison columns, rows, name of the best variant by val bpb among the evaluated ones): the
+    columns are COMPARISON_COLUMNS and, with several sources, each source's bpb."""
+    sources = compared_sources(reports)
     rows, best, best_bpb = [], None, math.inf
     for name, v in record["variants"].items():
         report, summary = reports.get(name, {}), read_json(Path(v["path"]) / SUMMARY_FILE)
@@ -110,12 +118,14 @@ def compare(record: dict, reports: dict[str, dict]) -> tuple[list[list], str | N
         rows.append([name, v["label"], f"{bpb:.4f}" if bpb is not None else "-",
                      f"{report['core']:+.3f}" if report.get("core") is not None else "-",
                      f"{summary.get('tokens_per_second', 0):,.0f}", f"{summary.get('train_seconds', 0):.1f}",
-                     v["health"]])
-    return rows, best
+                     v["health"], *(f"{report['per_source'][s]['bpb']:.4f}" if s in report.get("per_source", {})
+                                    else "-" for s in sources)])
+    return COMPARISON_COLUMNS + [f"{s} bpb" for s in sources], rows, best
 
 
 def plot(record: dict, reports: dict[str, dict], out_dir: Path) -> list[Path]:
-    """val_bpb_by_variant.png and loss_curves.png (every variant's train loss, overlaid)."""
+    """val_bpb_by_variant.png, loss_curves.png (every variant's train loss, overlaid) and, with several
+    sources, bpb_by_source.png (each variant's bpb per source, side by side)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,18 +153,35 @@ def plot(record: dict, reports: dict[str, dict], out_dir: Path) -> list[Path]:
     fig.tight_layout()
     fig.savefig(out_dir / "loss_curves.png")
     plt.close(fig)
-    return [out_dir / "val_bpb_by_variant.png", out_dir / "loss_curves.png"]
+    files = [out_dir / "val_bpb_by_variant.png", out_dir / "loss_curves.png"]
+    sources = compared_sources(reports)
+    if sources:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        width = 0.8 / max(len(names), 1)
+        for i, name in enumerate(names):
+            ax.bar([j + i * width for j in range(len(sources))],
+                   [reports[name]["per_source"].get(s, {}).get("bpb", 0) for s in sources], width,
+                   label=f"{name}: {record['variants'][name]['label']}")
+        ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(sources))], sources)
+        ax.set_ylabel("val bits per byte")
+        ax.set_title(f"{record['name']}: per source")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "bpb_by_source.png")
+        plt.close(fig)
+        files.append(out_dir / "bpb_by_source.png")
+    return files
 
 
-def log_comparison(record: dict, rows: list[list], best: str | None, files: list[Path]) -> None:
+def log_comparison(record: dict, columns: list[str], rows: list[list], best: str | None, files: list[Path]) -> None:
     """The comparison table (markdown and CSV), the plots and the best variant on the parent run."""
     client = tracking.client(record["tracking_uri"])
     run_id = record["parent_run_id"]
-    table = "\n".join(["| " + " | ".join(COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
+    table = "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
                       + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
     client.log_text(run_id, table + "\n", "sweep_comparison.md")
     client.log_text(run_id, "\n".join(",".join(f'"{c}"' for c in row)
-                                      for row in [COMPARISON_COLUMNS, *rows]) + "\n", "sweep_comparison.csv")
+                                      for row in [columns, *rows]) + "\n", "sweep_comparison.csv")
     for path in files:
         client.log_artifact(run_id, str(path))
     if best is not None:
@@ -162,10 +189,10 @@ def log_comparison(record: dict, rows: list[list], best: str | None, files: list
         client.set_tag(run_id, "scratchllm.best_training_key", record["variants"][best]["key"])
 
 
-def evaluate_variants(cfg: ScratchConfig, tracking_uri: str, log) -> tuple[dict, list[list], str]:
+def evaluate_variants(cfg: ScratchConfig, tracking_uri: str, log) -> tuple[dict, list[str], list[list], str]:
     """model_evaluation of a sweep: every healthy variant evaluated once (a report already written is
     reused), the comparison logged on the parent run, and the best variant by val bpb made the latest
-    model (registry and export take it). Returns (record, comparison rows, best variant)."""
+    model (registry and export take it). Returns (record, comparison columns and rows, best variant)."""
     from llm_core.evaluation import evaluate as ev
 
     record = load(cfg)
@@ -180,16 +207,16 @@ def evaluate_variants(cfg: ScratchConfig, tracking_uri: str, log) -> tuple[dict,
             ev.evaluate_training(by_name[name].config, training_of(record, name).entry(), tracking_uri)
             report = read_json(ev.report_path(cfg, v["key"]))
         reports[name] = report
-    rows, best = compare(record, reports)
+    columns, rows, best = compare(record, reports)
     if best is None:
         raise ValueError(f"sweep {record['name']}: no healthy variant to evaluate")
     out_dir = cfg.data_path / EVALUATION_DIR / "sweeps" / record["key"]
     files = plot(record, reports, out_dir)
-    log_comparison(record, rows, best, files)
+    log_comparison(record, columns, rows, best, files)
     if any(f.startswith("model.") or f == "training.max_steps" for f in swept_fields(cfg)):
         fit_scaling(cfg, record, reports, out_dir, log)
     training_run.make_latest(cfg, training_of(record, best))
-    return record, rows, best
+    return record, columns, rows, best
 
 
 def training_of(record: dict, name: str) -> training_run.TrainingRun:

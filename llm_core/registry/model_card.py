@@ -114,7 +114,19 @@ def training_section(trained: dict, args: dict, summary: dict) -> list[str]:
         rows += [["steps, precision, hardware, time", f"not recorded (no {SUMMARY_FILE}: a checkpoint or a "
                                                       "copied model directory)"]]
     rows += [["seed", trained.get("seed")], ["warm start from", trained.get("init_from") or "random weights"]]
-    return ["## Training", "", _table(["", ""], rows), ""]
+    return ["## Training", "", _table(["", ""], rows), ""] + mixture_section(trained.get("mixture"), summary)
+
+
+def mixture_section(mixture: dict | None, summary: dict) -> list[str]:
+    """The data mixture asked for and the tokens each source gave the training."""
+    trained = summary.get("tokens_per_source") or {}
+    if not trained and not mixture:
+        return []
+    total_weight, total_tokens = sum((mixture or {}).values()), sum(trained.values()) or 1
+    rows = [[name, f"{(mixture or {}).get(name, 0) / total_weight:.3f}" if mixture else "natural",
+             f"{trained.get(name, 0):,}", f"{trained.get(name, 0) / total_tokens:.1%}"]
+            for name in dict.fromkeys([*(mixture or {}), *trained])]
+    return ["### Data mixture", "", _table(["source", "weight", "tokens trained", "share"], rows), ""]
 
 
 def evaluation_section(report: dict, verdict=None) -> list[str]:
@@ -124,6 +136,9 @@ def evaluation_section(report: dict, verdict=None) -> list[str]:
                         "of a training run; materialize it, then export again).", ""]
     lines += [f"Validation: **{report['val_bpb']:.4f} bits per byte** (loss {report['val_loss']:.4f} nats/token) on "
               f"{report.get('num_val_documents', '?'):,} documents, {report['num_val_tokens']:,} tokens.", ""]
+    if len(report.get("per_source", {})) > 1:
+        lines += [_table(["source", "bits per byte", "documents"],
+                         [[name, f"{s['bpb']:.4f}", s["documents"]] for name, s in report["per_source"].items()]), ""]
     if verdict is not None:
         lines += [f"Against the champion before it, paired over {verdict.num_documents:,} documents: "
                   f"{verdict.delta_bpb:+.4f} bits per byte, {verdict.confidence:.0%} interval "

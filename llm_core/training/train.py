@@ -34,6 +34,8 @@ from llm_core.config import ScratchConfig, load_config, validate_config
 from llm_core.files import read_json, write_json
 from llm_core.layout import DATASET_DIR, MODEL_DIR, TOKENIZER_DIR
 from llm_core.training.loader import TokenWindows, sequential_batches
+from llm_core.training.mixture import check_mixture
+from llm_core.faults import hold_point
 from llm_core.model import ModelArgs, Transformer
 from llm_core.training.performance import (PeakMemory, available_cores, choose_precision, hardware,
                                            measure_peak_flops, mfu)
@@ -214,6 +216,7 @@ class TrainResult:
     peak_flops: float  # the MFU denominator: training.peak_flops, else the best GEMM measured in the training precision
     hardware: str  # what trained (the model card says it)
     mixed_precision: str  # what the training ran in (`auto` decided once per run, see training_precision)
+    tokens_per_source: dict[str, int]  # trained tokens per corpus source (every rank's), see TokenWindows
     history: list[dict]
     out_dir: Path
 
@@ -292,8 +295,10 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     model, *optimizers = accelerator.prepare(model, *optimizers)
     if t.compile:
         model = torch.compile(model)
+    if t.mixture:
+        check_mixture(cfg)  # on every rank, before the first step (the asset checked it before launching)
     loader = TokenWindows(dataset_dir, "train", args.block_size, t.batch_size, t.seed,
-                          accelerator.process_index, accelerator.num_processes, cfg.dataset.packing)
+                          accelerator.process_index, accelerator.num_processes, cfg.dataset.packing, t.mixture)
     progress = TrainingProgress(loader)
     accelerator.register_for_checkpointing(*schedulers, progress)
 
@@ -387,6 +392,7 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
         mfu=mfu(median_tokens_per_second, flops_per_token, peak_flops),
         steps=t.max_steps, resumed_from_step=start_step, peak_memory_mb=memory.peak_mb(), peak_flops=peak_flops,
         mixed_precision=precision, hardware=hardware(accelerator.device, accelerator.num_processes),
+        tokens_per_source=loader.tokens_per_source(t.max_steps * t.grad_accum_steps) if main else {},
         history=progress.history, out_dir=out_dir)
     # The full weights: gathered from the shards under FSDP / ZeRO-3 (every rank takes part).
     state = accelerator.get_state_dict(model)
@@ -413,7 +419,8 @@ def command_line(argv: list[str] | None, description: str) -> tuple[ScratchConfi
 
 
 def main(argv: list[str] | None = None) -> None:
-    train(*command_line(argv, __doc__.split("\n")[0]))
+    # tests kill a training here, after a step and its checkpoint (llm_core/faults.py)
+    train(*command_line(argv, __doc__.split("\n")[0]), on_step=lambda step: hold_point(f"train_step:{step}"))
 
 
 if __name__ == "__main__":

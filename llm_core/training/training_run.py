@@ -14,7 +14,7 @@ from pathlib import Path
 
 from llm_core.training import health, model_source
 from llm_core import tracking
-from llm_core.model_files import SUMMARY_FILE
+from llm_core.model_files import MODEL_CONFIG_FILE, SUMMARY_FILE
 from llm_core.config import ScratchConfig, training_tokens
 from llm_core.files import atomic_path, read_json, short_hash, write_json
 from llm_core.model_files import copy_tokenizer
@@ -71,6 +71,14 @@ def repetition_warning(cfg: ScratchConfig) -> str | None:
     return (f"training: {t.max_steps} steps read {planned / 1e6:.2f}M tokens, {planned / train_tokens:.0f} passes "
             f"over the {train_tokens:,} tokens of the training split: expect the model to memorize them (the "
             f"validation loss rises); add text to corpus.sources, or lower training.max_steps")
+
+
+def mixture_tags(model_dir: Path) -> dict[str, str]:
+    """Registry tags: the mixture a model was trained with (`natural`: by size) and the tokens per source."""
+    trained = read_json(Path(model_dir) / MODEL_CONFIG_FILE).get("config", {}).get("training", {})
+    tokens = read_json(Path(model_dir) / SUMMARY_FILE).get("tokens_per_source")
+    return {"scratchllm.mixture": json.dumps(trained["mixture"]) if trained.get("mixture") else "natural",
+            **({"scratchllm.tokens_per_source": json.dumps(tokens)} if tokens else {})}
 
 
 def prepare(cfg: ScratchConfig, tracking_uri: str, tags: dict[str, str]) -> TrainingRun:

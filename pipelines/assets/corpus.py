@@ -14,7 +14,7 @@ from llm_core.data.raw_corpus import build_raw_corpus
 from llm_core.layout import RAW_CORPUS_DIR
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.failures import user_errors
-from pipelines.metadata import check_result, engine_metadata, markdown_table, uri
+from pipelines.metadata import check_result, engine_metadata, markdown_table, per_source_metadata, uri
 
 RawCorpusConfig = run_config_class("RawCorpusConfig", "corpus", "engine")
 CleanedShardsConfig = run_config_class("CleanedShardsConfig", "cleaning", "dedup", "engine")
@@ -40,6 +40,9 @@ def raw_corpus(context: dg.AssetExecutionContext, config: RawCorpusConfig,
             "num_shards_reused": r.num_shards_reused, "num_parts": len(r.parts),
             "quarantine": dg.MetadataValue.path(str(r.quarantine_dir)),
             "quarantine_reasons": markdown_table(["reason", "count"], [list(kv) for kv in reasons]),
+            **per_source_metadata(r.sources, {"files": "files", "documents": "documents", "bytes": "bytes",
+                                              "quarantined records": "quarantined_records",
+                                              "quarantined files": "quarantined_files"}),
             **engine_metadata(cfg.engine, r.tasks_per_node),
         },
     )
@@ -68,6 +71,12 @@ def cleaned_shards(context: dg.AssetExecutionContext, config: CleanedShardsConfi
             "invariant_holds": r.invariant_holds(),
             "filters": markdown_table(["rule", "threshold", "documents removed"], rules),
             "pii_replacements": markdown_table(["kind", "count"], sorted(r.pii_replacements.items())),
+            **per_source_metadata({name: {**c, "filtered": sum(c["filtered_by_rule"].values())}
+                                   for name, c in r.sources.items()},
+                                  {"in": "documents_in", "kept": "kept", "bytes in": "bytes_in",
+                                   "bytes kept": "bytes_out", "filtered": "filtered", "exact dups": "exact_duplicates",
+                                   "near dups": "near_duplicates", "dups of another source": "cross_source_duplicates",
+                                   "quarantined": "quarantined"}),
             "preview": markdown_table(["id", "source", "text"], [[d["id"], d["source"], d["text"]]
                                                                  for d in r.preview]),
             **engine_metadata(cfg.engine, r.tasks_per_node),

@@ -38,8 +38,12 @@ def model_evaluation(context: dg.AssetExecutionContext, config: ModelEvaluationC
             ["task", "items", "acc", "acc_norm", "random", "centered", "decontaminated"],
             [[t.name, t.items, f"{t.acc:.3f}", f"{t.acc_norm:.3f}", f"{t.random:.3f}", f"{t.centered:+.3f}",
               "no" if t.name in r.unchecked_tasks else "yes"] for t in r.tasks])}
+    per_source = {"per_source_bpb": markdown_table(
+        ["source", "bits per byte", "documents", "bytes"],
+        [[name, f"{s['bpb']:.4f}", s["documents"], s["bytes"]] for name, s in r.per_source.items()]),
+        **ev.source_metrics(r.per_source)}
     return dg.MaterializeResult(
-        metadata={**uri(evaluation.report), **tasks, "val_loss": r.val_loss, "val_bpb": r.val_bpb,
+        metadata={**uri(evaluation.report), **tasks, **per_source, "val_loss": r.val_loss, "val_bpb": r.val_bpb,
                   "perplexity": r.perplexity, "num_val_tokens": r.num_val_tokens,
                   "num_val_documents": r.num_val_documents, "val_tokens_per_second": round(r.val_tokens_per_second),
                   "mlflow_run_id": evaluation.latest["mlflow_run_id"],
@@ -50,7 +54,7 @@ def model_evaluation(context: dg.AssetExecutionContext, config: ModelEvaluationC
 
 def evaluate_sweep(context: dg.AssetExecutionContext, cfg, tracking_uri: str) -> dg.MaterializeResult:
     """Every healthy variant of the sweep evaluated; the best one by val bits per byte goes on to the registry."""
-    record, rows, best = sweep.evaluate_variants(cfg, tracking_uri, context.log.info)
+    record, columns, rows, best = sweep.evaluate_variants(cfg, tracking_uri, context.log.info)
     report_file = ev.report_path(cfg, record["variants"][best]["key"])
     report = read_json(report_file)
     context.log.info(f"sweep {record['name']}: best {best} ({record['variants'][best]['label']}), "
@@ -59,7 +63,7 @@ def evaluate_sweep(context: dg.AssetExecutionContext, cfg, tracking_uri: str) ->
         **uri(report_file), "sweep": record["name"], "best_variant": best,
         "best_values": record["variants"][best]["label"], "mlflow_parent_run_id": record["parent_run_id"],
         "mlflow_run_id": record["variants"][best]["mlflow_run_id"],
-        "sweep_comparison": markdown_table(sweep.COMPARISON_COLUMNS, rows),
+        "sweep_comparison": markdown_table(columns, rows),
         **{k: report[k] for k in ("val_bpb", "val_loss", "perplexity", "num_val_tokens", "num_val_documents")},
         **({"core": report["core"]} if report.get("core") is not None else {})})
 

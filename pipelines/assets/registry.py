@@ -47,6 +47,7 @@ def registered_model(context: dg.AssetExecutionContext, config: RegisteredModelC
     run_tags = tracking.client(tracking_uri).get_run(latest["mlflow_run_id"]).data.tags
     tags.update({k: run_tags[k] for k in (training_run.PARENT_TAG, training_run.PARENT_RUN_TAG) if k in run_tags})
     model_dir = Path(latest["path"])
+    tags.update(training_run.mixture_tags(model_dir))
     verdict = promotion.against_champion(cfg, tracking_uri, latest["key"], report["val_bpb"])
     r = versions.register(model_dir, model_dir / MODEL_TOKENIZER_SUBDIR, tracking_uri=tracking_uri,
                           run_id=latest["mlflow_run_id"], name=cfg.registry.model_name, val_bpb=report["val_bpb"],
@@ -76,7 +77,11 @@ def verdict_metadata(verdict: promotion.Verdict | None) -> dict:
             **({"task_deltas": markdown_table(
                 ["task", "items", "acc_norm change", "interval"],
                 [[t.task, t.items, f"{t.delta:+.4f}", f"[{t.low:+.4f}, {t.high:+.4f}]"] for t in verdict.task_deltas])}
-               if verdict.task_deltas else {})}
+               if verdict.task_deltas else {}),
+            **({"protected_sources": markdown_table(
+                ["source", "documents", "bits/byte change", "interval"],
+                [[d.source, d.documents, f"{d.delta:+.5f}", f"[{d.low:+.5f}, {d.high:+.5f}]"]
+                 for d in verdict.source_deltas])} if verdict.source_deltas else {})}
 
 
 registry_assets = [registered_model]

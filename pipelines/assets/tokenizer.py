@@ -16,7 +16,7 @@ from llm_core.data.tokenized_dataset import (
 from pipelines.assets.corpus import cleaned_shards
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.failures import user_errors
-from pipelines.metadata import check_result, engine_metadata, markdown_table, uri
+from pipelines.metadata import check_result, engine_metadata, markdown_table, per_source_metadata, uri
 from pipelines.resources import MLflowResource, with_warm_start
 
 TokenizerConfig = run_config_class("TokenizerConfig", "tokenizer")
@@ -83,6 +83,9 @@ def tokenized_dataset(context: dg.AssetExecutionContext, config: TokenizedDatase
             "split": markdown_table(["", "source documents", "pieces", "bytes", "tokens"], [
                 [side, s[f"{side}_documents"], s[f"{side}_pieces"], s[f"{side}_bytes"], s[f"{side}_tokens"]]
                 for side in ("train", "val")]),
+            **per_source_metadata(r.sources, {"train tokens": "train_tokens", "val tokens": "val_tokens",
+                                              "train documents": "train_documents", "val documents": "val_documents",
+                                              "val bytes": "val_bytes", "contaminated": "contaminated_documents"}),
             "num_contaminated_documents": r.contamination["num_contaminated_documents"],
             "num_contaminated_removed": r.contamination["num_removed"],
             "decontamination": f"{r.contamination['mode']}, {r.contamination['ngram']}-grams of "

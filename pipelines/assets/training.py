@@ -5,9 +5,10 @@ import dataclasses
 import dagster as dg
 
 from llm_core import tracking
-from llm_core.config import ScratchConfig
+from llm_core.config import ScratchConfig, variants
 from llm_core.experiments import sweep
 from llm_core.training import cluster, health, training_run
+from llm_core.training.mixture import check_mixture
 from pipelines.assets.tokenizer import tokenized_dataset
 from pipelines.config import ScratchllmResource, run_config_class
 from pipelines.failures import user_errors
@@ -37,6 +38,10 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainedModelConfig,
     cfg = with_warm_start(context, cfg, mlflow.uri(cfg))
     if warning := training_run.repetition_warning(cfg):
         context.log.warning(warning)
+    for variant in variants(cfg):  # an impossible mixture is refused before any training starts
+        for p in check_mixture(variant.config) if variant.config.training.mixture else []:
+            context.log.info(f"{variant.name} mixture: {p.source} weight {p.weight:.3f}, {p.planned_tokens:,} of "
+                             f"{p.train_tokens:,} training tokens ({p.repetitions:.2f} passes)")
     tags = {"dagster.run_id": context.run_id, **data_versions(context.instance, UPSTREAM_OF_TRAINING)}
     if cfg.sweep:
         return train_sweep(context, cfg, mlflow.uri(cfg), tags)

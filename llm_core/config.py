@@ -31,7 +31,7 @@ CONFIG_ENV_VAR = "SCRATCHLLM_CONFIG"
 SCHEDULING_FIELDS = {"training": {"max_parallel_variants", "peak_flops"}}
 # Fields added after profiles were in use, left out of keys and hashes while they hold these values (the
 # same training as before they existed), so that trainings and versions made before keep their keys.
-OMITTED_AT = {"training": {"mixture": None}, "registry": {"protected_sources": []}}
+OMITTED_AT = {"training": {"mixture": None, "muon_ns_steps": 5}, "registry": {"protected_sources": []}}
 SOURCE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
@@ -265,6 +265,8 @@ class TrainingConfig(Section):
                                                 "the hidden matrices, AdamW for embeddings, head and gains.")
     muon_learning_rate: float = Field(default=0.01, gt=0, description="Muon's peak learning rate (same schedule).")
     muon_momentum: float = Field(default=0.95, ge=0, lt=1, description="Muon's momentum (Nesterov).")
+    muon_ns_steps: int = Field(default=5, ge=1, le=10, description="Muon's Newton-Schulz iterations per update: "
+                                                                 "fewer cost less time, orthogonalize less exactly.")
     weight_decay: float = Field(default=0.1, ge=0, description="AdamW decay of matrices (not norms).")
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.95, ge=0, lt=1)
@@ -275,7 +277,10 @@ class TrainingConfig(Section):
     mixed_precision: Literal["no", "bf16", "fp16", "auto"] = Field(
         default="no", description="'no' (fp32), 'bf16', 'fp16' (GPU) or 'auto': bf16 on CUDA, and on a CPU with bf16 "
                                   "units when it is faster.")
-    compile: bool = Field(default=False, description="torch.compile the model.")
+    compile: bool | Literal["auto"] = Field(
+        default=False, description="torch.compile the model: true, false, or 'auto': when the step time it saves "
+                                   "over the run exceeds the compile time, measured once per shape on this machine "
+                                   "(kernels cached under data_dir).")
     mixture: dict[str, float] | None = Field(
         default=None, description="Source name -> weight: the share of trained tokens drawn from each source "
                                   "(weights are normalized; a source left out gets none). null: every source in "

@@ -17,7 +17,7 @@ from llm_core.config import validate_config
 from llm_core.faults import hold_point
 from llm_core.experiments.plan import config_strategy, plan_vs_measured
 from llm_core.training.cluster import clear_failure, train_on_cluster
-from llm_core.training.train import train
+from llm_core.training.train import ATTEMPT_TIMINGS, train
 
 
 def main() -> None:
@@ -59,6 +59,11 @@ def main() -> None:
             result = train(cfg, out_dir, log=pipes.log.info, on_metrics=on_metrics)
         mlflow.set_tags({"scratchllm.world_size": result.world_size,
                          "scratchllm.tokens_per_source": json.dumps(result.tokens_per_source)})
+        # The run's decision (the same in every attempt) as params; what this attempt measured as metrics.
+        attempt = {k: result.compile.pop(k) for k in ATTEMPT_TIMINGS if k in result.compile}
+        mlflow.log_params({f"compile.{k}": v for k, v in result.compile.items()})
+        mlflow.log_metrics({f"compile_{k}": v for k, v in attempt.items()})
+        result.compile.update(attempt)
         metrics.flush()
         curve = tracking.plot_loss_curve(result.history, out_dir / "loss_curve.png")
         for artifact in (curve, out_dir / "model_config.json", out_dir / "training_summary.json"):
@@ -82,6 +87,9 @@ def main() -> None:
             "resumed_from_step": result.resumed_from_step,
             "loss_curve": {"raw_value": str(curve), "type": "path"}, **cluster_metadata,
             "tokens_per_source": {"raw_value": result.tokens_per_source, "type": "json"},
+            "compiled": result.compile["compiled"], "compile": result.compile["why"],
+            "compile_timings": {"raw_value": {k: round(v, 4) for k, v in result.compile.items()
+                                              if isinstance(v, float)}, "type": "json"},
         })
 
 

@@ -34,6 +34,7 @@ from llm_core.config import ScratchConfig, load_config, validate_config
 from llm_core.files import read_json, write_json
 from llm_core.layout import DATASET_DIR, MODEL_DIR, TOKENIZER_DIR
 from llm_core.training.loader import TokenWindows, sequential_batches
+from llm_core.training import compilation
 from llm_core.training.mixture import check_mixture
 from llm_core.faults import hold_point
 from llm_core.model import ModelArgs, Transformer
@@ -100,7 +101,8 @@ def make_optimizers(model: torch.nn.Module, cfg: ScratchConfig) -> list[torch.op
                               fused=True)  # one kernel for all parameters (CPU and GPU): 5x faster here
     if not hidden:
         return [adamw]
-    return [adamw, torch.optim.Muon(hidden, lr=t.muon_learning_rate, momentum=t.muon_momentum, weight_decay=0.0)]
+    return [adamw, torch.optim.Muon(hidden, lr=t.muon_learning_rate, momentum=t.muon_momentum, weight_decay=0.0,
+                                    ns_steps=t.muon_ns_steps)]
 
 
 PRECISION_FILE = "precision.json"
@@ -124,25 +126,43 @@ def step_seconds(args: ModelArgs, batch_size: int, dtype: torch.dtype, repeats: 
     return min(step() for _ in range(repeats))
 
 
+def decided_once(path: Path, decide: Callable[[], dict], timeout: float) -> dict:
+    """A decision of the run's first rank (written to `path` in the run directory) that every rank and
+    every resume of the run takes as it is."""
+    if not path.exists() and int(os.environ.get("RANK", "0")) == 0:
+        write_json(path, decide())
+    deadline = time.monotonic() + timeout
+    while not path.exists():  # another rank: the first one is measuring
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank {os.environ.get('RANK')}: no {path} from the first rank after {timeout:.0f} s")
+        time.sleep(0.1)
+    return read_json(path)
+
+
 def training_precision(cfg: ScratchConfig, out_dir: Path, device: torch.device) -> tuple[str, str]:
     """(precision, why): `training.mixed_precision`, with `auto` decided once per run by the first rank
-    (performance.choose_precision) and kept in out_dir, so that every rank and every resume of the run
-    trains in the same precision."""
+    (performance.choose_precision)."""
     t = cfg.training
     if t.mixed_precision != "auto":
         return t.mixed_precision, "as configured"
-    path = out_dir / PRECISION_FILE
-    if not path.exists() and int(os.environ.get("RANK", "0")) == 0:
+
+    def measured() -> dict:
         args = model_args(cfg, cfg.tokenizer.vocab_size)
         precision, why = choose_precision("auto", device, lambda dtype: step_seconds(args, t.batch_size, dtype))
-        write_json(path, {"mixed_precision": precision, "why": f"auto: {why}"})
-    deadline = time.monotonic() + 120
-    while not path.exists():  # another rank: the first one is measuring
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"rank {os.environ.get('RANK')}: no {path} from the first rank after 120 s")
-        time.sleep(0.1)
-    decided = read_json(path)
+        return {"mixed_precision": precision, "why": f"auto: {why}"}
+
+    decided = decided_once(out_dir / PRECISION_FILE, measured, timeout=120)
     return decided["mixed_precision"], decided["why"]
+
+
+def compile_choice(cfg: ScratchConfig, out_dir: Path, args: ModelArgs, precision: str, device: torch.device,
+                   log: Callable[[str], None]) -> dict:
+    """training.compile decided once per run (llm_core/training/compilation.py), by the first rank."""
+    def measured() -> dict:
+        return compilation.decide(cfg.training.compile, args, cfg.training.batch_size, precision, device.type,
+                              cfg.training.max_steps, cfg.data_path, log)
+
+    return decided_once(out_dir / compilation.COMPILE_FILE, measured, timeout=1800)  # a first compile takes minutes
 
 
 class TrainingDiverged(RuntimeError):
@@ -217,12 +237,38 @@ class TrainResult:
     hardware: str  # what trained (the model card says it)
     mixed_precision: str  # what the training ran in (`auto` decided once per run, see training_precision)
     tokens_per_source: dict[str, int]  # trained tokens per corpus source (every rank's), see TokenWindows
+    compile: dict  # training.compile's decision, why, and the timings: see compile_report
     history: list[dict]
     out_dir: Path
 
     def summary(self) -> dict:
         """training_summary.json: every field but out_dir (the directory it is written in)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "out_dir"}
+
+
+# What one start of a run measured (a resume measures again): first and median step, what compiling took,
+# and inductor's cache hits and misses (a warm cache compiles from disk).
+ATTEMPT_TIMINGS = ("first_step_seconds", "median_step_seconds", "this_compile_seconds", "cache_hits", "cache_misses")
+
+
+def compile_report(decision: dict, step_times: list[float], cfg: ScratchConfig, args: ModelArgs, precision: str,
+                   device: torch.device) -> dict:
+    """The decision with what this attempt measured: its first step (compiling, when compiled) against its
+    median step. A compiled run's first step beyond the median is what compiling cost with the cache as
+    it was: remembered as the warm compile time of the shape."""
+    report = dict(decision)
+    if len(step_times) >= 3:
+        median = sorted(step_times[1:])[len(step_times[1:]) // 2]
+        report.update(first_step_seconds=step_times[0], median_step_seconds=median)
+        if decision["compiled"]:
+            from torch._dynamo.utils import counters
+
+            report["this_compile_seconds"] = max(step_times[0] - median, 0.0)
+            report.update(cache_hits=counters["inductor"]["fxgraph_cache_hit"],
+                          cache_misses=counters["inductor"]["fxgraph_cache_miss"])
+            key = compilation.shape_key(args, cfg.training.batch_size, precision, device.type)
+            compilation.remember_warm_compile(cfg.data_path, key, report["this_compile_seconds"])
+    return report
 
 
 def evaluate_loss(model, dataset_dir: Path, cfg: ScratchConfig, accelerator,
@@ -293,7 +339,9 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda step: lr_at(step, cfg)) for o in optimizers]
     # Each optimizer prepared on its own: accelerate then skips, scales and checkpoints every one of them.
     model, *optimizers = accelerator.prepare(model, *optimizers)
-    if t.compile:
+    compiling = compile_choice(cfg, out_dir, args, precision, device, log if main else lambda message: None)
+    if compiling["compiled"]:
+        compilation.use_cache(cfg.data_path)
         model = torch.compile(model)
     if t.mixture:
         check_mixture(cfg)  # on every rank, before the first step (the asset checked it before launching)
@@ -313,6 +361,7 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
             f"{tokens_per_step} tokens/step, steps {start_step}..{t.max_steps}, precision {precision} ({why}); "
             f"MFU against {peak_flops / 1e9:.0f} GFLOP/s, "
             + ("training.peak_flops" if t.peak_flops else f"the best {dtype} GEMM measured here")
+            + f"; {'compiled' if compiling['compiled'] else 'eager'} ({compiling['why']})"
             + (f"; warm start from {warm.spec} ({warm.model_dir})" if warm else ""))
 
     model.train()
@@ -321,6 +370,7 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     loop_start, print_every = time.perf_counter(), progress_every(cfg)
     last_loss = float("nan")
     val_loss = float("nan")
+    step_times: list[float] = []  # of the training steps: the first one of a compiled model includes compiling
     iterator = iter(loader)
     for step in range(start_step, t.max_steps):
         step_start = time.perf_counter()
@@ -340,8 +390,9 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
         for scheduler in schedulers:
             scheduler.step()
         last_loss = float(accelerator.reduce(step_loss, reduction="mean"))  # the global batch's loss
-        train_seconds += time.perf_counter() - step_start
-        window_seconds += time.perf_counter() - step_start
+        step_times.append(time.perf_counter() - step_start)
+        train_seconds += step_times[-1]
+        window_seconds += step_times[-1]
         window_tokens += tokens_per_step
         done = step + 1
         metrics = {"train_loss": last_loss, "lr": schedulers[0].get_last_lr()[0]}
@@ -393,6 +444,7 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
         steps=t.max_steps, resumed_from_step=start_step, peak_memory_mb=memory.peak_mb(), peak_flops=peak_flops,
         mixed_precision=precision, hardware=hardware(accelerator.device, accelerator.num_processes),
         tokens_per_source=loader.tokens_per_source(t.max_steps * t.grad_accum_steps) if main else {},
+        compile=compile_report(compiling, step_times, cfg, args, precision, device) if main else compiling,
         history=progress.history, out_dir=out_dir)
     # The full weights: gathered from the shards under FSDP / ZeRO-3 (every rank takes part).
     state = accelerator.get_state_dict(model)

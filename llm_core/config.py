@@ -261,8 +261,9 @@ class TrainingConfig(Section):
                                                                      "warmup_fraction of max_steps.")
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1, description="Warmup as a share of max_steps "
                                                                          "when warmup_steps is null.")
-    optimizer: Literal["adamw", "muon"] = Field(default="muon", description="'adamw', or 'muon': torch.optim.Muon for "
-                                                "the hidden matrices, AdamW for embeddings, head and gains.")
+    optimizer: Literal["adamw", "muon"] = Field(
+        default="muon", description="'adamw', or 'muon': Muon (torch.optim.Muon's, batched by shape) for the hidden "
+                                    "matrices, AdamW for embeddings, head and gains.")
     muon_learning_rate: float = Field(default=0.01, gt=0, description="Muon's peak learning rate (same schedule).")
     muon_momentum: float = Field(default=0.95, ge=0, lt=1, description="Muon's momentum (Nesterov).")
     muon_ns_steps: int = Field(default=5, ge=1, le=10, description="Muon's Newton-Schulz iterations per update: "

@@ -36,6 +36,7 @@ from llm_core.layout import DATASET_DIR, MODEL_DIR, TOKENIZER_DIR
 from llm_core.training.loader import TokenWindows, sequential_batches
 from llm_core.training import compilation
 from llm_core.training.mixture import check_mixture
+from llm_core.training.muon import BatchedMuon
 from llm_core.faults import hold_point
 from llm_core.model import ModelArgs, Transformer
 from llm_core.training.performance import (PeakMemory, available_cores, choose_precision, hardware,
@@ -86,10 +87,10 @@ def use_tensor_cores(device: torch.device) -> None:
 
 def make_optimizers(model: torch.nn.Module, cfg: ScratchConfig) -> list[torch.optim.Optimizer]:
     """[AdamW] (weight decay on matrices only, not on norm gains, as in GPT-2/Llama training), or with
-    `training.optimizer: muon` [AdamW, Muon]: torch.optim.Muon takes 2D matrices only and is meant for
-    the hidden ones (attention and MLP projections); the embeddings, the head and the gains stay on
-    AdamW. Each optimizer has its own learning rate under the same schedule; Muon's matrices are not
-    decayed (as in the speedrun recipes it comes from)."""
+    `training.optimizer: muon` [AdamW, Muon]: Muon (torch.optim.Muon's algorithm, batched by shape: muon.py)
+    takes 2D matrices only and is meant for the hidden ones (attention and MLP projections); the
+    embeddings, the head and the gains stay on AdamW. Each optimizer has its own learning rate under the
+    same schedule; Muon's matrices are not decayed (as in the speedrun recipes it comes from)."""
     t = cfg.training
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     hidden = [p for name, p in named if t.optimizer == "muon" and p.dim() == 2 and name.startswith("layers.")]
@@ -101,8 +102,8 @@ def make_optimizers(model: torch.nn.Module, cfg: ScratchConfig) -> list[torch.op
                               fused=True)  # one kernel for all parameters (CPU and GPU): 5x faster here
     if not hidden:
         return [adamw]
-    return [adamw, torch.optim.Muon(hidden, lr=t.muon_learning_rate, momentum=t.muon_momentum, weight_decay=0.0,
-                                    ns_steps=t.muon_ns_steps)]
+    return [adamw, BatchedMuon(hidden, lr=t.muon_learning_rate, momentum=t.muon_momentum, weight_decay=0.0,
+                               ns_steps=t.muon_ns_steps)]
 
 
 PRECISION_FILE = "precision.json"

@@ -86,6 +86,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Scaled dot-product attention (SDPA). On a CPU under bf16 autocast it runs in fp32: there the CPU
+    flash-attention kernel's backward took 5x its fp32 time, more than bf16 saved in every matrix product
+    of the step (docs/benchmarks.md, "bf16 on a CPU")."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -118,10 +128,10 @@ class Attention(nn.Module):
         causal = T > 1
         if causal and k.shape[2] != T:
             mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+            y = attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=self.n_kv_head != self.n_head,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            y = attention(q, k, v, is_causal=causal, enable_gqa=self.n_kv_head != self.n_head,
+                          dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
 

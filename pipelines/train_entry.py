@@ -60,10 +60,8 @@ def main() -> None:
         mlflow.set_tags({"scratchllm.world_size": result.world_size,
                          "scratchllm.tokens_per_source": json.dumps(result.tokens_per_source)})
         # The run's decision (the same in every attempt) as params; what this attempt measured as metrics.
-        attempt = {k: result.compile.pop(k) for k in ATTEMPT_TIMINGS if k in result.compile}
-        mlflow.log_params({f"compile.{k}": v for k, v in result.compile.items()})
-        mlflow.log_metrics({f"compile_{k}": v for k, v in attempt.items()})
-        result.compile.update(attempt)
+        mlflow.log_params({f"compile.{k}": v for k, v in result.compile.items() if k not in ATTEMPT_TIMINGS})
+        mlflow.log_metrics({f"compile_{k}": v for k, v in result.compile.items() if k in ATTEMPT_TIMINGS})
         metrics.flush()
         curve = tracking.plot_loss_curve(result.history, out_dir / "loss_curve.png")
         for artifact in (curve, out_dir / "model_config.json", out_dir / "training_summary.json"):

@@ -63,17 +63,14 @@ def _step(model: torch.nn.Module, x: torch.Tensor, autocast: bool, device: str) 
     return time.perf_counter() - start
 
 
-def measure(args: ModelArgs, batch_size: int, precision: str, device: str, repeats: int = 3) -> dict:
-    """Eager and compiled step seconds of a fresh model (forward + backward, best of `repeats` after a
-    warm-up) and the seconds the first compiled step took beyond a compiled step: the compile."""
-    autocast = precision == "bf16"
+def measure(args: ModelArgs, batch_size: int, precision: str, device: str, eager_step: float,
+            repeats: int = 3) -> dict:
+    """Compiled step seconds of a fresh model (forward + backward, best of `repeats`) and the seconds the
+    first compiled step took beyond a compiled step: the compile; with `eager_step` (measure_eager)."""
     x = torch.randint(0, args.vocab_size, (batch_size, args.block_size), device=device)
-    eager = Transformer(args).to(device)
-    _step(eager, x, autocast, device)
-    eager_step = min(_step(eager, x, autocast, device) for _ in range(repeats))
     compiled = torch.compile(Transformer(args).to(device))
-    first = _step(compiled, x, autocast, device)
-    compiled_step = min(_step(compiled, x, autocast, device) for _ in range(repeats))
+    first = _step(compiled, x, precision == "bf16", device)
+    compiled_step = min(_step(compiled, x, precision == "bf16", device) for _ in range(repeats))
     torch._dynamo.reset()  # the training compiles its own model (from the cache this filled)
     return {"eager_step_seconds": eager_step, "compiled_step_seconds": compiled_step,
             "compile_seconds": max(first - compiled_step, 0.0)}
@@ -110,7 +107,7 @@ def decide(mode: bool | str, args: ModelArgs, batch_size: int, precision: str, d
                            f"compiling (estimated)"}
         log(f"training.compile: auto: measuring a compiled step of this shape once ({steps_left} steps could repay "
             f"~{ESTIMATED_COMPILE_SECONDS:.0f} s of compiling)")
-        record = measure(args, batch_size, precision, device)
+        record = measure(args, batch_size, precision, device, eager_step)
         records = read_json(records_path)
         records[key] = record
         write_json(records_path, records)
@@ -119,6 +116,7 @@ def decide(mode: bool | str, args: ModelArgs, batch_size: int, precision: str, d
 
 
 def measure_eager(args: ModelArgs, batch_size: int, precision: str, device: str, repeats: int = 2) -> float:
+    """Eager step seconds of a fresh model: the best of `repeats` after a warm-up."""
     x = torch.randint(0, args.vocab_size, (batch_size, args.block_size), device=device)
     model = Transformer(args).to(device)
     _step(model, x, precision == "bf16", device)

@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,14 +34,19 @@ from llm_core.layout import DATASET_DIR  # noqa: E402
 RECIPE_2023 = {"training": {"optimizer": "adamw", "learning_rate": 1.0e-3, "lr_schedule": "cosine"},
                "model": {"fused_projections": False, "qk_norm": False, "mlp": "swiglu", "zero_init_output": False}}
 VARIANTS = {
-    "2023 recipe (AdamW 1e-3, cosine)": RECIPE_2023,
+    "2023 recipe (AdamW 1e-3; cosine)": RECIPE_2023,
     "default": {},
+    "2026-11 default (no QK-norm; Muon 5 iterations)": {"model": {"qk_norm": False},
+                                                        "training": {"muon_ns_steps": 5}},
     "AdamW only (lr 3e-3)": {"training": {"optimizer": "adamw", "learning_rate": 3.0e-3}},
     "wsd schedule": {"training": {"lr_schedule": "wsd"}},
     "separate projections": {"model": {"fused_projections": False}},
-    "qk_norm on": {"model": {"qk_norm": True}},
+    "qk_norm off": {"model": {"qk_norm": False}},
+    "Muon 5 iterations": {"training": {"muon_ns_steps": 5}},
     "relu2 MLP": {"model": {"mlp": "relu2"}},
     "zero-init outputs": {"model": {"zero_init_output": True}},
+    "bf16": {"training": {"mixed_precision": "bf16"}},
+    "auto precision": {"training": {"mixed_precision": "auto"}},
 }
 
 
@@ -49,14 +55,16 @@ def train_variant(cfg_values: dict, work: Path) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     (work / "config.json").write_text(json.dumps(cfg_values))
+    start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "llm_core.training.train", "--resolved-config", str(work / "config.json"),
                     "--out-dir", str(work / "run")], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    wall_seconds = time.perf_counter() - start  # the whole process: start-up, training, its evaluation passes
     summary = json.loads((work / "run" / "training_summary.json").read_text())
     cfg = validate_config(cfg_values)  # the final scores as model_evaluation computes them
     per_document, _ = document_scores(load_model(work / "run"), cfg.data_path / DATASET_DIR,
                                       cfg.evaluation.max_val_tokens)
     nats, num_bytes = (sum(per_document.column(c).to_pylist()) for c in ("nats", "bytes"))
-    return {**summary, "val_bpb": nats / math.log(2) / num_bytes}
+    return {**summary, "wall_seconds": wall_seconds, "val_bpb": nats / math.log(2) / num_bytes}
 
 
 def main() -> None:
@@ -76,8 +84,8 @@ def main() -> None:
     base_values = base.model_dump(mode="json")
 
     print(f"profile {a.config or 'default.yaml'}, {base.training.max_steps} steps, {a.seeds} seed(s) per variant\n")
-    print("| variant | val bpb | sd over seeds | vs first | train s | tokens/s |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | val bpb | sd over seeds | vs first | train s | process s | tokens/s |")
+    print("|---|---|---|---|---|---|---|")
     first = None
     with tempfile.TemporaryDirectory(prefix="ablation-") as tmp:
         for name in names:
@@ -93,6 +101,7 @@ def main() -> None:
             spread = f"{statistics.stdev(bpbs):.3f} ({', '.join(f'{b:.3f}' for b in bpbs)})" if len(bpbs) > 1 else "-"
             print(f"| {name} | {bpb:.3f} | {spread} | {bpb - first:+.3f} | "
                   f"{statistics.median(s['train_seconds'] for s in summaries):.1f} | "
+                  f"{statistics.median(s['wall_seconds'] for s in summaries):.1f} | "
                   f"{statistics.median(s['tokens_per_second'] for s in summaries):,.0f} |", flush=True)
 
 

@@ -9,9 +9,11 @@ For two sizes (~1M: 4 layers, 128 wide, block 64, batch 12; ~10M: nanoGPT's shak
     attention, LayerNorm with biases, GELU 4x MLP, tied head, decay groups, unfused AdamW on CPU);
     at its shakespeare_char vocabulary of 65 characters, and at our 2,048 BPE tokens;
   - scratchllm: llm_core.model.Transformer (RoPE, SDPA attention, SwiGLU, RMSNorm, vocabulary 2,048)
-    in fp32, and in what `training.mixed_precision: auto` chooses for that size on this machine
+    in fp32, in what `training.mixed_precision: auto` chooses for that size on this machine
     (llm_core/training/performance.py: bf16 only with native bf16 units and a measured gain on a training step
-    of the model),
+    of the model), and compiled in that precision when `training.compile: auto` would compile a training of
+    nanoGPT's length at that size (llm_core/training/compilation.py: measured once, cache in a fresh folder,
+    so the compile time printed is a cold one),
 and prints tokens/s (median of repeats, interleaved), MFU against the best GEMM measured in this run
 in the same precision, and the ratio to nanoGPT at 65 characters (nanoGPT's shakespeare_char baseline).
 """
@@ -23,6 +25,7 @@ import importlib.util
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llm_core.model import ModelArgs, Transformer  # noqa: E402
+from llm_core.training import compilation  # noqa: E402
 from llm_core.training.performance import choose_precision, measure_peak_flops  # noqa: E402
 from llm_core.training.train import step_seconds  # noqa: E402
 
@@ -130,9 +134,9 @@ def time_training(model, batch: int, block: int, vocab: int, steps: int, dtype: 
     return steps * batch * block / (time.perf_counter() - start)
 
 
-SIZES = {
-    "~1M": dict(n_layer=4, d=128, n_head=4, block=64, batch=12),
-    "~10M": dict(n_layer=6, d=384, n_head=6, block=256, batch=8),
+SIZES = {  # steps: the length of nanoGPT's own recipe at that shape (CPU recipe; shakespeare_char)
+    "~1M": dict(n_layer=4, d=128, n_head=4, block=64, batch=12, steps=2000),
+    "~10M": dict(n_layer=6, d=384, n_head=6, block=256, batch=8, steps=5000),
 }
 
 
@@ -142,6 +146,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--nanogpt", help="a nanoGPT checkout: time its own model.py instead of the stand-in")
+    parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, of {list(SIZES)}")
     a = parser.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -152,7 +157,8 @@ def main() -> None:
     print("| size | model | vocab | params | precision | tokens/s (median) | MFU | vs nanoGPT (65 chars) |")
     print("|---|---|---|---|---|---|---|---|")
     decisions = []
-    for name, s in SIZES.items():
+    for name in a.sizes.split(","):
+        s = SIZES[name]
         shape = (s["n_layer"], s["d"], s["n_head"], s["block"])
         args = ModelArgs(vocab_size=VOCAB, n_layer=s["n_layer"], n_head=s["n_head"], n_kv_head=s["n_head"],
                          n_embd=s["d"], block_size=s["block"])
@@ -165,8 +171,16 @@ def main() -> None:
             variants.append(("nanoGPT", ref, vocab, torch.float32, nanogpt_flops_per_token(ref, s["n_layer"], s["d"],
                                                                                           s["block"])))
         variants.append(("scratchllm", ours, VOCAB, torch.float32, ours.flops_per_token()))
+        auto_dtype = torch.bfloat16 if auto == "bf16" else torch.float32
         if auto == "bf16":
-            variants.append(("scratchllm auto", ours, VOCAB, torch.bfloat16, ours.flops_per_token()))
+            variants.append(("scratchllm, auto precision", ours, VOCAB, auto_dtype, ours.flops_per_token()))
+        cache = Path(tempfile.mkdtemp(prefix="compile-cache-"))  # cold: the compile time is a first one
+        compilation.use_cache(cache)
+        compile_auto = compilation.decide("auto", args, s["batch"], auto, "cpu", s["steps"], cache)
+        decisions.append(f"{name}: compile auto for {s['steps']} steps: {compile_auto['why']}")
+        if compile_auto["compiled"]:
+            variants.append(("scratchllm, auto precision + compile", torch.compile(ours), VOCAB, auto_dtype,
+                             ours.flops_per_token()))
         runs = [[] for _ in variants]
         for _ in range(a.repeats):  # interleaved, so all see the same machine conditions
             for i, (_, model, vocab, dtype, _) in enumerate(variants):

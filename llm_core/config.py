@@ -201,7 +201,10 @@ class DedupConfig(Section):
 class TokenizerConfig(Section):
     vocab_size: int = Field(default=2048, ge=260, le=1_000_000)
     max_training_bytes_mb: float = Field(default=200.0, gt=0)
-    special_tokens: list[str] = Field(default_factory=lambda: ["<|endoftext|>", "<|pad|>"])
+    special_tokens: list[str] = Field(default_factory=lambda: ["<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>",
+                                                               "<|end|>"],
+                                      description="Reserved tokens: the document boundary, padding and the chat "
+                                                  "template's (a base trained with them can be fine-tuned to chat).")
 
 
 class DatasetConfig(Section):
@@ -230,7 +233,7 @@ class ModelConfig(Section):
     dropout: float = Field(default=0.0, ge=0, lt=1)
     fused_projections: bool = Field(default=True, description="q/k/v and gate/up as one matrix product each "
                                                               "(same weights and outputs, faster).")
-    qk_norm: bool = Field(default=False, description="RMSNorm of each head's queries and keys (exported as "
+    qk_norm: bool = Field(default=True, description="RMSNorm of each head's queries and keys (exported as "
                                                      "Qwen3ForCausalLM instead of LlamaForCausalLM).")
     mlp: Literal["swiglu", "relu2"] = Field(default="swiglu", description="'swiglu' (Llama), or 'relu2': relu(x)^2 "
                                             "with a 4x hidden layer (not exportable to transformers).")
@@ -266,7 +269,7 @@ class TrainingConfig(Section):
                                     "matrices, AdamW for embeddings, head and gains.")
     muon_learning_rate: float = Field(default=0.01, gt=0, description="Muon's peak learning rate (same schedule).")
     muon_momentum: float = Field(default=0.95, ge=0, lt=1, description="Muon's momentum (Nesterov).")
-    muon_ns_steps: int = Field(default=5, ge=1, le=10, description="Muon's Newton-Schulz iterations per update: "
+    muon_ns_steps: int = Field(default=3, ge=1, le=10, description="Muon's Newton-Schulz iterations per update: "
                                                                  "fewer cost less time, orthogonalize less exactly.")
     weight_decay: float = Field(default=0.1, ge=0, description="AdamW decay of matrices (not norms).")
     beta1: float = Field(default=0.9, ge=0, lt=1)
@@ -408,6 +411,25 @@ class RegistryConfig(Section):
                                          "to move.")
 
 
+class SFTConfig(Section):
+    """Chat fine-tuning (sft_dataset, chat_model): conversations, the base model, the fine-tune's settings.
+    Every other training setting (optimizer, schedule, precision, processes) is the training section's."""
+    base_model: str | None = Field(default="scratchllm@champion",
+                                   description="The registered base model to fine-tune, NAME@ALIAS or NAME/VERSION; "
+                                               "its tokenizer and architecture are the fine-tune's.")
+    sources: list[str] = Field(default_factory=lambda: ["data/conversations.jsonl"],
+                               description="Conversation JSONL files (relative: to the project root), one "
+                               '{"messages": [{"role", "content"}, ...]} per line.')
+    val_fraction: float = Field(default=0.1, gt=0, lt=1, description="Share of the conversations held out.")
+    seed: int = Field(default=1337, description="Seed of the split and of the order of the packed rows.")
+    max_steps: int = Field(default=300, ge=1)
+    batch_size: int = Field(default=16, ge=1, description="Packed rows per process per micro-step.")
+    learning_rate: float = Field(default=1.0e-3, gt=0, description="AdamW's peak (Muon's: muon_learning_rate).")
+    muon_learning_rate: float = Field(default=0.005, gt=0)
+    warmup_steps: int = Field(default=20, ge=0)
+    eval_interval: int = Field(default=100, ge=1)
+
+
 class EngineConfig(Section):
     """Where the data stages' per-shard work and the training run. Outputs are byte-identical on both
     engines; a training gives the same losses."""
@@ -498,6 +520,7 @@ class ScratchConfig(Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
     automation: AutomationConfig = Field(default_factory=AutomationConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -573,9 +596,10 @@ class ScratchConfig(Section):
 
     def config_hash(self) -> str:
         """The hash of every section (where the data lives, which engine made it and where it is tracked
-        excepted: outputs are the same on every engine): what a registered version was made with."""
+        excepted: outputs are the same on every engine; and the chat fine-tune's section, which comes
+        after): what a registered version was made with."""
         return self.section_hash(*(name for name in type(self).model_fields
-                                   if name not in ("data_dir", "engine", "tracking")))
+                                   if name not in ("data_dir", "engine", "tracking", "sft")))
 
 
 def training_tokens(cfg: ScratchConfig) -> int:

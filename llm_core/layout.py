@@ -11,4 +11,6 @@ EVALUATION_DIR = "model_evaluation"  # <training key>/REPORT_FILE
 REPORT_FILE = "report.json"  # a model's final scores (llm_core/evaluation/evaluate.py)
 EXPORT_DIR = "hf_export"  # <training key>/: a transformers model directory
 REGISTRY_CACHE_DIR = "registry_cache"  # <name>/<version>/: registered models downloaded once
+SFT_DATASET_DIR = "sft_dataset"  # {train,val}.{tokens,mask}.npy, val_conversations.jsonl, tokenizer/ + manifest.json
+CHAT_MODEL_DIR = "chat_model"  # runs/<training key>/ and LATEST_FILE, as trained_model
 MODEL_TOKENIZER_SUBDIR = "tokenizer"  # inside a model directory: the tokenizer it was trained with

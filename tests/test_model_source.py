@@ -5,9 +5,10 @@ with the differing field named; `automation.retrain_mode: continue`; the parent 
 import json
 import shutil
 
+import helpers
 import pytest
 import torch
-from helpers import QUIET, config
+from helpers import QUIET
 
 from llm_core.training import model_source, training_run
 from llm_core.registry import versions
@@ -20,6 +21,14 @@ from llm_core.data.tokenizer import train_tokenizer
 from llm_core.training.train import lr_at, model_args, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def config(data_dir, **training):
+    """The ci profile without QK-norm (the default before 2026-12): the architecture of "a model saved
+    before the switches existed", and what the other tests warm-start from and across."""
+    cfg = helpers.config(data_dir, **training)
+    cfg.model.qk_norm = False
+    return cfg
 
 
 @pytest.fixture(scope="module")

@@ -243,7 +243,7 @@ def _worker(args: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, out_dir = command_line(argv, __doc__.split("\n")[0])
+    cfg, out_dir, _ = command_line(argv, __doc__.split("\n")[0])  # chat fine-tunes train locally
     train_on_cluster(cfg, out_dir)
 
 

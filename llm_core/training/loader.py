@@ -136,7 +136,22 @@ def mixture_sources(bounds: np.ndarray, k: np.ndarray) -> np.ndarray:
     return np.minimum(np.searchsorted(bounds, np.modf(k * GOLDEN)[0], side="right"), len(bounds) - 1)
 
 
-class TokenWindows:
+class StepBatches:
+    """Iterating yields batch_at(step) for step = self.step, self.step + 1, ...: resuming sets the step."""
+
+    step = 0
+
+    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            x, y = self.batch_at(self.step)
+            self.step += 1
+            yield x, y
+
+
+class TokenWindows(StepBatches):
     """Training batches (x, y) of shape (batch_size, block_size) for one rank."""
 
     def __init__(self, dataset_dir: Path, split: str, block_size: int, batch_size: int, seed: int,
@@ -223,12 +238,6 @@ class TokenWindows:
                 counts += np.bincount(doc_sources[a][doc], minlength=len(counts))
         return {name: int(c) * self.block_size for name, c in zip(self.data.sources, counts)}
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            x, y = self.batch_at(self.step)
-            self.step += 1
-            yield x, y
-
     def state_dict(self) -> dict:
         return {"step": self.step, "seed": self.seed, "world_size": self.world_size, "packing": self.packing,
                 "mixture": self.mixture}
@@ -242,7 +251,14 @@ class TokenWindows:
 def sequential_batches(dataset_dir: Path, split: str, block_size: int, batch_size: int,
                        rank: int = 0, world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every token of the split predicted once (non-overlapping windows), for evaluation.
-    Ranks take interleaved windows; together they cover the split exactly once."""
+    Ranks take interleaved windows; together they cover the split exactly once. A chat fine-tune's
+    dataset: its packed rows, each once."""
+    if is_sft_dataset(dataset_dir):
+        x, y = sft_rows(dataset_dir, split)
+        x, y = x[rank::world_size], y[rank::world_size]
+        for i in range(0, len(x), batch_size):
+            yield x[i:i + batch_size], y[i:i + batch_size]
+        return
     data = TokenSplit(Path(dataset_dir), split)
     windows = [(a, start) for a, array in enumerate(data.arrays)
                for start in range(0, len(array) - 1, block_size)]
@@ -256,3 +272,48 @@ def sequential_batches(dataset_dir: Path, split: str, block_size: int, batch_siz
             x[row, :len(piece) - 1] = piece[:-1]
             y[row, :len(piece) - 1] = piece[1:]
         yield x, y
+
+
+# ---------------------------------------------------------------------------------------------
+# the chat fine-tune's rows (llm_core/chat/sft_dataset.py)
+
+
+def is_sft_dataset(dataset_dir: Path) -> bool:
+    return read_json(Path(dataset_dir) / "manifest.json").get("kind") == "sft"
+
+
+def sft_rows(dataset_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of every packed row of a split: y is -100 where the token is not learned (the prompt, padding)."""
+    tokens = torch.from_numpy(np.load(Path(dataset_dir) / f"{split}.tokens.npy").astype(np.int64))
+    learned = torch.from_numpy(np.load(Path(dataset_dir) / f"{split}.mask.npy")).bool()
+    return tokens[:, :-1], tokens[:, 1:].masked_fill(~learned[:, 1:], -100)
+
+
+class PackedRows(StepBatches):
+    """Training batches of the chat fine-tune: packed rows of whole conversations, a pure function of
+    (seed, step) as TokenWindows' (each pass over the rows is a permutation seeded with (seed, pass));
+    rank r takes its slice of each step's global batch."""
+
+    def __init__(self, dataset_dir: Path, split: str, batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        self.x, self.y = sft_rows(dataset_dir, split)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.step = 0
+
+    def batch_at(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n, rows = self.batch_size * self.world_size, len(self.x)
+        k = np.arange(step * n + self.rank * self.batch_size, step * n + (self.rank + 1) * self.batch_size)
+        orders = {p: np.random.default_rng([self.seed, p]).permutation(rows) for p in np.unique(k // rows)}
+        picks = np.array([orders[position // rows][position % rows] for position in k], dtype=np.int64)
+        return self.x[picks], self.y[picks]
+
+    def tokens_per_source(self, steps: int) -> dict[str, int]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed, "world_size": self.world_size, "kind": "sft"}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "sft" or state["seed"] != self.seed:
+            raise ValueError("loader state is from another kind of run or another seed")
+        self.step = state["step"]

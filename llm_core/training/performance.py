@@ -3,6 +3,8 @@ and the precision `training.mixed_precision: auto` trains in."""
 
 from __future__ import annotations
 
+import functools
+
 import os
 import time
 from pathlib import Path
@@ -76,6 +78,7 @@ def hardware(device: torch.device, processes: int) -> str:
             f"{processes} process{'es' if processes > 1 else ''}")
 
 
+@functools.cache
 def cpu_has_bf16_units() -> bool:
     """AVX512_BF16 or AMX: native bf16 matrix instructions (without them bf16 is emulated, ~5x slower)."""
     try:

@@ -32,8 +32,8 @@ from llm_core.training.checkpoint import checkpoint_dirs, checkpoint_step, resum
 from llm_core.model_files import model_config
 from llm_core.config import ScratchConfig, load_config, validate_config
 from llm_core.files import read_json, write_json
-from llm_core.layout import DATASET_DIR, MODEL_DIR, TOKENIZER_DIR
-from llm_core.training.loader import TokenWindows, sequential_batches
+from llm_core.layout import DATASET_DIR, MODEL_DIR, MODEL_TOKENIZER_SUBDIR, TOKENIZER_DIR
+from llm_core.training.loader import PackedRows, TokenWindows, is_sft_dataset, sequential_batches
 from llm_core.training import compilation
 from llm_core.training.mixture import check_mixture
 from llm_core.training.muon import BatchedMuon
@@ -210,7 +210,7 @@ class TrainingProgress:
     """Where the loop is besides the model and optimizer: the loader position and the metric history.
     Saved in every checkpoint with `register_for_checkpointing` (by position, not by class name)."""
 
-    def __init__(self, loader: TokenWindows):
+    def __init__(self, loader: TokenWindows | PackedRows):
         self.loader = loader
         self.history: list[dict] = []
 
@@ -298,9 +298,11 @@ def evaluate_loss(model, dataset_dir: Path, cfg: ScratchConfig, accelerator,
 
 def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
           on_metrics: Callable[[int, dict], None] | None = None,
-          on_step: Callable[[int], None] | None = None) -> TrainResult:
+          on_step: Callable[[int], None] | None = None, dataset_dir: Path | None = None) -> TrainResult:
     """Train (or resume) into out_dir. `on_metrics(step, metrics)` is called on the main rank,
-    `on_step(step)` on every rank once the step (and its checkpoint, if any) is done."""
+    `on_step(step)` on every rank once the step (and its checkpoint, if any) is done. `dataset_dir`: the
+    tokenized dataset (default: the profile's), or an sft_dataset for a chat fine-tune (its packed rows,
+    the loss on the assistant's tokens only; llm_core/chat/sft_dataset.py)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -318,10 +320,12 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     main = accelerator.is_main_process
     if "OMP_NUM_THREADS" not in os.environ and accelerator.device.type == "cpu":
         torch.set_num_threads(max(1, available_cores() // accelerator.num_processes))
-    dataset_dir = cfg.data_path / DATASET_DIR
+    dataset_dir = Path(dataset_dir or cfg.data_path / DATASET_DIR)
     manifest = read_json(dataset_dir / "manifest.json")
     if not manifest:
         raise FileNotFoundError(f"no tokenized dataset under {dataset_dir}: materialize `tokenized_dataset` first")
+    chat = is_sft_dataset(dataset_dir)
+    tokenizer_dir = dataset_dir / MODEL_TOKENIZER_SUBDIR if chat else cfg.data_path / TOKENIZER_DIR
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     peak_flops = t.peak_flops or (measure_peak_flops(dtype, device.type) if main else 1.0)  # before PeakMemory
@@ -331,7 +335,7 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     model = Transformer(args)
     warm = model_source.resolve_init_from(cfg)
     if warm:  # the weights only: the optimizer, the step and the schedule start fresh
-        model_source.check_compatible(warm, args, cfg.data_path / TOKENIZER_DIR, cfg)
+        model_source.check_compatible(warm, args, tokenizer_dir, cfg)
         model_source.load_initial_weights(model, warm)
     model.activation_checkpointing = t.activation_checkpointing
     num_params = model.num_parameters()
@@ -346,8 +350,12 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
         model = torch.compile(model)
     if t.mixture:
         check_mixture(cfg)  # on every rank, before the first step (the asset checked it before launching)
-    loader = TokenWindows(dataset_dir, "train", args.block_size, t.batch_size, t.seed,
-                          accelerator.process_index, accelerator.num_processes, cfg.dataset.packing, t.mixture)
+    if chat:
+        loader = PackedRows(dataset_dir, "train", t.batch_size, t.seed, accelerator.process_index,
+                            accelerator.num_processes)
+    else:
+        loader = TokenWindows(dataset_dir, "train", args.block_size, t.batch_size, t.seed,
+                              accelerator.process_index, accelerator.num_processes, cfg.dataset.packing, t.mixture)
     progress = TrainingProgress(loader)
     accelerator.register_for_checkpointing(*schedulers, progress)
 
@@ -465,15 +473,17 @@ def command_line(argv: list[str] | None, description: str) -> tuple[ScratchConfi
     parser.add_argument("--config", help="YAML profile (deep-merged over default.yaml)")
     parser.add_argument("--resolved-config", help="a full config as JSON (what the Dagster asset passes)")
     parser.add_argument("--out-dir", help="default: <data_dir>/trained_model")
+    parser.add_argument("--dataset-dir", help="default: <data_dir>/tokenized_dataset; an sft_dataset: a chat fine-tune")
     a = parser.parse_args(argv)
     cfg = validate_config(json.loads(Path(a.resolved_config).read_text())) if a.resolved_config \
         else load_config(a.config)
-    return cfg, Path(a.out_dir) if a.out_dir else cfg.data_path / MODEL_DIR
+    return cfg, Path(a.out_dir) if a.out_dir else cfg.data_path / MODEL_DIR, a.dataset_dir
 
 
 def main(argv: list[str] | None = None) -> None:
     # tests kill a training here, after a step and its checkpoint (llm_core/faults.py)
-    train(*command_line(argv, __doc__.split("\n")[0]), on_step=lambda step: hold_point(f"train_step:{step}"))
+    cfg, out_dir, dataset_dir = command_line(argv, __doc__.split("\n")[0])
+    train(cfg, out_dir, on_step=lambda step: hold_point(f"train_step:{step}"), dataset_dir=dataset_dir)
 
 
 if __name__ == "__main__":

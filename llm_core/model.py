@@ -232,9 +232,9 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 seed: int | None = None, stop_token: int | None = None):
-        """Yield (B, 1) next tokens one at a time, with a KV cache; temperature 0 means greedy.
-        The context is cropped to the last block_size tokens when it grows longer."""
+                 seed: int | None = None, stop_token: int | list[int] | None = None):
+        """Yield (B, 1) next tokens one at a time, with a KV cache; temperature 0 means greedy; stops after
+        a stop token (one id or several). The context is cropped to the last block_size tokens when it grows."""
         generator = torch.Generator(device=idx.device).manual_seed(seed) if seed is not None else None
         block = self.args.block_size
         caches, pos = None, 0
@@ -258,5 +258,5 @@ class Transformer(nn.Module):
                 next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             idx = torch.cat([idx, next_token], dim=1)
             yield next_token
-            if stop_token is not None and bool((next_token == stop_token).all()):
+            if stop_token is not None and bool(torch.isin(next_token, torch.tensor(stop_token)).all()):
                 return

@@ -20,7 +20,8 @@ from pipelines.runs import fail_dead_runs
 retrain = dg.define_asset_job(
     "retrain", selection=dg.AssetSelection.all(),
     description="Refresh the corpus, tokenizer and dataset where their inputs changed, train, evaluate and "
-                "register the model (`champion` moves only if it is better beyond noise).",
+                "register the model (`champion` moves only if it is better beyond noise), then fine-tune the "
+                "champion to chat (reused when the champion did not change).",
 )
 
 

@@ -4,6 +4,7 @@
     scratchllm check-config [--config P]         validate a profile, check its sources, print the resolved values
     scratchllm ui [--config P]                   Dagster UI on http://127.0.0.1:3000, MLflow UI on :5000
     scratchllm generate --model M --prompt TEXT  stream text from a model (directory, NAME@ALIAS, NAME/VERSION)
+    scratchllm chat --model M [--prompt TEXT]    talk to a chat model (multi-turn; /reset, /quit), or answer once
     scratchllm export-hf --out DIR [--model M]   a trained model as a transformers LlamaForCausalLM
     scratchllm serve [--model M] [--port P]      a registered model over REST on http://127.0.0.1:5001
     scratchllm plan [--config P] [--gpus N ...]  memory per GPU and time of a training, by strategy
@@ -203,6 +204,61 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Multi-turn chat with a chat fine-tune (`<model_name>-chat`): each answer streams until the model ends
+    its turn; `/reset` forgets the conversation, `/quit` (or end of input) leaves. With --prompt: one answer."""
+    from llm_core.chat.chat_model import reply
+    from llm_core.chat.template import missing_chat_tokens
+    from llm_core.registry.generate import load_generator
+    from llm_core.training.model_source import tokenizer_dir_of
+
+    try:
+        cfg = load_config(args.config)
+        model_dir = resolve_model_dir(args.model or f"{cfg.registry.model_name}-chat@champion", cfg)
+        generator = load_generator(model_dir, tokenizer_dir_of(model_dir, cfg))
+    except (OSError, ValueError) as exc:
+        print(f"scratchllm chat: {exc}", file=sys.stderr)
+        return 2
+    if missing := missing_chat_tokens(generator.tokenizer):
+        print(f"scratchllm chat: {model_dir} has no chat tokens ({', '.join(missing)}): not a chat model; "
+              f"fine-tune one with `scratchllm run --select sft_dataset,chat_model`", file=sys.stderr)
+        return 2
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
+
+    def answer(messages: list[dict]) -> str:
+        pieces = []
+        for piece in reply(generator, messages, **options):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return "".join(pieces)
+
+    if args.prompt is not None:
+        answer([{"role": "user", "content": args.prompt}])
+        return 0
+    interactive = sys.stdin.isatty()
+    print(f"chatting with {args.model or model_dir}; /reset starts over, /quit leaves", file=sys.stderr)
+    messages: list[dict] = []
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            return 0
+        if line.strip() in ("/quit", "/exit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = []
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        if interactive:
+            sys.stdout.write("assistant> ")
+        messages.append({"role": "assistant", "content": answer(messages) or " "})
+
+
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from llm_core.registry.export import export_hf
     from llm_core.training.model_source import tokenizer_dir_of
@@ -272,6 +328,15 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--config", help="YAML profile whose data_dir and MLflow store the defaults come from")
     generate.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", help="talk to a chat fine-tune (multi-turn, streaming; /reset, /quit)")
+    chat.add_argument("--model", help="a chat model: NAME@ALIAS, NAME/VERSION or a directory "
+                                      "(default: <registry.model_name>-chat@champion)")
+    chat.add_argument("--prompt", default=None, help="answer this one message and exit")
+    chat.add_argument("--max-new-tokens", type=int, default=200)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--config", help="YAML profile whose data_dir and MLflow store the defaults come from")
+    chat.set_defaults(func=cmd_chat)
     serve = sub.add_parser("serve", help="serve a registered model over REST (mlflow models serve; Ctrl-C stops it)")
     serve.add_argument("--model", help="registered NAME@ALIAS or NAME/VERSION "
                                        "(default: <registry.model_name>@champion)")

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from pipelines.assets.chat import chat_assets
 from pipelines.assets.corpus import data_assets, data_checks
 from pipelines.assets.evaluation import evaluation_assets
 from pipelines.assets.export import export_assets
@@ -13,12 +14,12 @@ from pipelines.config import ScratchllmResource
 from pipelines.resources import MLflowResource
 
 all_assets = [*data_assets, *tokenizer_assets, *training_assets, *evaluation_assets, *registry_assets,
-              *export_assets]
+              *export_assets, *chat_assets]
 all_checks = [*data_checks, *tokenizer_checks]
 
 materialize_everything = dg.define_asset_job(
     "materialize_everything", selection=dg.AssetSelection.all(),
-    description="The whole graph, from the source files to the latest model.",
+    description="The whole graph, from the source files to the latest model and its chat fine-tune.",
 )
 
 defs = dg.Definitions(

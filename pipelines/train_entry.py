@@ -26,13 +26,14 @@ def main() -> None:
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--mlflow-run-id", required=True)
     parser.add_argument("--tracking-uri", required=True)
+    parser.add_argument("--dataset-dir", help="an sft_dataset: a chat fine-tune (default: the tokenized_dataset)")
     args = parser.parse_args()
     cfg = validate_config(json.loads(Path(args.resolved_config).read_text()))
     out_dir = Path(args.out_dir)
 
     on_cluster = cfg.engine.kind == "ray"
     if not on_cluster and int(os.environ.get("RANK", "0")) != 0:
-        train(cfg, out_dir, log=lambda message: None)
+        train(cfg, out_dir, log=lambda message: None, dataset_dir=args.dataset_dir)
         return
     clear_failure(out_dir)  # a failure on the cluster recorded by an earlier attempt
 
@@ -56,7 +57,7 @@ def main() -> None:
             mlflow.set_tags({"scratchllm.nodes": ",".join(where.nodes), "scratchllm.restarts": where.restarts})
             cluster_metadata = {"nodes": ", ".join(where.nodes), "restarts": where.restarts}
         else:
-            result = train(cfg, out_dir, log=pipes.log.info, on_metrics=on_metrics)
+            result = train(cfg, out_dir, log=pipes.log.info, on_metrics=on_metrics, dataset_dir=args.dataset_dir)
         mlflow.set_tags({"scratchllm.world_size": result.world_size,
                          "scratchllm.tokens_per_source": json.dumps(result.tokens_per_source)})
         # The run's decision (the same in every attempt) as params; what this attempt measured as metrics.

@@ -11,9 +11,10 @@ import yaml
 
 from llm_core.config import PROJECT_ROOT
 
-ASSETS = ["cleaned_shards", "hf_export", "model_evaluation", "raw_corpus", "registered_model", "tokenized_dataset",
-          "tokenizer", "trained_model"]
-CHECKS = ["cleaned_shards:cleaned_shards_invariant", "raw_corpus:raw_corpus_counts", "registered_model:beats_champion",
+ASSETS = ["chat_model", "cleaned_shards", "hf_export", "model_evaluation", "raw_corpus", "registered_model",
+          "sft_dataset", "tokenized_dataset", "tokenizer", "trained_model"]
+CHECKS = ["chat_model:training_health", "cleaned_shards:cleaned_shards_invariant", "raw_corpus:raw_corpus_counts",
+          "registered_model:beats_champion",
           "tokenized_dataset:no_eval_contamination", "tokenized_dataset:token_accounting",
           "tokenized_dataset:token_ids_fit", "tokenizer:tokenizer_roundtrip", "trained_model:training_health"]
 

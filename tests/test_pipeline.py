@@ -175,6 +175,31 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path, monkeypatch):
     assert check["paired_documents"].value > 0 and 0 < check["interval_low"].value <= check["delta_bpb"].value
     assert "| continuation |" in check["task_deltas"].value and "not better beyond the margin" in check["details"].value
 
+    # The chat path: the champion (version 1) fine-tuned on the shipped conversations, registered with its parent.
+    sft = {"sft": {"max_steps": 10, "batch_size": 4, "warmup_steps": 2, "eval_interval": 5}}
+    chatted = materialize(instance, run_config(tmp_path / "data", corpus, sft_dataset=sft, chat_model=sft),
+                          assets=["sft_dataset", "chat_model"])
+    assert chatted.success
+    sft_meta, chat_meta = latest_metadata(instance, "sft_dataset"), latest_metadata(instance, "chat_model")
+    assert sft_meta["base_model"] == "scratchllm/1" and sft_meta["conversations_read"] == 3000
+    assert sft_meta["conversations_too_long"] > 0  # a 32-token context: counted, quarantined with the reason
+    assert "**" in sft_meta["masked_example"]  # the learned tokens shown
+    assert (chat_meta["model_name"], chat_meta["model_version"], chat_meta["alias"]) == ("scratchllm-chat", 1,
+                                                                                        "champion")
+    assert chat_meta["assistant_bpb"] < chat_meta["base_assistant_bpb"]
+    store = MlflowClient(f"sqlite:///{tmp_path / 'data' / 'mlflow.db'}")
+    assert store.get_model_version("scratchllm-chat", "1").tags["scratchllm.parent"] == "scratchllm/1"
+    assert "| assistant bits/byte |" in chat_meta["comparison"]
+    assert "| continuation acc_norm |" in chat_meta["comparison"]
+    # `scratchllm chat` from another directory, no environment: two turns, a reset, one more turn
+    (tmp_path / "chat.yaml").write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data")}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW", "SCRATCHLLM"))}
+    talk = subprocess.run([*CLI, "chat", "--config", str(tmp_path / "chat.yaml"), "--max-new-tokens", "12"],
+                          input='Who says: "Speak, speak."\nAnd then?\n/reset\nGive me a line of Romeo.\n',
+                          capture_output=True, text=True, cwd=elsewhere, env=env, timeout=300)
+    assert talk.returncode == 0, talk.stderr[-2000:]
+    assert len(talk.stdout.splitlines()) == 3 and "<|" not in talk.stdout and "conversation reset" in talk.stderr
+
     quarantine = (tmp_path / "data" / "quarantine" / "raw_corpus")
     entries = [json.loads(line) for f in quarantine.glob("*.jsonl") for line in f.read_text().splitlines()]
     reasons = " / ".join(e["reason"] for e in entries)

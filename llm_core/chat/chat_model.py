@@ -22,13 +22,15 @@ from typing import Iterator
 
 import torch
 
-from llm_core.chat.template import END, render
+from llm_core.chat.template import ASSISTANT, END, EOT, USER, render
 from llm_core.config import ScratchConfig, deep_merge, validate_config
 from llm_core.files import read_json
 from llm_core.model import Transformer
 from llm_core.model_files import MODEL_CONFIG_FILE
 from llm_core.registry.generate import TextGenerator
 from llm_core.training.loader import sequential_batches
+
+TURN_STARTS = (USER, ASSISTANT, EOT)
 
 
 def chat_training_config(cfg: ScratchConfig, base_dir: Path) -> ScratchConfig:
@@ -42,6 +44,7 @@ def chat_training_config(cfg: ScratchConfig, base_dir: Path) -> ScratchConfig:
                      "eval_interval": min(s.eval_interval, s.max_steps),
                      "checkpoint_interval": min(cfg.training.checkpoint_interval, s.max_steps),
                      "seed": s.seed, "init_from": str(base_dir), "mixture": None, "grad_accum_steps": 1},
+        "engine": {"kind": "local"},  # a fine-tune is small: it trains on this machine whatever the engine
         "sweep": {}}))
 
 
@@ -72,9 +75,11 @@ def held_out_prompts(dataset_dir: Path, limit: int | None = None) -> list[list[d
 
 def reply(generator: TextGenerator, messages: list[dict], max_new_tokens: int = 200, temperature: float = 0.0,
           seed: int | None = 0) -> Iterator[str]:
-    """The assistant's answer to `messages`, streamed, until <|end|> (temperature 0: greedy)."""
+    """The assistant's answer to `messages`, streamed, until <|end|> (temperature 0: greedy). A model that
+    starts another turn or document instead (a role token, <|endoftext|>) has ended its answer too."""
     ids = render(generator.tokenizer, messages, add_generation_prompt=True).ids
-    yield from generator.stream_ids(ids, generator.tokenizer.token_to_id(END), max_new_tokens, temperature, None, seed)
+    stops = [generator.tokenizer.token_to_id(t) for t in (END, *TURN_STARTS)]
+    yield from generator.stream_ids(ids, stops, max_new_tokens, temperature, None, seed)
 
 
 @torch.no_grad()
@@ -90,3 +95,45 @@ def turns_ended(generator: TextGenerator, prompts: list[list[dict]]) -> float:
         tokens = [int(t) for t in generator.model.generate(torch.tensor([ids]), room, temperature=0, stop_token=end)]
         ended += end in tokens
     return ended / max(len(prompts), 1)
+
+
+def judge(cfg: ScratchConfig, base_dir: Path, chat_dir: Path, sft_dir: Path, tokenizer_dir: Path,
+          num_prompts: int = 100, num_samples: int = 5) -> dict:
+    """The base and the fine-tune side by side on the held-out conversations (assistant bits per byte,
+    turns ended) and on the profile's multiple-choice tasks (acc_norm: what the fine-tune cost), with a few
+    of the fine-tune's answers. What chat_model reports and registers."""
+    from llm_core.data import task_items
+    from llm_core.data.tokenized_dataset import task_files
+    from llm_core.evaluation import multiple_choice
+    from llm_core.registry.generate import load_generator
+
+    items_of = {name: task_items.load_task(path) for name, path in task_files(cfg).items()}
+    prompts = held_out_prompts(sft_dir, num_prompts)
+    report: dict = {"held_out_conversations": len(held_out_prompts(sft_dir)), "prompts_judged": len(prompts)}
+    for name, model_dir in (("base", base_dir), ("chat", chat_dir)):
+        generator = load_generator(model_dir, tokenizer_dir)
+        report[name] = {
+            "assistant_bpb": assistant_bits_per_byte(generator.model, sft_dir)["bpb"],
+            "turns_ended": turns_ended(generator, prompts),
+            "tasks": {task: multiple_choice.score_task(task, items, generator.model, generator.tokenizer).acc_norm
+                      for task, items in items_of.items()}}
+    report["samples"] = [{"prompt": p[-1]["content"], "answer": "".join(reply(generator, p, max_new_tokens=60))}
+                         for p in prompts[:num_samples]]  # the fine-tune's (the last generator)
+    return report
+
+
+def model_card(cfg: ScratchConfig, base_version: str, report: dict) -> str:
+    """The README.md of a registered chat version: where it comes from and how it compares to its base."""
+    base, chat = report["base"], report["chat"]
+    rows = [f"| assistant bits per byte ({report['held_out_conversations']} held-out conversations) | "
+            f"{base['assistant_bpb']:.4f} | {chat['assistant_bpb']:.4f} |",
+            f"| answers ending their turn ({report['prompts_judged']} held-out prompts, greedy) | "
+            f"{base['turns_ended']:.0%} | {chat['turns_ended']:.0%} |"]
+    rows += [f"| task `{task}` acc_norm | {base['tasks'][task]:.3f} | {chat['tasks'][task]:.3f} |"
+             for task in base["tasks"]]
+    samples = "\n".join(f"- **user:** {s['prompt']}\n  **assistant:** {s['answer']}" for s in report["samples"])
+    return (f"# {cfg.registry.model_name}-chat\n\nA chat fine-tune of `{base_version}` (its parent: tag "
+            f"`scratchllm.parent`) on {', '.join(cfg.sft.sources)}, {cfg.sft.max_steps} steps, the loss on the "
+            f"assistant's tokens only. Conversations use the chat template of `llm_core/chat/template.py` "
+            f"(`<|user|>...<|end|><|assistant|>...<|end|>`).\n\n| | base | chat |\n|---|---|---|\n"
+            + "\n".join(rows) + f"\n\nHeld-out answers:\n\n{samples}\n")

@@ -41,15 +41,16 @@ class TextGenerator:
         ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids or [self.eot]
         yield from self.stream_ids(ids, self.eot, max_new_tokens, temperature, top_k, seed)
 
-    def stream_ids(self, ids: list[int], stop_token: int, max_new_tokens: int = 100, temperature: float = 0.8,
-                   top_k: int | None = None, seed: int | None = 0) -> Iterator[str]:
-        """The text generated after the token ids `ids`, piece by piece, until `stop_token` (not included)."""
+    def stream_ids(self, ids: list[int], stop_token: int | list[int], max_new_tokens: int = 100,
+                   temperature: float = 0.8, top_k: int | None = None, seed: int | None = 0) -> Iterator[str]:
+        """The text generated after the token ids `ids`, piece by piece, until a stop token (not included)."""
+        stops = {stop_token} if isinstance(stop_token, int) else set(stop_token)
         new_ids: list[int] = []
         emitted = ""
         tokens = self.model.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature, top_k=top_k,
                                      seed=seed, stop_token=stop_token)
         for token in tokens:
-            if int(token) == stop_token:
+            if int(token) in stops:
                 break
             new_ids.append(int(token))
             text = self.tokenizer.decode(new_ids, skip_special_tokens=False)

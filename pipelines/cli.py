@@ -214,7 +214,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.config)
-        model_dir = resolve_model_dir(args.model or f"{cfg.registry.model_name}-chat@champion", cfg)
+        spec = args.model or f"{cfg.registry.model_name}-chat@champion"
+        model_dir = resolve_model_dir(spec, cfg)
         generator = load_generator(model_dir, tokenizer_dir_of(model_dir, cfg))
     except (OSError, ValueError) as exc:
         print(f"scratchllm chat: {exc}", file=sys.stderr)
@@ -238,7 +239,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         answer([{"role": "user", "content": args.prompt}])
         return 0
     interactive = sys.stdin.isatty()
-    print(f"chatting with {args.model or model_dir}; /reset starts over, /quit leaves", file=sys.stderr)
+    print(f"chatting with {spec}; /reset starts over, /quit leaves", file=sys.stderr)
     messages: list[dict] = []
     while True:
         try:

@@ -199,6 +199,30 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path, monkeypatch):
                           capture_output=True, text=True, cwd=elsewhere, env=env, timeout=300)
     assert talk.returncode == 0, talk.stderr[-2000:]
     assert len(talk.stdout.splitlines()) == 3 and "<|" not in talk.stdout and "conversation reset" in talk.stderr
+    # Its Hugging Face export chats as we do: the template renders our tokens, greedy generate gives our answer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llm_core.chat.chat_model import TURN_STARTS
+    from llm_core.chat.template import END, render
+    from llm_core.registry.generate import load_generator
+    from llm_core.training.model_source import model_dir_of, tokenizer_dir_of
+
+    hf_dir = tmp_path / "chat_export"
+    exported = subprocess.run([*CLI, "export-hf", "--model", "scratchllm-chat@champion", "--out", str(hf_dir),
+                               "--config", str(tmp_path / "chat.yaml")], cwd=elsewhere, env=env, timeout=300)
+    assert exported.returncode == 0
+    version_dir = model_dir_of("scratchllm-chat@champion", load_config(tmp_path / "chat.yaml"))
+    ours = load_generator(version_dir, tokenizer_dir_of(version_dir, load_config(tmp_path / "chat.yaml")))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 'Who says: "Speak, speak."'}]
+    prompt = render(ours.tokenizer, messages, add_generation_prompt=True).ids
+    hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    hf_prompt = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert list(hf_prompt) == prompt
+    stops = [ours.tokenizer.token_to_id(t) for t in (END, *TURN_STARTS)]
+    our_answer = [int(t) for t in ours.model.generate(torch.tensor([prompt]), 8, temperature=0, stop_token=stops)]
+    hf_answer = AutoModelForCausalLM.from_pretrained(hf_dir).generate(
+        torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+    assert hf_answer[:len(our_answer)] == our_answer
 
     quarantine = (tmp_path / "data" / "quarantine" / "raw_corpus")
     entries = [json.loads(line) for f in quarantine.glob("*.jsonl") for line in f.read_text().splitlines()]

@@ -22,9 +22,9 @@ from typing import Iterator
 
 import torch
 
-from llm_core.chat.template import ASSISTANT, END, EOT, USER, render
+from llm_core.chat.template import ASSISTANT, CHAT_TEMPLATE, END, EOT, USER, render
 from llm_core.config import ScratchConfig, deep_merge, validate_config
-from llm_core.files import read_json
+from llm_core.files import read_json, write_json
 from llm_core.model import Transformer
 from llm_core.model_files import MODEL_CONFIG_FILE
 from llm_core.registry.generate import TextGenerator
@@ -46,6 +46,13 @@ def chat_training_config(cfg: ScratchConfig, base_dir: Path) -> ScratchConfig:
                      "seed": s.seed, "init_from": str(base_dir), "mixture": None, "grad_accum_steps": 1},
         "engine": {"kind": "local"},  # a fine-tune is small: it trains on this machine whatever the engine
         "sweep": {}}))
+
+
+def add_chat_template(tokenizer_dir: Path) -> None:
+    """A chat model's tokenizer carries the template (tokenizer_config.json's `chat_template`): the
+    registered version and its Hugging Face export then chat as `scratchllm chat` does."""
+    config_file = Path(tokenizer_dir) / "tokenizer_config.json"
+    write_json(config_file, {**read_json(config_file), "chat_template": CHAT_TEMPLATE})
 
 
 @torch.no_grad()

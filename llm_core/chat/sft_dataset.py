@@ -28,13 +28,12 @@ import numpy as np
 from llm_core.chat.conversations import read_conversations
 from llm_core.chat.template import missing_chat_tokens, render
 from llm_core.config import ScratchConfig, resolve_path
-from llm_core.data.tokenizer import load_tokenizer
+from llm_core.data.tokenizer import PAD, load_tokenizer
 from llm_core.errors import DataError
 from llm_core.files import Quarantine, read_json, save_npy, short_hash, write_json, write_text
 from llm_core.model_files import MODEL_CONFIG_FILE, copy_tokenizer
 from llm_core.training.model_source import tokenizer_dir_of
 
-PAD = "<|pad|>"
 SPLITS = ("train", "val")
 
 

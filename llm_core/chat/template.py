@@ -22,9 +22,9 @@ import dataclasses
 
 from tokenizers import Tokenizer
 
-EOT = "<|endoftext|>"
-USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
-CHAT_TOKENS = (USER, ASSISTANT, END)  # reserved by every tokenizer trained with the default profile
+from llm_core.data.tokenizer import CHAT_TOKENS, EOT
+
+USER, ASSISTANT, END = CHAT_TOKENS  # reserved by every tokenizer trained with the default profile
 ROLES = ("system", "user", "assistant")
 
 CHAT_TEMPLATE = (

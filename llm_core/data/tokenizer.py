@@ -23,6 +23,7 @@ from llm_core.layout import TOKENIZER_DIR
 from llm_core.data.split import Split, plan_split
 
 EOT, PAD = "<|endoftext|>", "<|pad|>"
+CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>")  # the chat template's turns (llm_core/chat/template.py)
 TOKENIZER_FILE = "tokenizer.json"
 # Strings a tokenizer must round-trip besides real documents: unicode, emoji, CJK, whitespace runs.
 TRICKY_TEXTS = [
@@ -103,19 +104,27 @@ def bytes_per_token(tokenizer: Tokenizer, texts: list[str]) -> float:
     return sum(len(t.encode()) for t in texts) / max(n_tokens, 1)
 
 
-def save_tokenizer(tokenizer: Tokenizer, out_dir: Path, model_max_length: int) -> Path:
-    """tokenizer.json plus what `transformers.AutoTokenizer.from_pretrained(out_dir)` needs."""
+def save_tokenizer(tokenizer: Tokenizer, out_dir: Path, model_max_length: int,
+                   chat_template: str | None = None) -> Path:
+    """tokenizer.json plus what `transformers.AutoTokenizer.from_pretrained(out_dir)` needs; a chat model's
+    tokenizer also carries its chat template (what `apply_chat_template` renders)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / TOKENIZER_FILE) as tmp:
         tokenizer.save(str(tmp))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT, "unk_token": None,
               "pad_token": PAD, "model_max_length": model_max_length, "clean_up_tokenization_spaces": False,
-              "add_prefix_space": False}
+              "add_prefix_space": False, **({"chat_template": chat_template} if chat_template else {})}
     special = {"bos_token": EOT, "eos_token": EOT, "pad_token": PAD}
     for name, payload in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
         with atomic_path(out_dir / name) as tmp:
             tmp.write_text(json.dumps(payload, indent=2))
     return out_dir / TOKENIZER_FILE
+
+
+def chat_template_of(tokenizer_dir: Path) -> str | None:
+    """The chat template a tokenizer directory carries (a chat model's), or None."""
+    path = Path(tokenizer_dir) / "tokenizer_config.json"
+    return json.loads(path.read_text()).get("chat_template") if path.is_file() else None
 
 
 def load_tokenizer(out_dir: Path) -> Tokenizer:

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from llm_core.registry import model_card
-from llm_core.data.tokenizer import EOT, PAD, TOKENIZER_FILE, load_tokenizer, save_tokenizer
+from llm_core.data.tokenizer import (CHAT_TOKENS, EOT, PAD, TOKENIZER_FILE, chat_template_of, load_tokenizer,
+                                     save_tokenizer)
 from llm_core.model_files import MODEL_CONFIG_FILE, WEIGHTS_FILE, load_model
 from llm_core.config import ScratchConfig
 from llm_core.files import TMP_MARK, write_json
@@ -133,9 +134,12 @@ def export_hf(model_dir: Path, tokenizer_dir: Path, out_dir: Path, overwrite: bo
         save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})  # transformers 4.x wants "format"
         write_json(tmp / CONFIG_FILE, hf_config(args, eos_id, pad_id, weights["model.embed_tokens.weight"].dtype))
         # No max_length: transformers warns on every generate(max_new_tokens=...) when one is set.
-        write_json(tmp / GENERATION_CONFIG_FILE, {"bos_token_id": eos_id, "eos_token_id": eos_id,
-                                                  "pad_token_id": pad_id})
-        save_tokenizer(tokenizer, tmp, model_max_length=args.block_size)
+        # A chat model ends its turn with <|end|> (or, failing that, a document): generate stops at either.
+        chat_template = chat_template_of(tokenizer_dir)
+        end_id = tokenizer.token_to_id(CHAT_TOKENS[-1]) if chat_template else None
+        write_json(tmp / GENERATION_CONFIG_FILE, {"bos_token_id": eos_id, "pad_token_id": pad_id,
+                                                  "eos_token_id": [end_id, eos_id] if end_id is not None else eos_id})
+        save_tokenizer(tokenizer, tmp, model_max_length=args.block_size, chat_template=chat_template)
         if card is not None:
             model_card.write_card(card, tmp)
         replace_dir(tmp, out_dir)

@@ -110,6 +110,7 @@ def chat_model(context: dg.AssetExecutionContext, config: SftConfig, scratchllm:
         return dg.MaterializeResult(metadata=uri(run.out_dir), check_results=[health])
 
     tokenizer_dir = run.out_dir / MODEL_TOKENIZER_SUBDIR
+    chat.add_chat_template(tokenizer_dir)
     report = chat.judge(cfg, base_dir, run.out_dir, sft_dir, tokenizer_dir)
     write_json(run.out_dir / REPORT_FILE, report)
     base, tuned = report["base"], report["chat"]

@@ -278,7 +278,7 @@ def test_select_takes_the_selection_syntax_and_comma_lists():
     assert names("raw_corpus,cleaned_shards") == ["cleaned_shards", "raw_corpus"]
     assert names(" tokenizer , hf_export ") == ["hf_export", "tokenizer"]
     assert names("+tokenizer,hf_export") == ["cleaned_shards", "hf_export", "tokenizer"]
-    assert len(names("*")) == 8
+    assert len(names("*")) == 10  # the chat path included
     for bad in ("raw_corpus,", "no_such_asset,raw_corpus"):
         with pytest.raises(Exception):
             parse_selection(bad, graph)

@@ -467,8 +467,8 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     return result
 
 
-def command_line(argv: list[str] | None, description: str) -> tuple[ScratchConfig, Path]:
-    """(config, out_dir) from `--config` or `--resolved-config`, and `--out-dir`."""
+def command_line(argv: list[str] | None, description: str) -> tuple[ScratchConfig, Path, str | None]:
+    """(config, out_dir, dataset_dir or None) from `--config` or `--resolved-config`, `--out-dir`, `--dataset-dir`."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML profile (deep-merged over default.yaml)")
     parser.add_argument("--resolved-config", help="a full config as JSON (what the Dagster asset passes)")

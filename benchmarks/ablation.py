@@ -50,6 +50,13 @@ VARIANTS = {
 }
 
 
+def ensure_dataset(cfg, config_path: str | None) -> None:
+    """Build the profile's tokenized dataset (`scratchllm run --select *tokenized_dataset`) if it is missing."""
+    if not (cfg.data_path / DATASET_DIR / "manifest.json").exists():
+        subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--select", "*tokenized_dataset"]
+                       + (["--config", config_path] if config_path else []), cwd=ROOT, check=True)
+
+
 def train_variant(cfg_values: dict, work: Path) -> dict:
     """Train one resolved config from scratch in a fresh process; its training_summary.json."""
     shutil.rmtree(work, ignore_errors=True)
@@ -78,9 +85,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     base = load_config(a.config)
-    if not (base.data_path / DATASET_DIR / "manifest.json").exists():
-        subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--select", "*tokenized_dataset"]
-                       + (["--config", a.config] if a.config else []), cwd=ROOT, check=True)
+    ensure_dataset(base, a.config)
     base_values = base.model_dump(mode="json")
 
     print(f"profile {a.config or 'default.yaml'}, {base.training.max_steps} steps, {a.seeds} seed(s) per variant\n")

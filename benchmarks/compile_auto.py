@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.ablation import train_variant  # noqa: E402
+from benchmarks.ablation import ensure_dataset, train_variant  # noqa: E402
 from llm_core.config import deep_merge, load_config  # noqa: E402
-from llm_core.layout import DATASET_DIR  # noqa: E402
 from llm_core.training import compilation  # noqa: E402
 from llm_core.training.train import model_args  # noqa: E402
 
@@ -35,9 +33,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     a = parser.parse_args()
     cfg = load_config(a.config)
-    if not (cfg.data_path / DATASET_DIR / "manifest.json").exists():
-        subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--select", "*tokenized_dataset"]
-                       + (["--config", a.config] if a.config else []), cwd=ROOT, check=True)
+    ensure_dataset(cfg, a.config)
     shutil.rmtree(cfg.data_path / compilation.CACHE_DIR, ignore_errors=True)
     base = deep_merge(cfg.model_dump(mode="json"), {"training": {
         "max_steps": a.steps, "checkpoint_interval": a.steps, "eval_interval": a.steps, "warmup_steps": 5}})

@@ -26,9 +26,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.ablation import train_variant  # noqa: E402
+from benchmarks.ablation import ensure_dataset, train_variant  # noqa: E402
 from llm_core.config import deep_merge, load_config, validate_config  # noqa: E402
-from llm_core.layout import DATASET_DIR  # noqa: E402
 from llm_core.model import Transformer  # noqa: E402
 from llm_core.training.performance import available_cores  # noqa: E402
 from llm_core.training.train import make_optimizers, model_args  # noqa: E402
@@ -91,11 +90,7 @@ def main() -> None:
     if a.skip_ablation:
         return
 
-    if not (cfg.data_path / DATASET_DIR / "manifest.json").exists():
-        import subprocess
-
-        subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--select", "*tokenized_dataset"]
-                       + (["--config", a.config] if a.config else []), cwd=ROOT, check=True)
+    ensure_dataset(cfg, a.config)
     base = cfg.model_dump(mode="json")
     variants = {f"Muon, {ns} iterations": {"training": {"muon_ns_steps": ns}} for ns in NS_STEPS}
     variants["AdamW only"] = {"training": {"optimizer": "adamw"}}

@@ -36,9 +36,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.ablation import VARIANTS, train_variant  # noqa: E402
+from benchmarks.ablation import VARIANTS, ensure_dataset, train_variant  # noqa: E402
 from llm_core.config import deep_merge, load_config  # noqa: E402
-from llm_core.layout import DATASET_DIR  # noqa: E402
 
 CPU_RECIPE = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
               "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
@@ -80,9 +79,7 @@ def main() -> None:
     if unknown := [n for n in names if n not in VARIANTS]:
         parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     cfg = load_config(a.config)
-    if not (cfg.data_path / DATASET_DIR / "manifest.json").exists():
-        subprocess.run([sys.executable, "-m", "pipelines.cli", "run", "--select", "*tokenized_dataset"]
-                       + (["--config", a.config] if a.config else []), cwd=ROOT, check=True)
+    ensure_dataset(cfg, a.config)
 
     with tempfile.TemporaryDirectory(prefix="nanogpt-recipe-") as tmp:
         checkout = Path(tmp) / "nanoGPT"

@@ -116,7 +116,8 @@ def judge(cfg: ScratchConfig, base_dir: Path, chat_dir: Path, sft_dir: Path, tok
 
     items_of = {name: task_items.load_task(path) for name, path in task_files(cfg).items()}
     prompts = held_out_prompts(sft_dir, num_prompts)
-    report: dict = {"held_out_conversations": len(held_out_prompts(sft_dir)), "prompts_judged": len(prompts)}
+    held_out = read_json(Path(sft_dir) / "manifest.json")["splits"]["val"]["conversations"]
+    report: dict = {"held_out_conversations": held_out, "prompts_judged": len(prompts)}
     for name, model_dir in (("base", base_dir), ("chat", chat_dir)):
         generator = load_generator(model_dir, tokenizer_dir)
         report[name] = {

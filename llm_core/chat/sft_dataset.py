@@ -128,7 +128,7 @@ def build_sft_dataset(cfg: ScratchConfig, base_dir: Path, base_model: str, out_d
     copy_tokenizer(tokenizer_dir, out_dir)  # what the rows' ids mean, beside them
     pad_id = tokenizer.token_to_id(PAD)
     manifest = {"kind": "sft", "block_size": block_size, "row_length": row_length, "pad_id": pad_id,
-                "vocab_size": tokenizer.get_vocab_size(), "base_model": base_model,
+                "vocab_size": tokenizer.get_vocab_size(), "base_model": base_model, "base_dir": str(base_dir),
                 "tokenizer_hash": short_hash(tokenizer.to_str().encode()), "counts": counts, "splits": {}}
     for name, conversations in splits.items():
         tokens, mask = pack(conversations, row_length, pad_id)

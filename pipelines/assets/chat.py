@@ -62,8 +62,6 @@ def sft_dataset(context: dg.AssetExecutionContext, config: SftConfig, scratchllm
     out = cfg.data_path / SFT_DATASET_DIR
     manifest = build_sft_dataset(cfg, base_dir, base_version, out, cfg.data_path / QUARANTINE_DIR / SFT_DATASET_DIR,
                                  log=context.log.info)
-    manifest["base_dir"] = str(base_dir)
-    write_json(out / "manifest.json", manifest)
     counts, splits = manifest["counts"], manifest["splits"]
     return dg.MaterializeResult(
         metadata={**uri(out), "base_model": base_version, **{f"conversations_{k}": v for k, v in counts.items()},

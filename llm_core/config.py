@@ -429,6 +429,12 @@ class SFTConfig(Section):
     warmup_steps: int = Field(default=20, ge=0)
     eval_interval: int = Field(default=100, ge=1)
 
+    @model_validator(mode="after")
+    def _warmup_within_steps(self) -> "SFTConfig":
+        if self.warmup_steps >= self.max_steps:  # refused with the profile, not when the fine-tune starts
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        return self
+
 
 class EngineConfig(Section):
     """Where the data stages' per-shard work and the training run. Outputs are byte-identical on both

@@ -203,3 +203,10 @@ def test_a_fine_tune_learns_to_answer_and_to_end_its_turn(fine_tuned, data_dir):
     assert ended_after >= 0.9 and ended_before < 0.5, (ended_before, ended_after)
     answer = "".join(reply(chat, [{"role": "user", "content": 'Who says: "Speak, speak."'}]))
     assert answer and "<|" not in answer
+
+
+def test_a_fine_tune_shorter_than_its_warmup_is_refused_with_the_profile():
+    from llm_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"sft: .*warmup_steps \(20\) must be below max_steps \(20\)"):
+        load_config(None, overrides={"sft": {"max_steps": 20}})

@@ -56,7 +56,8 @@ def own_text_run(tmp_path_factory):
     user = tmp_path_factory.mktemp("user")
     texts = write_texts(user / "texts")
     write_profile(user / "my.yaml", {"data_dir": str(user / "run"), "corpus": {"sources": [str(texts)]},
-                                     "training": {"max_steps": 200}})
+                                     "training": {"max_steps": 200},
+                                     "sft": {"max_steps": 20, "warmup_steps": 5}})  # the chat path: short
     done = scratchllm("run", "--config", "my.yaml", cwd=user)  # relative: found in the working directory
     assert done.returncode == 0, done.stderr[-5000:]
     return user, done.stderr

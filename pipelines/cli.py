@@ -207,8 +207,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Multi-turn chat with a chat fine-tune (`<model_name>-chat`): each answer streams until the model ends
     its turn; `/reset` forgets the conversation, `/quit` (or end of input) leaves. With --prompt: one answer."""
-    from llm_core.chat.chat_model import reply
-    from llm_core.chat.template import missing_chat_tokens
+    from llm_core.data.chat_template import missing_chat_tokens
     from llm_core.registry.generate import load_generator
     from llm_core.training.model_source import tokenizer_dir_of
 
@@ -228,7 +227,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     def answer(messages: list[dict]) -> str:
         pieces = []
-        for piece in reply(generator, messages, **options):
+        for piece in generator.reply(messages, **options):
             pieces.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -4,6 +4,9 @@ It runs the app that `mlflow models serve -m models:/NAME@ALIAS --env-manager lo
 scoring server under uvicorn, in the local environment: no virtualenv is built, nothing is
 downloaded), behind RequestCheck: a body MLflow would answer with its long protocol text, or with
 params it would drop silently (a misspelt `max_new_token`), gets a short 400 naming what is wrong.
+A base model takes {"inputs": ["prompt", ...], "params": {...}} and answers {"predictions": [...]}; a
+chat model (`<model_name>-chat`) takes {"messages": [...], "max_new_tokens": ..., ...} as OpenAI's and
+MLflow's chat requests do and answers a chat completion ({"choices": [{"message": ...}], ...}).
 The profile's tracking and registry URI are in the child's environment, so the model is found
 whatever the working directory and whatever the shell exports. The child runs in its own process
 group with default signal handlers, like the servers of `scratchllm ui`, and Ctrl-C or SIGTERM
@@ -21,14 +24,19 @@ import subprocess
 import sys
 import time
 
-from llm_core.registry import versions
+from mlflow.exceptions import MlflowException
+
 from llm_core import tracking
+from llm_core.data.chat_template import conversation_problem
+from llm_core.registry import versions
+from llm_core.registry.requests import CHAT_INPUT, validated_params
 from llm_core.config import PROJECT_ROOT, ScratchConfig
 from pipelines.ui import default_signals, interrupt, stop, wait_until_up
 
 STARTUP_TIMEOUT_SECONDS = 180
 MODEL_URI_ENV = "SCRATCHLLM_SERVE_MODEL"  # models:/NAME@ALIAS, for scoring_app in the server process
 EXPECTED_BODY = 'expected a JSON body {"inputs": ["prompt", ...], "params": {...}}'
+EXPECTED_CHAT_BODY = 'expected a JSON body {"messages": [{"role": "user", "content": ...}], "max_new_tokens": ...}'
 OTHER_FORMATS = ("text/csv", "application/vnd.apache.parquet")  # MLflow's, carry no params: passed through
 
 
@@ -53,53 +61,91 @@ def scoring_app():
     with versions.without_mlflow_notices():  # loading runs pyfunc_model.py: MLflow's type-hint advice
         model = scoring_server.load_model_with_mlflow_config(os.environ[MODEL_URI_ENV])
     params = model.metadata.get_params_schema()
-    return RequestCheck(scoring_server.init(model), [p.name for p in params.params] if params else None)
+    return RequestCheck(scoring_server.init(model), [p.name for p in params.params] if params else None,
+                        chat=versions.takes_messages(model.metadata.signature))
 
 
 def mime_type(content_type: str) -> str:
     return content_type.split(";")[0].strip().lower()
 
 
-def request_problem(content_type: str, body: bytes, known_params: list[str] | None) -> tuple[int, str, str] | None:
-    """(HTTP status, MLflow error code, message) refusing an /invocations request, or None to serve it."""
+def prompts_problem(request: dict) -> str | None:
+    """Why a base model's request is not {"inputs": ["prompt", ...], "params": {...}}, or None."""
+    if CHAT_INPUT in request:
+        return f"not a chat model (its tokenizer has no chat template): {EXPECTED_BODY}; " \
+               f"a chat fine-tune (<model_name>-chat) answers {{\"{CHAT_INPUT}\": [...]}}"
+    if "inputs" not in request:
+        return f'no "inputs" in the body: {EXPECTED_BODY}'
+    if unknown := sorted(set(request) - {"inputs", "params"}):
+        return f"unknown field(s) {unknown}: {EXPECTED_BODY}"
+    if not isinstance(request["inputs"], list) or not all(isinstance(prompt, str) for prompt in request["inputs"]):
+        return f'"inputs" must be a list of prompt strings: {EXPECTED_BODY}'
+    return None
+
+
+def chat_problem(request: dict) -> str | None:
+    """Why a chat model's request is not {"messages": [...], PARAM: value, ...}, or None."""
+    if CHAT_INPUT not in request:
+        return f"a chat model: {EXPECTED_CHAT_BODY}"
+    if problem := conversation_problem(request[CHAT_INPUT], prompt=True):
+        return f"{CHAT_INPUT}: {problem}"
+    return None
+
+
+def chat_body(request: dict) -> dict:
+    """The chat request as MLflow's scoring server reads it: the params beside the messages, where its
+    chat format looks for them (they may come in "params" too, as in a prompts request)."""
+    return {**(request.get("params") or {}), **{k: v for k, v in request.items() if k != "params"}}
+
+
+def checked_request(content_type: str, body: bytes, known_params: list[str] | None,
+                    chat: bool = False) -> tuple[tuple[int, str, str] | None, bytes]:
+    """(problem, body): the (HTTP status, MLflow error code, message) refusing an /invocations request, or
+    None and the body to pass on to MLflow's scoring app."""
+    expected = EXPECTED_CHAT_BODY if chat else EXPECTED_BODY
     if mime_type(content_type) != "application/json":
-        return 415, "BAD_REQUEST", f"Content-Type {content_type or 'missing'}: {EXPECTED_BODY} " \
-                                   "(Content-Type: application/json)"
+        return (415, "BAD_REQUEST", f"Content-Type {content_type or 'missing'}: {expected} "
+                                    "(Content-Type: application/json)"), body
     try:
         request = json.loads(body)
     except ValueError:  # not JSON, or not UTF-8
-        return 400, "BAD_REQUEST", f"the body is not JSON: {EXPECTED_BODY}"
-    if not isinstance(request, dict) or "inputs" not in request:
-        return 400, "BAD_REQUEST", f'no "inputs" in the body: {EXPECTED_BODY}'
-    if unknown := sorted(set(request) - {"inputs", "params"}):
-        return 400, "BAD_REQUEST", f"unknown field(s) {unknown}: {EXPECTED_BODY}"
-    inputs, params = request["inputs"], request.get("params") or {}
-    if not isinstance(inputs, list) or not all(isinstance(prompt, str) for prompt in inputs):
-        return 400, "BAD_REQUEST", f'"inputs" must be a list of prompt strings: {EXPECTED_BODY}'
-    if not isinstance(params, dict):
-        return 400, "BAD_REQUEST", f'"params" must be an object: {EXPECTED_BODY}'
+        return (400, "BAD_REQUEST", f"the body is not JSON: {expected}"), body
+    if not isinstance(request, dict):
+        return (400, "BAD_REQUEST", f"the body is not a JSON object: {expected}"), body
+    if not isinstance(request.get("params") or {}, dict):
+        return (400, "BAD_REQUEST", f'"params" must be an object: {expected}'), body
+    if problem := (chat_problem if chat else prompts_problem)(request):
+        return (400, "BAD_REQUEST", problem), body
+    if chat:
+        request = chat_body(request)
+        body = json.dumps(request).encode()
+    params = {k: v for k, v in request.items() if k != CHAT_INPUT} if chat else request.get("params") or {}
     # MLflow drops the params its signature does not declare before predict could refuse them.
     if known_params is not None and (unknown := sorted(set(params) - set(known_params))):
-        return 400, "INVALID_PARAMETER_VALUE", f"unknown param(s) {unknown}; known: {sorted(known_params)}"
-    return None
+        return (400, "INVALID_PARAMETER_VALUE", f"unknown param(s) {unknown}; known: {sorted(known_params)}"), body
+    try:  # checked here too: MLflow's answer to predict's refusal would quote the whole request
+        validated_params(params)
+    except MlflowException as exc:
+        return (400, "INVALID_PARAMETER_VALUE", exc.message), body
+    return None, body
 
 
 class RequestCheck:
     """ASGI middleware in front of MLflow's scoring app: a JSON request to /invocations that
-    request_problem refuses is answered here, as MLflow answers its own errors
-    ({"error_code": ..., "message": ...}); everything else goes through unchanged."""
+    checked_request refuses is answered here, as MLflow answers its own errors
+    ({"error_code": ..., "message": ...}); everything else goes through (a chat request with its params
+    moved beside the messages)."""
 
-    def __init__(self, app, known_params: list[str] | None):
-        self.app, self.known_params = app, known_params
+    def __init__(self, app, known_params: list[str] | None, chat: bool = False):
+        self.app, self.known_params, self.chat = app, known_params, chat
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/invocations":
             return await self.app(scope, receive, send)
         content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
-        if mime_type(content_type) in OTHER_FORMATS:
+        if mime_type(content_type) in OTHER_FORMATS and not self.chat:
             return await self.app(scope, receive, send)
-        body = await read_body(receive)
-        problem = request_problem(content_type, body, self.known_params)
+        problem, body = checked_request(content_type, await read_body(receive), self.known_params, self.chat)
         if problem is None:
             return await self.app(scope, replay(body, receive), send)
         status, code, message = problem
@@ -132,8 +178,20 @@ def replay(body: bytes, receive):
     return receive_again
 
 
-def curl_example(url: str, prompt: str) -> str:
-    body = json.dumps({"inputs": [prompt], "params": {"max_new_tokens": 50, "temperature": 0.8, "seed": 0}})
+def is_chat_model(spec: str, uri: str) -> bool:
+    """Whether the registered version `spec` answers conversations (its signature: pyfunc_model.py)."""
+    from mlflow.models import get_model_info
+
+    with tracking.using(uri), versions.without_mlflow_notices():
+        return versions.takes_messages(get_model_info(f"models:/{spec}").signature)
+
+
+def curl_example(url: str, prompt: str, chat: bool = False) -> str:
+    if chat:
+        body = json.dumps({CHAT_INPUT: [{"role": "user", "content": prompt}], "max_new_tokens": 50,
+                           "temperature": 0})
+    else:
+        body = json.dumps({"inputs": [prompt], "params": {"max_new_tokens": 50, "temperature": 0.8, "seed": 0}})
     return f"curl -s {url}/invocations -H 'Content-Type: application/json' -d {shlex.quote(body)}"
 
 
@@ -152,6 +210,7 @@ def run_serve(cfg: ScratchConfig, spec: str | None, host: str, port: int) -> int
     uri = tracking.tracking_uri(cfg)
     try:
         check_registered(spec, uri)
+        chat = is_chat_model(spec, uri)
     except (ValueError, FileNotFoundError) as exc:
         print(f"scratchllm serve: {exc}", file=sys.stderr)
         return 2
@@ -166,9 +225,9 @@ def run_serve(cfg: ScratchConfig, spec: str | None, host: str, port: int) -> int
         answering = wait_until_serving(server, url)
         if server.poll() is None:
             note = "" if answering else "  (did not answer yet; see its log above)"
-            prompt = (cfg.evaluation.prompts or ["Hello"])[0] or "Hello"
+            prompt = "Who speaks first?" if chat else (cfg.evaluation.prompts or ["Hello"])[0] or "Hello"
             print(f"scratchllm serve: {model} on {url}/invocations{note}  ·  Ctrl-C stops it\n"
-                  f"  try: {curl_example(url, prompt)}", file=sys.stderr, flush=True)
+                  f"  try: {curl_example(url, prompt, chat)}", file=sys.stderr, flush=True)
         while server.poll() is None:
             time.sleep(0.5)
         print(f"scratchllm serve: the server exited ({server.returncode})", file=sys.stderr)

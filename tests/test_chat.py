@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from helpers import QUIET
-from llm_core.chat import conversations, template
+from llm_core.chat import conversations
+from llm_core.data import chat_template as template
 from llm_core.chat.sft_dataset import build_sft_dataset
 from llm_core.config import PROJECT_ROOT, deep_merge, validate_config
 from llm_core.data.tokenizer import load_tokenizer
@@ -187,7 +188,7 @@ def fine_tuned(data_dir, tmp_path_factory, one_thread):
 
 
 def test_a_fine_tune_learns_to_answer_and_to_end_its_turn(fine_tuned, data_dir):
-    from llm_core.chat.chat_model import assistant_bits_per_byte, held_out_prompts, reply, turns_ended
+    from llm_core.chat.chat_model import assistant_bits_per_byte, held_out_prompts, turns_ended
     from llm_core.registry.generate import load_generator
 
     sft_dir, base_dir, chat_dir = fine_tuned
@@ -201,7 +202,7 @@ def test_a_fine_tune_learns_to_answer_and_to_end_its_turn(fine_tuned, data_dir):
     print(f"assistant bpb {before['bpb']:.3f} -> {after['bpb']:.3f}; "
           f"turns ended {ended_before:.0%} -> {ended_after:.0%}")
     assert ended_after >= 0.9 and ended_before < 0.5, (ended_before, ended_after)
-    answer = "".join(reply(chat, [{"role": "user", "content": 'Who says: "Speak, speak."'}]))
+    answer = "".join(chat.reply([{"role": "user", "content": 'Who says: "Speak, speak."'}]))
     assert answer and "<|" not in answer
 
 

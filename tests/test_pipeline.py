@@ -202,8 +202,6 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path, monkeypatch):
     # Its Hugging Face export chats as we do: the template renders our tokens, greedy generate gives our answer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llm_core.chat.chat_model import TURN_STARTS
-    from llm_core.chat.template import END, render
     from llm_core.registry.generate import load_generator
     from llm_core.training.model_source import model_dir_of, tokenizer_dir_of
 
@@ -214,11 +212,10 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path, monkeypatch):
     version_dir = model_dir_of("scratchllm-chat@champion", load_config(tmp_path / "chat.yaml"))
     ours = load_generator(version_dir, tokenizer_dir_of(version_dir, load_config(tmp_path / "chat.yaml")))
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 'Who says: "Speak, speak."'}]
-    prompt = render(ours.tokenizer, messages, add_generation_prompt=True).ids
+    prompt, stops = ours.chat_prompt(messages)
     hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     hf_prompt = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     assert list(hf_prompt) == prompt
-    stops = [ours.tokenizer.token_to_id(t) for t in (END, *TURN_STARTS)]
     our_answer = [int(t) for t in ours.model.generate(torch.tensor([prompt]), 8, temperature=0, stop_token=stops)]
     hf_answer = AutoModelForCausalLM.from_pretrained(hf_dir).generate(
         torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()

@@ -1,8 +1,9 @@
 """End to end through the UIs, as a user drives them: `scratchllm ui` starts the Dagster webserver
 and the MLflow server; a materialization of the whole graph is launched through Dagster's GraphQL
 API (what the "Materialize all" button sends); it succeeds; the MLflow server then shows the
-registered version with alias `champion`; headless Chromium shows the loss curve on the
-trained_model page and its link opens the MLflow run; Ctrl-C stops every server process.
+registered version with alias `champion`, and its chat fine-tune with the base as parent; headless
+Chromium shows the loss curve on the trained_model page and its link opens the MLflow run; Ctrl-C
+stops every server process.
 The three tests share one UI and one run (module fixture) and run in this order."""
 
 import dataclasses
@@ -61,6 +62,7 @@ def ui_run(tmp_path_factory):
     profile = yaml.safe_load((PROJECT_ROOT / "assets_config" / "ci.yaml").read_text())
     profile["data_dir"] = str(tmp_path / "data")
     profile["training"].update(max_steps=10, checkpoint_interval=5, eval_interval=5)
+    profile["sft"].update(max_steps=10, warmup_steps=2, eval_interval=5)
     (tmp_path / "profile.yaml").write_text(yaml.safe_dump(profile))
     dagster_port, mlflow_port = free_port(), free_port()
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home")}
@@ -74,7 +76,8 @@ def ui_run(tmp_path_factory):
         servers = psutil.Process(ui.pid).children(recursive=True)
 
         run_id = launch_assets(dagster_port, ["raw_corpus", "cleaned_shards", "tokenizer", "tokenized_dataset",
-                                              "trained_model", "model_evaluation", "registered_model", "hf_export"])
+                                              "trained_model", "model_evaluation", "registered_model", "hf_export",
+                                              "sft_dataset", "chat_model"])
 
         status = wait_for_run(dagster_port, run_id)
         yield UiRun(ui, servers, dagster_port, mlflow_port, run_id, status, tmp_path / "dagster_home")
@@ -94,10 +97,11 @@ def test_ui_launches_the_whole_graph_through_graphql_and_mlflow_shows_the_champi
     events = graphql(ui_run.dagster_port, f'{{ logsForRun(runId: "{ui_run.run_id}", limit: 5000) {{ ... on '
                                           f'EventConnection {{ events {{ ... on AssetCheckEvaluationEvent {{ '
                                           f'evaluation {{ checkName success }} }} }} }} }} }}')["logsForRun"]["events"]
-    checks = {e["evaluation"]["checkName"]: e["evaluation"]["success"] for e in events if e}
-    assert checks == {"raw_corpus_counts": True, "cleaned_shards_invariant": True, "tokenizer_roundtrip": True,
-                      "token_ids_fit": True, "token_accounting": True, "no_eval_contamination": True,
-                      "training_health": True, "beats_champion": True}
+    checks = [(e["evaluation"]["checkName"], e["evaluation"]["success"]) for e in events if e]
+    assert sorted(checks) == sorted([
+        ("raw_corpus_counts", True), ("cleaned_shards_invariant", True), ("tokenizer_roundtrip", True),
+        ("token_ids_fit", True), ("token_accounting", True), ("no_eval_contamination", True),
+        ("training_health", True), ("beats_champion", True), ("training_health", True)])  # the 2nd: chat_model's
     mlflow = f"http://127.0.0.1:{ui_run.mlflow_port}"
     champion = get_json(f"{mlflow}/api/2.0/mlflow/registered-models/alias?name=scratchllm&alias=champion")[
         "model_version"]
@@ -105,6 +109,10 @@ def test_ui_launches_the_whole_graph_through_graphql_and_mlflow_shows_the_champi
     assert champion["version"] == "1" and 0 < float(tags["val_bpb"]) < 16
     runs = get_json(f"{mlflow}/api/2.0/mlflow/runs/search", {"experiment_ids": ["1"], "max_results": 10})["runs"]
     assert any(r["info"]["run_id"] == champion["run_id"] for r in runs)
+    chat = get_json(f"{mlflow}/api/2.0/mlflow/registered-models/alias?name=scratchllm-chat&alias=champion")[
+        "model_version"]
+    assert chat["version"] == "1" and {t["key"]: t["value"] for t in chat["tags"]}["scratchllm.parent"] == \
+        "scratchllm/1"
 
 
 CHROMIUM = shutil.which("chromium")

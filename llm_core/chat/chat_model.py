@@ -18,19 +18,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from llm_core.chat.template import ASSISTANT, CHAT_TEMPLATE, END, EOT, USER, render
+from llm_core.data.chat_template import CHAT_TEMPLATE, END, render
 from llm_core.config import ScratchConfig, deep_merge, validate_config
 from llm_core.files import read_json, write_json
 from llm_core.model import Transformer
 from llm_core.model_files import MODEL_CONFIG_FILE
 from llm_core.registry.generate import TextGenerator
 from llm_core.training.loader import sequential_batches
-
-TURN_STARTS = (USER, ASSISTANT, EOT)
 
 
 def chat_training_config(cfg: ScratchConfig, base_dir: Path) -> ScratchConfig:
@@ -80,15 +77,6 @@ def held_out_prompts(dataset_dir: Path, limit: int | None = None) -> list[list[d
     return prompts
 
 
-def reply(generator: TextGenerator, messages: list[dict], max_new_tokens: int = 200, temperature: float = 0.0,
-          seed: int | None = 0) -> Iterator[str]:
-    """The assistant's answer to `messages`, streamed, until <|end|> (temperature 0: greedy). A model that
-    starts another turn or document instead (a role token, <|endoftext|>) has ended its answer too."""
-    ids = render(generator.tokenizer, messages, add_generation_prompt=True).ids
-    stops = [generator.tokenizer.token_to_id(t) for t in (END, *TURN_STARTS)]
-    yield from generator.stream_ids(ids, stops, max_new_tokens, temperature, None, seed)
-
-
 @torch.no_grad()
 def turns_ended(generator: TextGenerator, prompts: list[list[dict]]) -> float:
     """The share of `prompts` whose greedy answer ends with <|end|> before the context is full."""
@@ -125,7 +113,7 @@ def judge(cfg: ScratchConfig, base_dir: Path, chat_dir: Path, sft_dir: Path, tok
             "turns_ended": turns_ended(generator, prompts),
             "tasks": {task: multiple_choice.score_task(task, items, generator.model, generator.tokenizer).acc_norm
                       for task, items in items_of.items()}}
-    report["samples"] = [{"prompt": p[-1]["content"], "answer": "".join(reply(generator, p, max_new_tokens=60))}
+    report["samples"] = [{"prompt": p[-1]["content"], "answer": "".join(generator.reply(p, max_new_tokens=60))}
                          for p in prompts[:num_samples]]  # the fine-tune's (the last generator)
     return report
 
@@ -142,6 +130,6 @@ def model_card(cfg: ScratchConfig, base_version: str, report: dict) -> str:
     samples = "\n".join(f"- **user:** {s['prompt']}\n  **assistant:** {s['answer']}" for s in report["samples"])
     return (f"# {cfg.registry.model_name}-chat\n\nA chat fine-tune of `{base_version}` (its parent: tag "
             f"`scratchllm.parent`) on {', '.join(cfg.sft.sources)}, {cfg.sft.max_steps} steps, the loss on the "
-            f"assistant's tokens only. Conversations use the chat template of `llm_core/chat/template.py` "
+            f"assistant's tokens only. Conversations use the chat template of `llm_core/data/chat_template.py` "
             f"(`<|user|>...<|end|><|assistant|>...<|end|>`).\n\n| | base | chat |\n|---|---|---|\n"
             + "\n".join(rows) + f"\n\nHeld-out answers:\n\n{samples}\n")

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from llm_core.chat.template import conversation_problem
+from llm_core.data.chat_template import conversation_problem
 from llm_core.config import PROJECT_ROOT
 from llm_core.files import Quarantine, short_hash, write_text
 

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from llm_core.chat.conversations import read_conversations
-from llm_core.chat.template import missing_chat_tokens, render
+from llm_core.data.chat_template import missing_chat_tokens, render
 from llm_core.config import ScratchConfig, resolve_path
 from llm_core.data.tokenizer import PAD, load_tokenizer
 from llm_core.errors import DataError

@@ -23,7 +23,7 @@ from llm_core.layout import TOKENIZER_DIR
 from llm_core.data.split import Split, plan_split
 
 EOT, PAD = "<|endoftext|>", "<|pad|>"
-CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>")  # the chat template's turns (llm_core/chat/template.py)
+CHAT_TOKENS = ("<|user|>", "<|assistant|>", "<|end|>")  # the chat template's turns (llm_core/data/chat_template.py)
 TOKENIZER_FILE = "tokenizer.json"
 # Strings a tokenizer must round-trip besides real documents: unicode, emoji, CJK, whitespace runs.
 TRICKY_TEXTS = [

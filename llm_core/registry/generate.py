@@ -21,13 +21,16 @@ from llm_core.files import copy_file
 from llm_core.layout import MODEL_TOKENIZER_SUBDIR
 from llm_core.model import Transformer
 from llm_core.model_files import copy_tokenizer
+from llm_core.data.chat_template import ASSISTANT, END, USER, render
 from llm_core.data.tokenizer import EOT, load_tokenizer
 
 PACKAGE_FILES = ("model.safetensors", "model_config.json")
+TURN_STARTS = (USER, ASSISTANT, EOT)  # a chat model that starts another turn or document has ended its answer
 
 
 class TextGenerator:
-    """A model and its tokenizer. `stream` yields text as it is generated; `complete` returns it."""
+    """A model and its tokenizer. `stream` yields text as it is generated; `complete` returns it.
+    A chat model's answers: `reply` streams one, `answer` returns it as a chat completion."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -64,6 +67,33 @@ class TextGenerator:
 
     def complete(self, prompt: str, **kwargs) -> str:
         return "".join(self.stream(prompt, **kwargs))
+
+    def chat_prompt(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """The ids a chat model answers `messages` from (the template, then <|assistant|>), and the ids
+        that end its answer: <|end|>, or any turn or document start."""
+        ids = render(self.tokenizer, messages, add_generation_prompt=True).ids
+        return ids, [self.tokenizer.token_to_id(t) for t in (END, *TURN_STARTS)]
+
+    def reply(self, messages: list[dict], max_new_tokens: int = 200, temperature: float = 0.0,
+              top_k: int | None = None, seed: int | None = 0) -> Iterator[str]:
+        """The assistant's answer to `messages`, streamed, until it ends its turn (temperature 0: greedy)."""
+        ids, stops = self.chat_prompt(messages)
+        yield from self.stream_ids(ids, stops, max_new_tokens, temperature, top_k, seed)
+
+    def answer(self, messages: list[dict], max_new_tokens: int = 200, temperature: float = 0.0,
+               top_k: int | None = None, seed: int | None = 0) -> dict:
+        """The same answer as `reply`, whole, as a chat completion in OpenAI's shape: finish_reason "stop"
+        when the model ended its turn, "length" when max_new_tokens cut it; token counts in usage."""
+        ids, stops = self.chat_prompt(messages)
+        tokens = [int(t) for t in self.model.generate(torch.tensor([ids]), max_new_tokens, temperature=temperature,
+                                                      top_k=top_k, seed=seed, stop_token=stops)]
+        ended = bool(tokens) and tokens[-1] in stops
+        content = self.tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=False)
+        return {"object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                             "finish_reason": "stop" if ended else "length"}],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": len(tokens),
+                          "total_tokens": len(ids) + len(tokens)}}
 
 
 def load_generator(model_dir: Path, tokenizer_dir: Path | None = None) -> TextGenerator:

@@ -6,6 +6,12 @@ A registered version generates text:
     model.predict(["ROMEO:"], params={"max_new_tokens": 50, "temperature": 0.8, "seed": 0})
     # -> ["the continuation, without the prompt"]; temperature 0 is greedy
 
+and a chat fine-tune's (`scratchllm-chat`) answers a conversation:
+
+    mlflow.pyfunc.load_model("models:/scratchllm-chat@champion").predict(
+        {"messages": [{"role": "user", "content": "Who speaks first?"}]}, params={"temperature": 0})
+    # -> {"choices": [{"message": {"role": "assistant", "content": ...}, "finish_reason": "stop"}], ...}
+
 Its artifact is a model directory (see llm_core/registry/generate.py: weights as safetensors, model config,
 tokenizer) and its code is this package, so loading it needs no pickle and no network.
 
@@ -26,10 +32,12 @@ from pathlib import Path
 
 import mlflow
 
+from llm_core.data.tokenizer import chat_template_of
+from llm_core.registry.requests import CHAT_INPUT, DEFAULT_PARAMS
+
 CHAMPION, CHALLENGER = "champion", "challenger"
 BPB_TAG = "val_bpb"  # version tag that the champion comparison reads
 KEY_TAG = "scratchllm.training_key"  # one version per training: registering it again reuses it
-DEFAULT_PARAMS = {"max_new_tokens": 50, "temperature": 0.8, "seed": 0, "top_k": 0}
 # What the pyfunc imports; versions are pinned to this environment's (no slow inference at log time).
 REQUIREMENTS = ("torch", "tokenizers", "safetensors", "numpy", "pyarrow", "pydantic", "pyyaml", "xxhash", "mlflow")
 PYFUNC_MODEL = Path(__file__).with_name("pyfunc_model.py")  # logged as "model from code": no pickle
@@ -74,6 +82,11 @@ def champion(client, name: str) -> tuple[str, float] | None:
     return (str(version.version), float(version.tags.get(BPB_TAG, "inf"))) if version else None
 
 
+def takes_messages(signature) -> bool:
+    """Whether a registered version's signature is a chat model's (a conversation in)."""
+    return signature is not None and CHAT_INPUT in signature.inputs.input_names()
+
+
 def log_pyfunc(model_dir: Path, tokenizer_dir: Path, run_id: str, card: str | None = None):
     """Log the model directory (with its model card as README.md) as a pyfunc in the training's MLflow
     run; returns its ModelInfo. Runs inside tracking.using(uri)."""
@@ -82,7 +95,15 @@ def log_pyfunc(model_dir: Path, tokenizer_dir: Path, run_id: str, card: str | No
     from llm_core.registry.generate import package_model
     from llm_core.registry.model_card import write_card
 
-    signature = infer_signature(["a prompt"], ["a continuation"], params=DEFAULT_PARAMS)
+    if chat_template_of(tokenizer_dir) is None:  # a base model: prompts in, continuations out
+        signature = infer_signature(["a prompt"], ["a continuation"], params=DEFAULT_PARAMS)
+    else:  # a chat model: a conversation in, a chat completion out (pyfunc_model.py)
+        messages = [{"role": "user", "content": "a question", "name": "Ann"},  # OpenAI's `name`: optional
+                    {"role": "assistant", "content": "an answer"}, {"role": "user", "content": "and?"}]
+        signature = infer_signature({CHAT_INPUT: messages}, {
+            "object": "chat.completion", "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "an answer"},
+                         "finish_reason": "stop"}]}, params=DEFAULT_PARAMS)
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id), without_mlflow_notices():
         package = package_model(model_dir, tokenizer_dir, Path(tmp) / "model")
         if card is not None:

@@ -10,7 +10,7 @@ import dagster as dg
 from llm_core import tracking
 from llm_core.chat import chat_model as chat
 from llm_core.chat.sft_dataset import build_sft_dataset
-from llm_core.chat.template import render
+from llm_core.data.chat_template import render
 from llm_core.data.tokenizer import load_tokenizer
 from llm_core.errors import DataError
 from llm_core.files import read_json, write_json

@@ -55,8 +55,9 @@ def turns(messages: list[dict]) -> list[tuple[str, str]]:
     return out
 
 
-def conversation_problem(messages) -> str | None:
-    """Why `messages` cannot be a training conversation (the quarantine's reason), or None."""
+def conversation_problem(messages, prompt: bool = False) -> str | None:
+    """Why `messages` cannot be a training conversation (the quarantine's reason), or None. With `prompt`,
+    the conversation is one to answer (a chat request): it must end with the user's turn instead."""
     if not isinstance(messages, list) or not messages:
         return "no messages: expected {\"messages\": [{\"role\": ..., \"content\": ...}, ...]}"
     for i, m in enumerate(messages):
@@ -77,7 +78,9 @@ def conversation_problem(messages) -> str | None:
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:
             return f"roles must alternate user, assistant, user, ...: turn {i} is {role}"
-    if roles[-1] != "assistant":
+    if prompt and roles[-1] != "user":
+        return "the last turn is the assistant's: nothing to answer (end with a user message)"
+    if not prompt and roles[-1] != "assistant":
         return "the last turn is the user's: nothing for the assistant to learn"
     return None
 

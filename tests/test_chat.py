@@ -1,10 +1,12 @@
 """Chat fine-tuning's data: the template round trip and its loss mask (hand-checked), the loss on the
 assistant's tokens only, conversations checked and quarantined with reasons, the split and the packing,
-a base without chat tokens refused, and the shipped conversations file made by its script."""
+a base without chat tokens refused, and the shipped conversations file made by its script; a fine-tune
+that learns to answer, and the chat champion gated on the same held-out conversations."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -188,22 +190,59 @@ def fine_tuned(data_dir, tmp_path_factory, one_thread):
 
 
 def test_a_fine_tune_learns_to_answer_and_to_end_its_turn(fine_tuned, data_dir):
-    from llm_core.chat.chat_model import assistant_bits_per_byte, held_out_prompts, turns_ended
+    from llm_core.chat.chat_model import bits_per_byte, conversation_bits, held_out_prompts, turns_ended
     from llm_core.registry.generate import load_generator
 
     sft_dir, base_dir, chat_dir = fine_tuned
     tokenizer_dir = data_dir / "tokenizer"
     base, chat = load_generator(base_dir, tokenizer_dir), load_generator(chat_dir, tokenizer_dir)
-    before, after = (assistant_bits_per_byte(g.model, sft_dir) for g in (base, chat))
-    assert after["learned_tokens"] == before["learned_tokens"] > 1000
-    assert after["bpb"] < before["bpb"] - 1.0, (before, after)
+    before, after = (conversation_bits(g.model, g.tokenizer, sft_dir) for g in (base, chat))
+    val = json.loads((sft_dir / "manifest.json").read_text())["splits"]["val"]
+    assert before.keys() == after.keys() and len(after) == val["conversations"] > 50
+    assert sum(n for _, n, _ in after.values()) == val["assistant_bytes"]
+    assert bits_per_byte(after) < bits_per_byte(before) - 1.0, (bits_per_byte(before), bits_per_byte(after))
     prompts = held_out_prompts(sft_dir, limit=100)
     ended_before, ended_after = turns_ended(base, prompts), turns_ended(chat, prompts)
-    print(f"assistant bpb {before['bpb']:.3f} -> {after['bpb']:.3f}; "
+    print(f"assistant bpb {bits_per_byte(before):.3f} -> {bits_per_byte(after):.3f}; "
           f"turns ended {ended_before:.0%} -> {ended_after:.0%}")
     assert ended_after >= 0.9 and ended_before < 0.5, (ended_before, ended_after)
     answer = "".join(chat.reply([{"role": "user", "content": 'Who says: "Speak, speak."'}]))
     assert answer and "<|" not in answer
+
+
+def test_the_chat_champion_moves_only_to_a_fine_tune_better_on_the_same_conversations(fine_tuned, data_dir,
+                                                                                       tmp_path):
+    """Gated as base models are: the first chat version is champion; the fine-tune, paired with it on the same
+    held-out conversations, takes `champion`; the weaker model registered again after it is the challenger."""
+    from helpers import config
+
+    from llm_core import tracking
+    from llm_core.chat.chat_model import add_chat_template, against_champion, bits_per_byte, conversation_bits
+    from llm_core.registry import versions
+    from llm_core.registry.generate import load_generator
+
+    sft_dir, base_dir, chat_dir = fine_tuned
+    cfg = config(data_dir).model_copy(update={"data_dir": str(tmp_path / "data")})
+    uri = tracking.tracking_uri(cfg)
+    tokenizer_dir = tmp_path / "chat_tokenizer"
+    shutil.copytree(data_dir / "tokenizer", tokenizer_dir)
+    add_chat_template(tokenizer_dir)
+
+    def register(model_dir, key):
+        generator = load_generator(model_dir, tokenizer_dir)
+        scores = conversation_bits(generator.model, generator.tokenizer, sft_dir)
+        verdict = against_champion(cfg, uri, "tiny-chat", key, scores, sft_dir)
+        run_id = tracking.start_training_run(cfg, uri, tags={versions.KEY_TAG: key})
+        registered = versions.register(model_dir, tokenizer_dir, tracking_uri=uri, run_id=run_id, name="tiny-chat",
+                                       val_bpb=bits_per_byte(scores), tags={versions.KEY_TAG: key}, verdict=verdict)
+        return registered.alias, verdict
+
+    assert register(base_dir, "weak") == ("champion", None)  # the first version
+    alias, verdict = register(chat_dir, "tuned")
+    assert alias == "champion" and verdict.promote and verdict.num_documents > 50 and verdict.high < 0, verdict
+    alias, verdict = register(base_dir, "weak-again")
+    assert alias == "challenger" and not verdict.promote and verdict.low > 0, verdict
+    assert "not better beyond the margin" in verdict.reason
 
 
 def test_a_fine_tune_shorter_than_its_warmup_is_refused_with_the_profile():

@@ -8,9 +8,11 @@ reading the packed rows of sft_dataset, learns the assistant's tokens only.
 
 Judged on the held-out conversations, the base and the fine-tune alike:
 - assistant bits per byte: the loss on the tokens the mask learns (the assistant's content and the <|end|>
-  closing it), in bits, over the UTF-8 bytes of the assistant's content;
+  closing it), in bits, over the UTF-8 bytes of the assistant's content; each conversation scored alone;
 - turns ended: the share of held-out prompts (each conversation up to its last user turn, then
   <|assistant|>) whose greedy answer ends with <|end|> within the context.
+The chat champion is gated as base models are: a new fine-tune takes `champion` when its assistant bits per
+byte beat the current chat champion's, paired over the same held-out conversations, beyond the noise.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ import math
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
-from llm_core.data.chat_template import CHAT_TEMPLATE, END, render
 from llm_core.config import ScratchConfig, deep_merge, validate_config
+from llm_core.data.chat_template import CHAT_TEMPLATE, END, render
+from llm_core.evaluation import promotion
+from llm_core.evaluation.promotion import Verdict
 from llm_core.files import read_json, write_json
 from llm_core.model import Transformer
 from llm_core.model_files import MODEL_CONFIG_FILE
 from llm_core.registry.generate import TextGenerator
-from llm_core.training.loader import sequential_batches
 
 
 def chat_training_config(cfg: ScratchConfig, base_dir: Path) -> ScratchConfig:
@@ -52,27 +56,46 @@ def add_chat_template(tokenizer_dir: Path) -> None:
     write_json(config_file, {**read_json(config_file), "chat_template": CHAT_TEMPLATE})
 
 
+def held_out_conversations(dataset_dir: Path) -> list[dict]:
+    """{"id", "messages"} of each held-out conversation of an sft_dataset."""
+    return [json.loads(line) for line in (Path(dataset_dir) / "val_conversations.jsonl").read_text().splitlines()]
+
+
 @torch.no_grad()
-def assistant_bits_per_byte(model: Transformer, dataset_dir: Path, split: str = "val") -> dict:
-    """{"bpb", "nats", "learned_tokens", "assistant_bytes"} of a model on a split of an sft_dataset."""
+def conversation_bits(model: Transformer, tokenizer: Tokenizer, dataset_dir: Path,
+                      batch_size: int = 32) -> dict[str, tuple[float, int, str]]:
+    """id -> (bits, assistant bytes, "chat") of each held-out conversation, scored alone: the loss on the
+    tokens its mask learns (the assistant's content and the <|end|> closing it), in bits; the UTF-8 bytes
+    of the assistant's content. The per-document shape that promotion pairs two models on."""
     model.eval()
-    nats, tokens = 0.0, 0
-    for x, y in sequential_batches(dataset_dir, split, 0, 32):
+    conversations = held_out_conversations(dataset_dir)
+    scores = {}
+    for start in range(0, len(conversations), batch_size):
+        batch = conversations[start:start + batch_size]
+        rendered = [render(tokenizer, c["messages"]) for c in batch]
+        width = max(len(r.ids) for r in rendered) - 1  # at most block_size: longer ones were quarantined
+        x = torch.zeros((len(batch), width), dtype=torch.long)  # padded at the end: causal, so harmless
+        y = torch.full((len(batch), width), -100, dtype=torch.long)
+        for row, r in enumerate(rendered):
+            targets = [t if learned else -100 for t, learned in zip(r.ids[1:], r.mask[1:])]
+            x[row, :len(targets)], y[row, :len(targets)] = torch.tensor(r.ids[:-1]), torch.tensor(targets)
         logits, _ = model(x)
-        losses = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
-                                                   reduction="sum")
-        nats += float(losses)
-        tokens += int((y != -100).sum())
-    assistant_bytes = read_json(Path(dataset_dir) / "manifest.json")["splits"][split]["assistant_bytes"]
-    return {"bpb": nats / math.log(2) / max(assistant_bytes, 1), "nats": nats, "learned_tokens": tokens,
-            "assistant_bytes": assistant_bytes}
+        nats = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-100,
+                                                 reduction="none").sum(dim=1)
+        for c, r, n in zip(batch, rendered, nats.tolist()):
+            scores[c["id"]] = (n / math.log(2), r.assistant_bytes, "chat")
+    return scores
+
+
+def bits_per_byte(scores: dict[str, tuple[float, int, str]]) -> float:
+    return sum(b for b, _, _ in scores.values()) / max(sum(n for _, n, _ in scores.values()), 1)
 
 
 def held_out_prompts(dataset_dir: Path, limit: int | None = None) -> list[list[dict]]:
     """Each held-out conversation up to its last user turn (what the assistant is asked last)."""
     prompts = []
-    for line in (Path(dataset_dir) / "val_conversations.jsonl").read_text().splitlines()[:limit]:
-        messages = json.loads(line)["messages"]
+    for conversation in held_out_conversations(dataset_dir)[:limit]:
+        messages = conversation["messages"]
         prompts.append(messages[:max(i for i, m in enumerate(messages) if m["role"] == "user") + 1])
     return prompts
 
@@ -93,10 +116,11 @@ def turns_ended(generator: TextGenerator, prompts: list[list[dict]]) -> float:
 
 
 def judge(cfg: ScratchConfig, base_dir: Path, chat_dir: Path, sft_dir: Path, tokenizer_dir: Path,
-          num_prompts: int = 100, num_samples: int = 5) -> dict:
+          num_prompts: int = 100, num_samples: int = 5) -> tuple[dict, dict]:
     """The base and the fine-tune side by side on the held-out conversations (assistant bits per byte,
     turns ended) and on the profile's multiple-choice tasks (acc_norm: what the fine-tune cost), with a few
-    of the fine-tune's answers. What chat_model reports and registers."""
+    of the fine-tune's answers: what chat_model reports and registers; and the fine-tune's per-conversation
+    scores (conversation_bits), which its promotion pairs with the champion's."""
     from llm_core.data import task_items
     from llm_core.data.tokenized_dataset import task_files
     from llm_core.evaluation import multiple_choice
@@ -108,14 +132,36 @@ def judge(cfg: ScratchConfig, base_dir: Path, chat_dir: Path, sft_dir: Path, tok
     report: dict = {"held_out_conversations": held_out, "prompts_judged": len(prompts)}
     for name, model_dir in (("base", base_dir), ("chat", chat_dir)):
         generator = load_generator(model_dir, tokenizer_dir)
+        scores = conversation_bits(generator.model, generator.tokenizer, sft_dir)
         report[name] = {
-            "assistant_bpb": assistant_bits_per_byte(generator.model, sft_dir)["bpb"],
+            "assistant_bpb": bits_per_byte(scores),
             "turns_ended": turns_ended(generator, prompts),
             "tasks": {task: multiple_choice.score_task(task, items, generator.model, generator.tokenizer).acc_norm
                       for task, items in items_of.items()}}
     report["samples"] = [{"prompt": p[-1]["content"], "answer": "".join(generator.reply(p, max_new_tokens=60))}
-                         for p in prompts[:num_samples]]  # the fine-tune's (the last generator)
-    return report
+                         for p in prompts[:num_samples]]  # the fine-tune's (the last generator, as `scores`)
+    return report, scores
+
+
+def against_champion(cfg: ScratchConfig, tracking_uri: str, name: str, key: str, scores: dict,
+                     sft_dir: Path) -> Verdict | None:
+    """The verdict for the fine-tune `key` (its per-conversation `scores`) against the current champion of
+    `name`, scored now on the same held-out conversations (with its own tokenizer: bits per byte compare
+    across tokenizers), paired as base models are (registry.promotion_margin_bpb, promotion_confidence);
+    None before the first champion, or when it is this very fine-tune."""
+    from llm_core import tracking
+    from llm_core.layout import REGISTRY_CACHE_DIR
+    from llm_core.registry import versions
+    from llm_core.registry.generate import load_generator
+
+    champion = versions.champion_version(tracking.client(tracking_uri), name)
+    if champion is None or champion.tags.get(versions.KEY_TAG) == key:
+        return None
+    champion_dir = versions.download(f"{name}/{champion.version}", tracking_uri, cfg.data_path / REGISTRY_CACHE_DIR)
+    generator = load_generator(champion_dir)
+    champion_scores = conversation_bits(generator.model, generator.tokenizer, sft_dir)
+    return promotion.verdict(scores, champion_scores, bits_per_byte(scores), bits_per_byte(champion_scores),
+                             margin=cfg.registry.promotion_margin_bpb, confidence=cfg.registry.promotion_confidence)
 
 
 def model_card(cfg: ScratchConfig, base_version: str, report: dict) -> str:

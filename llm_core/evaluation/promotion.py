@@ -128,14 +128,22 @@ def compare(new_dir: Path, champion_dir: Path | None, new_bpb: float, champion_b
 
     new = bits(pq.read_table(new_dir / PER_DOCUMENT_FILE))
     old = bits(pq.read_table(champion_dir / PER_DOCUMENT_FILE)) if champion_dir else {}
+    tasks = task_deltas(pq.read_table(new_dir / TASK_ITEMS_FILE), pq.read_table(champion_dir / TASK_ITEMS_FILE),
+                        confidence) if champion_dir and (champion_dir / TASK_ITEMS_FILE).exists() else []
+    return verdict(new, old, new_bpb, champion_bpb, tasks, margin=margin, confidence=confidence,
+                   protected_sources=protected_sources)
+
+
+def verdict(new: dict, old: dict, new_bpb: float, champion_bpb: float, tasks: list[TaskDelta] = (), *,
+            margin: float, confidence: float, protected_sources: list[str] = ()) -> Verdict:
+    """The verdict from both models' per-document scores (`bits`' shape: id -> (bits, bytes, source)) and
+    the task deltas: paired over the documents both scored, else the two means."""
     shared = [i for i in new if i in old]
     if not shared:
         delta = new_bpb - champion_bpb
         why = "the champion has no per-document scores on these documents: means compared, no interval"
         return Verdict(delta <= -margin, delta, delta, delta, confidence, margin, 0, [], why)
     delta, low, high = paired_bpb(new, old, shared, confidence)
-    tasks = task_deltas(pq.read_table(new_dir / TASK_ITEMS_FILE), pq.read_table(champion_dir / TASK_ITEMS_FILE),
-                        confidence) if (champion_dir / TASK_ITEMS_FILE).exists() else []
     sources = []
     for source in protected_sources:
         ids = [i for i in shared if new[i][2] == source]
@@ -149,8 +157,8 @@ def compare(new_dir: Path, champion_dir: Path | None, new_bpb: float, champion_b
         reason = f"better in bits/byte ({delta:+.4f}) but worse beyond noise on {', '.join(worse)}"
     else:
         reason = f"better: {delta:+.4f} bits/byte, interval [{low:+.4f}, {high:+.4f}] below -{margin:g}"
-    return Verdict(high < -margin and not worse, delta, low, high, confidence, margin, len(shared), tasks, reason,
-                   sources)
+    return Verdict(high < -margin and not worse, delta, low, high, confidence, margin, len(shared), list(tasks),
+                   reason, sources)
 
 
 def against_champion(cfg, tracking_uri: str, key: str, val_bpb: float) -> Verdict | None:

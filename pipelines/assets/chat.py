@@ -109,7 +109,7 @@ def chat_model(context: dg.AssetExecutionContext, config: SftConfig, scratchllm:
 
     tokenizer_dir = run.out_dir / MODEL_TOKENIZER_SUBDIR
     chat.add_chat_template(tokenizer_dir)
-    report = chat.judge(cfg, base_dir, run.out_dir, sft_dir, tokenizer_dir)
+    report, scores = chat.judge(cfg, base_dir, run.out_dir, sft_dir, tokenizer_dir)
     write_json(run.out_dir / REPORT_FILE, report)
     base, tuned = report["base"], report["chat"]
     context.log.info(f"assistant bits/byte {base['assistant_bpb']:.4f} (base) -> {tuned['assistant_bpb']:.4f}; "
@@ -117,16 +117,19 @@ def chat_model(context: dg.AssetExecutionContext, config: SftConfig, scratchllm:
     metrics = {"assistant_bpb": tuned["assistant_bpb"], "base_assistant_bpb": base["assistant_bpb"],
                "turns_ended": tuned["turns_ended"], "base_turns_ended": base["turns_ended"]}
     tracking.log_evaluation(tracking_uri, run.mlflow_run_id, metrics, [], files=[run.out_dir / REPORT_FILE])
+    name = f"{cfg.registry.model_name}-chat"
+    verdict = chat.against_champion(cfg, tracking_uri, name, run.key, scores, sft_dir)
     r = versions.register(run.out_dir, tokenizer_dir, tracking_uri=tracking_uri, run_id=run.mlflow_run_id,
-                          name=f"{cfg.registry.model_name}-chat", val_bpb=tuned["assistant_bpb"],
+                          name=name, val_bpb=tuned["assistant_bpb"], verdict=verdict,
                           tags={versions.KEY_TAG: run.key, training_run.PARENT_TAG: base_version,
                                 "dagster.run_id": context.run_id, "scratchllm.stage": "chat"},
                           card=chat.model_card(cfg, base_version, report))
-    context.log.info(f"{r.name} version {r.version}: {r.alias}")
+    context.log.info(f"{r.name} version {r.version}: {r.alias}" + (f" ({verdict.reason})" if verdict else ""))
     return dg.MaterializeResult(
         metadata={**uri(run.out_dir), **metrics, "base_model": base_version, "model_name": r.name,
                   "model_version": int(r.version), "alias": r.alias, "model_uri": f"models:/{r.name}@{r.alias}",
                   "mlflow_run_id": run.mlflow_run_id, "training_key": run.key, **finished[0].reported,
+                  **({"promotion": verdict.reason, "promotion_delta_bpb": verdict.delta_bpb} if verdict else {}),
                   "comparison": markdown_table(
                       ["", "base", "chat"],
                       [["assistant bits/byte", f"{base['assistant_bpb']:.4f}", f"{tuned['assistant_bpb']:.4f}"],

@@ -207,7 +207,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     """Multi-turn chat with a chat fine-tune (`<model_name>-chat`): each answer streams until the model ends
     its turn; `/reset` forgets the conversation, `/quit` (or end of input) leaves. With --prompt: one answer."""
-    from llm_core.data.chat_template import missing_chat_tokens
+    from llm_core.data.tokenizer import chat_template_of
     from llm_core.registry.generate import load_generator
     from llm_core.training.model_source import tokenizer_dir_of
 
@@ -215,13 +215,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
         cfg = load_config(args.config)
         spec = args.model or f"{cfg.registry.model_name}-chat@champion"
         model_dir = resolve_model_dir(spec, cfg)
-        generator = load_generator(model_dir, tokenizer_dir_of(model_dir, cfg))
+        tokenizer_dir = tokenizer_dir_of(model_dir, cfg)
+        generator = load_generator(model_dir, tokenizer_dir)
     except (OSError, ValueError) as exc:
         print(f"scratchllm chat: {exc}", file=sys.stderr)
         return 2
-    if missing := missing_chat_tokens(generator.tokenizer):
-        print(f"scratchllm chat: {model_dir} has no chat tokens ({', '.join(missing)}): not a chat model; "
-              f"fine-tune one with `scratchllm run --select sft_dataset,chat_model`", file=sys.stderr)
+    if chat_template_of(tokenizer_dir) is None:  # what chat_model gives every fine-tune it registers
+        print(f"scratchllm chat: {spec} is not a chat model (its tokenizer has no chat template); fine-tune one "
+              f"with `scratchllm run --select sft_dataset,chat_model`", file=sys.stderr)
         return 2
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "seed": args.seed}
 

@@ -17,10 +17,12 @@ from llm_core.config import ConfigError
 from llm_core.errors import DataError
 
 NEXT_STEP = "next step"
+CANCELLED = "stopped: the run was cancelled"
 
 
 def user_errors(asset_fn):
-    """Decorate an asset's function (under @dg.asset): its user-facing errors become a dg.Failure."""
+    """Decorate an asset's function (under @dg.asset): its user-facing errors become a dg.Failure, and
+    a cancel ends the step for good."""
     @functools.wraps(asset_fn)
     def run(*args, **kwargs):
         try:
@@ -29,6 +31,11 @@ def user_errors(asset_fn):
             next_step = getattr(exc, "next_step", None)
             raise dg.Failure(description=exc.args[0], allow_retries=False,
                              metadata={NEXT_STEP: next_step} if next_step else {}) from exc
+        except (dg.DagsterExecutionInterruptedError, KeyboardInterrupt) as exc:
+            # The UI's Terminate (or a run worker's SIGINT). Dagster retries an interrupted step whose
+            # asset has a retry policy (trained_model's, for killed ranks): what the user stopped would
+            # start again. The processes the step started are stopped already (run_side_by_side).
+            raise dg.Failure(description=CANCELLED, allow_retries=False) from exc
     return run
 
 

@@ -217,6 +217,21 @@ def run_status(port: int, run_id: str) -> str:
     return graphql(port, f'{{ runOrError(runId: "{run_id}") {{ ... on Run {{ status }} }} }}')["runOrError"]["status"]
 
 
+def run_messages(port: int, run_id: str) -> list[str]:
+    """The messages of a run's events: its log lines, as the UI's run page shows them."""
+    events = graphql(port, f'{{ logsForRun(runId: "{run_id}", limit: 10000) {{ ... on EventConnection {{ events '
+                           f'{{ ... on MessageEvent {{ message }} }} }} }} }}')["logsForRun"]["events"]
+    return [e["message"] for e in events if e and e.get("message")]
+
+
+def terminate_run(port: int, run_id: str) -> None:
+    """What the UI's "Terminate" button sends."""
+    done = graphql(port, "mutation Terminate($runId: String!) { terminateRun(runId: $runId) { __typename "
+                         "... on TerminateRunFailure { message } ... on PythonError { message } } }",
+                   {"runId": run_id})["terminateRun"]
+    assert done["__typename"] == "TerminateRunSuccess", done
+
+
 # Source files for the ingest and raw_corpus tests.
 DELIM = "\n<|doc|>\n"
 

@@ -16,7 +16,7 @@ import dagster as dg
 import psutil
 import pytest
 import yaml
-from helpers import free_port, held_pid, launch_assets, run_status, wait_until
+from helpers import free_port, held_pid, launch_assets, run_messages, run_status, terminate_run, wait_until
 
 from llm_core.config import PROJECT_ROOT
 from llm_core.run_lock import DirectoryLock
@@ -199,7 +199,8 @@ def test_two_runs_on_one_data_dir_run_one_after_the_other(project, tmp_path):
 
 def test_kill_9_of_a_run_from_the_ui_then_launch_again_resumes(project, tmp_path, monkeypatch):
     """The UI path: `dagster dev`, runs launched through GraphQL; the process executing the first
-    run is killed -9 mid-training; the next launch marks it failed, takes its pool slot and resumes."""
+    run is killed -9 mid-training; the next launch marks it failed, takes its pool slot and resumes.
+    Then the UI's Terminate stops a third training for good."""
     from pipelines import ui
     from pipelines.cli import prepare_environment
 
@@ -227,6 +228,19 @@ def test_kill_9_of_a_run_from_the_ui_then_launch_again_resumes(project, tmp_path
         wait_until(lambda: run_status(port, second) in ("SUCCESS", "FAILURE", "CANCELED"), *servers.values(),
                    what="the end of the second run", timeout=420)
         assert run_status(port, second) == "SUCCESS" and run_status(port, first) == "FAILURE"
+
+        # "Terminate" in the UI during another training: its rank is gone within 10 s and the run ends
+        # CANCELED, not retried (trained_model's retry policy is for killed ranks, not for a user's cancel).
+        marker.unlink()
+        seeded = {"ops": {"trained_model": {"config": {"training": {"seed": 7}}}}}  # a new training
+        third = launch_assets(port, ["trained_model"], seeded)
+        wait_until(marker.exists, *servers.values(), what="the hold at step 6 of the third run")
+        terminate_run(port, third)
+        assert gone_within(held_pid(marker), 10)
+        wait_until(lambda: run_status(port, third) in ("SUCCESS", "FAILURE", "CANCELED"), *servers.values(),
+                   what="the end of the cancelled run", timeout=60)
+        assert run_status(port, third) == "CANCELED"
+        assert not any("requested a retry" in m for m in run_messages(port, third))
     finally:
         ui.stop(servers)
     run_dir = next((tmp_path / "data" / "trained_model" / "runs").iterdir())

@@ -229,3 +229,13 @@ def test_serve_refuses_a_model_the_registry_does_not_hold(served_store, capsys):
     assert "no registered model 'tiny@nosuchalias'" in capsys.readouterr().err
     assert main(["serve", "--config", str(profile), "--model", "not a model spec"]) == 2
     assert "expected a registered model NAME@ALIAS" in capsys.readouterr().err
+
+
+def test_scratchllm_chat_refuses_a_base_model_and_talks_to_a_chat_model(served_store, capsys):
+    from pipelines.cli import main
+
+    profile, _ = served_store
+    assert main(["chat", "--config", str(profile), "--model", "tiny@champion", "--prompt", "hi"]) == 2
+    assert "tiny@champion is not a chat model (its tokenizer has no chat template)" in capsys.readouterr().err
+    assert main(["chat", "--config", str(profile), "--model", "tiny-chat@champion", "--prompt", "hi",
+                 "--max-new-tokens", "3"]) == 0

@@ -8,7 +8,9 @@ failed step. The stack trace stays in the log.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import re
 
 import dagster as dg
@@ -20,22 +22,36 @@ NEXT_STEP = "next step"
 CANCELLED = "stopped: the run was cancelled"
 
 
+@contextlib.contextmanager
+def as_failures():
+    """User-facing errors raised inside become a dg.Failure, and a cancel ends the step for good."""
+    try:
+        yield
+    except (DataError, ConfigError) as exc:
+        next_step = getattr(exc, "next_step", None)
+        raise dg.Failure(description=exc.args[0], allow_retries=False,
+                         metadata={NEXT_STEP: next_step} if next_step else {}) from exc
+    except (dg.DagsterExecutionInterruptedError, KeyboardInterrupt) as exc:
+        # The UI's Terminate (or a run worker's SIGINT). Dagster retries an interrupted step whose
+        # asset has a retry policy (trained_model's, for killed ranks): what the user stopped would
+        # start again. The processes the step started are stopped already (run_side_by_side).
+        raise dg.Failure(description=CANCELLED, allow_retries=False) from exc
+
+
 def user_errors(asset_fn):
-    """Decorate an asset's function (under @dg.asset): its user-facing errors become a dg.Failure, and
-    a cancel ends the step for good."""
+    """Decorate an asset's function (under @dg.asset), a plain one or a generator (output_required=False):
+    its user-facing errors become a dg.Failure, and a cancel ends the step for good."""
+    if inspect.isgeneratorfunction(asset_fn):
+        @functools.wraps(asset_fn)
+        def run_generator(*args, **kwargs):
+            with as_failures():
+                yield from asset_fn(*args, **kwargs)
+        return run_generator
+
     @functools.wraps(asset_fn)
     def run(*args, **kwargs):
-        try:
+        with as_failures():
             return asset_fn(*args, **kwargs)
-        except (DataError, ConfigError) as exc:
-            next_step = getattr(exc, "next_step", None)
-            raise dg.Failure(description=exc.args[0], allow_retries=False,
-                             metadata={NEXT_STEP: next_step} if next_step else {}) from exc
-        except (dg.DagsterExecutionInterruptedError, KeyboardInterrupt) as exc:
-            # The UI's Terminate (or a run worker's SIGINT). Dagster retries an interrupted step whose
-            # asset has a retry policy (trained_model's, for killed ranks): what the user stopped would
-            # start again. The processes the step started are stopped already (run_side_by_side).
-            raise dg.Failure(description=CANCELLED, allow_retries=False) from exc
     return run
 
 

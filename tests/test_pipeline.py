@@ -230,6 +230,19 @@ def test_materialize_all_in_a_dagster_instance(instance, tmp_path, monkeypatch):
     assert sorted(p.name for p in elsewhere.iterdir()) == []  # no mlflow.db, no mlruns
 
 
+def test_without_conversations_there_is_no_chat_fine_tune(instance, tmp_path):
+    """`sft.sources: []`: a user with no conversations opts out; the whole graph succeeds without the chat
+    path (sft_dataset materializes nothing, chat_model is skipped), where it failed before."""
+    no_chat = {"sft": {"sources": []}}
+    result = materialize(instance, {"resources": {"scratchllm": {"config": {"data_dir": str(tmp_path / "data")}}},
+                                    "ops": {"sft_dataset": {"config": no_chat}, "chat_model": {"config": no_chat}}},
+                         assets=["sft_dataset", "chat_model"])
+    assert result.success
+    assert [e.step_key for e in result.all_events if e.event_type == dg.DagsterEventType.STEP_SKIPPED] == ["chat_model"]
+    assert instance.get_latest_materialization_event(dg.AssetKey("sft_dataset")) is None
+    assert any("sft.sources is empty: no chat fine-tune" in r.user_message for r in instance.all_logs(result.run_id))
+
+
 def test_per_run_config_is_validated_and_applied(instance, tmp_path):
     corpus = write_corpus(tmp_path, n_files=2)
     bad = run_config(tmp_path / "data", corpus, cleaned_shards={"dedup": {"bands": 7}})

@@ -50,20 +50,24 @@ def masked_preview(tokenizer_dir: Path, sft_dir: Path) -> str:
     return "".join(f"**{text}**" if learned else text.replace("<", "&lt;") for text, learned in pieces)
 
 
-@dg.asset(group_name="chat", kinds={"pytorch"}, code_version="1", deps=[registered_model])
+@dg.asset(group_name="chat", kinds={"pytorch"}, code_version="1", deps=[registered_model], output_required=False)
 @user_errors
 def sft_dataset(context: dg.AssetExecutionContext, config: SftConfig, scratchllm: ScratchllmResource,
-                mlflow: MLflowResource) -> dg.MaterializeResult:
+                mlflow: MLflowResource):
     """The conversations of `sft.sources` rendered through the chat template with the tokenizer of
     `sft.base_model`, split by conversation, packed whole into rows of its context, with a mask of the
-    tokens the fine-tune learns (the assistant's); bad conversations quarantined with their reason."""
+    tokens the fine-tune learns (the assistant's); bad conversations quarantined with their reason.
+    With `sft.sources: []` there is no chat fine-tune: nothing is materialized and chat_model is skipped."""
     cfg = scratchllm.resolve(config)
+    if not cfg.sft.sources:
+        context.log.info("sft.sources is empty: no chat fine-tune (sft_dataset and chat_model are skipped)")
+        return
     base_version, base_dir = base_model(cfg, mlflow.uri(cfg))
     out = cfg.data_path / SFT_DATASET_DIR
     manifest = build_sft_dataset(cfg, base_dir, base_version, out, cfg.data_path / QUARANTINE_DIR / SFT_DATASET_DIR,
                                  log=context.log.info)
     counts, splits = manifest["counts"], manifest["splits"]
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         metadata={**uri(out), "base_model": base_version, **{f"conversations_{k}": v for k, v in counts.items()},
                   "splits": markdown_table(["split", "conversations", "rows", "tokens", "learned tokens", "filled"],
                                            [[name, s["conversations"], s["rows"], s["tokens"], s["learned_tokens"],

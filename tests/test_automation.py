@@ -97,7 +97,7 @@ def test_a_retrain_on_new_data_continues_from_the_champion_and_records_its_paren
         **TINY_TRAINING, "training": {**TINY_TRAINING["training"], "max_steps": 60, "learning_rate": 3e-3,
                                       "checkpoint_interval": 60, "eval_interval": 60},
         "evaluation": {"max_new_tokens": 4}, "automation": {"retrain_mode": "continue"},
-        "sft": {"max_steps": 6, "batch_size": 4, "warmup_steps": 2, "eval_interval": 6}}))  # the retrain fine-tunes
+        "sft": {"sources": []}}))  # no conversations: the retrain ends at registered_model (chat: test_pipeline)
     config = run_config(tmp_path / "data", corpus)
     config["resources"]["scratchllm"]["config"]["profile"] = str(profile)
     everything = ["raw_corpus", "cleaned_shards", "tokenizer", "tokenized_dataset", "trained_model",

@@ -88,7 +88,7 @@ class Deployment:
             "training": {"peak_flops": 1e12, "max_steps": 8, "warmup_steps": 2, "batch_size": 4, "eval_interval": 4,
                          "checkpoint_interval": 4, "eval_batches": 2},
             "evaluation": {"max_new_tokens": 8, "max_val_tokens": 5000},
-            "sft": {"max_steps": 6, "batch_size": 4, "warmup_steps": 2, "eval_interval": 6},  # the graph fine-tunes
+            "sft": {"sources": []},  # no conversations, no chat fine-tune (~17 s a graph; tested in test_ui.py)
             # off until a test turns them on, as a user does in the UI
             "automation": {"retrain_cron": "* * * * *", "new_data_interval_seconds": 30}}))
 

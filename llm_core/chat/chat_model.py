@@ -106,7 +106,7 @@ def turns_ended(generator: TextGenerator, prompts: list[list[dict]]) -> float:
     end = generator.tokenizer.token_to_id(END)
     ended = 0
     for messages in prompts:
-        ids = render(generator.tokenizer, messages, add_generation_prompt=True).ids
+        ids, _ = generator.chat_prompt(messages)
         room = generator.model.args.block_size - len(ids)
         if room <= 0:
             continue  # no room to answer: counts as not ended

@@ -37,13 +37,11 @@ class TextGenerationModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params: dict | None = None) -> list[str] | dict:
         p = validated_params(params)
+        options = {**p, "top_k": p["top_k"] or None}  # 0 in a request: no top-k
         if self.chat:
-            return self.generator.answer(chat_messages(model_input), max_new_tokens=p["max_new_tokens"],
-                                         temperature=p["temperature"], top_k=p["top_k"] or None, seed=p["seed"])
+            return self.generator.answer(chat_messages(model_input), **options)
         prompts = model_input.iloc[:, 0].tolist() if hasattr(model_input, "iloc") else list(model_input)
-        return [self.generator.complete(str(prompt), max_new_tokens=p["max_new_tokens"],
-                                        temperature=p["temperature"], top_k=p["top_k"] or None, seed=p["seed"])
-                for prompt in prompts]
+        return [self.generator.complete(str(prompt), **options) for prompt in prompts]
 
 
 mlflow.models.set_model(TextGenerationModel())

@@ -39,21 +39,21 @@ def with_warm_start(context: dg.AssetExecutionContext, cfg: ScratchConfig, track
 
 def launch_command(cfg: ScratchConfig, module: str, args: list[str], free_port: bool = False) -> list[str]:
     """The command that trains: with `engine.kind: ray`, the module alone (it drives Ray Train workers on
-    the cluster, llm_core/training/cluster.py); else `accelerate launch` of the training config: an
-    accelerate config file when one is named (GPUs, FSDP, multi-node), else N CPU processes through
-    torchrun + gloo (`--cpu` would start one process only).
+    the cluster, llm_core/training/cluster.py); with one rank and no accelerate config file, the module
+    alone too (its Accelerator needs no launcher, and `accelerate launch` would only start it, after
+    ~2.5 s of its own imports); else `accelerate launch` of the training config: an accelerate config
+    file when one is named (GPUs, FSDP, multi-node), else N CPU processes through torchrun + gloo.
     free_port: a port of its own for the ranks' rendezvous (trainings side by side on one machine)."""
     t = cfg.training
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
-    if cfg.engine.kind == "ray":
+    if cfg.engine.kind == "ray" or (t.num_processes == 1 and not t.accelerate_config):
         launch = [sys.executable]
     elif t.accelerate_config:
         launch += ["--config_file", t.accelerate_config, "--num_processes", str(t.num_processes)]
         launch += ["--main_process_port", "0"] if free_port else []
     else:
-        if t.num_processes > 1:
-            launch += ["--multi_gpu"]  # on CPU this is torchrun with the gloo backend
-        launch += ["--num_processes", str(t.num_processes), "--num_machines", "1", "--main_process_port", "0",
+        launch += ["--multi_gpu",  # on CPU this is torchrun with the gloo backend
+                   "--num_processes", str(t.num_processes), "--num_machines", "1", "--main_process_port", "0",
                    # auto is decided by the training itself (llm_core/training/train.py), once per run
                    "--mixed_precision", "no" if t.mixed_precision == "auto" else t.mixed_precision,
                    "--dynamo_backend", "no"]

@@ -198,14 +198,17 @@ def launch_assets(port: int, assets: list[str], run_config: dict | None = None, 
 
 
 def wait_until(condition, *procs: subprocess.Popen, what: str, timeout: float = 300) -> None:
-    """Poll `condition()` (a file the code writes, a line it prints); fail early if a process ends."""
-    deadline = time.monotonic() + timeout
+    """Poll `condition()` (a file the code writes, a line it prints, a run's status); fail early if a
+    process ends. Every 50 ms at first, backing off to once a second: a GraphQL query costs the servers
+    CPU, which they share with the training being waited for (an xdist worker is pinned to its cores)."""
+    deadline, pause = time.monotonic() + timeout, 0.05
     while not condition():
         ended = [p for p in procs if p.poll() is not None]
         assert not ended, f"ended before {what}: {[p.args for p in ended]}\n" + "\n".join(
             Path(p.stdout_path).read_text()[-3000:] for p in ended if getattr(p, "stdout_path", None))
         assert time.monotonic() < deadline, f"no {what} after {timeout} s"
-        time.sleep(0.05)
+        time.sleep(pause)
+        pause = min(1.0, pause * 1.5)
 
 
 def held_pid(marker: Path) -> int:

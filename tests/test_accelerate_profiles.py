@@ -1,6 +1,7 @@
 """Every accelerate profile shipped in assets_config/accelerate parses, and the launch command the
 trained_model asset builds uses it (or the CPU multi-process flags when none is named)."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,9 @@ def test_deepspeed_profiles_become_the_plugin_accelerate_builds(path: Path, monk
 
 
 def test_launch_command_uses_the_named_profile_or_cpu_flags():
+    one_rank = launch_command(load_config(), "pipelines.train_entry", ["--x"])  # no launcher to start it
+    assert one_rank == [sys.executable, "-m", "pipelines.process_group", "--", sys.executable, "-m",
+                        "pipelines.train_entry", "--x"]
     cpu = load_config(overrides={"training": {"num_processes": 2}})
     command = launch_command(cpu, "pipelines.train_entry", ["--x"])
     assert command[-3:] == ["-m", "pipelines.train_entry", "--x"] and "pipelines.process_group" in command

@@ -228,6 +228,7 @@ def test_kill_9_of_a_run_from_the_ui_then_launch_again_resumes(project, tmp_path
         wait_until(lambda: run_status(port, second) in ("SUCCESS", "FAILURE", "CANCELED"), *servers.values(),
                    what="the end of the second run", timeout=420)
         assert run_status(port, second) == "SUCCESS" and run_status(port, first) == "FAILURE"
+        (run_dir,) = (tmp_path / "data" / "trained_model" / "runs").iterdir()  # the resumed training's
 
         # "Terminate" in the UI during another training: its rank is gone within 10 s and the run ends
         # CANCELED, not retried (trained_model's retry policy is for killed ranks, not for a user's cancel).
@@ -243,6 +244,5 @@ def test_kill_9_of_a_run_from_the_ui_then_launch_again_resumes(project, tmp_path
         assert not any("requested a retry" in m for m in run_messages(port, third))
     finally:
         ui.stop(servers)
-    run_dir = next((tmp_path / "data" / "trained_model" / "runs").iterdir())
     # From the step-4 checkpoint (that a resume reaches the uninterrupted loss: the CLI test above).
     assert json.loads((run_dir / "training_summary.json").read_text())["resumed_from_step"] == 4

@@ -67,3 +67,23 @@ def test_a_training_run_holds_the_whole_config_and_its_metrics(cfg):
     log.flush()
     history = client.get_metric_history(run_id, "train_loss")
     assert sorted((m.step, m.value) for m in history) == [(s, 1.0 / s) for s in range(1, 31)]
+
+
+def test_no_mlflow_telemetry_leaves_a_scratchllm_process_or_its_children(tmp_path):
+    """MLflow 3 phones home by default (outside CI); a user's `make run` must not. A newcomer's shell:
+    no CI or pytest variables (either turns MLflow's telemetry off by itself)."""
+    import subprocess
+    import sys
+
+    from llm_core.config import PROJECT_ROOT
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "PYTEST_CURRENT_TEST", "MLFLOW_DISABLE_TELEMETRY")}
+    probe = ("import subprocess, sys, pipelines.definitions\n"
+             "from mlflow.telemetry.utils import is_telemetry_disabled\n"
+             "child = subprocess.run([sys.executable, '-c', 'from mlflow.telemetry.utils import is_telemetry_disabled;"
+             " print(is_telemetry_disabled())'], capture_output=True, text=True).stdout.strip()\n"
+             "print(is_telemetry_disabled(), child)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "True"]

@@ -243,8 +243,8 @@ def test_invalid_configs_are_refused_with_the_field_named(overrides, field):
 @pytest.mark.parametrize("ranks_wanted", [1, 2])
 def test_cancelling_the_launch_stops_every_rank(data_dir, tmp_path, ranks_wanted):
     """What Dagster Pipes does when a run is cancelled: SIGINT to the process it started (the
-    process-group wrapper around `accelerate launch`). No rank may keep training afterwards
-    (accelerate's single-process launcher alone would leave its child running)."""
+    process-group wrapper around `accelerate launch`, or around the one rank). No rank may keep training
+    afterwards (accelerate's launcher alone would leave its child running)."""
     import psutil
 
     from pipelines.process_group import GRACE_SECONDS

@@ -105,11 +105,12 @@ class Deployment:
                                    SCRATCHLLM_HOLD_AT="step:50", SCRATCHLLM_HOLD_MARKER=str(self.held)),
                       cwd=self.root / "ops")
 
-    def rest(self, path: str, payload: dict | None = None, user: tuple[str, str] | None = None) -> tuple[int, dict]:
+    def rest(self, path: str, payload: dict | None = None, user: tuple[str, str] | None = None,
+             method: str | None = None) -> tuple[int, dict]:
         """A request to the MLflow server's REST API, as `user` (None: no credentials)."""
         request = urllib.request.Request(f"{self.mlflow}/api/2.0/mlflow/{path}",
                                          data=json.dumps(payload).encode() if payload is not None else None,
-                                         headers={"Content-Type": "application/json"})
+                                         headers={"Content-Type": "application/json"}, method=method)
         if user:
             request.add_header("Authorization", "Basic " + b64encode(f"{user[0]}:{user[1]}".encode()).decode())
         try:
@@ -214,6 +215,14 @@ def test_the_tracking_server_needs_credentials_and_a_reader_cannot_register(team
                                                     "run_id": source["run_id"]}, user=reader)
     assert status == 403
     assert sql(f"{team.database}_mlflow", "SELECT count(*) FROM model_versions WHERE name = 'scratchllm'") == [(1,)]
+
+    # The server caches good password checks (mlflow_auth.ini): a changed password still takes effect at once.
+    renewed = f"reader-Renewed-{secrets.token_hex(4)}"
+    status, _ = team.rest("users/update-password", {"username": reader[0], "password": renewed}, user=team.admin,
+                          method="PATCH")
+    assert status == 200
+    assert team.rest("runs/search", {"experiment_ids": ["1"], "max_results": 1}, user=reader)[0] == 401
+    assert team.rest("runs/search", {"experiment_ids": ["1"], "max_results": 1}, user=(reader[0], renewed))[0] == 200
 
 
 def test_no_password_is_written_logged_or_shown(team, whole_graph):

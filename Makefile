@@ -22,7 +22,7 @@ run: install  ## materialize the whole graph on the default profile (CONFIG=path
 test: install  ## the whole test suite, slow end-to-end tests included
 	$(PY) -m pytest
 
-test-fast: install  ## the inner loop: every test but the slow end-to-end ones (about 90 s on 2 cores)
+test-fast: install  ## the inner loop: every test but the slow end-to-end ones (about 3 minutes on 2 cores)
 	$(PY) -m pytest -m "not slow"
 
 ui: install  ## Dagster UI on http://127.0.0.1:3000 and MLflow UI on http://127.0.0.1:5000

@@ -3,8 +3,9 @@
     python benchmarks/tracking_server.py [--requests 40] [--repeats 3]
 
 Starts `mlflow server --app-name basic-auth` as `scratchllm deploy` does (one worker, job execution off,
-basic auth as the admin), on SQLite stores in a temporary folder instead of PostgreSQL, once with
-`auth_cache_ttl_seconds = 0` (MLflow's default) and once with the deployment's 300, and times what a
+the deployment's own mlflow_auth.ini, basic auth as the admin), on SQLite stores in a temporary folder
+instead of PostgreSQL, once with `auth_cache_ttl_seconds = 0` (MLflow's default) and once with the
+deployment's 300, and times what a
 training sends most: `runs/log-batch` of one metric, as the admin. Prints the median over the repeats of
 the milliseconds per request and the server's CPU milliseconds per request (its whole process tree).
 """
@@ -15,6 +16,7 @@ import argparse
 import base64
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -27,6 +29,9 @@ from pathlib import Path
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pipelines.deploy import ADMIN_USER, auth_settings  # noqa: E402
+
 ADMIN_PASSWORD = "Benchmark-Secret-31415"
 
 
@@ -36,14 +41,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class SqliteStores:
+    """What the deployment's auth settings ask of its PostgreSQL Database, as SQLite files."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def sqlalchemy_url(self, suffix: str) -> str:
+        return f"sqlite:///{self.root / suffix.strip('_')}.db"
+
+
 def start_server(root: Path, cache_seconds: int) -> tuple[subprocess.Popen, str]:
-    (root / "auth.ini").write_text(f"""[mlflow]
-default_permission = READ
-database_uri = sqlite:///{root / 'auth.db'}
-admin_username = admin
-authorization_function = mlflow.server.auth:authenticate_request_basic_auth
-auth_cache_ttl_seconds = {cache_seconds}
-""")
+    """The deployment's own mlflow_auth.ini (pipelines/deploy.py), with the cache's TTL set to cache_seconds."""
+    settings = re.sub(r"auth_cache_ttl_seconds = \d+", f"auth_cache_ttl_seconds = {cache_seconds}",
+                      auth_settings(SqliteStores(root)))
+    assert f"auth_cache_ttl_seconds = {cache_seconds}" in settings
+    (root / "auth.ini").write_text(settings)
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
            "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
@@ -56,7 +69,7 @@ auth_cache_ttl_seconds = {cache_seconds}
 
 
 def request(url: str, payload: dict) -> dict:
-    auth = "Basic " + base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()
+    auth = "Basic " + base64.b64encode(f"{ADMIN_USER}:{ADMIN_PASSWORD}".encode()).decode()
     sent = urllib.request.Request(url, data=json.dumps(payload).encode(),
                                   headers={"Content-Type": "application/json", "Authorization": auth})
     with urllib.request.urlopen(sent, timeout=60) as response:

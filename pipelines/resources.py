@@ -45,14 +45,14 @@ def launch_command(cfg: ScratchConfig, module: str, args: list[str], free_port: 
     file when one is named (GPUs, FSDP, multi-node), else N CPU processes through torchrun + gloo.
     free_port: a port of its own for the ranks' rendezvous (trainings side by side on one machine)."""
     t = cfg.training
-    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
     if cfg.engine.kind == "ray" or (t.num_processes == 1 and not t.accelerate_config):
         launch = [sys.executable]
     elif t.accelerate_config:
-        launch += ["--config_file", t.accelerate_config, "--num_processes", str(t.num_processes)]
+        launch = [*accelerate, "--config_file", t.accelerate_config, "--num_processes", str(t.num_processes)]
         launch += ["--main_process_port", "0"] if free_port else []
     else:
-        launch += ["--multi_gpu",  # on CPU this is torchrun with the gloo backend
+        launch = [*accelerate, "--multi_gpu",  # on CPU this is torchrun with the gloo backend
                    "--num_processes", str(t.num_processes), "--num_machines", "1", "--main_process_port", "0",
                    # auto is decided by the training itself (llm_core/training/train.py), once per run
                    "--mixed_precision", "no" if t.mixed_precision == "auto" else t.mixed_precision,

@@ -5,7 +5,9 @@
 - attention: rotary position embeddings (RoPE, the Llama "rotate half" layout), grouped-query
   attention (n_kv_head key/value heads shared by n_head query heads), PyTorch SDPA kernels;
 - mlp: SwiGLU, down(silu(gate(x)) * up(x));
-- no biases; optionally the LM head shares the embedding matrix.
+- no biases; optionally the LM head shares the embedding matrix;
+- RMSNorm and RoPE are autograd Functions with their backward written out (fewer elementwise kernels
+  and less saved for backward than autograd of the formulas, which is what torch.compile gets).
 
 Parameter names follow Hugging Face's LlamaForCausalLM (minus its `model.` prefix) so the export
 to transformers is a rename. Shapes in comments: B batch, T time, C n_embd, H heads, D head size.
@@ -79,11 +81,81 @@ def rope_cache(args: ModelArgs, length: int, device=None) -> tuple[torch.Tensor,
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos, sin: (T, D)."""
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE's rotation, x: (B, H, T, D); cos, sin: (T, D), their two halves equal. Each pair
+    (x1[i], x2[i]) = (x[i], x[i + D/2]) turns by its angle: (x1 cos - x2 sin, x2 cos + x1 sin),
+    written into one output with no rotated copy of x (four half-width passes)."""
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    x1, x2, cos, sin = x[..., :half], x[..., half:], cos[:, :half], sin[:, :half]
+    out = torch.empty_like(x)
+    out1, out2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin)
+    return out
+
+
+class RotaryEmbedding(torch.autograd.Function):
+    """RoPE with its backward by hand: a rotation's gradient is the rotation back (sin -> -sin), where
+    autograd of the cat/neg/slice formula runs ~10 kernels, zero-filled slice gradients among them."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return rotate(grad, cos, -sin), None, None
+
+
+def rope_formula(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The same rotation as one expression (for torch.compile, which fuses it into one kernel)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos, sin: (T, D), the "rotate half" layout (Llama, Hugging Face)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if torch.compiler.is_compiling():
+        return rope_formula(x, cos, sin)
+    return RotaryEmbedding.apply(x, cos, sin)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """y = x / sqrt(mean(x^2) + eps) * weight with its backward by hand. nn.RMSNorm is composite on a
+    CPU (~15 elementwise kernels, forward and backward, and it keeps its input for backward); this
+    keeps only the normalized input xhat and the per-row scale rstd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        # (..., C) -> rstd (..., 1), in fp32 (or x's wider type)
+        wide = torch.promote_types(x.dtype, torch.float32)
+        mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=wide).square_() / x.shape[-1]
+        rstd = mean_square.add_(eps).rsqrt_()
+        xhat = (x * rstd).to(x.dtype)
+        ctx.save_for_backward(xhat, rstd, weight)
+        return (xhat * weight).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xhat, rstd, weight = ctx.saved_tensors
+        grad_weight = (grad * xhat).flatten(0, -2).sum(0)
+        grad_xhat = grad * weight
+        # d xhat / d x = rstd (I - xhat xhat^T / C): remove the gradient's component along xhat
+        along_xhat = (grad_xhat * xhat).mean(-1, keepdim=True)
+        grad_x = torch.addcmul(grad_xhat, xhat, along_xhat, value=-1).mul_(rstd)
+        return grad_x.to(xhat.dtype), grad_weight.to(weight.dtype), None
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm (the same parameter and state dict) computed by RMSNormFunction outside torch.compile."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return super().forward(x)
+        return RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -105,8 +177,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.n_embd, args.n_kv_head * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_head * args.head_dim, args.n_embd, bias=False)
         if args.qk_norm:
-            self.q_norm = nn.RMSNorm(args.head_dim, eps=args.norm_eps)
-            self.k_norm = nn.RMSNorm(args.head_dim, eps=args.norm_eps)
+            self.q_norm = RMSNorm(args.head_dim, eps=args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, eps=args.norm_eps)
         self.fused, self.qk_norm, self.dropout = args.fused_projections, args.qk_norm, args.dropout
 
     def forward(self, x, cos, sin, cache: dict | None = None):
@@ -154,9 +226,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.input_layernorm = nn.RMSNorm(args.n_embd, eps=args.norm_eps)
+        self.input_layernorm = RMSNorm(args.n_embd, eps=args.norm_eps)
         self.self_attn = Attention(args)
-        self.post_attention_layernorm = nn.RMSNorm(args.n_embd, eps=args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.n_embd, eps=args.norm_eps)
         self.mlp = MLP(args)
         self.dropout = nn.Dropout(args.dropout)
 
@@ -171,7 +243,7 @@ class Transformer(nn.Module):
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.n_embd)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layer))
-        self.norm = nn.RMSNorm(args.n_embd, eps=args.norm_eps)
+        self.norm = RMSNorm(args.n_embd, eps=args.norm_eps)
         self.lm_head = nn.Linear(args.n_embd, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

@@ -8,8 +8,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from llm_core.model import ModelArgs, Transformer
+from llm_core.model import (ModelArgs, RMSNorm, RMSNormFunction, RotaryEmbedding, Transformer, rope_cache,
+                             rope_formula)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 97
@@ -139,6 +141,24 @@ def test_fused_projections_compute_the_same_model(switches):
     torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-6)
     for (name, a), b in zip(fused.named_parameters(), separate.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_hand_written_rmsnorm_and_rope_are_the_plain_formulas_with_their_gradients():
+    """RMSNorm and RoPE run forward and backward by hand (fewer kernels on a CPU): the outputs are
+    F.rms_norm's and the rotate-half formula's (what torch.compile gets), and autograd's gradcheck
+    (float64) confirms the backward, on a transposed (non-contiguous) input as attention gives it."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64).transpose(1, 2).requires_grad_()  # (B, H, T, D)
+    weight = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(RMSNormFunction.apply(x, weight, 1e-5), F.rms_norm(x, (8,), weight, 1e-5))
+    assert torch.autograd.gradcheck(lambda x, w: RMSNormFunction.apply(x, w, 1e-5), (x, weight))
+    cos, sin = (t.double() for t in rope_cache(ModelArgs(vocab_size=8, n_head=1, n_embd=8, block_size=5), 5))
+    torch.testing.assert_close(RotaryEmbedding.apply(x, cos, sin), rope_formula(x, cos, sin))
+    assert torch.autograd.gradcheck(lambda x: RotaryEmbedding.apply(x, cos, sin), (x,))
+    # bf16 in (queries under autocast): bf16 out and back, the gain's gradient in its own fp32
+    norm, half = RMSNorm(8, eps=1e-5), torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    norm(half).sum().backward()
+    assert norm(half).dtype == half.grad.dtype == torch.bfloat16 and norm.weight.grad.dtype == torch.float32
 
 
 def test_qk_norm_and_relu2_change_the_architecture():

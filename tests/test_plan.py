@@ -110,7 +110,7 @@ def test_checkpointing_is_off_in_eval_and_generation():
                                       {"mlp": "relu2", "fused_projections": False}],
                          ids=["separate", "fused", "qk_norm", "qk_norm-separate", "relu2", "relu2-separate"])
 def test_saved_activations_per_block_match_the_autograd_graph(switches):
-    """The planner's s = 8C + 2 Hkv D + 4I + H + 2 elements per token (and its terms for the switches)
+    """The planner's s = 6C + 2 Hkv D + 4I + H + 2 elements per token (and its terms for the switches)
     is what a Block saves for backward."""
     args = ModelArgs(vocab_size=64, n_layer=1, n_head=4, n_kv_head=2, n_embd=64, block_size=32, **switches)
     block, model = Block(args), Transformer(args)
@@ -125,10 +125,10 @@ def test_saved_activations_per_block_match_the_autograd_graph(switches):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         block(torch.randn(3, 32, 64, requires_grad=True), model.rope_cos, model.rope_sin)
     tokens, hidden = 3 * 32, args.intermediate_size
-    elements = 8 * 64 + 2 * 2 * 16 + (2 if args.mlp == "relu2" else 4) * hidden + 4 + 2
+    elements = 6 * 64 + 2 * 2 * 16 + (2 if args.mlp == "relu2" else 4) * hidden + 4 + 2
     if args.qk_norm:
-        elements += 2 * (4 + 2) * 16 + 4 + 2
-    elif args.fused_projections:
+        elements += (4 + 2) * 16 + 4 + 2
+    if args.fused_projections:
         elements += (4 + 2) * 16
     assert sum(saved.values()) == tokens * elements * 4 + planner.fused_weight_copies(args, "fp32")
     plain = planner.activation_bytes_per_token(args, "fp32", checkpointing=False)

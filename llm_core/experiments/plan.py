@@ -17,13 +17,13 @@ Memory per device is the sum of four terms (N parameters, G devices sharing the 
   across nodes. CPU offload moves the optimizer state (and with ZeRO-3 the weights) to host memory.
 - activations, not sharded (each rank has its own micro-batch), per token of a micro-batch. A
   block saves for backward (counted on this model's autograd graph, tests/test_plan.py checks it):
-      s = 8 C + 2 Hkv D + 4 I + H + 2  elements
-  (C: the block input, RMSNorm's normalized input and output, q, the attention output and the same
-  three for the MLP's norm, k and v, the SwiGLU's gate, up, silu(gate) and product of width I, the
-  attention's log-sum-exp per head and two RMSNorm scales; SDPA's flash kernels keep no T x T
-  matrix; no dropout masks). The switches change it: a relu2 MLP saves 2 I instead of 4 I; QK-norm
-  adds its inputs, outputs and scales, 2 (H + Hkv) D + H + Hkv; fused projections without QK-norm
-  keep the whole q/k/v product alive through v's view, + (H + Hkv) D, and in fp32 a concatenated
+      s = 6 C + 2 Hkv D + 4 I + H + 2  elements
+  (C: RMSNorm's normalized input and output, q, the attention output and the same two for the MLP's
+  norm, k and v, the SwiGLU's gate, up, silu(gate) and product of width I, the attention's
+  log-sum-exp per head and two RMSNorm scales; SDPA's flash kernels keep no T x T matrix; no dropout
+  masks). The switches change it: a relu2 MLP saves 2 I instead of 4 I; QK-norm adds its normalized
+  queries and keys and their scales, (H + Hkv) D + H + Hkv; fused projections keep the whole q/k/v
+  product alive through v's view, + (H + Hkv) D, and in fp32 a concatenated
   copy of the q/k/v and gate/up weights per block (under autocast the half-precision copies of the
   weights exist either way). On top of what is stored, backward needs a working set: at the loss
   head the logits, log-softmax and their two gradients in fp32 (4 V floats) plus the final norm
@@ -160,10 +160,10 @@ def activation_bytes_per_token(args: ModelArgs, precision: str, checkpointing: b
     """Peak activation memory per token of a micro-batch (see the module docstring)."""
     a, b = args, 4 if precision == "fp32" else 2
     C, F, H, Hkv, D = a.n_embd, a.intermediate_size, a.n_head, a.n_kv_head, a.head_dim
-    saved = 8 * C + 2 * Hkv * D + (4 * F if a.mlp == "swiglu" else 2 * F) + H + 2
+    saved = 6 * C + 2 * Hkv * D + (4 * F if a.mlp == "swiglu" else 2 * F) + H + 2
     if a.qk_norm:
-        saved += 2 * (H + Hkv) * D + H + Hkv
-    elif a.fused_projections:
+        saved += (H + Hkv) * D + H + Hkv
+    if a.fused_projections:
         saved += (H + Hkv) * D
     block_grads = 3 * F + 2 * C
     head = 4 * a.vocab_size * 4 + 3 * C * b  # the loss is computed in fp32

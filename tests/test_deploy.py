@@ -11,6 +11,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -176,6 +177,16 @@ def test_the_whole_graph_is_queued_run_by_the_daemon_and_registered_behind_the_p
                               env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert exported.returncode == 0 and (tmp_path / "hf" / "model.safetensors").exists(), exported.stderr[-3000:]
     assert not list(tmp_path.glob("mlruns")) and not list(tmp_path.glob("mlflow.db"))
+    # Downloaded once into the download cache of the profile in force (the default's: the project's data/run),
+    # under this deployment's run id; removed so that the checkout keeps nothing of the test.
+    cache = PROJECT_ROOT / "data" / "run" / "registry_cache" / "scratchllm"
+    cached = cache / f"{version['version']}-{version['run_id']}"
+    assert (cached / "artifacts" / "model" / "model.safetensors").is_file()
+    shutil.rmtree(cached)
+    for folder in (cache, cache.parent, cache.parent.parent):  # and the folders it made, where now empty
+        if any(folder.iterdir()):
+            break
+        folder.rmdir()
 
 
 def test_scratchllm_run_uses_the_deployment_and_warm_starts_through_the_server(team, whole_graph, tmp_path):

@@ -86,7 +86,8 @@ def test_cli_generate_streams_from_an_alias_a_version_and_a_directory(store, tra
     args = ["--prompt", "ROMEO:", "--max-new-tokens", "10", "--temperature", "0", "--config", str(profile)]
 
     copy_tokenizer(cfg.data_path / "tokenizer", result.out_dir)  # as the trained_model asset does
-    cached = tmp_path / "data" / "registry_cache" / "tiny" / "1" / "artifacts" / "model"
+    run_id = versions.find_version("tiny/1", uri).run_id
+    cached = tmp_path / "data" / "registry_cache" / "tiny" / f"1-{run_id}" / "artifacts" / "model"
     checkpoint = result.out_dir / "checkpoints" / "step_10"  # the last step: the final weights
     for model in ("tiny@champion", "tiny/1", str(cached), str(result.out_dir), str(checkpoint)):
         assert main(["generate", "--model", model, *args]) == 0
@@ -96,6 +97,26 @@ def test_cli_generate_streams_from_an_alias_a_version_and_a_directory(store, tra
     assert "no registered model 'tiny@nosuchalias'" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "missing"), *args]) == 2
     assert "not a trained model directory" in capsys.readouterr().err
+
+
+def test_the_download_cache_tells_stores_apart(store, trained, tmp_path):
+    """Version 1 of a fresh store (a new mlflow.db, another tracking server) is not version 1 of the store
+    that filled the cache: each is downloaded from its own store."""
+    register, uri = store
+    register("a", 2.0)
+    cache = tmp_path / "registry_cache"
+    first = versions.download("tiny/1", uri, cache)
+    (first / "model_config.json").write_text("{}")  # marks this copy
+    cfg, result, _ = trained
+    other_uri = f"sqlite:///{tmp_path / 'other.db'}"
+    other_cfg = cfg.model_copy(update={"data_dir": str(tmp_path / "other")})
+    run_id = tracking.start_training_run(other_cfg, other_uri, tags={versions.KEY_TAG: "b"})
+    versions.register(result.out_dir, cfg.data_path / "tokenizer", tracking_uri=other_uri, run_id=run_id,
+                      name="tiny", val_bpb=2.0, tags={versions.KEY_TAG: "b"})
+    second = versions.download("tiny/1", other_uri, cache)
+    assert second != first and run_id in str(second)
+    assert (second / "model_config.json").read_text() == (result.out_dir / "model_config.json").read_text()
+    assert versions.download("tiny/1", uri, cache) == first  # each store's copy is kept and reused
 
 
 def test_the_registered_model_loads_where_scratchllm_is_not_installed(store, tmp_path):

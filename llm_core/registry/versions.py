@@ -178,12 +178,14 @@ def find_version(spec: str, tracking_uri: str):
 
 def download(spec: str, tracking_uri: str, cache_dir: Path) -> Path:
     """The model directory of a registered version, `NAME@ALIAS` or `NAME/VERSION`, downloaded
-    into cache_dir/<name>/<version> (once: a version never changes)."""
+    into cache_dir/<name>/<version>-<its MLflow run> (once: a version never changes). The run id is in
+    the name because a version number is unique within one registry only: another store (a fresh
+    mlflow.db, a team's tracking server) has its own version 1, which must not be read from the cache."""
     from llm_core import tracking
 
     version = find_version(spec, tracking_uri)
     name = version.name
-    target = Path(cache_dir) / name / str(version.version)
+    target = Path(cache_dir) / name / f"{version.version}-{version.run_id or version.creation_timestamp}"
     if not (target / "artifacts" / "model").is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp, tracking.using(tracking_uri):

@@ -11,6 +11,7 @@ batch 8 x 256). Prints a table; medians over the interleaved steps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -48,12 +49,17 @@ def plain_rope(x, cos, sin):
     return rope_formula(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
+def rope_of(formulas: bool):
+    """While in force: RoPE as autograd of its formula (formulas) or as the model has it."""
+    return mock.patch.object(model_module, "apply_rope", plain_rope) if formulas else contextlib.nullcontext()
+
+
 def step_fn(model: Transformer, batch: int, formulas: bool):
     x = torch.randint(0, model.args.vocab_size, (batch, model.args.block_size))
 
     def step() -> float:
         start = time.perf_counter()
-        with mock.patch.object(model_module, "apply_rope", plain_rope) if formulas else mock.MagicMock():
+        with rope_of(formulas):
             _, loss = model(x, x)
             loss.backward()
         model.zero_grad(set_to_none=True)
@@ -71,8 +77,7 @@ def saved_mb(model: Transformer, batch: int, formulas: bool) -> float:
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
     x = torch.randint(0, model.args.vocab_size, (batch, model.args.block_size))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            (mock.patch.object(model_module, "apply_rope", plain_rope) if formulas else mock.MagicMock()):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), rope_of(formulas):
         model(x, x)
     return sum(storages.values()) / 2**20
 

@@ -288,6 +288,15 @@ def test_compiled_training_follows_the_eager_curve_and_saves_plain_weights(data_
     assert not any("_orig_mod" in name for name in model.state_dict())
 
 
+def test_one_process_trains_in_fp32_and_then_in_bf16(data_dir, tmp_path):
+    """accelerate allows one precision per process; a second training in another one (the default
+    profile's `auto` choosing bf16 after an fp32 training, in a notebook or this suite) must still run."""
+    fp32 = train(config(data_dir, mixed_precision="no", max_steps=2, warmup_steps=1), tmp_path / "fp32", log=QUIET)
+    bf16 = train(config(data_dir, mixed_precision="bf16", max_steps=2, warmup_steps=1), tmp_path / "bf16", log=QUIET)
+    assert (fp32.mixed_precision, bf16.mixed_precision) == ("no", "bf16")
+    assert math.isfinite(bf16.history[-1]["train_loss"])
+
+
 def test_auto_precision_is_decided_once_per_run_and_kept_on_resume(data_dir, tmp_path):
     """`mixed_precision: auto` is decided by the first start of a run and written in the run directory;
     every later start (a resume, another rank) reads it instead of measuring again."""

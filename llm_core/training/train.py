@@ -156,6 +156,18 @@ def training_precision(cfg: ScratchConfig, out_dir: Path, device: torch.device) 
     return decided["mixed_precision"], decided["why"]
 
 
+def accelerator_state_for(precision: str) -> None:
+    """accelerate keeps one AcceleratorState per process and refuses a second precision in it ("restart
+    your runtime"). A process that trains more than once (a notebook, a sweep run in-process, the test
+    suite) may train in another precision next, e.g. fp32 and then `auto` choosing bf16: the earlier
+    training is over, so its state is dropped (the process group, in PartialState, stays)."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def compile_choice(cfg: ScratchConfig, out_dir: Path, args: ModelArgs, precision: str, device: torch.device,
                    log: Callable[[str], None]) -> dict:
     """training.compile decided once per run (llm_core/training/compilation.py), by the first rank."""
@@ -311,6 +323,7 @@ def train(cfg: ScratchConfig, out_dir: Path, log: Callable[[str], None] = print,
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     use_tensor_cores(device)
     precision, why = training_precision(cfg, out_dir, device)
+    accelerator_state_for(precision)
     accelerator = Accelerator(gradient_accumulation_steps=t.grad_accum_steps, mixed_precision=precision,
                               step_scheduler_with_optimizer=False,
                               cpu=not torch.cuda.is_available())  # several CPU ranks: gloo

@@ -1,11 +1,13 @@
 """What a bf16 training step costs on this CPU against fp32, and where the time goes.
 
-    python benchmarks/bf16_step.py [--config assets_config/default.yaml] [--repeats 30] [--profile]
+    python benchmarks/bf16_step.py [--config assets_config/default.yaml] [--size ~10M] [--repeats 30] [--profile]
 
-The profile's model and batch, forward + backward in one process: fp32, bf16 autocast with attention in
+The profile's model and batch (or, with --size, the model benchmarks/train.py times at that nanoGPT shape),
+forward + backward in one process: fp32, bf16 autocast with attention in
 bf16 (plain SDPA), and bf16 autocast as the model runs it (attention in fp32 on a CPU, see `attention` in
 llm_core/model.py); medians of `repeats`, the three interleaved so that the machine's drift hits each alike.
-With --profile, torch.profiler's top operators of 10 steps in fp32 and in bf16 with bf16 attention.
+With --profile, torch.profiler's top operators of 10 steps of each, and their time split into matrix products
+(with the GFLOP/s they ran at), attention and the rest.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import llm_core.model as model_module  # noqa: E402
 from llm_core.config import load_config  # noqa: E402
 from llm_core.training.train import model_args  # noqa: E402
+from benchmarks.train import SIZES  # noqa: E402
 
+GEMMS = ("aten::mm", "aten::bmm", "aten::addmm")
 VARIANTS = {"fp32": (False, model_module.attention), "bf16, attention in bf16": (True, F.scaled_dot_product_attention),
             "bf16, attention in fp32 (the model's)": (True, model_module.attention)}
 
@@ -33,8 +37,14 @@ def main() -> None:
     parser.add_argument("--config", default=None)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--size", choices=list(SIZES), help="a nanoGPT shape instead of the profile's model and batch")
     a = parser.parse_args()
     cfg = load_config(a.config)
+    if a.size:
+        s = SIZES[a.size]
+        cfg = load_config(a.config, {"model": {"n_layer": s["n_layer"], "n_embd": s["d"], "n_head": s["n_head"],
+                                               "n_kv_head": s["n_head"], "block_size": s["block"], "qk_norm": False},
+                                     "training": {"batch_size": s["batch"]}})
     torch.manual_seed(0)
     model = model_module.Transformer(model_args(cfg, cfg.tokenizer.vocab_size))
     x = torch.randint(0, cfg.tokenizer.vocab_size, (cfg.training.batch_size, cfg.model.block_size))
@@ -64,14 +74,26 @@ def main() -> None:
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        for name in ("fp32", "bf16, attention in bf16"):
-            bf16, model_module.attention = VARIANTS[name]
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+        shares = []
+        for name, (bf16, model_module.attention) in VARIANTS.items():
+            with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
                 for _ in range(10):
                     step(bf16)
+            events = prof.key_averages()
             print(f"\n{name}, 10 steps:")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=60))
+            print(events.table(sort_by="self_cpu_time_total", row_limit=8, max_name_column_width=60))
+            ms = {"matrix products": 0.0, "attention": 0.0, "the rest": 0.0}
+            gemm_flops = 0
+            for e in events:
+                part = ("matrix products" if e.key in GEMMS else "attention" if "scaled_dot_product" in e.key
+                        else "the rest")
+                ms[part] += e.self_cpu_time_total / 1e3 / 10
+                gemm_flops += e.flops if e.key in GEMMS else 0
+            shares.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in ms.values())
+                          + f" | {gemm_flops / 10 / (ms['matrix products'] / 1e3) / 1e9:.0f} |")
         model_module.attention = VARIANTS["fp32"][1]
+        print("\nms a step under the profiler (self time):\n\n| step | matrix products | attention | the rest "
+              "| matrix products' GFLOP/s |\n|---|---|---|---|---|\n" + "\n".join(shares))
 
 
 if __name__ == "__main__":

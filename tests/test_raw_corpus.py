@@ -218,3 +218,35 @@ def test_document_ids_do_not_depend_on_where_the_project_is_checked_out(tmp_path
     remote = SourceFile(uri="s3://bucket/a.txt", size=1, fingerprint="1:e", kind="txt", compression=None)
     assert inside.id_key == "data/tinyshakespeare.txt"  # the same in every clone: same ids, same split
     assert outside.id_key == str(tmp_path / "a.txt") and remote.id_key == "s3://bucket/a.txt"
+
+
+def test_moving_a_corpus_folder_outside_the_project_keeps_its_document_ids(tmp_path, prose):
+    """A user's own folder, outside the project: ids (and with them the train/val split) start from the
+    configured folder, so moving it re-splits nothing. A second folder of the same name keeps its files'
+    full paths as keys (ids never collide); a glob and a single file start from their own folders."""
+    import shutil
+
+    from helpers import make_config
+
+    first = tmp_path / "home" / "texts"
+    (first / "sub").mkdir(parents=True)
+    (first / "a.txt").write_text(prose[0])
+    (first / "sub" / "b.txt").write_text(prose[1])
+    (tmp_path / "one.txt").write_text(prose[2])
+    sources = lambda folder: [folder, tmp_path / "o*.txt"]  # noqa: E731
+
+    def ids(cfg) -> dict[str, str]:  # text -> doc_id
+        return {row["text"]: row["doc_id"] for row in read_corpus(build_raw_corpus(cfg, lambda msg: None))}
+
+    before = ids(make_config(tmp_path / "run1", sources(first)))
+    moved = tmp_path / "elsewhere" / "deeper" / "texts"
+    moved.parent.mkdir(parents=True)
+    shutil.move(first, moved)
+    after = ids(make_config(tmp_path / "run2", sources(moved)))
+    assert len(set(before.values())) == 3 and after == before
+
+    twin = tmp_path / "twin" / "texts"  # the same folder name and file name, other text
+    twin.mkdir(parents=True)
+    (twin / "a.txt").write_text(prose[3])
+    both = ids(make_config(tmp_path / "run3", [moved, twin]))
+    assert both[prose[0]] == before[prose[0]] and len(set(both.values())) == 3

@@ -23,14 +23,21 @@ class SourceFile:
     fingerprint: str  # changes when the file changes (size + mtime, or the store's ETag)
     kind: str  # "txt" | "jsonl" | "parquet" | "unsupported"
     compression: str | None  # "gzip" | "zstd" | None
+    root: str | None = None  # a local file's configured source folder (a directory, a glob's, a file's own)
 
     @property
     def id_key(self) -> str:
-        """What document ids are derived from: inside the project, the path relative to it, so ids
-        (and with them the train/val split) do not depend on where the project is checked out."""
+        """What document ids are derived from, so that ids (and with them the train/val split) do not
+        depend on where the files live: inside the project, the path relative to it (the same in every
+        clone); elsewhere on local disk, the path from the configured source's folder, that folder's
+        name first (moving the folder keeps them); a URI as it is."""
         path = self.local_path()
-        if path is not None and path.is_relative_to(PROJECT_ROOT):
+        if path is None:
+            return self.uri
+        if path.is_relative_to(PROJECT_ROOT):
             return str(path.relative_to(PROJECT_ROOT))
+        if self.root is not None and path.is_relative_to(self.root):
+            return str(Path(Path(self.root).name) / path.relative_to(self.root))
         return self.uri
 
     def local_path(self) -> Path | None:
@@ -72,12 +79,22 @@ def _resolve(source: str) -> str:
     return str(path if path.is_absolute() else PROJECT_ROOT / path)
 
 
-def _describe(fs, path: str, uri: str, info: dict | None = None) -> SourceFile:
+def _describe(fs, path: str, uri: str, info: dict | None = None, root: str | None = None) -> SourceFile:
     info = info or fs.info(path)
     size = int(info.get("size") or 0)
     stamp = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or info.get("created")
     kind, compression = file_kind(path)
-    return SourceFile(uri=uri, size=size, fingerprint=f"{size}:{stamp}", kind=kind, compression=compression)
+    return SourceFile(uri=uri, size=size, fingerprint=f"{size}:{stamp}", kind=kind, compression=compression,
+                      root=root)
+
+
+def _source_folder(path: str, is_glob: bool, is_dir: bool) -> str:
+    """The folder a local source's document ids start from: the directory itself, the fixed part of a glob,
+    a single file's parent."""
+    if is_glob:
+        fixed = path[:min(path.index(c) for c in GLOB_CHARS if c in path)]
+        return fixed if fixed.endswith("/") else str(Path(fixed).parent)
+    return path if is_dir else str(Path(path).parent)
 
 
 def discover(sources: list[str], extensions: list[str]) -> Discovery:
@@ -95,10 +112,11 @@ def discover(sources: list[str], extensions: list[str]) -> Discovery:
         protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
         to_uri = (lambda p: p) if protocol in ("file", "local") else (lambda p: fs.unstrip_protocol(p))
         try:
-            if GLOB_CHARS & set(path):
+            is_glob, is_dir = bool(GLOB_CHARS & set(path)), False
+            if is_glob:
                 matches = {p: None for p in sorted(fs.glob(path)) if fs.isfile(p)}
                 expanded = True
-            elif fs.isdir(path):
+            elif is_dir := fs.isdir(path):
                 matches = dict(sorted(fs.find(path, detail=True).items()))
                 expanded = True
             elif fs.exists(path):
@@ -111,6 +129,7 @@ def discover(sources: list[str], extensions: list[str]) -> Discovery:
             continue
         if not matches:
             missing.append((source, "no files matched"))
+        root = _source_folder(path, is_glob, is_dir) if protocol in ("file", "local") else None
         for path_i, info in matches.items():
             uri = to_uri(path_i)
             if uri in found:
@@ -119,10 +138,23 @@ def discover(sources: list[str], extensions: list[str]) -> Discovery:
                 skipped.append(uri)
                 continue
             try:
-                found[uri] = _describe(fs, path_i, uri, info)
+                found[uri] = _describe(fs, path_i, uri, info, root)
             except OSError as exc:
                 missing.append((uri, f"cannot stat file: {exc}"))
-    return Discovery(files=list(found.values()), missing=missing, skipped=skipped)
+    return Discovery(files=distinct_id_keys(list(found.values())), missing=missing, skipped=skipped)
+
+
+def distinct_id_keys(files: list[SourceFile]) -> list[SourceFile]:
+    """Two folders of the same name (say /a/texts and /b/texts, both with a.txt) would give their files
+    the same ids: a file whose key an earlier source's file already has keeps its full path as key."""
+    taken: set[str] = set()
+    out = []
+    for f in files:
+        if f.id_key in taken:
+            f = dataclasses.replace(f, root=None)
+        taken.add(f.id_key)
+        out.append(f)
+    return out
 
 
 def discover_sources(corpus: CorpusConfig) -> Discovery:
@@ -136,6 +168,7 @@ def discover_sources(corpus: CorpusConfig) -> Discovery:
         out.source_of.update((f.uri, name) for f in new)
         out.missing += found.missing
         out.skipped += found.skipped
+    out.files = distinct_id_keys(out.files)
     return out
 
 

@@ -218,6 +218,11 @@ def test_plan_vs_measured_of_a_run(measured):
     assert planned == planner.planned_row(cfg, VOCAB).total / 2**20 and got == run["peak_memory_mb"]
     planned, got = compared["tokens per second"]
     assert got == run["tokens_per_second"] and planned > 0
+    # `mixed_precision: auto` (the default profile's) is planned in the precision the run chose, here fp32
+    auto = cfg.model_copy(update={"training": cfg.training.model_copy(update={"mixed_precision": "auto"})})
+    fp32 = planner.planned_row(cfg, VOCAB).total
+    assert run["mixed_precision"] == "no" and planner.planned_row(auto, VOCAB).total != fp32  # bf16 otherwise
+    assert planner.plan_vs_measured(auto, run, VOCAB)["peak memory per device (MB)"][0] == fp32 / 2**20
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llm_core.model import ModelArgs, Transformer  # noqa: E402
 from llm_core.training import compilation  # noqa: E402
 from llm_core.training.performance import choose_precision, measure_peak_flops  # noqa: E402
-from llm_core.training.train import step_seconds  # noqa: E402
+from llm_core.training.train import step_timer  # noqa: E402
 
 VOCAB = 2048  # the default profile's BPE vocabulary
 CHAR_VOCAB = 65  # nanoGPT's shakespeare_char
@@ -162,7 +162,7 @@ def main() -> None:
         shape = (s["n_layer"], s["d"], s["n_head"], s["block"])
         args = ModelArgs(vocab_size=VOCAB, n_layer=s["n_layer"], n_head=s["n_head"], n_kv_head=s["n_head"],
                          n_embd=s["d"], block_size=s["block"])
-        auto, why = choose_precision("auto", torch.device("cpu"), lambda dtype: step_seconds(args, s["batch"], dtype))
+        auto, why = choose_precision("auto", torch.device("cpu"), step_timer(args, s["batch"]))
         decisions.append(f"{name}: auto chose {auto} ({why})")
         ours = Transformer(args)
         variants = []  # (label, model, vocab, dtype, FLOPs per token)

@@ -109,13 +109,15 @@ def make_optimizers(model: torch.nn.Module, cfg: ScratchConfig) -> list[torch.op
 PRECISION_FILE = "precision.json"
 
 
-def step_seconds(args: ModelArgs, batch_size: int, dtype: torch.dtype, repeats: int = 2) -> float:
-    """The best of `repeats` forward + backward passes of a fresh model of `args` on one random batch
-    on CPU, with bf16 autocast when `dtype` is bf16: what a precision costs this model here."""
+def step_timer(args: ModelArgs, batch_size: int) -> Callable[[torch.dtype], float]:
+    """seconds(dtype): one forward + backward of one fresh model of `args` on one random batch on CPU,
+    with bf16 autocast when `dtype` is bf16: what a precision costs this model here. The first call of
+    each precision warms it up first (untimed); later calls reuse the model."""
     model = Transformer(args)
     x = torch.randint(0, args.vocab_size, (batch_size, args.block_size))
+    warmed: set[torch.dtype] = set()
 
-    def step() -> float:
+    def step(dtype: torch.dtype) -> float:
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             _, loss = model(x, x)
@@ -123,8 +125,13 @@ def step_seconds(args: ModelArgs, batch_size: int, dtype: torch.dtype, repeats: 
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    step()  # warm-up
-    return min(step() for _ in range(repeats))
+    def seconds(dtype: torch.dtype) -> float:
+        if dtype not in warmed:
+            step(dtype)
+            warmed.add(dtype)
+        return step(dtype)
+
+    return seconds
 
 
 def decided_once(path: Path, decide: Callable[[], dict], timeout: float) -> dict:
@@ -149,7 +156,7 @@ def training_precision(cfg: ScratchConfig, out_dir: Path, device: torch.device) 
 
     def measured() -> dict:
         args = model_args(cfg, cfg.tokenizer.vocab_size)
-        precision, why = choose_precision("auto", device, lambda dtype: step_seconds(args, t.batch_size, dtype))
+        precision, why = choose_precision("auto", device, step_timer(args, t.batch_size))
         return {"mixed_precision": precision, "why": f"auto: {why}"}
 
     decided = decided_once(out_dir / PRECISION_FILE, measured, timeout=120)

@@ -39,12 +39,10 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--size", choices=list(SIZES), help="a nanoGPT shape instead of the profile's model and batch")
     a = parser.parse_args()
-    cfg = load_config(a.config)
-    if a.size:
-        s = SIZES[a.size]
-        cfg = load_config(a.config, {"model": {"n_layer": s["n_layer"], "n_embd": s["d"], "n_head": s["n_head"],
-                                               "n_kv_head": s["n_head"], "block_size": s["block"], "qk_norm": False},
-                                     "training": {"batch_size": s["batch"]}})
+    s = SIZES.get(a.size)
+    cfg = load_config(a.config, s and {"model": {"n_layer": s["n_layer"], "n_embd": s["d"], "n_head": s["n_head"],
+                                                 "n_kv_head": s["n_head"], "block_size": s["block"], "qk_norm": False},
+                                       "training": {"batch_size": s["batch"]}})
     torch.manual_seed(0)
     model = model_module.Transformer(model_args(cfg, cfg.tokenizer.vocab_size))
     x = torch.randint(0, cfg.tokenizer.vocab_size, (cfg.training.batch_size, cfg.model.block_size))

@@ -141,12 +141,13 @@ def discover(sources: list[str], extensions: list[str]) -> Discovery:
                 found[uri] = _describe(fs, path_i, uri, info, root)
             except OSError as exc:
                 missing.append((uri, f"cannot stat file: {exc}"))
-    return Discovery(files=distinct_id_keys(list(found.values())), missing=missing, skipped=skipped)
+    return Discovery(files=list(found.values()), missing=missing, skipped=skipped)
 
 
 def distinct_id_keys(files: list[SourceFile]) -> list[SourceFile]:
-    """Two folders of the same name (say /a/texts and /b/texts, both with a.txt) would give their files
-    the same ids: a file whose key an earlier source's file already has keeps its full path as key."""
+    """For discover_sources, whose files raw_corpus derives ids from. Two folders of the same name (say
+    /a/texts and /b/texts, both with a.txt) would give their files the same ids: a file whose key an
+    earlier source's file already has keeps its full path as key."""
     taken: set[str] = set()
     out = []
     for f in files:

@@ -56,7 +56,7 @@ def new_data_sensor(automation: AutomationConfig) -> dg.SensorDefinition:
     return sensor
 
 
-@dg.sensor(name="dead_run_sweeper", minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING,
+@dg.sensor(name="dead_run_sweeper", minimum_interval_seconds=10, default_status=dg.DefaultSensorStatus.RUNNING,
            description="Marks failed the runs whose process died (kill -9, out of memory, a reboot) and frees "
                        "their pool slots, so that the next training does not wait for them forever.")
 def dead_run_sweeper(context: dg.SensorEvaluationContext):

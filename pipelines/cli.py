@@ -34,6 +34,12 @@ INSTANCE_SETTINGS = """\
 # Written by scratchllm on first use. No network at run time: no telemetry either.
 telemetry:
   enabled: false
+# A launch from the UI starts within a second (Dagster's default looks at the queue every 5 s).
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    dequeue_interval_seconds: 1
 # One training at a time: trained_model is in the pool "training" (and every pool defaults to 1).
 concurrency:
   pools:

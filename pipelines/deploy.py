@@ -166,6 +166,8 @@ storage:
 {password}run_coordinator:
   module: dagster._core.run_coordinator
   class: QueuedRunCoordinator
+  config:
+    dequeue_interval_seconds: 1   # a launch starts within a second (the default looks every 5 s)
 concurrency:
   runs:
     max_concurrent_runs: {max_concurrent_runs}

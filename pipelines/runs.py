@@ -9,7 +9,7 @@ failed and its slots are freed, with a line that says so. This assumes the insta
 this machine, as the default sqlite instance under DAGSTER_HOME is.
 
 Checked by `scratchllm run` before it starts, by every run when it starts (the `scratchllm`
-resource), and every 30 s by the `dead_run_sweeper` sensor of `dagster dev`.
+resource), and every 10 s by the `dead_run_sweeper` sensor of `dagster dev`.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def execute_stoppably(job, instance: dg.DagsterInstance, **kwargs):
     them. So the run executes in a thread (where Dagster leaves signals alone) and this thread stays
     in charge: on a signal it tells the run's child processes to stop (the training's process group
     wrapper takes its ranks down), gives the run a few seconds to end as failed, and otherwise
-    marks it canceled, frees its slots and exits.
+    marks it canceled, frees its slots and exits. A run with no step running (waiting for its data_dir
+    or a pool slot) has nothing to finish: it is canceled at once.
     """
     run_id = str(uuid.uuid4())
     outcome: dict = {}
@@ -116,14 +117,18 @@ def execute_stoppably(job, instance: dg.DagsterInstance, **kwargs):
         if stop_requested.is_set():
             print(f"\nscratchllm: stopping run {run_id} and its processes", file=sys.stderr, flush=True)
             deadline = time.monotonic() + STOP_GRACE_SECONDS
+            waiting = False
             while worker.is_alive() and time.monotonic() < deadline:
                 stop_training_launchers()  # again and again: a step retry would start a new one
+                if waiting := not steps_in_progress(instance, run_id):
+                    break  # waiting for its data_dir or a pool slot: nothing to let finish
                 worker.join(0.5)
             run = instance.get_run_by_id(run_id)
             if run is not None and not run.is_finished:
                 instance.report_run_canceled(run, message="Stopped by Ctrl-C or SIGTERM (scratchllm run).")
                 instance.event_log_storage.free_concurrency_slots_for_run(run_id)
-            print(f"scratchllm: run {run_id} stopped", file=sys.stderr, flush=True)
+            print(f"scratchllm: run {run_id} stopped" + (" while no step was running" if waiting else ""),
+                  file=sys.stderr, flush=True)
             return None
     finally:
         for sig, handler in previous.items():
@@ -131,6 +136,16 @@ def execute_stoppably(job, instance: dg.DagsterInstance, **kwargs):
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+def steps_in_progress(instance: dg.DagsterInstance, run_id: str) -> set[str]:
+    """The steps of a run that have started and not ended."""
+    records = instance.get_records_for_run(run_id, of_type={
+        dg.DagsterEventType.STEP_START, dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE}).records
+    started = {r.event_log_entry.step_key for r in records
+               if r.event_log_entry.dagster_event_type == dg.DagsterEventType.STEP_START}
+    return started - {r.event_log_entry.step_key for r in records
+                      if r.event_log_entry.dagster_event_type != dg.DagsterEventType.STEP_START}
 
 
 def stop_training_launchers() -> None:

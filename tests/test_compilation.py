@@ -1,6 +1,7 @@
 """training.compile: the auto decision both ways (a run too short to pay stays eager on an estimate; a
-longer one measures the shape once and follows the numbers), compiled losses equal to eager ones, inductor's
-cache under data_dir reused by a resume, and the fallback to eager without a C++ compiler."""
+longer one measures the shape once and follows the numbers), compiled losses equal to eager ones and plain
+weights saved, inductor's cache under data_dir reused by a resume, and the fallback to eager without a C++
+compiler."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from helpers import QUIET, config, losses
 
 from llm_core.files import read_json
-from llm_core.model_files import SUMMARY_FILE
+from llm_core.model_files import SUMMARY_FILE, load_model
 from llm_core.training import compilation
 from llm_core.training.checkpoint import checkpoint_dirs
 from llm_core.training.train import model_args, train
@@ -56,6 +57,8 @@ def test_compiled_training_matches_eager_and_a_resume_compiles_from_the_cache(da
     assert list((data_dir / compilation.CACHE_DIR / "inductor").rglob("*")), "nothing cached under data_dir"
     for step, (a, b) in enumerate(zip(losses(compiled.history), losses(eager.history), strict=True), 1):
         assert abs(a - b) <= 2e-3, f"step {step}: compiled {a} vs eager {b}"
+    # The weights under the model's own names (a compiled module's state dict says `_orig_mod.*`): they load.
+    assert not any("_orig_mod" in name for name in load_model(tmp_path / "compiled").state_dict())
 
     # A resume (a new start of the run: nothing compiled in memory) compiles from the cache on disk.
     resumed_dir = tmp_path / "resumed"

@@ -31,6 +31,25 @@ def test_the_code_location_loads_with_every_asset_and_check_and_nothing_else():
     assert sorted(defs.resources) == ["mlflow", "scratchllm"]
 
 
+def test_the_instance_scratchllm_writes_starts_launches_within_a_second_and_trains_one_at_a_time(tmp_path,
+                                                                                               monkeypatch):
+    """The dagster.yaml that `scratchllm ui`/`run` write on first use: the queue is looked at every second
+    (Dagster's default, 5 s, made every UI launch wait ~3 s), every pool holds 1, no telemetry; and a dead
+    run's pool slot is freed within 10 s by the sweeper sensor (it was 30 s)."""
+    import dagster as dg
+
+    from pipelines.automation import dead_run_sweeper
+    from pipelines.cli import prepare_environment
+
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    prepare_environment(None)
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert instance.run_coordinator.dequeue_interval_seconds == 1
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+        assert not instance.telemetry_enabled
+    assert dead_run_sweeper.minimum_interval_seconds == 10
+
+
 def test_dagster_validates_the_workspace(tmp_path):
     done = subprocess.run([sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,

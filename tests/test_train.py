@@ -276,18 +276,6 @@ def test_cancelling_the_launch_stops_every_rank(data_dir, tmp_path, ranks_wanted
             proc.kill()
 
 
-@pytest.mark.slow
-def test_compiled_training_follows_the_eager_curve_and_saves_plain_weights(data_dir, reference_run, tmp_path):
-    """training.compile: the loss curve of the eager run, and model.safetensors under the model's own
-    names (a compiled module's state dict calls them `_orig_mod.*`), so it loads and exports."""
-    cfg = config(data_dir, compile=True)
-    result = train(cfg, tmp_path / "compiled", log=QUIET)
-    _, eager = reference_run
-    assert losses(result.history) == pytest.approx(losses(eager.history), abs=2e-3)
-    model = load_model(tmp_path / "compiled")
-    assert not any("_orig_mod" in name for name in model.state_dict())
-
-
 def test_one_process_trains_in_fp32_and_then_in_bf16(data_dir, tmp_path):
     """accelerate allows one precision per process; a second training in another one (the default
     profile's `auto` choosing bf16 after an fp32 training, in a notebook or this suite) must still run."""

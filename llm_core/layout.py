@@ -13,4 +13,5 @@ EXPORT_DIR = "hf_export"  # <training key>/: a transformers model directory
 REGISTRY_CACHE_DIR = "registry_cache"  # <name>/<version>-<run id>/: registered models downloaded once
 SFT_DATASET_DIR = "sft_dataset"  # {train,val}.{tokens,mask}.npy, val_conversations.jsonl, tokenizer/ + manifest.json
 CHAT_MODEL_DIR = "chat_model"  # runs/<training key>/ and LATEST_FILE, as trained_model
+CHECKPOINTS = "checkpoints"  # inside a run directory: step_N/ (llm_core/training/checkpoint.py)
 MODEL_TOKENIZER_SUBDIR = "tokenizer"  # inside a model directory: the tokenizer it was trained with

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llm_core.config import ScratchConfig
 from llm_core.files import atomic_path, copy_file, read_json, write_json
 from llm_core.layout import LATEST_FILE, MODEL_DIR, MODEL_TOKENIZER_SUBDIR
-from llm_core.model import ModelArgs, Transformer
+
+if TYPE_CHECKING:  # torch is imported where a model is built: reading this module's names needs none
+    from llm_core.model import ModelArgs, Transformer
 
 WEIGHTS_FILE = "model.safetensors"
 MODEL_CONFIG_FILE = "model_config.json"
@@ -42,6 +45,8 @@ def load_model(model_dir: Path, device: str = "cpu") -> Transformer:
     """A trained model from its directory, or from one of its checkpoints/step_N: model_config.json
     + model.safetensors (stored once if tied; `_orig_mod.` names of a compiled model accepted)."""
     from safetensors.torch import load_file
+
+    from llm_core.model import ModelArgs, Transformer
 
     model_dir = Path(model_dir)
     args = ModelArgs(**read_json(model_dir / MODEL_CONFIG_FILE)["model"])

@@ -1,4 +1,7 @@
-"""The scratchllm code location: every asset, check and resource. `dagster dev -w workspace.yaml`."""
+"""The scratchllm code location: every asset, check and resource. `dagster dev -w workspace.yaml`.
+
+Every Dagster process loads it (the code server, each run, `scratchllm run`), so it loads light: an asset
+imports torch, MLflow or Ray where it uses them, not at the top of its module (tests/test_definitions.py)."""
 
 import dagster as dg
 

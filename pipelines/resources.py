@@ -13,7 +13,7 @@ import dagster as dg
 import yaml
 
 from llm_core import tracking
-from llm_core.training import cluster, training_run
+from llm_core.training import training_run
 from llm_core.training.performance import available_cores, thread_environment
 from llm_core.config import ScratchConfig, resolve_path
 
@@ -86,6 +86,8 @@ def slot_environments(configs: Sequence[ScratchConfig], slots: int, gpus: list[s
     if slots == 1:
         return [rank_environment]
     if configs[0].engine.kind == "ray":  # each training is a Ray Train job: the cluster's room counts
+        from llm_core.training import cluster
+
         cluster.check_cluster_room(list(configs), slots)
         return [rank_environment] * slots
     for cfg in configs:

@@ -25,10 +25,10 @@ import torch
 
 from llm_core.config import ScratchConfig
 from llm_core.files import read_json, write_json
+from llm_core.layout import CHECKPOINTS
 from llm_core.model import Transformer
 from llm_core.model_files import MODEL_CONFIG_FILE, SUMMARY_FILE, save_model_files
 
-CHECKPOINTS = "checkpoints"
 FILE_SIZES = "file_sizes.json"  # in a checkpoint: the size of each file saved, to detect a truncated one
 
 

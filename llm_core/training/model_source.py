@@ -12,13 +12,15 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from llm_core.training.checkpoint import CHECKPOINTS
 from llm_core.model_files import MODEL_CONFIG_FILE, load_model
 from llm_core.config import ScratchConfig, resolve_path
 from llm_core.files import read_json
-from llm_core.layout import MODEL_TOKENIZER_SUBDIR, REGISTRY_CACHE_DIR, TOKENIZER_DIR
-from llm_core.model import COMPUTE_ONLY_FIELDS, ModelArgs
+from llm_core.layout import CHECKPOINTS, MODEL_TOKENIZER_SUBDIR, REGISTRY_CACHE_DIR, TOKENIZER_DIR
+
+if TYPE_CHECKING:
+    from llm_core.model import ModelArgs
 
 REGISTERED = re.compile(r"[^/@]+(@[^/@]+|/\d+)")  # NAME@ALIAS or NAME/VERSION
 
@@ -72,6 +74,8 @@ def resolve_init_from(cfg: ScratchConfig) -> WarmStart | None:
 
 def check_compatible(warm: WarmStart, args: ModelArgs, tokenizer_dir: Path, cfg: ScratchConfig) -> None:
     """Refuse a source whose architecture or tokenizer differs from this training's, naming the field."""
+    from llm_core.model import COMPUTE_ONLY_FIELDS, ModelArgs
+
     theirs = dataclasses.asdict(ModelArgs(**read_json(warm.model_dir / MODEL_CONFIG_FILE)["model"]))
     ours = dataclasses.asdict(args)
     differ = [f"{'tokenizer.vocab_size' if k == 'vocab_size' else 'model.' + k}: {theirs[k]!r} there, {v!r} here"

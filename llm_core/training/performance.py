@@ -8,15 +8,18 @@ import functools
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:  # torch is imported by what measures: a process that only sizes its threads needs none
+    import torch
 
 
 def gemm_flops(dtype: torch.dtype, m: int, k: int, n: int, repeats: int = 5, device: str = "cpu") -> float:
     """FLOP/s of (m x k) @ (k x n) products: the fastest of `repeats` timings of enough products to
     take ~10 ms (one small product is microseconds: all noise). Noise (another process, a frequency
     dip) only ever slows a timing down, so the best one is closest to what the hardware does."""
+    import torch
+
     a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
 
     def timed(count: int) -> float:
@@ -66,6 +69,8 @@ def thread_environment(threads: int) -> dict[str, str]:
 def hardware(device: torch.device, processes: int) -> str:
     """What trained: e.g. "2 x NVIDIA H200" or "AMD EPYC (2 cores), 1 process"."""
     if device.type == "cuda":
+        import torch
+
         return f"{processes} x {torch.cuda.get_device_name(device)}"
     try:
         names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -101,6 +106,8 @@ def choose_precision(setting: str, device: torch.device,
     step with bf16 attention was 11% slower); fp32 otherwise."""
     if setting != "auto":
         return setting, "as configured"
+    import torch
+
     if device.type == "cuda":
         return ("bf16", "CUDA with bf16") if torch.cuda.is_bf16_supported() else ("fp16", "CUDA without bf16")
     if not cpu_has_bf16_units():
@@ -124,6 +131,8 @@ class PeakMemory:
     def __init__(self, device: torch.device):
         self.device = device
         if device.type == "cuda":
+            import torch
+
             torch.cuda.reset_peak_memory_stats(device)
             self.start = torch.cuda.memory_allocated(device)
             return
@@ -147,5 +156,10 @@ class PeakMemory:
         return peak if os.uname().sysname == "Darwin" else peak * 1024
 
     def peak_mb(self) -> float:
-        peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else self._rss("VmHWM")
+        if self.device.type == "cuda":
+            import torch
+
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = self._rss("VmHWM")
         return (peak - self.start) / 2**20

@@ -8,14 +8,12 @@ from pathlib import Path
 import dagster as dg
 
 from llm_core import tracking
-from llm_core.chat import chat_model as chat
 from llm_core.chat.sft_dataset import build_sft_dataset
 from llm_core.data.chat_template import render
 from llm_core.data.tokenizer import load_tokenizer
 from llm_core.errors import DataError
 from llm_core.files import read_json, write_json
 from llm_core.layout import CHAT_MODEL_DIR, MODEL_TOKENIZER_SUBDIR, QUARANTINE_DIR, SFT_DATASET_DIR
-from llm_core.registry import versions
 from llm_core.training import model_source, training_run
 from pipelines.assets.registry import registered_model
 from pipelines.assets.training import launch, training_failure
@@ -30,6 +28,8 @@ REPORT_FILE = "chat_report.json"  # in the fine-tune's run directory: chat.judge
 
 def base_model(cfg, tracking_uri: str) -> tuple[str, Path]:
     """("NAME/VERSION", its downloaded directory) of sft.base_model."""
+    from llm_core.registry import versions
+
     spec = cfg.sft.base_model
     if not spec:
         raise DataError("sft.base_model is not set", next_step="name a registered base, e.g. scratchllm@champion")
@@ -88,6 +88,9 @@ def chat_model(context: dg.AssetExecutionContext, config: SftConfig, scratchllm:
     Pipes, checkpointed, resumable), the loss on the assistant's tokens only; judged against the base on the
     held-out conversations and the tasks, and registered as `<model_name>-chat` (tag `scratchllm.parent`:
     the base version); `champion` moves to it when its assistant bits per byte are no worse."""
+    from llm_core.chat import chat_model as chat
+    from llm_core.registry import versions
+
     cfg = scratchllm.resolve(config)
     sft_dir = cfg.data_path / SFT_DATASET_DIR
     manifest = read_json(sft_dir / "manifest.json")

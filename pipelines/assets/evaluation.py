@@ -3,7 +3,6 @@ logged to the training's MLflow run."""
 
 import dagster as dg
 
-from llm_core.evaluation import evaluate as ev
 from llm_core.experiments import sweep
 from llm_core.files import read_json
 from pipelines.assets.training import trained_model
@@ -23,6 +22,8 @@ def model_evaluation(context: dg.AssetExecutionContext, config: ModelEvaluationC
     it: a fixed sample of whole documents), kept per document for paired comparisons; the multiple-choice
     `evaluation.tasks` (accuracy, length-normalized and centered; `core` their mean), and seeded
     sample generations for `evaluation.prompts`."""
+    from llm_core.evaluation import evaluate as ev
+
     cfg = scratchllm.resolve(config)
     if cfg.sweep:
         return evaluate_sweep(context, cfg, mlflow.uri(cfg))
@@ -54,6 +55,8 @@ def model_evaluation(context: dg.AssetExecutionContext, config: ModelEvaluationC
 
 def evaluate_sweep(context: dg.AssetExecutionContext, cfg, tracking_uri: str) -> dg.MaterializeResult:
     """Every healthy variant of the sweep evaluated; the best one by val bits per byte goes on to the registry."""
+    from llm_core.evaluation import evaluate as ev
+
     record, columns, rows, best = sweep.evaluate_variants(cfg, tracking_uri, context.log.info)
     report_file = ev.report_path(cfg, record["variants"][best]["key"])
     report = read_json(report_file)

@@ -7,7 +7,6 @@ import dagster as dg
 
 from llm_core.registry import model_card
 from llm_core.model_files import latest_model
-from llm_core.registry.export import export_hf, num_parameters
 from llm_core.layout import EXPORT_DIR, MODEL_TOKENIZER_SUBDIR
 from pipelines.assets.evaluation import model_evaluation
 from pipelines.assets.training import trained_model
@@ -23,6 +22,8 @@ def hf_export(context: dg.AssetExecutionContext, scratchllm: ScratchllmResource)
     """config.json, model.safetensors, generation_config.json, the tokenizer files and the model card
     (README.md) of the latest trained model: `transformers.AutoModelForCausalLM.from_pretrained(dir)`
     and `AutoTokenizer` load it."""
+    from llm_core.registry.export import export_hf, num_parameters
+
     cfg = scratchllm.data_config()
     latest = latest_model(cfg)
     if "val_bpb" not in model_card.evaluation_report(cfg, latest["path"]):  # the report its card shows

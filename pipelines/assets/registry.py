@@ -6,8 +6,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from llm_core.evaluation import evaluate, promotion
-from llm_core.registry import model_card, versions
+from llm_core.evaluation import promotion
+from llm_core.registry import model_card
 from llm_core import tracking
 from llm_core.training import training_run
 from llm_core.model_files import latest_model
@@ -35,6 +35,9 @@ def registered_model(context: dg.AssetExecutionContext, config: RegisteredModelC
                      mlflow: MLflowResource):
     """The latest trained model as an MLflow pyfunc that generates text, registered under
     `registry.model_name`; `models:/<name>@champion` is the best one so far."""
+    from llm_core.evaluation import evaluate
+    from llm_core.registry import versions
+
     cfg = scratchllm.resolve(config)
     latest = latest_model(cfg)
     report = read_json(evaluate.report_path(cfg, latest["key"]))

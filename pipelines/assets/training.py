@@ -7,7 +7,7 @@ import dagster as dg
 from llm_core import tracking
 from llm_core.config import ScratchConfig, variants
 from llm_core.experiments import sweep
-from llm_core.training import cluster, health, training_run
+from llm_core.training import health, training_run
 from llm_core.training.mixture import check_mixture
 from pipelines.assets.tokenizer import tokenized_dataset
 from pipelines.config import ScratchllmResource, run_config_class
@@ -86,6 +86,8 @@ def training_failure(finished: Finished, run: training_run.TrainingRun) -> dg.Fa
     if diverged:
         return dg.Failure(description=diverged["message"], allow_retries=False,
                           metadata={"step": diverged["step"], **uri(run.out_dir)})
+    from llm_core.training import cluster
+
     if why := cluster.failure(run.out_dir):  # no cluster, no room, or Ray Train gave up (its budget spent)
         return dg.Failure(description=why, allow_retries=False, metadata=uri(run.out_dir))
     return dg.Failure(description=f"training {finished.name} ended with exit code {finished.exit_code} (killed or "

@@ -284,13 +284,19 @@ def config_strategy(cfg) -> Strategy:
     return by_name["DDP"]
 
 
+def plan_precision(mixed_precision: str) -> str:
+    """The plan's name for accelerate's mixed_precision ("no" is fp32; `auto` is bf16 on GPUs, which this
+    plans for)."""
+    return {"no": "fp32", "auto": "bf16"}.get(mixed_precision, mixed_precision)
+
+
 def setup_from_config(cfg, vocab_size: int | None = None, **overrides) -> Setup:
     """A Setup for a scratchllm config: its model, batch, precision and number of processes."""
     from llm_core.training.train import model_args
 
     t = cfg.training
-    precision = {"no": "fp32", "auto": "bf16"}.get(t.mixed_precision, t.mixed_precision)  # auto: bf16 on GPUs
-    fields = {"batch_size": t.batch_size, "precision": precision, "gpus": t.num_processes, **overrides}
+    fields = {"batch_size": t.batch_size, "precision": plan_precision(t.mixed_precision), "gpus": t.num_processes,
+              **overrides}
     return Setup(model_args(cfg, vocab_size or cfg.tokenizer.vocab_size), **fields)
 
 
@@ -306,8 +312,7 @@ def planned_row(cfg, vocab_size: int | None = None, **overrides) -> Row:
 def plan_vs_measured(cfg, run: dict, vocab_size: int, mfu: float = 0.4) -> dict[str, tuple[float, float]]:
     """{quantity: (planned, measured)} for a finished training (`run`: its TrainResult as a dict).
     Planned throughput is `mfu` of the peak FLOP/s train() measured on its own device."""
-    ran_in = {"no": "fp32"}.get(run["mixed_precision"], run["mixed_precision"])  # what `auto` chose, if auto
-    row = planned_row(cfg, vocab_size, precision=ran_in)
+    row = planned_row(cfg, vocab_size, precision=plan_precision(run["mixed_precision"]))  # what `auto` chose
     flops_per_token = count(setup_from_config(cfg, vocab_size)).flops_per_token
     return {"peak memory per device (MB)": (row.total / 2**20, run["peak_memory_mb"]),
             "tokens per second": (run["world_size"] * run["peak_flops"] * mfu / flops_per_token,
